@@ -1,0 +1,63 @@
+"""Model, generation and engine configuration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a dense decoder. Weight names follow the HF layout (``model.layers.{i}...``)."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    # Normalized: None or a dict with "rope_type" in {"linear", "llama3", "yarn"} and that type's keys.
+    rope_scaling: dict | None = None
+    partial_rotary_factor: float = 1.0
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # bias on q/k/v projections
+    qk_norm: bool = False  # per-head RMSNorm on q and k before rotary (Qwen3)
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+    num_nextn_predict_layers: int = 0
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+
+@dataclass
+class GenerationDefaults:
+    """Default sampling settings from ``generation_config.json`` (None = not given)."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class EngineConfig:
+    block_size: int = 16
+    num_blocks: int | None = None  # None: derived from kv_cache_memory_bytes
+    kv_cache_memory_bytes: int = 512 * 1024 * 1024
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 512  # per-step token budget (chunked prefill)
+    max_model_len: int | None = None  # None: the model's max_position_embeddings, capped by the cache
+    dtype: torch.dtype = torch.float32
+    device: str = "cpu"
