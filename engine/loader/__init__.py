@@ -1,0 +1,27 @@
+"""Checkpoint loaders: Hugging Face directories (safetensors) and GGUF files."""
+
+from __future__ import annotations
+
+import os
+
+from mtpserve.engine.errors import ModelLoadError
+
+
+def load_checkpoint(model: str) -> "Checkpoint":
+    """Load ``model``: "default" (the bundled GGUF), a ``.gguf`` file, or a Hugging Face model directory."""
+    if model == "default":
+        from mtpserve.engine.loader.gguf import default_gguf_path, load_gguf
+
+        return load_gguf(default_gguf_path())
+    path = os.path.expanduser(str(model))
+    if not os.path.exists(path):
+        raise ModelLoadError(f"model path not found: {model}")
+    if os.path.isdir(path):
+        from mtpserve.engine.loader.hf import load_hf_dir
+
+        return load_hf_dir(path)
+    if path.lower().endswith(".gguf"):
+        from mtpserve.engine.loader.gguf import load_gguf
+
+        return load_gguf(path)
+    raise ModelLoadError(f"cannot load {model}: expected a .gguf file or a Hugging Face model directory")

@@ -1,0 +1,79 @@
+"""A generation request as the engine tracks it: tokens, progress, status and timings."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from mtpserve.engine.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+    FINISHED_ERROR = "error"
+
+    @property
+    def finished(self) -> bool:
+        return self.value in ("stop", "length", "abort", "error")
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    eos_token_ids: frozenset[int] = frozenset()
+    generator: torch.Generator | None = None
+    arrival_time: float = field(default_factory=time.perf_counter)
+    output_token_ids: list[int] = field(default_factory=list)
+    all_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    status: RequestStatus = RequestStatus.WAITING
+    num_preemptions: int = 0
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finish_time: float | None = None
+
+    def __post_init__(self):
+        self.all_token_ids = list(self.prompt_token_ids) + list(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.status.value if self.status.finished else None
+
+    def append_output(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)
+        if self.first_token_time is None:
+            self.first_token_time = time.perf_counter()
+
+    def timings(self) -> dict:
+        """The ``metrics.timings`` block of DESIGN.md (milliseconds and tokens per second)."""
+        ms = lambda a, b: round((b - a) * 1000, 3) if a is not None and b is not None else 0.0  # noqa: E731
+        prefill_ms = ms(self.first_scheduled_time, self.first_token_time)
+        decode_ms = ms(self.first_token_time, self.finish_time)
+        decoded = max(len(self.output_token_ids) - 1, 0)
+        return {
+            "queue_ms": ms(self.arrival_time, self.first_scheduled_time),
+            "prefill_ms": prefill_ms,
+            "ttft_ms": ms(self.arrival_time, self.first_token_time),
+            "decode_ms": decode_ms,
+            "prompt_tokens_per_second": round(self.num_prompt_tokens / (prefill_ms / 1000), 3) if prefill_ms else 0.0,
+            "decode_tokens_per_second": round(decoded / (decode_ms / 1000), 3) if decode_ms and decoded else 0.0,
+        }

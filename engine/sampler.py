@@ -1,0 +1,212 @@
+"""Batched token sampling: penalties, processed probabilities, per-request seeded draws.
+
+The pieces are separate so the MTP rejection sampler can compute the target (p) and draft (q)
+distributions exactly as plain sampling does: `apply_penalties` -> `processed_probs`.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+import torch
+
+from mtpserve.engine.sampling_params import SamplingParams
+
+
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    """A per-request generator: seeded with `seed`, or with a fresh random 63-bit int."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed if seed is not None else secrets.randbits(63))
+    return generator
+
+
+@dataclass
+class SamplingTensors:
+    """Per-row sampling settings for one step. The do_* flags say whether any row *may* need a stage."""
+    temperature: torch.Tensor         # [B] float32
+    top_p: torch.Tensor               # [B] float32
+    top_k: torch.Tensor               # [B] long, vocab size when disabled
+    min_p: torch.Tensor               # [B] float32
+    repetition_penalty: torch.Tensor  # [B] float32
+    presence: torch.Tensor            # [B] float32
+    frequency: torch.Tensor           # [B] float32
+    greedy: torch.Tensor              # [B] bool
+    do_temperature: bool = False
+    do_top_k: bool = False
+    do_top_p: bool = False
+    do_min_p: bool = False
+    do_repetition: bool = False
+    do_presence_frequency: bool = False
+
+    @classmethod
+    def from_params(cls, params: list[SamplingParams], vocab_size: int,
+                    device: torch.device | str = "cpu") -> SamplingTensors:
+        def floats(values):
+            return torch.tensor(values, dtype=torch.float32, device=device)
+
+        top_k = [vocab_size if p.top_k <= 0 else min(p.top_k, vocab_size) for p in params]
+        sampled = [p for p in params if not p.greedy]
+        return cls(
+            temperature=floats([p.temperature for p in params]),
+            top_p=floats([p.top_p for p in params]),
+            top_k=torch.tensor(top_k, dtype=torch.long, device=device),
+            min_p=floats([p.min_p for p in params]),
+            repetition_penalty=floats([p.repetition_penalty for p in params]),
+            presence=floats([p.presence_penalty for p in params]),
+            frequency=floats([p.frequency_penalty for p in params]),
+            greedy=torch.tensor([p.greedy for p in params], dtype=torch.bool, device=device),
+            do_temperature=any(p.temperature != 1.0 for p in sampled),
+            do_top_k=any(k < vocab_size for k in top_k),
+            do_top_p=any(p.top_p < 1.0 for p in params),
+            do_min_p=any(p.min_p > 0.0 for p in params),
+            do_repetition=any(p.repetition_penalty != 1.0 for p in params),
+            do_presence_frequency=any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+                                      for p in params),
+        )
+
+    def select(self, index: torch.Tensor) -> SamplingTensors:
+        """Rows `index` (may repeat rows, e.g. one per draft position). Flags are kept as they are:
+        a stage no selected row needs is a no-op, just not skipped."""
+        fields = {name: getattr(self, name)[index] for name in (
+            "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+            "presence", "frequency", "greedy")}
+        flags = {name: getattr(self, name) for name in (
+            "do_temperature", "do_top_k", "do_top_p", "do_min_p",
+            "do_repetition", "do_presence_frequency")}
+        return SamplingTensors(**fields, **flags)
+
+
+def _token_index(token_ids: list[list[int]], vocab_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flattened (row, token) index pairs for a ragged batch of token lists (ids >= vocab dropped)."""
+    rows = [i for i, ids in enumerate(token_ids) for _ in ids]
+    flat = [t for ids in token_ids for t in ids]
+    rows_t = torch.tensor(rows, dtype=torch.long, device=device)
+    tokens_t = torch.tensor(flat, dtype=torch.long, device=device)
+    keep = tokens_t < vocab_size
+    return rows_t[keep], tokens_t[keep]
+
+
+def apply_penalties(logits: torch.Tensor, tensors: SamplingTensors,
+                    prompt_token_ids: list[list[int]],
+                    output_token_ids: list[list[int]]) -> torch.Tensor:
+    """Repetition penalty over prompt + output tokens (HF: positive logits divided, negative
+    multiplied), then logit -= frequency * count + presence * (count > 0) over output tokens.
+    Returns a new float32 tensor (the input is never modified); the input itself if nothing applies."""
+    if not (tensors.do_repetition or tensors.do_presence_frequency):
+        return logits
+    batch, vocab = logits.shape
+    logits = logits.float()
+    out_rows, out_tokens = _token_index(output_token_ids, vocab, logits.device)
+    if tensors.do_repetition:
+        seen = torch.zeros(batch, vocab, dtype=torch.bool, device=logits.device)
+        seen[out_rows, out_tokens] = True
+        prompt_rows, prompt_tokens = _token_index(prompt_token_ids, vocab, logits.device)
+        seen[prompt_rows, prompt_tokens] = True
+        penalty = tensors.repetition_penalty[:, None]
+        penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+        logits = torch.where(seen, penalized, logits)
+    if tensors.do_presence_frequency:
+        counts = torch.zeros(batch, vocab, dtype=torch.float32, device=logits.device)
+        counts.index_put_((out_rows, out_tokens), torch.ones_like(out_rows, dtype=torch.float32),
+                          accumulate=True)
+        logits = logits - (tensors.frequency[:, None] * counts
+                           + tensors.presence[:, None] * (counts > 0).float())
+    return logits
+
+
+def processed_probs(logits: torch.Tensor, tensors: SamplingTensors) -> torch.Tensor:
+    """[B, V] float32 probabilities after temperature (1 for greedy rows), top-k, top-p, min-p.
+
+    Top-k keeps every token tied with the k-th largest; top-p keeps the smallest prefix of the
+    sorted distribution whose mass reaches top_p; min-p keeps tokens with prob >= min_p * max prob.
+    The most likely token always survives."""
+    logits = logits.float()
+    if tensors.do_temperature:
+        temperature = torch.where(tensors.greedy, torch.ones_like(tensors.temperature),
+                                  tensors.temperature)
+        logits = logits / temperature[:, None]
+    if tensors.do_top_k or tensors.do_top_p:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        if tensors.do_top_k:
+            kth = sorted_logits.gather(1, (tensors.top_k - 1)[:, None])
+            sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+        if tensors.do_top_p:
+            sorted_probs = sorted_logits.softmax(dim=-1)
+            mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+            drop = (mass_before >= tensors.top_p[:, None]) & (tensors.top_p[:, None] < 1.0)
+            drop[:, 0] = False
+            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    if tensors.do_min_p:
+        threshold = tensors.min_p[:, None] * probs.amax(dim=-1, keepdim=True)
+        probs = probs.masked_fill(probs < threshold, 0.0)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
+
+
+def sample_from_probs(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """[B] long: one draw per row by the exponential race argmax(p / E), E ~ Exp(1) i.i.d.
+
+    Each row draws one exponential vector from its own generator, so a row's token depends only
+    on its probabilities and its generator state, never on the rest of the batch."""
+    race = torch.empty_like(probs, dtype=torch.float32)
+    for row, generator in enumerate(generators):
+        race[row].exponential_(generator=generator)
+    race.clamp_(min=torch.finfo(torch.float32).tiny)
+    return (probs.float() / race).argmax(dim=-1)
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: torch.Tensor                                        # [B] long
+    # per row: None, or (chosen token's logprob, [(token, logprob)] top-n), from the raw logits
+    logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None = None
+
+
+class Sampler:
+    """Greedy rows: argmax of the penalized logits. Sampled rows: a draw from processed_probs."""
+
+    def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
+                 prompt_token_ids: list[list[int]], output_token_ids: list[list[int]],
+                 generators: list[torch.Generator | None]) -> SamplerOutput:
+        logits = logits.float()
+        tensors = SamplingTensors.from_params(params, logits.shape[-1], logits.device)
+        penalized = apply_penalties(logits, tensors, prompt_token_ids, output_token_ids)
+
+        greedy_rows = [i for i, p in enumerate(params) if p.greedy]
+        sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
+        if not sampled_rows:
+            token_ids = penalized.argmax(dim=-1)
+        elif not greedy_rows:
+            token_ids = sample_from_probs(processed_probs(penalized, tensors), generators)
+        else:
+            token_ids = penalized.argmax(dim=-1)
+            index = torch.tensor(sampled_rows, dtype=torch.long, device=logits.device)
+            probs = processed_probs(penalized[index], tensors.select(index))
+            token_ids[index] = sample_from_probs(probs, [generators[i] for i in sampled_rows])
+
+        logprobs = None
+        if any(p.logprobs is not None for p in params):
+            logprobs = self._logprobs(logits, token_ids, params)
+        return SamplerOutput(token_ids=token_ids, logprobs=logprobs)
+
+    @staticmethod
+    def _logprobs(logits: torch.Tensor, token_ids: torch.Tensor, params: list[SamplingParams]):
+        """Logprobs of the raw model distribution (before penalties and temperature), as vLLM."""
+        log_probs = logits.log_softmax(dim=-1)
+        chosen = log_probs.gather(1, token_ids[:, None])[:, 0].tolist()
+        n_max = min(max(p.logprobs or 0 for p in params), logits.shape[-1])
+        top_values, top_ids = log_probs.topk(n_max, dim=-1) if n_max else (None, None)
+        top_values = top_values.tolist() if n_max else None
+        top_ids = top_ids.tolist() if n_max else None
+        result = []
+        for row, p in enumerate(params):
+            if p.logprobs is None:
+                result.append(None)
+                continue
+            n = min(p.logprobs, n_max)
+            top = [(top_ids[row][j], top_values[row][j]) for j in range(n)] if n else []
+            result.append((chosen[row], top))
+        return result

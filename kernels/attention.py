@@ -1,0 +1,116 @@
+"""Paged attention: the backend interface and the PyTorch reference backend.
+
+The cache of one layer is a pair of tensors ``[num_blocks, block_size, kv_heads, head_dim]``.
+Tokens of a step are flattened (``[T, ...]``); ``query_start_loc`` splits them per sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] int64, cache slot of each new token (-1 = do not write)
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    seq_lens: torch.Tensor  # [B] int32, context length after this step (cached + new)
+    query_start_loc: torch.Tensor  # [B + 1] int32
+    query_lens: list[int]  # host copy, per sequence
+    seq_lens_host: list[int]  # host copy of seq_lens
+    block_size: int
+
+    @property
+    def decode_only(self) -> bool:
+        return all(n == 1 for n in self.query_lens)
+
+
+class AttentionBackend:
+    """Interface: ``prepare`` once per step, ``forward`` once per layer."""
+
+    def prepare(self, metadata: AttentionMetadata) -> None:
+        raise NotImplementedError
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: tuple[torch.Tensor, torch.Tensor], scale: float) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
+             slot_mapping: torch.Tensor) -> None:
+    """k, v: [T, kv_heads, head_dim]; slot_mapping: [T] (-1 entries skipped)."""
+    k_cache, v_cache = kv_cache
+    flat_k = k_cache.view(-1, *k_cache.shape[2:])
+    flat_v = v_cache.view(-1, *v_cache.shape[2:])
+    if bool((slot_mapping < 0).any()):
+        keep = slot_mapping >= 0
+        k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
+    flat_k.index_copy_(0, slot_mapping, k.to(flat_k.dtype))
+    flat_v.index_copy_(0, slot_mapping, v.to(flat_v.dtype))
+
+
+class TorchPagedAttention(AttentionBackend):
+    """Reference backend: gathers K/V through the block table and calls SDPA."""
+
+    def prepare(self, metadata: AttentionMetadata) -> None:
+        self.meta = metadata
+        self.block_tables = metadata.block_tables.long()
+        self.decode_only = metadata.decode_only
+        bs = metadata.block_size
+        if self.decode_only:
+            max_len = max(metadata.seq_lens_host)
+            num_blocks = -(-max_len // bs)
+            self.decode_blocks = self.block_tables[:, :num_blocks]
+            self.decode_len = max_len
+            self.decode_mask = None
+            if any(n != max_len for n in metadata.seq_lens_host):
+                pos = torch.arange(max_len, device=metadata.seq_lens.device)
+                valid = pos[None, :] < metadata.seq_lens[:, None]
+                self.decode_mask = valid[:, None, None, :]  # [B, 1, 1, L]
+        self.masks = {}
+
+    def _gather(self, cache: torch.Tensor, blocks: torch.Tensor, length: int) -> torch.Tensor:
+        """cache[blocks] -> [..., length, kv_heads, head_dim]."""
+        g = cache[blocks]
+        return g.reshape(*g.shape[:-4], -1, *g.shape[-2:])[..., :length, :, :]
+
+    def forward(self, q, k, v, kv_cache, scale):
+        meta = self.meta
+        write_kv(k, v, kv_cache, meta.slot_mapping)
+        k_cache, v_cache = kv_cache
+        num_heads, num_kv = q.shape[1], k_cache.shape[2]
+        gqa = num_heads != num_kv
+        if self.decode_only:
+            keys = self._gather(k_cache, self.decode_blocks, self.decode_len).transpose(1, 2)
+            vals = self._gather(v_cache, self.decode_blocks, self.decode_len).transpose(1, 2)
+            out = F.scaled_dot_product_attention(q.unsqueeze(2), keys.to(q.dtype), vals.to(q.dtype),
+                                                 attn_mask=self.decode_mask, scale=scale, enable_gqa=gqa)
+            return out.squeeze(2)
+        out = torch.empty_like(q)
+        start = 0
+        bs = meta.block_size
+        for i, (q_len, seq_len) in enumerate(zip(meta.query_lens, meta.seq_lens_host)):
+            if q_len == 0:
+                continue
+            blocks = self.block_tables[i, : -(-seq_len // bs)]
+            keys = self._gather(k_cache, blocks, seq_len).transpose(0, 1).unsqueeze(0)
+            vals = self._gather(v_cache, blocks, seq_len).transpose(0, 1).unsqueeze(0)
+            qi = q[start:start + q_len].transpose(0, 1).unsqueeze(0)
+            mask = self._causal_mask(q_len, seq_len, q.device)
+            oi = F.scaled_dot_product_attention(qi, keys.to(q.dtype), vals.to(q.dtype), attn_mask=mask,
+                                                scale=scale, enable_gqa=gqa)
+            out[start:start + q_len] = oi.squeeze(0).transpose(0, 1)
+            start += q_len
+        return out
+
+    def _causal_mask(self, q_len: int, seq_len: int, device) -> torch.Tensor | None:
+        """Query i (absolute position seq_len - q_len + i) sees keys 0..its position."""
+        if q_len == 1:
+            return None
+        key = (q_len, seq_len)
+        if key not in self.masks:
+            rows = torch.arange(q_len, device=device)[:, None] + (seq_len - q_len)
+            self.masks[key] = rows >= torch.arange(seq_len, device=device)[None, :]
+        return self.masks[key]
