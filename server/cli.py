@@ -1,0 +1,78 @@
+"""The ``mtpserve`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from mtpserve.engine.errors import MtpserveError
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and engine")
+    g.add_argument("--model", default="default",
+                   help="GGUF file, HF model directory, or 'default' (SmolLM2-135M-Instruct GGUF)")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--num-blocks", type=int, default=None, help="KV cache blocks (overrides --kv-cache-memory)")
+    g.add_argument("--kv-cache-memory", type=float, default=0.5, help="KV cache budget in GiB")
+    g.add_argument("--max-num-seqs", type=int, default=32)
+    g.add_argument("--max-num-batched-tokens", type=int, default=512)
+    g.add_argument("--max-model-len", type=int, default=None)
+
+
+def engine_from_args(args):
+    import torch
+
+    from mtpserve.engine.config import EngineConfig
+    from mtpserve.engine.engine import LLMEngine
+    from mtpserve.engine.loader import load_checkpoint
+
+    for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+        if getattr(args, name) < 1:
+            raise MtpserveError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.kv_cache_memory <= 0:
+        raise MtpserveError("--kv-cache-memory must be positive")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MtpserveError("--device cuda requested but CUDA is not available")
+    config = EngineConfig(
+        block_size=args.block_size, num_blocks=args.num_blocks,
+        kv_cache_memory_bytes=int(args.kv_cache_memory * 2**30), max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+        dtype=getattr(torch, args.dtype), device=device)
+    return LLMEngine(load_checkpoint(args.model), config)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mtpserve import __version__
+    from mtpserve.server import generate_cmd
+
+    parser = argparse.ArgumentParser(prog="mtpserve", description="MTP-first LLM inference server")
+    parser.add_argument("--version", action="version", version=f"mtpserve {__version__}")
+    parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate text offline with the engine")
+    add_engine_args(gen)
+    generate_cmd.add_args(gen)
+    gen.set_defaults(func=generate_cmd.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args) or 0
+    except MtpserveError as e:
+        print(f"mtpserve: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
