@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from mtpserve.engine.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from mtpserve.engine.loader.checkpoint import Checkpoint
 
 
 def load_checkpoint(model: str) -> "Checkpoint":

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+from typing import TYPE_CHECKING
 
 import torch
 
 from mtpserve.engine.config import SUPPORTED_ARCHITECTURES, GenerationDefaults, ModelConfig
 from mtpserve.engine.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from mtpserve.engine.loader.checkpoint import Checkpoint
 
 ARCHITECTURE_CLASSES = {
     "LlamaForCausalLM": "llama",
@@ -224,9 +228,7 @@ def check_weights(config: ModelConfig, weights: dict[str, torch.Tensor], path: s
 
 
 def load_hf_dir(path: str) -> "Checkpoint":
-    from mtpserve.engine.loader.checkpoint import Checkpoint
-    from mtpserve.engine.tokenizer import Tokenizer
-
+    """Load a Hugging Face model directory; config and weight errors are reported before the tokenizer loads."""
     path = str(path)
     if not os.path.isdir(path):
         raise ModelLoadError(f"model path not found: {path}")
@@ -239,5 +241,8 @@ def load_hf_dir(path: str) -> "Checkpoint":
     generation = load_generation_defaults(path)
     if not generation.eos_token_ids:
         generation.eos_token_ids = list(config.eos_token_ids)
+    from mtpserve.engine.loader.checkpoint import Checkpoint
+    from mtpserve.engine.tokenizer import Tokenizer
+
     tokenizer = Tokenizer.from_dir(path)
     return Checkpoint(config=config, weights=weights, tokenizer=tokenizer, generation=generation, source=path)

@@ -13,6 +13,7 @@ from torch import nn
 from mtpserve.engine.config import ModelConfig
 from mtpserve.engine.errors import ModelLoadError
 from mtpserve.kernels.attention import AttentionBackend
+from mtpserve.kernels.linear import linear
 from mtpserve.kernels.rmsnorm import rms_norm
 from mtpserve.kernels.rotary import apply_rotary, rope_cos_sin
 
@@ -28,9 +29,11 @@ class Attention(nn.Module):
             cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_weight = _param(self.q_size + 2 * self.kv_size, cfg.hidden_size)
+        self.qkv_weight = _param(cfg.hidden_size, self.q_size + 2 * self.kv_size)  # [in, out]
         self.qkv_bias = _param(self.q_size + 2 * self.kv_size) if cfg.attention_bias else None
-        self.o_weight = _param(cfg.hidden_size, self.q_size)
+        self.o_weight = _param(self.q_size, cfg.hidden_size)
+        # HF puts a bias on o_proj too when attention_bias is set, except for Qwen2 (q/k/v only).
+        self.o_bias = _param(cfg.hidden_size) if cfg.attention_bias and cfg.architecture != "qwen2" else None
         self.q_norm = _param(self.head_dim) if cfg.qk_norm else None
         self.k_norm = _param(self.head_dim) if cfg.qk_norm else None
         self.eps = cfg.rms_norm_eps
@@ -38,7 +41,7 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, kv_cache, attn: AttentionBackend):
         t = x.shape[0]
-        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+        qkv = linear(x, self.qkv_weight, self.qkv_bias)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
@@ -48,18 +51,18 @@ class Attention(nn.Module):
             k = rms_norm(k, self.k_norm, self.eps)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = attn.forward(q, k, v, kv_cache, self.scale)
-        return F.linear(out.reshape(t, self.q_size), self.o_weight)
+        return linear(out.reshape(t, self.q_size), self.o_weight, self.o_bias)
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_up_weight = _param(2 * cfg.intermediate_size, cfg.hidden_size)
-        self.down_weight = _param(cfg.hidden_size, cfg.intermediate_size)
+        self.gate_up_weight = _param(cfg.hidden_size, 2 * cfg.intermediate_size)  # [in, out]
+        self.down_weight = _param(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x):
-        gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down_weight)
+        gate, up = linear(x, self.gate_up_weight).chunk(2, dim=-1)
+        return linear(F.silu(gate) * up, self.down_weight)
 
 
 class DecoderLayer(nn.Module):
@@ -81,15 +84,17 @@ class DecoderLayer(nn.Module):
         a = self.self_attn
         _copy(self.input_norm, g("input_layernorm.weight"))
         _copy(self.post_attention_norm, g("post_attention_layernorm.weight"))
-        _copy(a.qkv_weight, torch.cat([g(f"self_attn.{p}_proj.weight") for p in "qkv"]))
+        _copy(a.qkv_weight, torch.cat([g(f"self_attn.{p}_proj.weight") for p in "qkv"]).t())
         if a.qkv_bias is not None:
             _copy(a.qkv_bias, torch.cat([g(f"self_attn.{p}_proj.bias") for p in "qkv"]))
-        _copy(a.o_weight, g("self_attn.o_proj.weight"))
+        _copy(a.o_weight, g("self_attn.o_proj.weight").t())
+        if a.o_bias is not None:
+            _copy(a.o_bias, g("self_attn.o_proj.bias"))
         if a.q_norm is not None:
             _copy(a.q_norm, g("self_attn.q_norm.weight"))
             _copy(a.k_norm, g("self_attn.k_norm.weight"))
-        _copy(self.mlp.gate_up_weight, torch.cat([g("mlp.gate_proj.weight"), g("mlp.up_proj.weight")]))
-        _copy(self.mlp.down_weight, g("mlp.down_proj.weight"))
+        _copy(self.mlp.gate_up_weight, torch.cat([g("mlp.gate_proj.weight"), g("mlp.up_proj.weight")]).t())
+        _copy(self.mlp.down_weight, g("mlp.down_proj.weight").t())
 
 
 def _take(w: dict, name: str) -> torch.Tensor:
@@ -108,10 +113,11 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, max_positions: int | None = None):
         super().__init__()
         self.config = cfg
-        self.embed_tokens = _param(cfg.vocab_size, cfg.hidden_size)
+        # lm_head is stored [hidden, vocab]; with tied embeddings the embedding lookup reads its columns.
+        self.lm_head = _param(cfg.hidden_size, cfg.vocab_size)
+        self.embed_tokens = None if cfg.tie_word_embeddings else _param(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = _param(cfg.hidden_size)
-        self.lm_head = self.embed_tokens if cfg.tie_word_embeddings else _param(cfg.vocab_size, cfg.hidden_size)
         try:
             cos, sin = rope_cos_sin(cfg.rotary_dim, cfg.rope_theta, max_positions or cfg.max_position_embeddings,
                                     cfg.rope_scaling, cfg.max_position_embeddings)
@@ -121,30 +127,33 @@ class LlamaForCausalLM(nn.Module):
         self.register_buffer("sin", sin.float(), persistent=False)
 
     def load_weights(self, w: dict[str, torch.Tensor]) -> None:
-        _copy(self.embed_tokens, _take(w, "model.embed_tokens.weight"))
+        embed = _take(w, "model.embed_tokens.weight")
+        if self.config.tie_word_embeddings:
+            _copy(self.lm_head, embed.t())
+        else:
+            _copy(self.embed_tokens, embed)
+            _copy(self.lm_head, _take(w, "lm_head.weight").t())
         for i, layer in enumerate(self.layers):
             layer.load(w, f"model.layers.{i}.")
         _copy(self.norm, _take(w, "model.norm.weight"))
-        if self.config.tie_word_embeddings:
-            self.lm_head = self.embed_tokens
-        else:
-            _copy(self.lm_head, _take(w, "lm_head.weight"))
 
     def to_runtime(self, dtype: torch.dtype, device: str | torch.device) -> "LlamaForCausalLM":
         """Cast weights to ``dtype`` on ``device``; rotary tables follow the dtype."""
-        self.to(device=device, dtype=dtype)
-        if self.config.tie_word_embeddings:
-            self.lm_head = self.embed_tokens
-        return self
+        return self.to(device=device, dtype=dtype)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.embed_tokens is not None:
+            return F.embedding(input_ids, self.embed_tokens)
+        return self.lm_head.index_select(1, input_ids).t()
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list,
                 attn: AttentionBackend) -> torch.Tensor:
         """Returns the final post-norm hidden states [T, hidden]."""
-        x = F.embedding(input_ids, self.embed_tokens)
+        x = self.embed(input_ids)
         cos, sin = self.cos[positions], self.sin[positions]
         for layer, kv_cache in zip(self.layers, kv_caches):
             x = layer(x, cos, sin, kv_cache, attn)
         return rms_norm(x, self.norm, self.config.rms_norm_eps)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head)
+        return linear(hidden, self.lm_head)
