@@ -6,6 +6,8 @@ import os
 import gguf
 import numpy as np
 import pytest
+import tokenizers
+from tokenizers import processors
 
 from mtpserve.engine.chat_template import render_chat_template
 from mtpserve.engine.errors import ModelLoadError, RequestError
@@ -117,7 +119,7 @@ def test_template_features_match_transformers(hf):
         FEATURES, messages, add_generation_prompt=True, bos_token=hf.bos_token, eos_token=hf.eos_token, tools=tools
     )
     assert got == want
-    assert '"héllo \\"quoted\\" <b>&</b> 🙂"' in got and '\n  "type": "function"' in got
+    assert '"héllo \\"quoted\\" <b>&</b> 🙂"' in got and '[\n  {\n    "type": "function"' in got
 
 
 def test_raise_exception_and_missing_template(ours):
@@ -153,12 +155,9 @@ def test_from_dir(tmp_path, ours):
     assert Tokenizer.from_dir(tmp_path).apply_chat_template([]) == "J<|im_start|>"
 
     # A post-processor that already adds bos must not get a second one.
-    processors = transformers.__import__("tokenizers").processors
-    ours.backend.post_processor = processors.TemplateProcessing(single="<|im_start|> $A", special_tokens=[("<|im_start|>", 1)])
-    try:
-        ours.backend.save(str(tmp_path / "tokenizer.json"))
-    finally:
-        ours.backend.post_processor = None
+    backend = tokenizers.Tokenizer.from_str(ours.backend.to_str())
+    backend.post_processor = processors.TemplateProcessing(single="<|im_start|> $A", special_tokens=[("<|im_start|>", 1)])
+    backend.save(str(tmp_path / "tokenizer.json"))
     assert Tokenizer.from_dir(tmp_path).encode("Hello world") == [1, 19556, 905]
 
     (tmp_path / "tokenizer.json").unlink()
