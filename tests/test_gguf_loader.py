@@ -59,12 +59,6 @@ def test_weights_match_transformers(smol, hf_model):
     assert set(smol.weights) <= set(ref)
 
 
-def test_default_path_and_missing_file(tmp_path):
-    assert default_gguf_path().endswith(".gguf")
-    with pytest.raises(ModelLoadError, match="not found"):
-        load_gguf(str(tmp_path / "nope.gguf"))
-
-
 # ---- synthetic files ------------------------------------------------------------------------------
 
 def byte_alphabet() -> list[str]:
@@ -80,28 +74,26 @@ def llama_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_model(path, arch="llama", qtype=Q.F32, extra_kv=(), extra_tensors=None, block_count=1, seed=0):
+def write_out(w):
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def write_model(path, arch="llama", qtype=Q.F32, extra_kv=(), extra_tensors=None, block_count=1):
     """A one-layer model; returns the float32 weights as written (numpy, torch [out, in] order)."""
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(0)
     tokens = byte_alphabet() + ["he", "ll", "hell", "hello", "<|endoftext|>"]
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(block_count)
-    w.add_context_length(128)
-    w.add_embedding_length(HIDDEN)
-    w.add_feed_forward_length(FFN)
-    w.add_head_count(HEADS)
-    w.add_head_count_kv(KV_HEADS)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_freq_base(10000.0)
-    for key, value in extra_kv:
+    metadata = [("block_count", block_count), ("context_length", 128), ("embedding_length", HIDDEN),
+                ("feed_forward_length", FFN), ("head_count", HEADS), ("head_count_kv", KV_HEADS),
+                ("layer_norm_rms_eps", 1e-5), ("rope_freq_base", 10000.0), *extra_kv,
+                ("tokenizer_model", "gpt2"), ("tokenizer_pre", "default"), ("token_list", tokens),
+                ("token_types", [1] * (len(tokens) - 1) + [3]), ("token_merges", ["h e", "l l", "he ll", "hell o"]),
+                ("bos_token_id", len(tokens) - 1), ("eos_token_id", len(tokens) - 1)]
+    for key, value in metadata:
         getattr(w, f"add_{key}")(value)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_types([1] * (len(tokens) - 1) + [3])
-    w.add_token_merges(["h e", "l l", "he ll", "hell o"])
-    w.add_bos_token_id(len(tokens) - 1)
-    w.add_eos_token_id(len(tokens) - 1)
     shapes = {
         "token_embd.weight": (len(tokens), HIDDEN), "output_norm.weight": (HIDDEN,), "output.weight": (len(tokens), HIDDEN),
         "blk.0.attn_norm.weight": (HIDDEN,), "blk.0.ffn_norm.weight": (HIDDEN,),
@@ -112,16 +104,16 @@ def write_model(path, arch="llama", qtype=Q.F32, extra_kv=(), extra_tensors=None
     written = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
     written.update(extra_tensors or {})
     for name, value in written.items():
+        if isinstance(value, tuple):  # (raw bytes, type)
+            w.add_tensor(name, value[0], raw_dtype=value[1])
+            continue
         if arch == "llama" and name in ("blk.0.attn_q.weight", "blk.0.attn_k.weight"):
             value = llama_permute(value, HEADS if "attn_q" in name else KV_HEADS)
         if value.ndim == 2 and qtype != Q.F32:
             w.add_tensor(name, gguf.quants.quantize(value, qtype), raw_dtype=qtype)
         else:
             w.add_tensor(name, value)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_out(w)
     return written
 
 
@@ -180,16 +172,16 @@ def ref_q8_0(b):
     return f16(b[:, 0:2]) * b[:, 2:].view(np.int8).astype(np.float32)
 
 
+def nibbles(qs):  # 32 values: low nibbles first, then high nibbles
+    return np.concatenate([qs & 0xF, qs >> 4], axis=1).astype(np.float32)
+
+
 def ref_q4_0(b):
-    qs = b[:, 2:18]
-    q = np.concatenate([qs & 0xF, qs >> 4], axis=1).astype(np.float32)
-    return f16(b[:, 0:2]) * (q - 8)
+    return f16(b[:, 0:2]) * (nibbles(b[:, 2:18]) - 8)
 
 
 def ref_q4_1(b):
-    qs = b[:, 4:20]
-    q = np.concatenate([qs & 0xF, qs >> 4], axis=1).astype(np.float32)
-    return f16(b[:, 0:2]) * q + f16(b[:, 2:4])
+    return f16(b[:, 0:2]) * nibbles(b[:, 4:20]) + f16(b[:, 2:4])
 
 
 def k_scale_min(s, j):
@@ -237,7 +229,7 @@ def random_k_blocks(rng, n, type_size, d_offsets):
 
 @pytest.fixture(scope="module")
 def quant_file(tmp_path_factory):
-    """One tensor per type, 4 rows x 512 columns; returns (reader, {type: (expected, max_error_vs_source)})."""
+    """One tensor per type, 4 x 512; returns ({name: tensor}, source, {type: (expected, max error vs source)})."""
     rng = np.random.default_rng(1)
     source = rng.standard_normal((4, 512)).astype(np.float32)
     path = tmp_path_factory.mktemp("quants") / "q.gguf"
@@ -257,13 +249,10 @@ def quant_file(tmp_path_factory):
         raw = random_k_blocks(rng, 8, gguf.GGML_QUANT_SIZES[qtype][1], offsets)
         w.add_tensor(qtype.name, raw.reshape(4, -1), raw_dtype=qtype)
         expected[qtype] = (ref(raw).reshape(4, 512), None)
-    w.add_tensor("Q8_1", np.zeros((4, 16 * 40), np.uint8), raw_dtype=Q.Q8_1)
-    for name, qtype in (("Q5_0", Q.Q5_0), ("Q2_K", Q.Q2_K), ("IQ4_XS", Q.IQ4_XS)):  # accepted, no reference here
-        w.add_tensor(name, np.zeros((4, 512 // gguf.GGML_QUANT_SIZES[qtype][0] * gguf.GGML_QUANT_SIZES[qtype][1]), np.uint8), raw_dtype=qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    for qtype in (Q.Q5_0, Q.Q2_K, Q.IQ4_XS):  # accepted too; no reference here
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        w.add_tensor(qtype.name, np.zeros((4, 512 // block * size), np.uint8), raw_dtype=qtype)
+    write_out(w)
     reader = gguf.GGUFReader(str(path))
     return {t.name: t for t in reader.tensors}, source, expected
 
@@ -279,15 +268,9 @@ def test_dequantize_against_reference(quant_file, qtype):
         assert (got - torch.from_numpy(source)).abs().max() <= tol
 
 
-def test_other_types_accepted_and_unsupported_rejected(quant_file):
-    tensors = quant_file[0]
+def test_other_types_and_whole_quantized_model(quant_file, tmp_path):
     for name in ("Q5_0", "Q2_K", "IQ4_XS"):
-        assert dequantize_tensor(tensors[name]).shape == (4, 512)
-    with pytest.raises(ModelLoadError, match=r"'Q8_1'.*Q8_1"):
-        dequantize_tensor(tensors["Q8_1"], "x.gguf")
-
-
-def test_whole_quantized_model_loads(tmp_path):
+        assert dequantize_tensor(quant_file[0][name]).shape == (4, 512)
     written = write_model(tmp_path / "q8.gguf", qtype=Q.Q8_0)
     ckpt = load_gguf(str(tmp_path / "q8.gguf"))
     got, want = ckpt.weights["model.layers.0.self_attn.q_proj.weight"], torch.from_numpy(written["blk.0.attn_q.weight"])
@@ -296,11 +279,13 @@ def test_whole_quantized_model_loads(tmp_path):
 
 # ---- errors ---------------------------------------------------------------------------------------
 
-def test_not_a_gguf(tmp_path):
-    path = tmp_path / "text.gguf"
-    path.write_text("hello, I am not a model\n" * 10)
+def test_missing_file_and_not_a_gguf(tmp_path):
+    assert default_gguf_path().endswith(".gguf")
+    with pytest.raises(ModelLoadError, match="not found"):
+        load_gguf(str(tmp_path / "nope.gguf"))
+    (tmp_path / "text.gguf").write_text("hello, I am not a model\n" * 10)
     with pytest.raises(ModelLoadError, match="not a GGUF file"):
-        load_gguf(str(path))
+        load_gguf(str(tmp_path / "text.gguf"))
 
 
 @pytest.mark.parametrize("fraction", [0.5, 0.02])
@@ -319,17 +304,7 @@ def test_unsupported_architecture(tmp_path):
 
 
 def test_unsupported_quant_type_in_model(tmp_path):
-    path = tmp_path / "m.gguf"
-    w = gguf.GGUFWriter(str(path), "llama")
-    for key, value in (("block_count", 1), ("embedding_length", 32), ("feed_forward_length", 32), ("head_count", 2)):
-        getattr(w, f"add_{key}")(value)
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list(byte_alphabet())
-    w.add_token_merges([])
-    w.add_tensor("token_embd.weight", np.zeros((256, 40), np.uint8), raw_dtype=Q.Q8_1)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    with pytest.raises(ModelLoadError, match="token_embd.weight.*unsupported type Q8_1"):
-        load_gguf(str(path))
+    raw = np.zeros((FFN, HIDDEN // 32 * 40), np.uint8)
+    write_model(tmp_path / "m.gguf", extra_tensors={"blk.0.ffn_up.weight": (raw, Q.Q8_1)})
+    with pytest.raises(ModelLoadError, match="'blk.0.ffn_up.weight' has unsupported type Q8_1"):
+        load_gguf(str(tmp_path / "m.gguf"))

@@ -64,7 +64,10 @@ def load_gguf(path: str) -> Checkpoint:
             f"{path}: unsupported architecture '{arch}' (supported: {', '.join(SUPPORTED_GGUF_ARCHITECTURES)})"
         )
     names = {t.name for t in reader.tensors}
-    config = _model_config(meta, arch, names, path)
+    try:
+        config = _model_config(meta, arch, names, path)
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        raise ModelLoadError(f"{path}: invalid model metadata ({e})") from None
     tokenizer = _tokenizer(meta, path)
     weights = _weights(reader, config, path)
     if not config.vocab_size:
@@ -172,6 +175,28 @@ def _tokenizer(meta: dict, path: str) -> Tokenizer:
     tokens = meta.get("tokenizer.ggml.tokens")
     if model is None or not tokens:
         raise ModelLoadError(f"{path}: the GGUF file has no tokenizer (tokenizer.ggml.*)")
+    try:
+        backend, add_bos_default = _tokenizer_backend(model, tokens, meta, path)
+    except ModelLoadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - tokenizers rejects inconsistent vocab/merges
+        raise ModelLoadError(f"{path}: cannot build the tokenizer ({e})") from None
+
+    def token(key):
+        token_id = meta.get(f"tokenizer.ggml.{key}_token_id")
+        return tokens[int(token_id)] if token_id is not None and 0 <= int(token_id) < len(tokens) else None
+
+    return Tokenizer(
+        backend,
+        bos_token=token("bos"),
+        eos_token=token("eos"),
+        chat_template=meta.get("tokenizer.chat_template"),
+        add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", add_bos_default)),
+        add_eos_token=bool(meta.get("tokenizer.ggml.add_eos_token", False)),
+    )
+
+
+def _tokenizer_backend(model: str, tokens: list[str], meta: dict, path: str):
     types = meta.get("tokenizer.ggml.token_type")
     if model == "gpt2":
         backend = build_byte_level_bpe(tokens, meta.get("tokenizer.ggml.merges") or [], types, meta.get("tokenizer.ggml.pre"))
@@ -187,19 +212,7 @@ def _tokenizer(meta: dict, path: str) -> Tokenizer:
         raise ModelLoadError(
             f"{path}: unsupported tokenizer model '{model}' (supported: gpt2 byte-level BPE, llama SentencePiece)"
         )
-
-    def token(key):
-        token_id = meta.get(f"tokenizer.ggml.{key}_token_id")
-        return tokens[int(token_id)] if token_id is not None and 0 <= int(token_id) < len(tokens) else None
-
-    return Tokenizer(
-        backend,
-        bos_token=token("bos"),
-        eos_token=token("eos"),
-        chat_template=meta.get("tokenizer.chat_template"),
-        add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", add_bos_default)),
-        add_eos_token=bool(meta.get("tokenizer.ggml.add_eos_token", False)),
-    )
+    return backend, add_bos_default
 
 
 def hf_name(gguf_name: str) -> str | None:
@@ -238,9 +251,9 @@ def dequantize_tensor(tensor, path: str = "") -> torch.Tensor:
 
 def unpermute_rotary(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Undo llama.cpp's per-head row interleave of Q/K (GGUF rotary is pairwise, HF's is rotate_half)."""
-    rows = weight.shape[0]
-    rest = weight.shape[1:]
-    return weight.reshape(num_heads, rows // num_heads // 2, 2, *rest).transpose(1, 2).reshape(weight.shape).contiguous()
+    rows, rest = weight.shape[0], weight.shape[1:]
+    grouped = weight.reshape(num_heads, rows // num_heads // 2, 2, *rest)
+    return grouped.transpose(1, 2).reshape(weight.shape).contiguous()
 
 
 def _weights(reader, config: ModelConfig, path: str) -> dict[str, torch.Tensor]:
@@ -250,6 +263,8 @@ def _weights(reader, config: ModelConfig, path: str) -> dict[str, torch.Tensor]:
         if name is None:
             log.warning("%s: skipping unknown tensor '%s'", path, tensor.name)
             continue
+        if tensor.name == "rope_freqs.weight":
+            log.warning("%s: per-dimension rope factors (rope_freqs, llama3 scaling) are kept but not applied", path)
         value = dequantize_tensor(tensor, path)
         if config.architecture == "llama":
             if name.endswith("self_attn.q_proj.weight") or name.endswith("self_attn.q_proj.bias"):

@@ -1,0 +1,72 @@
+"""The real SmolLM2-135M-Instruct GGUF: our greedy continuations equal transformers' on the same file."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from mtpserve.engine.config import EngineConfig
+from mtpserve.engine.engine import LLMEngine
+from mtpserve.engine.loader import load_checkpoint
+from mtpserve.engine.loader.gguf import default_gguf_path
+from mtpserve.engine.sampling_params import SamplingParams
+
+CHATS = [
+    "Write a Python function that reverses a list.",
+    "What is the capital of France? Answer in one sentence.",
+    "Give me three tips for better sleep.",
+    "List the first five prime numbers as a JSON array.",
+]
+NEW_TOKENS = 48
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return LLMEngine(load_checkpoint("default"), EngineConfig(kv_cache_memory_bytes=64 * 2**20))
+
+
+@pytest.fixture(scope="module")
+def reference():
+    transformers = pytest.importorskip("transformers")
+    path = default_gguf_path()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32)
+    return model.eval()
+
+
+@torch.inference_mode()
+def reference_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """Greedy decoding with transformers' forward and its own KV cache, continuing past EOS (as
+    ignore_eos does on our side; generate() would stop or suppress EOS)."""
+    out = model(torch.tensor([prompt]), use_cache=True)
+    tokens = []
+    for _ in range(n):
+        tokens.append(int(out.logits[0, -1].argmax()))
+        out = model(torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+    return tokens
+
+
+def test_greedy_chat_continuations_match_transformers(engine, reference):
+    tok = engine.tokenizer
+    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": c}]), add_special_tokens=False)
+               for c in CHATS]
+    ours = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True))
+    for p, r in zip(prompts, ours):
+        assert r.output_token_ids == reference_greedy(reference, p, NEW_TOKENS), tok.decode(p)
+    assert engine.kv.num_free_blocks == engine.kv.pool.num_blocks
+
+
+def test_prompt_logits_match_transformers(engine, reference):
+    """Logits over a prompt's positions (prefill through the paged cache) against transformers."""
+    from engine_helpers import compute, new_request
+
+    ids = engine.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 4)
+    req = new_request(engine, ids, "logits")
+    (ours,) = compute(engine, [(req, len(ids))])
+    engine.kv.free(req.request_id)
+    with torch.inference_mode():
+        ref = reference(torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(ours, ref, atol=2e-3, rtol=1e-3)
+    assert (ours.argmax(-1) == ref.argmax(-1)).all()
