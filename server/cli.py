@@ -11,6 +11,7 @@ from mtpserve.engine.errors import MtpserveError
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and engine")
+    g.add_argument("--config", default=None, help="YAML file of option defaults (see configs/)")
     g.add_argument("--model", default="default",
                    help="GGUF file, HF model directory, or 'default' (SmolLM2-135M-Instruct GGUF)")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
@@ -61,11 +62,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def apply_config_file(parser: argparse.ArgumentParser, args: argparse.Namespace, argv) -> argparse.Namespace:
+    """Re-parse with the YAML file's values as defaults, so explicit command-line options still win."""
+    import yaml
+
+    try:
+        with open(args.config, encoding="utf-8") as f:
+            values = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise MtpserveError(f"cannot read config file {args.config}: {e}") from None
+    if not isinstance(values, dict):
+        raise MtpserveError(f"config file {args.config} must be a mapping of option: value")
+    known = vars(args)
+    defaults = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name not in known or name in ("command", "func", "config"):
+            raise MtpserveError(f"config file {args.config}: unknown option {key!r}")
+        defaults[name] = value
+    sub = parser._subparsers._group_actions[0].choices[args.command]
+    sub.set_defaults(**defaults)
+    return parser.parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        if getattr(args, "config", None):
+            args = apply_config_file(parser, args, argv)
         return args.func(args) or 0
     except MtpserveError as e:
         print(f"mtpserve: error: {e}", file=sys.stderr)
