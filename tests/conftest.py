@@ -135,3 +135,24 @@ def make_checkpoint(tmp_path_factory):
         return make_tiny_checkpoint(tmp_path_factory.mktemp(f"tiny_{model_type}"), model_type, **kwargs)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference():
+    """transformers' own load of the SmolLM2 GGUF (float32): the independent reference for the real model."""
+    pytest.importorskip("accelerate")  # transformers needs it to load GGUF weights
+    transformers = pytest.importorskip("transformers")
+    from mtpserve.engine.loader.gguf import default_gguf_path
+
+    path = default_gguf_path()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_checkpoint():
+    """Our load of the SmolLM2 GGUF (shared: loading takes several seconds)."""
+    from mtpserve.engine.loader.gguf import default_gguf_path, load_gguf
+
+    return load_gguf(default_gguf_path())

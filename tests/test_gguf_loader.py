@@ -19,16 +19,13 @@ HEAD_DIM = HIDDEN // HEADS
 # ---- the real model -------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def smol():
-    return load_gguf(default_gguf_path())
+def smol(smollm2_checkpoint):
+    return smollm2_checkpoint
 
 
 @pytest.fixture(scope="module")
-def hf_model():
-    pytest.importorskip("accelerate")  # transformers needs it to load GGUF weights
-    transformers = pytest.importorskip("transformers")
-    path = default_gguf_path()
-    return transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+def hf_model(smollm2_reference):
+    return smollm2_reference
 
 
 def test_config_matches_transformers(smol, hf_model):

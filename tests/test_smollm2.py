@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from mtpserve.engine.config import EngineConfig
 from mtpserve.engine.engine import LLMEngine
-from mtpserve.engine.loader import load_checkpoint
-from mtpserve.engine.loader.gguf import default_gguf_path
 from mtpserve.engine.sampling_params import SamplingParams
 
 CHATS = [
@@ -23,17 +19,13 @@ NEW_TOKENS = 48
 
 
 @pytest.fixture(scope="module")
-def engine():
-    return LLMEngine(load_checkpoint("default"), EngineConfig(kv_cache_memory_bytes=64 * 2**20))
+def engine(smollm2_checkpoint):
+    return LLMEngine(smollm2_checkpoint, EngineConfig(kv_cache_memory_bytes=64 * 2**20))
 
 
 @pytest.fixture(scope="module")
-def reference():
-    transformers = pytest.importorskip("transformers")
-    path = default_gguf_path()
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32)
-    return model.eval()
+def reference(smollm2_reference):
+    return smollm2_reference
 
 
 @torch.inference_mode()
