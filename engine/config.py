@@ -61,3 +61,8 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's max_position_embeddings, capped by the cache
     dtype: torch.dtype = torch.float32
     device: str = "cpu"
+    # speculative decoding with the model's MTP layers
+    spec_draft_n_max: int = 3  # 0 disables
+    spec_adaptive: bool = True  # False: always draft spec_draft_n_max tokens
+    mtp_head: str | None = None  # standalone head directory for a model without MTP layers
+    mtp_feedback: str = "pre_norm"  # hidden fed back between draft steps: block output, or post shared norm

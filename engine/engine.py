@@ -12,12 +12,17 @@ from mtpserve.engine.config import EngineConfig
 from mtpserve.engine.errors import RequestError
 from mtpserve.engine.kv_cache import KVCacheManager
 from mtpserve.engine.loader.checkpoint import Checkpoint
-from mtpserve.engine.models.llama import LlamaForCausalLM
+from mtpserve.engine.loader.mtp_head import load_mtp_head, rename_gguf_nextn
+from mtpserve.engine.models import model_class
+from mtpserve.engine.models.mtp import DEEPSEEK_LAYOUT, build_mtp
 from mtpserve.engine.request import Request, RequestStatus
 from mtpserve.engine.runner import ModelRunner, kv_bytes_per_block
 from mtpserve.engine.sampler import make_generator
 from mtpserve.engine.sampling_params import SamplingParams
 from mtpserve.engine.scheduler import Scheduler
+from mtpserve.engine.spec.calibrate import measure_step_costs
+from mtpserve.engine.spec.policy import DraftPolicy
+from mtpserve.engine.spec.stats import SpecStats
 
 logger = logging.getLogger(__name__)
 
@@ -46,23 +51,56 @@ class LLMEngine:
         self.tokenizer = checkpoint.tokenizer
         mc = self.model_config = checkpoint.config
         self.device = torch.device(config.device)
-        per_block = kv_bytes_per_block(mc.num_hidden_layers, config.block_size, mc.num_key_value_heads,
-                                       mc.head_dim, config.dtype)
+        mtp_weights, num_mtp = self._mtp_weights()
+        num_layers = mc.num_hidden_layers + num_mtp
+        per_block = kv_bytes_per_block(num_layers, config.block_size, mc.num_key_value_heads, mc.head_dim, config.dtype)
         num_blocks = config.num_blocks or max(1, config.kv_cache_memory_bytes // per_block)
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, num_blocks * config.block_size)
-        model = LlamaForCausalLM(mc, max_positions=max(self.max_model_len, mc.max_position_embeddings))
+        max_positions = max(self.max_model_len, mc.max_position_embeddings) + config.spec_draft_n_max + 2
+        model = model_class(mc.architecture)(mc, max_positions=max_positions)
         model.load_weights(checkpoint.weights)
         self.model = model.to_runtime(config.dtype, self.device).eval()
+        self.mtp = None
+        if num_mtp:
+            self.mtp = build_mtp(self.model, mtp_weights, num_mtp, DEEPSEEK_LAYOUT,
+                                 lambda i: f"model.layers.{mc.num_hidden_layers + i}.", config.mtp_feedback)
+            self.mtp.to(device=self.device, dtype=config.dtype).eval()
         self.kv = KVCacheManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len)
-        self.runner = ModelRunner(self.model, self.kv, num_blocks, config.dtype, self.device)
+        self.policy = DraftPolicy(config.spec_draft_n_max if self.mtp else 0, config.spec_adaptive)
+        self.runner = ModelRunner(self.model, self.kv, num_blocks, config.dtype, self.device, self.mtp, self.policy)
+        if self.mtp is not None and config.spec_adaptive and config.spec_draft_n_max > 0:
+            self.policy.costs = measure_step_costs(self.runner, min(64, config.max_num_batched_tokens))
         self.eos_token_ids = frozenset(checkpoint.generation.eos_token_ids or mc.eos_token_ids)
         self.requests: dict[str, Request] = {}
+        self.spec_stats = SpecStats()  # aggregate over finished requests
         self._ids = itertools.count()
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB), max_model_len %d", num_blocks,
                     config.block_size, num_blocks * per_block / 2**20, self.max_model_len)
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
+    def _mtp_weights(self) -> tuple[dict, int]:
+        """MTP weights and layer count: a --mtp-head file, else the checkpoint's own layers."""
+        cfg, mc, weights = self.config, self.checkpoint.config, self.checkpoint.weights
+        if cfg.spec_draft_n_max < 0:
+            raise RequestError("spec_draft_n_max must be >= 0")
+        if cfg.mtp_head:
+            head_weights, head = load_mtp_head(cfg.mtp_head, mc)
+            num = int(head.get("num_nextn_predict_layers", 1))
+            self.config.mtp_feedback = head.get("feedback", cfg.mtp_feedback)
+            logger.info("MTP: %d layer(s) from head %s", num, cfg.mtp_head)
+            return ({**weights, **head_weights}, num) if cfg.spec_draft_n_max > 0 else ({}, 0)
+        rename_gguf_nextn(weights)
+        num = mc.num_nextn_predict_layers
+        if num == 0:
+            logger.info("MTP: the model has no MTP layers; plain decoding (train one with mtpserve train-head)")
+            return {}, 0
+        if cfg.spec_draft_n_max == 0:
+            logger.info("MTP: speculation disabled; plain decoding")
+            return {}, 0
+        return weights, num
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    spec_n_max: int | None = None) -> Request:
         params.validate()
         if request_id in self.requests:
             raise RequestError(f"duplicate request id {request_id!r}")
@@ -76,8 +114,10 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if any(not 0 <= t < vocab for t in prompt_token_ids):
             raise RequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
+        if spec_n_max is not None and spec_n_max < 0:
+            raise RequestError("speculative n_max must be >= 0", param="speculative")
         req = Request(request_id, list(prompt_token_ids), params, eos_token_ids=self.eos_token_ids,
-                      generator=make_generator(params.seed, self.device))
+                      generator=make_generator(params.seed, self.device), spec_n_max=spec_n_max)
         self.requests[request_id] = req
         self.scheduler.add_request(req)
         return req
@@ -95,8 +135,8 @@ class LLMEngine:
         if not out.scheduled:
             return []
         before = {s.request.request_id: len(s.request.output_token_ids) for s in out.scheduled}
-        sampled = self.runner.execute(out)
-        self.scheduler.update_from_output(out, sampled)
+        result = self.runner.execute(out)
+        self.scheduler.update_from_output(out, result)
         outputs = []
         for s in out.scheduled:
             req = s.request
@@ -105,6 +145,7 @@ class LLMEngine:
                 outputs.append(RequestOutput(req, new, req.status.finished))
             if req.status.finished:
                 self.requests.pop(req.request_id, None)
+                self.spec_stats.merge(req.spec_stats)
         return outputs
 
     def generate(self, prompts: list[list[int]], params: list[SamplingParams] | SamplingParams) -> list[Request]:

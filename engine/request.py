@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 import torch
 
 from mtpserve.engine.sampling_params import SamplingParams
+from mtpserve.engine.spec.policy import AcceptanceEstimate
+from mtpserve.engine.spec.stats import SpecStats
 
 
 class RequestStatus(enum.Enum):
@@ -41,6 +43,12 @@ class Request:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finish_time: float | None = None
+    # speculation: drafts proposed for the next step (and q when sampled), per-request limit and stats
+    spec_token_ids: list[int] = field(default_factory=list)
+    spec_probs: torch.Tensor | None = None
+    spec_n_max: int | None = None  # None: the engine's --spec-draft-n-max; 0: no speculation
+    spec_stats: SpecStats = field(default_factory=SpecStats)
+    acceptance: AcceptanceEstimate = field(default_factory=AcceptanceEstimate)
 
     def __post_init__(self):
         self.all_token_ids = list(self.prompt_token_ids) + list(self.output_token_ids)

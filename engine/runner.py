@@ -1,4 +1,5 @@
-"""Model runner: owns the KV tensors, turns a SchedulerOutput into model inputs, runs the model, samples."""
+"""Model runner: owns the KV tensors, turns a SchedulerOutput into model inputs, runs the main model,
+verifies drafts / samples, and lets the MTP proposer draft for the next step."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import torch
 
 from mtpserve.engine.kv_cache import KVCacheManager
 from mtpserve.engine.sampler import Sampler
-from mtpserve.engine.scheduler import SchedulerOutput
+from mtpserve.engine.scheduler import SchedulerOutput, StepResult
+from mtpserve.engine.spec.proposer import DraftInput, MTPProposer
+from mtpserve.engine.spec.rejection import verify
 from mtpserve.kernels.attention import AttentionMetadata, TorchPagedAttention
 
 
@@ -17,17 +20,23 @@ def kv_bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head
 
 
 class ModelRunner:
-    def __init__(self, model, kv: KVCacheManager, num_blocks: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, model, kv: KVCacheManager, num_blocks: int, dtype: torch.dtype, device: torch.device,
+                 mtp=None, draft_len=None):
         cfg = model.config
         self.model = model
         self.kv = kv
         self.device = device
         self.block_size = kv.block_size
         shape = (num_blocks, kv.block_size, cfg.num_key_value_heads, cfg.head_dim)
+        num_mtp = len(mtp.layers) if mtp is not None else 0
         self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-                          for _ in range(cfg.num_hidden_layers)]
+                          for _ in range(cfg.num_hidden_layers + num_mtp)]
         self.attn = TorchPagedAttention()
         self.sampler = Sampler()
+        self.vocab_size = cfg.vocab_size
+        self.proposer = (MTPProposer(mtp, kv, self.kv_caches[cfg.num_hidden_layers:], cfg.vocab_size, device)
+                         if mtp is not None else None)
+        self.draft_len = draft_len  # callable(request, batch_size) -> number of drafts for its next step
 
     def prepare_inputs(self, out: SchedulerOutput):
         """Flattened input_ids/positions and the attention metadata for one step."""
@@ -35,7 +44,9 @@ class ModelRunner:
         tables = []
         for row, s in enumerate(out.scheduled):
             r, n, start = s.request, s.num_new_tokens, s.request.num_computed_tokens
-            input_ids.extend(r.all_token_ids[start:start + n])
+            known = n - s.num_spec_tokens
+            input_ids.extend(r.all_token_ids[start:start + known])
+            input_ids.extend(r.spec_token_ids[:s.num_spec_tokens])
             positions.extend(range(start, start + n))
             rows.extend([row] * n)
             query_lens.append(n)
@@ -56,18 +67,67 @@ class ModelRunner:
         return torch.tensor(input_ids, dtype=torch.long, device=dev), pos.to(dev), meta
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> dict[str, list[int]]:
-        """Run one step; returns the sampled token(s) of every request that reached its end."""
+    def execute(self, out: SchedulerOutput) -> StepResult:
+        """Run one step: verify/sample for every request that reached its end, then draft."""
         input_ids, positions, meta = self.prepare_inputs(out)
         self.attn.prepare(meta)
         hidden = self.model(input_ids, positions, self.kv_caches, self.attn)
-        ends = torch.tensor(meta.query_lens).cumsum(0) - 1
+        starts = [0]
+        for n in meta.query_lens:
+            starts.append(starts[-1] + n)
+        result = StepResult()
         sampling = [i for i, s in enumerate(out.scheduled) if s.samples]
-        if not sampling:
-            return {}
-        logits = self.model.compute_logits(hidden[ends[sampling].to(hidden.device)])
-        reqs = [out.scheduled[i].request for i in sampling]
-        result = self.sampler(logits, [r.sampling_params for r in reqs], [r.prompt_token_ids for r in reqs],
-                              [r.output_token_ids for r in reqs], [r.generator for r in reqs])
-        tokens = result.token_ids.tolist()
-        return {r.request_id: [t] for r, t in zip(reqs, tokens)}
+        if sampling:
+            result.new_token_ids = self._sample(out, sampling, hidden, starts)
+        if self.proposer is not None:
+            self._draft(out, hidden, starts, result)
+        return result
+
+    def _sample(self, out, sampling, hidden, starts) -> dict[str, list[int]]:
+        scheduled = [out.scheduled[i] for i in sampling]
+        reqs = [s.request for s in scheduled]
+        rows = [r for i, s in zip(sampling, scheduled) for r in range(starts[i + 1] - s.num_spec_tokens - 1, starts[i + 1])]
+        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=hidden.device)])
+        params = [r.sampling_params for r in reqs]
+        prompts, outputs = [r.prompt_token_ids for r in reqs], [r.output_token_ids for r in reqs]
+        gens = [r.generator for r in reqs]
+        if not any(s.num_spec_tokens for s in scheduled):
+            tokens = self.sampler(logits, params, prompts, outputs, gens).token_ids.tolist()
+            return {r.request_id: [t] for r, t in zip(reqs, tokens)}
+        drafts = [s.request.spec_token_ids[:s.num_spec_tokens] for s in scheduled]
+        probs = [s.request.spec_probs[:s.num_spec_tokens] if s.request.spec_probs is not None and s.num_spec_tokens
+                 else None for s in scheduled]
+        new = verify(logits, drafts, probs, params, prompts, outputs, gens)
+        return {r.request_id: toks for r, toks in zip(reqs, new)}
+
+    def _draft(self, out, hidden, starts, result: StepResult) -> None:
+        items = []
+        batch = len(out.scheduled)
+        for i, s in enumerate(out.scheduled):
+            req, start = s.request, s.request.num_computed_tokens
+            if req.spec_n_max == 0:
+                continue
+            known = s.num_new_tokens - s.num_spec_tokens
+            if s.samples:
+                new = result.new_token_ids[req.request_id]
+                next_tokens = req.all_token_ids[start + 1:start + known] + new
+                if self._will_finish(req, new):
+                    continue
+                k = self.draft_len(req, batch) if self.draft_len else 0
+                history = req.output_token_ids + new
+            else:  # a prompt chunk: fill the MTP KV only
+                next_tokens = req.all_token_ids[start + 1:start + known + 1]
+                k, history = 0, []
+            rows = torch.arange(starts[i], starts[i] + len(next_tokens), device=hidden.device)
+            items.append(DraftInput(req, start, rows, next_tokens, history, k))
+        for rid, d in self.proposer.propose(items, hidden).items():
+            result.spec_token_ids[rid] = d.token_ids
+            if d.probs is not None:
+                result.spec_probs[rid] = d.probs
+
+    @staticmethod
+    def _will_finish(req, new: list[int]) -> bool:
+        p = req.sampling_params
+        if len(req.output_token_ids) + len(new) >= p.max_tokens:
+            return True
+        return any((t in req.eos_token_ids and not p.ignore_eos) or t in p.stop_token_ids for t in new)

@@ -19,13 +19,24 @@ from mtpserve.engine.request import Request, RequestStatus
 @dataclass
 class ScheduledRequest:
     request: Request
-    num_new_tokens: int
+    num_new_tokens: int  # includes the draft tokens being verified
+    num_spec_tokens: int = 0  # draft tokens (the last ones of this step) to verify
 
     @property
     def samples(self) -> bool:
-        """Whether this step reaches the end of the request's tokens, so a new token is sampled."""
+        """Whether this step reaches the end of the request's tokens, so new tokens are sampled."""
         r = self.request
-        return r.num_computed_tokens + self.num_new_tokens == r.num_tokens
+        return r.num_computed_tokens + self.num_new_tokens - self.num_spec_tokens == r.num_tokens
+
+
+@dataclass
+class StepResult:
+    """What the runner produced: per request the new tokens (accepted drafts + one sampled token)
+    and the drafts for its next step."""
+
+    new_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    spec_probs: dict[str, object] = field(default_factory=dict)
 
 
 @dataclass
@@ -60,7 +71,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            known = req.num_tokens - req.num_computed_tokens
+            # drafts ride along a decode step, within the budget and the context
+            k = min(len(req.spec_token_ids), budget - 1, self.max_model_len - req.num_tokens) if known == 1 else 0
+            n = min(known + k, budget)
             while not self.kv.allocate_slots(req.request_id, req.num_computed_tokens + n):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -68,7 +82,7 @@ class Scheduler:
                 if victim is req:
                     break
             else:
-                out.scheduled.append(ScheduledRequest(req, n))
+                out.scheduled.append(ScheduledRequest(req, n, k))
                 budget -= n
                 i += 1
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
@@ -88,24 +102,35 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         self.kv.free(req.request_id)
         req.num_computed_tokens = 0
+        req.spec_token_ids, req.spec_probs = [], None
         req.status = RequestStatus.PREEMPTED
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(req)
 
-    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, list[int]]) -> list[Request]:
-        """Advance progress, append sampled tokens, finish requests. Returns the finished ones."""
+    def update_from_output(self, out: SchedulerOutput, result: StepResult) -> list[Request]:
+        """Advance progress (rejected drafts are not computed), append new tokens, store the next
+        drafts, finish requests. Returns the finished ones."""
         finished = []
         for s in out.scheduled:
             req = s.request
-            req.num_computed_tokens += s.num_new_tokens
-            for token in sampled.get(req.request_id, ()):
+            new = result.new_token_ids.get(req.request_id, [])
+            rejected = s.num_spec_tokens - (len(new) - 1) if new else s.num_spec_tokens
+            req.num_computed_tokens += s.num_new_tokens - rejected
+            if new:
+                req.spec_stats.observe(s.num_spec_tokens, len(new) - 1)
+                req.acceptance.observe(s.num_spec_tokens, len(new) - 1)
+            req.spec_token_ids = result.spec_token_ids.get(req.request_id, [])
+            req.spec_probs = result.spec_probs.get(req.request_id)
+            for token in new:
                 req.append_output(token)
                 status = self._stop_status(req, token)
                 if status is not None:
                     self.finish(req, status)
                     finished.append(req)
                     break
+            if not req.status.finished:  # release lookahead blocks beyond the next step's needs
+                self.kv.trim(req.request_id, req.num_tokens + len(req.spec_token_ids))
         return finished
 
     def _stop_status(self, req: Request, token: int) -> RequestStatus | None:

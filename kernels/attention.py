@@ -114,3 +114,16 @@ class TorchPagedAttention(AttentionBackend):
             rows = torch.arange(q_len, device=device)[:, None] + (seq_len - q_len)
             self.masks[key] = rows >= torch.arange(seq_len, device=device)[None, :]
         return self.masks[key]
+
+
+class DenseCausalAttention(AttentionBackend):
+    """No cache: causal attention over one whole sequence (training and offline scoring)."""
+
+    def prepare(self, metadata=None) -> None:
+        pass
+
+    def forward(self, q, k, v, kv_cache, scale):
+        gqa = q.shape[1] != k.shape[1]
+        out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                             is_causal=True, scale=scale, enable_gqa=gqa)
+        return out.transpose(0, 1)

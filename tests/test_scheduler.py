@@ -3,7 +3,7 @@
 from mtpserve.engine.kv_cache import KVCacheManager
 from mtpserve.engine.request import Request, RequestStatus
 from mtpserve.engine.sampling_params import SamplingParams
-from mtpserve.engine.scheduler import Scheduler
+from mtpserve.engine.scheduler import Scheduler, StepResult
 
 
 def make(num_blocks=64, block_size=4, max_num_seqs=8, budget=16, max_model_len=1000):
@@ -20,7 +20,7 @@ def fake_step(sched, token=5):
     """Schedule, pretend the model ran, sample ``token`` for requests that reached their end."""
     out = sched.schedule()
     sampled = {s.request.request_id: [token] for s in out.scheduled if s.samples}
-    finished = sched.update_from_output(out, sampled)
+    finished = sched.update_from_output(out, StepResult(new_token_ids=sampled))
     return out, finished
 
 

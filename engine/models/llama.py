@@ -126,6 +126,10 @@ class LlamaForCausalLM(nn.Module):
         self.register_buffer("cos", cos.float(), persistent=False)
         self.register_buffer("sin", sin.float(), persistent=False)
 
+    def make_layer(self, layer_idx: int) -> DecoderLayer:
+        """A decoder block of this family (also the block inside an MTP layer)."""
+        return DecoderLayer(self.config)
+
     def load_weights(self, w: dict[str, torch.Tensor]) -> None:
         embed = _take(w, "model.embed_tokens.weight")
         if self.config.tie_word_embeddings:

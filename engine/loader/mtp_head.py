@@ -1,0 +1,70 @@
+"""MTP weights from outside the main checkpoint: a standalone head file (``--mtp-head``) and GGUF
+``blk.{n}.nextn.*`` tensors, both mapped to the DeepSeek layout ``model.layers.{N+i}.*``.
+
+A head directory holds ``mtp_head.json`` and ``mtp_head.safetensors``::
+
+    {"format": "mtpserve-mtp-head", "num_nextn_predict_layers": 1, "base_num_hidden_layers": 30,
+     "hidden_size": 576, "vocab_size": 49152, "feedback": "pre_norm"}
+
+with tensors named like DeepSeek's MTP layers (``model.layers.30.enorm.weight``, ``...eh_proj.weight``,
+``...shared_head.norm.weight``, the decoder block's own names), sharing the base model's embedding and
+lm_head.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from mtpserve.engine.errors import ModelLoadError
+
+HEAD_CONFIG, HEAD_WEIGHTS, HEAD_FORMAT = "mtp_head.json", "mtp_head.safetensors", "mtpserve-mtp-head"
+_GGUF_NEXTN = {"eh_proj": "eh_proj", "enorm": "enorm", "hnorm": "hnorm", "shared_head_norm": "shared_head.norm",
+               "shared_head_head": "shared_head.head", "embed_tokens": "embed_tokens"}
+
+
+def load_mtp_head(path: str, config) -> tuple[dict[str, torch.Tensor], dict]:
+    """Weights and head config of a head directory, checked against the base model's ``config``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    cfg_path, w_path = os.path.join(path, HEAD_CONFIG), os.path.join(path, HEAD_WEIGHTS)
+    for p in (cfg_path, w_path):
+        if not os.path.isfile(p):
+            raise ModelLoadError(f"MTP head: missing {p}")
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            head = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"MTP head: cannot read {cfg_path}: {e}") from None
+    if head.get("format") != HEAD_FORMAT:
+        raise ModelLoadError(f"MTP head: {cfg_path} is not an mtpserve head config (format != {HEAD_FORMAT!r})")
+    for key, want in (("base_num_hidden_layers", config.num_hidden_layers), ("hidden_size", config.hidden_size),
+                      ("vocab_size", config.vocab_size)):
+        if head.get(key) != want:
+            raise ModelLoadError(f"MTP head was trained for {key}={head.get(key)}, this model has {want}")
+    try:
+        weights = {k: v.float() for k, v in load_file(w_path).items()}
+    except (SafetensorError, OSError) as e:
+        raise ModelLoadError(f"MTP head: cannot read {w_path}: {e}") from None
+    return weights, head
+
+
+def save_mtp_head(path: str, weights: dict[str, torch.Tensor], head_config: dict) -> None:
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(path, HEAD_WEIGHTS))
+    with open(os.path.join(path, HEAD_CONFIG), "w", encoding="utf-8") as f:
+        json.dump({"format": HEAD_FORMAT, **head_config}, f, indent=2)
+
+
+def rename_gguf_nextn(weights: dict[str, torch.Tensor]) -> None:
+    """``gguf.blk.{n}.nextn.{name}`` -> ``model.layers.{n}.{hf name}`` (in place)."""
+    for key in [k for k in weights if k.startswith("gguf.blk.") and ".nextn." in k]:
+        layer, rest = key[len("gguf.blk."):].split(".nextn.", 1)
+        name, _, suffix = rest.partition(".")
+        if name in _GGUF_NEXTN:
+            weights[f"model.layers.{layer}.{_GGUF_NEXTN[name]}.{suffix}"] = weights.pop(key)

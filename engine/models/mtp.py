@@ -1,0 +1,135 @@
+"""MTP layers: a model's own next-next-token predictors, used as the built-in drafter.
+
+One layer (DeepSeek-V3 / GLM-4.5 layout, also our trained heads) computes, for a position ``p``
+whose next token ``t[p+1]`` is known::
+
+    x = eh_proj([enorm(embed(t[p+1])), hnorm(h[p])])      # MiMo: [hidden, token] order
+    y = decoder_block(x)                                   # its own paged KV, same block tables
+    logits = head(shared_norm(y))                          # predicts t[p+2]
+
+``h[p]`` is the main model's final post-norm hidden state; for the next draft step ``y`` is fed back
+as ``h`` (or ``shared_norm(y)`` with ``feedback="post_norm"``, as transformers does). The rotary
+position of the pair is ``p + 1`` (the token's own position, as in transformers); its KV slot is
+``p``'s slot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mtpserve.engine.errors import ModelLoadError
+from mtpserve.engine.models.llama import _copy, _param, _take
+from mtpserve.kernels.linear import linear
+from mtpserve.kernels.rmsnorm import rms_norm
+
+
+@dataclass(frozen=True)
+class MTPLayout:
+    """Where a family keeps its MTP weights (names relative to the layer prefix)."""
+
+    enorm: str = "enorm.weight"
+    hnorm: str = "hnorm.weight"
+    eh_proj: str = "eh_proj.weight"
+    shared_norm: str = "shared_head.norm.weight"
+    head: str = "shared_head.head.weight"
+    embed: str = "embed_tokens.weight"
+    hidden_first: bool = False  # projection input order [hnorm(h), enorm(e)]
+
+
+DEEPSEEK_LAYOUT = MTPLayout()
+MIMO_LAYOUT = MTPLayout(enorm="token_layernorm.weight", hnorm="hidden_layernorm.weight", eh_proj="input_proj.weight",
+                        shared_norm="final_layernorm.weight", head="", embed="", hidden_first=True)
+
+
+class MTPLayer(nn.Module):
+    def __init__(self, block: nn.Module, hidden_size: int, vocab_size: int, eps: float, layout: MTPLayout,
+                 feedback: str = "pre_norm"):
+        super().__init__()
+        if feedback not in ("pre_norm", "post_norm"):
+            raise ValueError(f"feedback must be pre_norm or post_norm, not {feedback!r}")
+        self.layout = layout
+        self.feedback = feedback
+        self.eps = eps
+        self.enorm = _param(hidden_size)
+        self.hnorm = _param(hidden_size)
+        self.eh_proj = _param(2 * hidden_size, hidden_size)  # [in, out]
+        self.block = block
+        self.shared_norm = _param(hidden_size)
+        self.register_parameter("head", None)  # own lm_head [hidden, vocab], else the main model's
+        self.register_parameter("embed_tokens", None)  # own embedding, else the main model's
+        self.hidden_size, self.vocab_size = hidden_size, vocab_size
+
+    def load(self, w: dict[str, torch.Tensor], prefix: str) -> None:
+        lay = self.layout
+        _copy(self.enorm, _take(w, prefix + lay.enorm))
+        _copy(self.hnorm, _take(w, prefix + lay.hnorm))
+        _copy(self.eh_proj, _take(w, prefix + lay.eh_proj).t())
+        _copy(self.shared_norm, _take(w, prefix + lay.shared_norm))
+        if lay.head and prefix + lay.head in w:
+            self.head = _param(self.hidden_size, self.vocab_size)
+            _copy(self.head, w[prefix + lay.head].t())
+        if lay.embed and prefix + lay.embed in w:
+            self.embed_tokens = _param(self.vocab_size, self.hidden_size)
+            _copy(self.embed_tokens, w[prefix + lay.embed])
+        self.block.load(w, prefix)
+
+    def forward(self, embeds: torch.Tensor, hidden: torch.Tensor, cos, sin, kv_cache, attn) -> torch.Tensor:
+        """embeds, hidden: [T, H] -> the hidden state to feed back [T, H]."""
+        e, h = rms_norm(embeds, self.enorm, self.eps), rms_norm(hidden, self.hnorm, self.eps)
+        x = linear(torch.cat([h, e] if self.layout.hidden_first else [e, h], dim=-1), self.eh_proj)
+        y = self.block(x, cos, sin, kv_cache, attn)
+        return rms_norm(y, self.shared_norm, self.eps) if self.feedback == "post_norm" else y
+
+    def normed(self, y: torch.Tensor) -> torch.Tensor:
+        """The input of the head for a fed-back state ``y``."""
+        return y if self.feedback == "post_norm" else rms_norm(y, self.shared_norm, self.eps)
+
+
+class MTPModule(nn.Module):
+    """The MTP layers of a model, sharing its embedding and lm_head unless they carry their own."""
+
+    def __init__(self, model: nn.Module, layers: list[MTPLayer]):
+        super().__init__()
+        self.model = [model]  # not a submodule: its weights belong to the main model
+        self.layers = nn.ModuleList(layers)
+
+    def embed(self, layer: MTPLayer, input_ids: torch.Tensor) -> torch.Tensor:
+        if layer.embed_tokens is not None:
+            return torch.nn.functional.embedding(input_ids, layer.embed_tokens)
+        return self.model[0].embed(input_ids)
+
+    def forward(self, step: int, input_ids, hidden, positions, kv_caches, attn) -> torch.Tensor:
+        """Draft step ``step`` (0 = the pass over everything the main model computed): layer ``step``
+        when there are several, else the one layer again. ``positions`` are rotary positions."""
+        i = min(step, len(self.layers) - 1)
+        layer = self.layers[i]
+        model = self.model[0]
+        cos, sin = model.cos[positions], model.sin[positions]
+        return layer(self.embed(layer, input_ids), hidden, cos, sin, kv_caches[i], attn)
+
+    def compute_logits(self, step: int, y: torch.Tensor, vocab_subset: torch.Tensor | None = None) -> torch.Tensor:
+        layer = self.layers[min(step, len(self.layers) - 1)]
+        head = layer.head if layer.head is not None else self.model[0].lm_head
+        if vocab_subset is not None:
+            head = head[:, vocab_subset]
+        return linear(layer.normed(y), head)
+
+
+def build_mtp(model: nn.Module, weights: dict[str, torch.Tensor], num_layers: int, layout: MTPLayout,
+              prefix_of, feedback: str = "pre_norm") -> MTPModule:
+    """``prefix_of(i)`` names the weight prefix of MTP layer i (e.g. ``model.layers.{N+i}.``)."""
+    cfg = model.config
+    layers = []
+    for i in range(num_layers):
+        prefix = prefix_of(i)
+        if not any(k.startswith(prefix) for k in weights):
+            raise ModelLoadError(f"the config promises {num_layers} MTP layer(s) but the weights have none "
+                                 f"under {prefix!r}")
+        layer = MTPLayer(model.make_layer(cfg.num_hidden_layers + i), cfg.hidden_size, cfg.vocab_size,
+                         cfg.rms_norm_eps, layout, feedback)
+        layer.load(weights, prefix)
+        layers.append(layer)
+    return MTPModule(model, layers)

@@ -1,0 +1,128 @@
+"""The MTP proposer: fills the MTP layer's KV for what the main model just computed, then drafts.
+
+Draft step 0 runs the MTP layer over every position ``p`` the main model computed in this step whose
+next token is now known (prompt chunks included), pairing ``h[p]`` with ``t[p+1]``; its last row
+gives draft 1. Steps 1..k-1 feed the MTP output and the previous draft back, one token each.
+Drafts of greedy requests are argmaxes; sampled requests draw from q (the head's processed
+probabilities, same penalties and filters as the target) and keep q for rejection sampling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mtpserve.engine.kv_cache import KVCacheManager
+from mtpserve.engine.request import Request
+from mtpserve.engine.sampler import SamplingTensors, apply_penalties, processed_probs, sample_from_probs
+from mtpserve.kernels.attention import AttentionMetadata, TorchPagedAttention
+
+
+@dataclass
+class DraftInput:
+    request: Request
+    start: int  # first position the main model computed this step
+    hidden_rows: torch.Tensor  # [v] rows of the main model's hidden output for positions start..start+v-1
+    next_tokens: list[int]  # t[p+1] for those positions
+    history: list[int]  # output tokens so far incl. this step's (for penalties on q)
+    num_drafts: int  # 0: only fill the MTP KV
+
+
+@dataclass
+class Drafts:
+    token_ids: list[int]
+    probs: torch.Tensor | None  # [k, V] q of sampled requests, None for greedy
+
+
+class MTPProposer:
+    def __init__(self, mtp, kv: KVCacheManager, kv_caches: list, vocab_size: int, device: torch.device):
+        self.mtp = mtp
+        self.kv = kv
+        self.kv_caches = kv_caches
+        self.vocab_size = vocab_size
+        self.device = device
+        self.attn = TorchPagedAttention()
+
+    def _metadata(self, reqs: list[Request], slot_positions: list[list[int]]) -> AttentionMetadata:
+        bs = self.kv.block_size
+        tables = [self.kv.block_tables[r.request_id] for r in reqs]
+        width = max(len(t) for t in tables)
+        block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+        slots, query_lens, seq_lens = [], [], []
+        for table, positions in zip(tables, slot_positions):
+            slots.extend(table[p // bs] * bs + p % bs for p in positions)
+            query_lens.append(len(positions))
+            seq_lens.append(positions[-1] + 1)
+        dev = self.device
+        return AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev), block_tables=block_tables.to(dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            query_start_loc=torch.tensor([0] + query_lens, device=dev).cumsum(0).int(),
+            query_lens=query_lens, seq_lens_host=seq_lens, block_size=bs)
+
+    def _run(self, step, reqs, token_ids, hidden, slot_positions):
+        meta = self._metadata(reqs, slot_positions)
+        self.attn.prepare(meta)
+        ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
+        rotary = torch.tensor([p + 1 for ps in slot_positions for p in ps], dtype=torch.long, device=self.device)
+        return self.mtp(step, ids, hidden, rotary, self.kv_caches, self.attn)
+
+    def _choose(self, step, items: list[DraftInput], y_last: torch.Tensor, drafts: list[list[int]],
+                probs: list[list[torch.Tensor]]) -> list[int]:
+        logits = self.mtp.compute_logits(step, y_last).float()
+        params = [it.request.sampling_params for it in items]
+        t = SamplingTensors.from_params(params, self.vocab_size, self.device)
+        histories = [it.history + d for it, d in zip(items, drafts)]
+        logits = apply_penalties(logits, t, [it.request.prompt_token_ids for it in items], histories)
+        tokens = logits.argmax(-1)
+        sampled = [i for i, p in enumerate(params) if not p.greedy]
+        if sampled:
+            idx = torch.tensor(sampled, device=self.device)
+            q = processed_probs(logits[idx], t.select(idx))
+            tokens[idx] = sample_from_probs(q, [items[i].request.generator for i in sampled])
+            for row, i in enumerate(sampled):
+                probs[i].append(q[row])
+        return tokens.tolist()
+
+    @torch.inference_mode()
+    def propose(self, items: list[DraftInput], hidden: torch.Tensor) -> dict[str, Drafts]:
+        if not items:
+            return {}
+        bs = self.kv.block_size
+        for it in items:  # draft steps 1..k-1 write the MTP KV of positions beyond this step's
+            last = it.start + len(it.next_tokens) - 1
+            need = last + max(it.num_drafts, 1)
+            if it.num_drafts > 1 and not self.kv.allocate_slots(it.request.request_id, need):
+                have = len(self.kv.block_tables[it.request.request_id]) * bs
+                it.num_drafts = max(1, min(it.num_drafts, have - last))
+        reqs = [it.request for it in items]
+        positions = [list(range(it.start, it.start + len(it.next_tokens))) for it in items]
+        y = self._run(0, reqs, [t for it in items for t in it.next_tokens],
+                      hidden[torch.cat([it.hidden_rows for it in items])], positions)
+        ends = torch.tensor([len(p) for p in positions], device=self.device).cumsum(0) - 1
+        active = [i for i, it in enumerate(items) if it.num_drafts > 0]
+        drafts: list[list[int]] = [[] for _ in items]
+        probs: list[list[torch.Tensor]] = [[] for _ in items]
+        y_last = y[ends]
+        step = 0
+        while active:
+            chosen = self._choose(step, [items[i] for i in active], y_last[active],
+                                  [drafts[i] for i in active], [probs[i] for i in active])
+            for i, tok in zip(active, chosen):
+                drafts[i].append(tok)
+            still = [i for i in active if len(drafts[i]) < items[i].num_drafts]
+            if not still:
+                break
+            step += 1
+            slot_pos = [[positions[i][-1] + step] for i in still]
+            y_step = self._run(step, [reqs[i] for i in still], [drafts[i][-1] for i in still],
+                               y_last[still], slot_pos)
+            y_last = y_last.clone()
+            y_last[still] = y_step
+            active = still
+        out = {}
+        for i, it in enumerate(items):
+            if it.num_drafts > 0:
+                out[it.request.request_id] = Drafts(drafts[i], torch.stack(probs[i]) if probs[i] else None)
+        return out
