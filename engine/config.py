@@ -6,12 +6,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "glm4_moe")
 
 
 @dataclass
 class ModelConfig:
-    """Architecture of a dense decoder. Weight names follow the HF layout (``model.layers.{i}...``)."""
+    """Architecture of a decoder (dense or mixture of experts). Weight names follow the HF layout (``model.layers.{i}...``)."""
 
     architecture: str
     vocab_size: int
@@ -33,6 +33,16 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     num_nextn_predict_layers: int = 0
+    # mixture of experts (GLM-4.5 / DeepSeek-V3 style); n_routed_experts == 0: dense MLPs only
+    n_routed_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    n_shared_experts: int = 0
+    n_group: int = 1  # group-limited routing: experts in n_group groups, tokens pick from topk_group of them
+    topk_group: int = 1
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    first_k_dense_replace: int = 0  # layers below this index keep a dense MLP
 
     @property
     def rotary_dim(self) -> int:

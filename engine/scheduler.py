@@ -73,7 +73,8 @@ class Scheduler:
             req = self.running[i]
             known = req.num_tokens - req.num_computed_tokens
             # drafts ride along a decode step, within the budget and the context
-            k = min(len(req.spec_token_ids), budget - 1, self.max_model_len - req.num_tokens) if known == 1 else 0
+            k = min(len(req.spec_token_ids), budget - 1, self.max_model_len - req.num_tokens,
+                    req.sampling_params.max_tokens - len(req.output_token_ids) - 1) if known == 1 else 0
             n = min(known + k, budget)
             while not self.kv.allocate_slots(req.request_id, req.num_computed_tokens + n):
                 victim = self.running.pop()

@@ -14,6 +14,7 @@ from engine_helpers import greedy, make_engine
 from mtp_helpers import save_random_head
 
 from mtpserve.engine.loader import load_checkpoint
+from mtpserve.engine.loader.mtp_head import save_mtp_head
 from mtpserve.engine.sampling_params import SamplingParams
 from mtpserve.engine.train.distill import distill
 
@@ -34,17 +35,18 @@ def llama_head(tiny_llama_dir, tmp_path_factory):
 def trained_head(tiny_qwen3_dir, tmp_path_factory):
     """A head distilled briefly on the model's own greedy outputs, so drafts are often right and both
     the accept and the reject paths run."""
-    from mtpserve.engine.loader.mtp_head import save_mtp_head
-
     config = load_checkpoint(tiny_qwen3_dir).config
     path = save_random_head(tmp_path_factory.mktemp("qhead"), config, scale=0.05)
     engine = make_engine(tiny_qwen3_dir, mtp_head=path, spec_draft_n_max=1, spec_adaptive=False)
-    sequences = [p + out for p, out in zip(prompts(24, seed=7), greedy(engine, prompts(24, seed=7), 40))]
-    distill(engine.mtp, engine.model, sequences, steps=300, lr=3e-3)
-    weights = {f"model.layers.{config.num_hidden_layers}.{k[len('layers.0.'):]}": v
-               for k, v in engine.mtp.state_dict().items() if k.startswith("layers.0.")}
-    weights = {k.replace(".enorm", ".enorm.weight").replace(".hnorm", ".hnorm.weight") for k in ()} or weights
-    return path, engine
+    ps = prompts(24, seed=7)
+    sequences = [p + out for p, out in zip(ps, greedy(engine, ps, 40))]
+    losses = distill(engine.mtp, engine.model, sequences, steps=300, lr=3e-3, depth=2)
+    assert losses[-1] < losses[0]
+    layer = engine.mtp.layers[0]
+    save_mtp_head(path, layer.export(f"model.layers.{config.num_hidden_layers}."), {
+        "num_nextn_predict_layers": 1, "base_num_hidden_layers": config.num_hidden_layers,
+        "hidden_size": config.hidden_size, "vocab_size": config.vocab_size, "feedback": "pre_norm"})
+    return path
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
@@ -58,3 +60,78 @@ def test_greedy_lossless_random_head(tiny_llama_dir, llama_head, k):
     assert [greedy(engine, [p], 24)[0] for p in ps[:2]] == plain[:2]  # alone
     assert engine.spec_stats.num_draft_tokens > 0
     assert engine.kv.num_free_blocks == engine.kv.pool.num_blocks
+
+
+def check_stats(reqs) -> None:
+    for r in reqs:
+        s = r.spec_stats
+        assert s.num_accepted_tokens <= s.num_draft_tokens
+        assert all(a >= b for a, b in zip(s.accepted_per_position, s.accepted_per_position[1:]))
+        assert sum(s.accepted_per_position) == s.num_accepted_tokens
+        if r.finish_reason == "length":  # no stop truncation: every emitted token was kept
+            assert len(r.output_token_ids) == s.num_accepted_tokens + s.num_steps
+
+
+@pytest.mark.parametrize("k", [1, 3, 4])
+def test_trained_head_accepts_and_stays_lossless(tiny_qwen3_dir, trained_head, k):
+    # The distillation prompts (a tiny random model's continuations of random prompts barely generalize,
+    # so acceptance is high only on what the head was trained on) plus two held-out ones.
+    ps = prompts(24, seed=7)[:6] + prompts(2, seed=11)
+    plain = greedy(make_engine(tiny_qwen3_dir, dtype=torch.float64, spec_draft_n_max=0), ps, 32)
+    engine = make_engine(tiny_qwen3_dir, dtype=torch.float64, mtp_head=trained_head, spec_draft_n_max=k,
+                         spec_adaptive=False)
+    reqs = engine.generate(ps, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
+    assert [r.output_token_ids for r in reqs] == plain
+    check_stats(reqs)
+    stats = engine.spec_stats
+    assert 0.15 < stats.acceptance_rate < 0.95  # both the accept and the reject paths ran
+    assert all(c > 0 for c in stats.accepted_per_position[:2])  # fed-back draft steps are accepted too
+    assert stats.num_draft_tokens == sum(r.spec_stats.num_draft_tokens for r in reqs)
+    assert engine.kv.num_free_blocks == engine.kv.pool.num_blocks
+
+
+def test_chunked_prefill_preemption_and_adaptive(tiny_qwen3_dir, trained_head):
+    """Prompt chunks fill the MTP KV too; preemption under a tiny cache recomputes both; adaptive k."""
+    ps = prompts(24, seed=7)[6:14]
+    plain = greedy(make_engine(tiny_qwen3_dir, dtype=torch.float64, spec_draft_n_max=0), ps, 40)
+    engine = make_engine(tiny_qwen3_dir, dtype=torch.float64, mtp_head=trained_head, spec_draft_n_max=3,
+                         block_size=4, num_blocks=40, max_num_batched_tokens=16)
+    assert greedy(engine, ps, 40) == plain
+    assert engine.scheduler.num_preemptions > 0
+    assert engine.spec_stats.num_accepted_tokens > 0
+    assert engine.kv.num_free_blocks == engine.kv.pool.num_blocks
+
+
+def test_sampled_requests_reproducible_and_mixed(tiny_qwen3_dir, trained_head):
+    engine = make_engine(tiny_qwen3_dir, mtp_head=trained_head, spec_draft_n_max=3, spec_adaptive=False)
+    ps = prompts(4, seed=13)
+    params = [SamplingParams(temperature=0.8, top_k=50, seed=s, max_tokens=24, ignore_eos=True) for s in range(3)]
+    params.append(SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+    first = [r.output_token_ids for r in engine.generate(ps, params)]
+    second = [r.output_token_ids for r in engine.generate(ps, params)]
+    assert first == second
+    assert first[3] == greedy(make_engine(tiny_qwen3_dir, spec_draft_n_max=0), [ps[3]], 24)[0]
+    assert engine.kv.num_free_blocks == engine.kv.pool.num_blocks
+
+
+def test_sampled_distribution_matches_plain(make_checkpoint, tmp_path):
+    """Temperature 1 on an 8-token vocabulary: the distribution of the 2nd and 3rd tokens (the ones
+    drafts can affect) with MTP matches plain sampling (chi-square over 4000 requests per side)."""
+    from scipy.stats import chi2_contingency
+
+    path = make_checkpoint("llama", vocab_size=8, seed=3)
+    config = load_checkpoint(path).config
+    head = save_random_head(tmp_path / "head", config, scale=0.5, seed=5)
+    n = 4000
+    counts = []
+    for spec in (0, 2):
+        engine = make_engine(path, mtp_head=head, spec_draft_n_max=spec, spec_adaptive=False, max_num_seqs=256,
+                             max_num_batched_tokens=1024)
+        reqs = engine.generate([[1, 2]] * n, [SamplingParams(temperature=1.0, seed=i, max_tokens=3, ignore_eos=True)
+                                              for i in range(n)])
+        if spec:
+            assert 0 < engine.spec_stats.num_accepted_tokens < engine.spec_stats.num_draft_tokens
+        counts.append([[sum(r.output_token_ids[pos] == t for r in reqs) for t in range(8)] for pos in (1, 2)])
+    for pos in range(2):
+        table = [[c + 1 for c in counts[0][pos]], [c + 1 for c in counts[1][pos]]]
+        assert chi2_contingency(table).pvalue > 1e-3

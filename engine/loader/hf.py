@@ -19,9 +19,13 @@ ARCHITECTURE_CLASSES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Glm4MoeForCausalLM": "glm4_moe",
 }
 # transformers' defaults for keys a config.json may leave out
-DEFAULT_MAX_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768}
+DEFAULT_MAX_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768, "glm4_moe": 131072}
+GLM4_MOE_DEFAULTS = {"n_routed_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 1408,
+                     "n_shared_experts": 1, "n_group": 1, "topk_group": 1, "norm_topk_prob": True,
+                     "routed_scaling_factor": 1.0, "first_k_dense_replace": 1}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 ROPE_KEYS = {
     "linear": ("factor",),
@@ -62,7 +66,7 @@ def token_ids(value) -> list[int]:
     return [int(v) for v in value]
 
 
-def parse_rope(cfg: dict, max_positions: int) -> tuple[float, float, dict | None]:
+def parse_rope(cfg: dict, max_positions: int, default_partial: float = 1.0) -> tuple[float, float, dict | None]:
     """Return (rope_theta, partial_rotary_factor, rope_scaling) from either config form.
 
     transformers 5 writes ``rope_parameters`` (theta, type and scaling keys in one dict); older configs write
@@ -72,7 +76,7 @@ def parse_rope(cfg: dict, max_positions: int) -> tuple[float, float, dict | None
     if params and all(isinstance(v, dict) for v in params.values()):
         raise ModelLoadError("per-layer-type rope_parameters are not supported")
     theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
-    partial = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+    partial = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", default_partial))
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ModelLoadError(
@@ -93,8 +97,24 @@ def parse_rope(cfg: dict, max_positions: int) -> tuple[float, float, dict | None
     return float(theta), float(partial or 1.0), scaling
 
 
+def moe_fields(cfg: dict, arch: str) -> dict:
+    """Mixture-of-experts keys of a glm4_moe config.json (transformers' defaults for absent keys); {} otherwise."""
+    if arch != "glm4_moe":
+        return {}
+    get = lambda key: cfg[key] if cfg.get(key) is not None else GLM4_MOE_DEFAULTS[key]  # noqa: E731
+    ints = ("n_routed_experts", "num_experts_per_tok", "moe_intermediate_size", "n_shared_experts", "n_group",
+            "topk_group", "first_k_dense_replace")
+    fields = {k: int(get(k)) for k in ints}
+    fields.update(norm_topk_prob=bool(get("norm_topk_prob")), routed_scaling_factor=float(get("routed_scaling_factor")))
+    experts, groups = fields["n_routed_experts"], fields["n_group"]
+    if groups < 1 or experts % groups or not 1 <= fields["topk_group"] <= groups:
+        raise ModelLoadError(f"invalid expert groups: {experts} experts, n_group {groups}, "
+                             f"topk_group {fields['topk_group']}")
+    return fields
+
+
 def parse_hf_config(cfg: dict) -> ModelConfig:
-    """Map a transformers config.json (llama, mistral, qwen2, qwen3) to a ModelConfig.
+    """Map a transformers config.json (llama, mistral, qwen2, qwen3, glm4_moe) to a ModelConfig.
 
     Sliding-window attention is not implemented: when a config enables a window shorter than the context,
     max_position_embeddings is capped to the window, where full attention gives the same result.
@@ -116,7 +136,8 @@ def parse_hf_config(cfg: dict) -> ModelConfig:
         window_on = arch == "mistral" or cfg.get("use_sliding_window", False)
         if window and window_on and window < max_positions:
             max_positions = int(window)
-        theta, partial, scaling = parse_rope(cfg, max_positions)
+        glm = arch == "glm4_moe"  # transformers' glm4_moe defaults: partial rotary 0.5, eps 1e-5
+        theta, partial, scaling = parse_rope(cfg, max_positions, 0.5 if glm else 1.0)
         return ModelConfig(
             architecture=arch,
             vocab_size=int(cfg["vocab_size"]),
@@ -126,7 +147,7 @@ def parse_hf_config(cfg: dict) -> ModelConfig:
             num_attention_heads=heads,
             num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
             head_dim=int(cfg.get("head_dim") or hidden // heads),
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5 if glm else 1e-6)),
             rope_theta=theta,
             rope_scaling=scaling,
             partial_rotary_factor=partial,
@@ -135,10 +156,12 @@ def parse_hf_config(cfg: dict) -> ModelConfig:
             # qwen2 always has q/k/v bias (never on o_proj); mistral never; llama/qwen3 follow the key
             # (and then o_proj has a bias too: see the weights).
             attention_bias=True if arch == "qwen2" else arch != "mistral" and bool(cfg.get("attention_bias")),
-            qk_norm=arch == "qwen3",
+            qk_norm=arch == "qwen3" or glm and bool(cfg.get("use_qk_norm")),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=token_ids(cfg.get("eos_token_id")),
-            num_nextn_predict_layers=int(cfg.get("num_nextn_predict_layers") or 0),
+            # transformers 5 reads num_mtp_layers as an alias (and writes num_nextn_predict_layers)
+            num_nextn_predict_layers=int(cfg.get("num_nextn_predict_layers") or cfg.get("num_mtp_layers") or 0),
+            **moe_fields(cfg, arch),
         )
     except KeyError as e:
         raise ModelLoadError(f"config.json is missing {e.args[0]!r}") from e

@@ -1,13 +1,19 @@
-"""Model families by architecture name."""
+"""Model families by architecture name (``ModelConfig.architecture``)."""
+
+from mtpserve.engine.errors import ModelLoadError
+from mtpserve.engine.models.glm4_moe import Glm4MoeForCausalLM
+from mtpserve.engine.models.llama import LlamaForCausalLM
+
+MODEL_CLASSES = {
+    "llama": LlamaForCausalLM,
+    "mistral": LlamaForCausalLM,
+    "qwen2": LlamaForCausalLM,
+    "qwen3": LlamaForCausalLM,
+    "glm4_moe": Glm4MoeForCausalLM,
+}
 
 
 def model_class(arch: str):
-    from mtpserve.engine.models.llama import LlamaForCausalLM
-
-    classes = {"llama": LlamaForCausalLM, "mistral": LlamaForCausalLM, "qwen2": LlamaForCausalLM,
-               "qwen3": LlamaForCausalLM}
-    if arch == "glm4_moe":
-        from mtpserve.engine.models.glm4_moe import Glm4MoeForCausalLM
-
-        return Glm4MoeForCausalLM
-    return classes[arch]
+    if arch not in MODEL_CLASSES:
+        raise ModelLoadError(f"no model class for architecture '{arch}' (known: {', '.join(MODEL_CLASSES)})")
+    return MODEL_CLASSES[arch]

@@ -97,6 +97,28 @@ class DecoderLayer(nn.Module):
         _copy(self.mlp.down_weight, g("mlp.down_proj.weight").t())
 
 
+    def export(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The inverse of ``load``: HF-named weights (for saving a trained MTP block)."""
+        a, out = self.self_attn, {}
+        out[prefix + "input_layernorm.weight"] = self.input_norm
+        out[prefix + "post_attention_layernorm.weight"] = self.post_attention_norm
+        for name, w in zip("qkv", a.qkv_weight.t().split([a.q_size, a.kv_size, a.kv_size])):
+            out[f"{prefix}self_attn.{name}_proj.weight"] = w
+        if a.qkv_bias is not None:
+            for name, b in zip("qkv", a.qkv_bias.split([a.q_size, a.kv_size, a.kv_size])):
+                out[f"{prefix}self_attn.{name}_proj.bias"] = b
+        out[prefix + "self_attn.o_proj.weight"] = a.o_weight.t()
+        if a.o_bias is not None:
+            out[prefix + "self_attn.o_proj.bias"] = a.o_bias
+        if a.q_norm is not None:
+            out[prefix + "self_attn.q_norm.weight"] = a.q_norm
+            out[prefix + "self_attn.k_norm.weight"] = a.k_norm
+        gate, up = self.mlp.gate_up_weight.t().chunk(2)
+        out[prefix + "mlp.gate_proj.weight"], out[prefix + "mlp.up_proj.weight"] = gate, up
+        out[prefix + "mlp.down_proj.weight"] = self.mlp.down_weight.t()
+        return {k: v.detach().float().contiguous() for k, v in out.items()}
+
+
 def _take(w: dict, name: str) -> torch.Tensor:
     if name not in w:
         raise ModelLoadError(f"checkpoint is missing weight {name!r}")

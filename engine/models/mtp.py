@@ -76,6 +76,19 @@ class MTPLayer(nn.Module):
             _copy(self.embed_tokens, w[prefix + lay.embed])
         self.block.load(w, prefix)
 
+    def export(self, prefix: str) -> dict[str, torch.Tensor]:
+        """HF/DeepSeek-named weights of this layer (the inverse of ``load``)."""
+        lay = self.layout
+        out = {prefix + lay.enorm: self.enorm, prefix + lay.hnorm: self.hnorm, prefix + lay.eh_proj: self.eh_proj.t(),
+               prefix + lay.shared_norm: self.shared_norm}
+        if self.head is not None:
+            out[prefix + lay.head] = self.head.t()
+        if self.embed_tokens is not None:
+            out[prefix + lay.embed] = self.embed_tokens
+        out = {k: v.detach().float().contiguous() for k, v in out.items()}
+        out.update(self.block.export(prefix))
+        return out
+
     def forward(self, embeds: torch.Tensor, hidden: torch.Tensor, cos, sin, kv_cache, attn) -> torch.Tensor:
         """embeds, hidden: [T, H] -> the hidden state to feed back [T, H]."""
         e, h = rms_norm(embeds, self.enorm, self.eps), rms_norm(hidden, self.hnorm, self.eps)

@@ -54,7 +54,7 @@ def distill(mtp, model, sequences: list[list[int]], steps: int, lr: float = 3e-3
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if on_step:
             on_step(step, losses[-1])
     for p in params:

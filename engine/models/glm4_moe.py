@@ -1,0 +1,134 @@
+"""GLM-4.5 family (transformers ``glm4_moe``): the Llama block with partial rotary, q/k/v bias (none on o_proj),
+optional q/k norm, and a mixture of experts in every layer from ``first_k_dense_replace`` on.
+
+Routing (as transformers and the reference release): sigmoid scores; ``e_score_correction_bias`` is added for
+choosing experts only (group-limited: keep the ``topk_group`` groups whose two best biased scores sum highest, then
+the top ``num_experts_per_tok`` experts among them); the chosen experts are weighted by their unbiased scores,
+renormalized when ``norm_topk_prob``, times ``routed_scaling_factor``. Shared experts see every token.
+The router stays in float32 whatever the runtime dtype, as in transformers and vLLM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtpserve.engine.config import ModelConfig
+from mtpserve.engine.models.llama import MLP, Attention, DecoderLayer, LlamaForCausalLM, _copy, _param, _take
+from mtpserve.kernels.linear import linear
+
+
+class Glm4Attention(Attention):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.o_bias = None  # attention_bias covers q/k/v only
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        h, inter, n = cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts
+        self.num_experts, self.top_k = n, cfg.num_experts_per_tok
+        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
+        self.norm_topk_prob, self.scaling = cfg.norm_topk_prob, cfg.routed_scaling_factor
+        self.gate_weight = _param(h, n)  # [in, out], float32
+        self.gate_bias = _param(n)  # e_score_correction_bias: expert choice only
+        self.gate_up_weight = _param(n, h, 2 * inter)  # per expert [in, out]
+        self.down_weight = _param(n, inter, h)
+        self.shared_experts = MLP(replace(cfg, intermediate_size=inter * cfg.n_shared_experts)) \
+            if cfg.n_shared_experts else None
+
+    def _apply(self, fn, recurse=True):
+        """``.to(dtype)`` casts everything but the router, which keeps float32 (only its device follows)."""
+        router = {"gate_weight": self.gate_weight.data, "gate_bias": self.gate_bias.data}
+        super()._apply(fn, recurse)
+        for name, value in router.items():
+            getattr(self, name).data = value.to(fn(value[:0]).device, torch.float32)
+        return self
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, H] -> (expert ids [T, top_k], weights [T, top_k] float32)."""
+        scores = linear(x.float(), self.gate_weight).sigmoid()
+        choice = scores + self.gate_bias
+        if self.n_group > 1:
+            t = x.shape[0]
+            grouped = choice.view(t, self.n_group, -1)
+            group_scores = grouped.topk(2, dim=-1).values.sum(-1)  # [T, n_group]
+            keep = group_scores.topk(self.topk_group, dim=-1, sorted=False).indices
+            mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+            choice = grouped.masked_fill(~mask[..., None], float("-inf")).view(t, -1)
+        ids = choice.topk(self.top_k, dim=-1, sorted=False).indices
+        weights = scores.gather(1, ids)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return ids, weights * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids, weights = self.route(x)
+        out = torch.zeros_like(x)
+        for e in ids.unique().tolist():  # only the experts that got tokens
+            tokens, slot = (ids == e).nonzero(as_tuple=True)
+            gate, up = linear(x[tokens], self.gate_up_weight[e]).chunk(2, dim=-1)
+            y = linear(F.silu(gate) * up, self.down_weight[e])
+            out.index_add_(0, tokens, y * weights[tokens, slot, None].to(y.dtype))
+        return out + self.shared_experts(x) if self.shared_experts is not None else out
+
+    def load(self, w: dict[str, torch.Tensor], prefix: str) -> None:
+        """From the checkpoint layout: ``{prefix}gate.weight``, ``gate.e_score_correction_bias``,
+        ``experts.{e}.{gate,up,down}_proj.weight``, ``shared_experts.*``."""
+        g = lambda name: _take(w, prefix + name)  # noqa: E731
+        _copy(self.gate_weight, g("gate.weight").float().t())
+        _copy(self.gate_bias, g("gate.e_score_correction_bias").float())
+        experts = range(self.num_experts)
+        _copy(self.gate_up_weight, torch.stack([
+            torch.cat([g(f"experts.{e}.gate_proj.weight"), g(f"experts.{e}.up_proj.weight")]).t() for e in experts]))
+        _copy(self.down_weight, torch.stack([g(f"experts.{e}.down_proj.weight").t() for e in experts]))
+        if self.shared_experts is not None:
+            s = self.shared_experts
+            _copy(s.gate_up_weight, torch.cat([g("shared_experts.gate_proj.weight"),
+                                               g("shared_experts.up_proj.weight")]).t())
+            _copy(s.down_weight, g("shared_experts.down_proj.weight").t())
+
+
+class Glm4MoeDecoderLayer(DecoderLayer):
+    """The Llama block with GLM attention; ``moe`` swaps the dense MLP for experts."""
+
+    def __init__(self, cfg: ModelConfig, moe: bool):
+        super().__init__(cfg)
+        self.self_attn = Glm4Attention(cfg)
+        if moe:
+            self.mlp = MoE(cfg)
+
+    def load(self, w: dict[str, torch.Tensor], prefix: str) -> None:
+        if not isinstance(self.mlp, MoE):
+            return super().load(w, prefix)
+        g = lambda name: _take(w, prefix + name)  # noqa: E731
+        a = self.self_attn
+        _copy(self.input_norm, g("input_layernorm.weight"))
+        _copy(self.post_attention_norm, g("post_attention_layernorm.weight"))
+        _copy(a.qkv_weight, torch.cat([g(f"self_attn.{p}_proj.weight") for p in "qkv"]).t())
+        if a.qkv_bias is not None:
+            _copy(a.qkv_bias, torch.cat([g(f"self_attn.{p}_proj.bias") for p in "qkv"]))
+        _copy(a.o_weight, g("self_attn.o_proj.weight").t())
+        if a.q_norm is not None:
+            _copy(a.q_norm, g("self_attn.q_norm.weight"))
+            _copy(a.k_norm, g("self_attn.k_norm.weight"))
+        self.mlp.load(w, prefix + "mlp.")
+
+
+class Glm4MoeForCausalLM(LlamaForCausalLM):
+    """Same interface as LlamaForCausalLM; layers from ``first_k_dense_replace`` on (and MTP layers) are MoE."""
+
+    def __init__(self, cfg: ModelConfig, max_positions: int | None = None):
+        super().__init__(cfg, max_positions)
+        self.layers = nn.ModuleList(self.make_layer(i) for i in range(cfg.num_hidden_layers))
+
+    def make_layer(self, layer_idx: int) -> Glm4MoeDecoderLayer:
+        """Block ``layer_idx``; an MTP layer (index >= num_hidden_layers) always has experts, as in transformers."""
+        cfg = self.config
+        moe = cfg.n_routed_experts > 0 and (layer_idx >= cfg.first_k_dense_replace
+                                            or layer_idx >= cfg.num_hidden_layers)
+        return Glm4MoeDecoderLayer(cfg, moe)
