@@ -14,6 +14,8 @@ import torch
 
 # Up to this many rows the split-reduction path wins; beyond it one big matmul is as fast.
 SPLIT_K_MAX_ROWS = 32
+# Below this many weight elements a matmul is too small to be worth splitting across threads.
+SPLIT_K_MIN_WEIGHT = 1 << 18
 
 
 def linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -21,7 +23,8 @@ def linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None = 
     in_features, out_features = weight_t.shape
     rows = x.numel() // in_features
     parts = torch.get_num_threads()
-    if (parts > 1 and rows <= SPLIT_K_MAX_ROWS and in_features % parts == 0 and x.device.type == "cpu"
+    if (parts > 1 and rows <= SPLIT_K_MAX_ROWS and weight_t.numel() >= SPLIT_K_MIN_WEIGHT
+            and in_features % parts == 0 and x.device.type == "cpu"
             and weight_t.dtype in (torch.float32, torch.float64)):
         xs = x.reshape(rows, parts, in_features // parts).transpose(0, 1)  # [parts, rows, in/parts]
         out = torch.bmm(xs, weight_t.view(parts, in_features // parts, out_features)).sum(0)

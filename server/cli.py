@@ -22,6 +22,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=32)
     g.add_argument("--max-num-batched-tokens", type=int, default=512)
     g.add_argument("--max-model-len", type=int, default=None)
+    s = p.add_argument_group("speculative decoding (MTP)")
+    s.add_argument("--mtp-head", default=None, help="MTP head directory for a model without MTP layers")
+    s.add_argument("--spec-draft-n-max", type=int, default=3, help="most draft tokens per step (0 disables)")
+    s.add_argument("--no-spec", action="store_true", help="plain decoding even when the model has MTP layers")
+    s.add_argument("--spec-adaptive", default="on", choices=["on", "off"],
+                   help="on: draft length follows acceptance and batch size; off: always --spec-draft-n-max")
+    s.add_argument("--mtp-feedback", default="pre_norm", choices=["pre_norm", "post_norm"],
+                   help="hidden state fed back between draft steps (MTP block output, or after its shared norm)")
 
 
 def engine_from_args(args):
@@ -34,6 +42,8 @@ def engine_from_args(args):
     for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
         if getattr(args, name) < 1:
             raise MtpserveError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.spec_draft_n_max < 0:
+        raise MtpserveError("--spec-draft-n-max must be >= 0")
     if args.kv_cache_memory <= 0:
         raise MtpserveError("--kv-cache-memory must be positive")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -43,7 +53,9 @@ def engine_from_args(args):
         block_size=args.block_size, num_blocks=args.num_blocks,
         kv_cache_memory_bytes=int(args.kv_cache_memory * 2**30), max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-        dtype=getattr(torch, args.dtype), device=device)
+        dtype=getattr(torch, args.dtype), device=device,
+        spec_draft_n_max=0 if args.no_spec else args.spec_draft_n_max, spec_adaptive=args.spec_adaptive == "on",
+        mtp_head=args.mtp_head, mtp_feedback=args.mtp_feedback)
     return LLMEngine(load_checkpoint(args.model), config)
 
 

@@ -80,7 +80,7 @@ def result_json(req, tokenizer) -> dict:
         "prompt_tokens": req.num_prompt_tokens,
         "completion_tokens": len(req.output_token_ids),
         "finish_reason": req.finish_reason,
-        "metrics": {"timings": req.timings()},
+        "metrics": {"speculative": req.spec_stats.to_dict(), "timings": req.timings()},
     }
 
 
@@ -120,8 +120,11 @@ def run(args) -> int:
                 print(json.dumps(result_json(req, tok), ensure_ascii=False), flush=True)
             elif stream:
                 t = req.timings()
+                spec = req.spec_stats
+                accept = (f", MTP acceptance {spec.acceptance_rate:.2f}, {spec.mean_acceptance_length:.2f} tokens/step"
+                          if spec.num_draft_tokens else "")
                 print(f"\n[{len(req.output_token_ids)} tokens, finish_reason={req.finish_reason}, "
-                      f"decode {t['decode_tokens_per_second']:.1f} tok/s]", file=sys.stderr)
+                      f"decode {t['decode_tokens_per_second']:.1f} tok/s{accept}]", file=sys.stderr)
             else:
                 print(tok.decode(req.output_token_ids), flush=True)
     return 0

@@ -29,12 +29,13 @@ GLM4_MOE_TINY = dict(
 
 
 def _randomize(module: torch.nn.Module, g: torch.Generator, scale: float = 0.1) -> None:
-    """Norm weights 1 + noise and random router biases, so that a swapped norm or a missed bias shows."""
+    """Norm weights 1 + noise, random projection and router biases (transformers initializes them to 1 and 0),
+    so that a swapped norm or a missed bias shows."""
     with torch.no_grad():
         for name, t in list(module.named_parameters()) + list(module.named_buffers()):
             if name.endswith("norm.weight"):
                 t.copy_(1.0 + scale * torch.randn(t.shape, generator=g))
-            elif name.endswith("e_score_correction_bias"):
+            elif name.endswith(("_proj.bias", "e_score_correction_bias")):
                 t.copy_(2 * scale * torch.randn(t.shape, generator=g))
 
 
