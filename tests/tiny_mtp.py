@@ -67,12 +67,26 @@ def _checkpoint_names(mtp_state: dict[str, torch.Tensor], num_hidden_layers: int
     return out
 
 
+def _make_copy_layers(mtp_model) -> None:
+    with torch.no_grad():
+        for layer in mtp_model.layers:
+            h = layer.eh_proj.weight.shape[0]
+            layer.eh_proj.weight.copy_(torch.cat([torch.zeros(h, h), torch.eye(h)], dim=1))  # input [e, h]
+            for name, p in layer.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                elif name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")):
+                    p.zero_()
+
+
 def make_tiny_glm4_moe(tmp_dir, *, num_hidden_layers: int = 46, mtp: bool = True, seed: int = 0,
-                       mtp_head_copies: bool = True, **overrides) -> str:
+                       mtp_head_copies: bool = True, mtp_copy: bool = False, **overrides) -> str:
     """Save a random tiny glm4_moe checkpoint (+ tokenizer, generation_config.json) to ``tmp_dir``; return its path.
 
     ``mtp``: append one MTP layer at index ``num_hidden_layers`` (config ``num_nextn_predict_layers`` 1, else 0);
     ``mtp_head_copies``: also store the main embedding and lm_head under the MTP layer, as GLM-4.5 releases do.
+    ``mtp_copy``: an MTP layer that repeats the main model's last prediction (``eh_proj`` passes ``h`` through, the
+    block adds nothing, norms are ones), so drafts are accepted wherever the greedy text repeats a token.
     ``overrides`` go to ``Glm4MoeConfig``.
     """
     from safetensors.torch import load_file, save_file
@@ -94,6 +108,8 @@ def make_tiny_glm4_moe(tmp_dir, *, num_hidden_layers: int = 46, mtp: bool = True
             for name, p in mtp_model.layers.named_parameters():
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
         _randomize(mtp_model.layers, g)
+        if mtp_copy:
+            _make_copy_layers(mtp_model)
         extra = _checkpoint_names(mtp_model.state_dict(), num_hidden_layers)
         if mtp_head_copies:
             for i in range(config.num_mtp_layers):

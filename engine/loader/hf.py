@@ -145,7 +145,7 @@ def parse_hf_config(cfg: dict) -> ModelConfig:
             intermediate_size=int(cfg["intermediate_size"]),
             num_hidden_layers=int(cfg["num_hidden_layers"]),
             num_attention_heads=heads,
-            num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
+            num_key_value_heads=int(cfg.get("num_key_value_heads") or (8 if glm else heads)),
             head_dim=int(cfg.get("head_dim") or hidden // heads),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5 if glm else 1e-6)),
             rope_theta=theta,

@@ -8,7 +8,8 @@ draft step over ``b`` requests (both measured when the engine starts). The polic
 in ``[0, n_max]`` with the most tokens per second, ``E(k) / C(k)`` against ``1 / T(B)`` for plain
 decoding, so speculation backs off by itself when the batch is large enough that verifying costs
 more than it saves, or when a request's drafts keep missing. A request at ``k = 0`` drafts one
-token every ``PROBE_EVERY`` steps so its estimate can recover.
+token after ``PROBE_EVERY`` steps so its estimate can recover; each probe that is rejected doubles
+that wait (up to ``PROBE_MAX``), an accepted one resets it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 DECAY = 0.9
 PRIOR_ACCEPTED, PRIOR_TRIED = 1.0, 2.0  # a = 0.5 before any observation
 PROBE_EVERY = 8
+PROBE_MAX = 128
 
 
 @dataclass
@@ -51,10 +53,12 @@ class AcceptanceEstimate:
     accepted: float = PRIOR_ACCEPTED
     tried: float = PRIOR_TRIED
     steps_without_drafts: int = 0
+    probe_wait: int = PROBE_EVERY
 
     def observe(self, num_drafts: int, num_accepted: int) -> None:
         if num_drafts == 0:
             return
+        self.probe_wait = PROBE_EVERY if num_accepted else min(2 * self.probe_wait, PROBE_MAX)
         rejected = 1 if num_accepted < num_drafts else 0
         self.accepted = DECAY * self.accepted + num_accepted
         self.tried = DECAY * self.tried + num_accepted + rejected
@@ -93,7 +97,7 @@ class DraftPolicy:
         k = self.best_k(est.rate, n_max, batch_size)
         if k == 0:
             est.steps_without_drafts += 1
-            if est.steps_without_drafts >= PROBE_EVERY:
+            if est.steps_without_drafts >= est.probe_wait:
                 est.steps_without_drafts = 0
                 return 1
         return k
