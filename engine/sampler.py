@@ -141,8 +141,10 @@ def processed_probs(logits: torch.Tensor, tensors: SamplingTensors) -> torch.Ten
     probs = logits.softmax(dim=-1)
     if tensors.do_min_p:
         threshold = tensors.min_p[:, None] * probs.amax(dim=-1, keepdim=True)
-        probs = probs.masked_fill(probs < threshold, 0.0)
-        probs = probs / probs.sum(dim=-1, keepdim=True)
+        filtered = probs.masked_fill(probs < threshold, 0.0)
+        filtered = filtered / filtered.sum(dim=-1, keepdim=True)
+        # rows without min-p keep their probabilities bit for bit, whatever else is in the batch
+        probs = torch.where((tensors.min_p > 0)[:, None], filtered, probs)
     return probs
 
 
