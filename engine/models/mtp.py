@@ -116,7 +116,7 @@ class MTPModule(nn.Module):
 
     def forward(self, step: int, input_ids, hidden, positions, kv_caches, attn) -> torch.Tensor:
         """Draft step ``step`` (0 = the pass over everything the main model computed): layer ``step``
-        when there are several, else the one layer again. ``positions`` are rotary positions."""
+        when there are several, else the last one again. ``positions`` are rotary positions."""
         i = min(step, len(self.layers) - 1)
         layer = self.layers[i]
         model = self.model[0]
