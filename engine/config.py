@@ -11,7 +11,7 @@ SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "glm4_moe")
 
 @dataclass
 class ModelConfig:
-    """Architecture of a decoder (dense or mixture of experts). Weight names follow the HF layout (``model.layers.{i}...``)."""
+    """Architecture of a decoder (dense or MoE). Weight names follow the HF layout (``model.layers.{i}...``)."""
 
     architecture: str
     vocab_size: int
