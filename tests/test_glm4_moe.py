@@ -16,6 +16,7 @@ from tiny_mtp import GLM4_MOE_TINY, make_tiny_glm4_moe
 from mtpserve.engine.loader.hf import parse_hf_config
 from mtpserve.engine.models import model_class
 from mtpserve.engine.models.glm4_moe import Glm4MoeForCausalLM
+from mtpserve.engine.sampling_params import SamplingParams
 from mtpserve.kernels.attention import DenseCausalAttention
 
 pytest.importorskip("transformers")
@@ -176,3 +177,37 @@ def test_greedy_with_mtp_matches_transformers(tmp_path, mtp_copy):
     stats = engine.spec_stats
     assert stats.num_draft_tokens > 0
     assert (stats.num_accepted_tokens > 0) == mtp_copy
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("mtp_copy", [False, True], ids=["random_mtp", "copy_mtp"])
+def test_accepted_drafts_equal_transformers_mtp_drafts(tmp_path, mtp_copy):
+    """k = 1, adaptive off: each step drafts the token after the last emitted one. Replaying those steps
+    with transformers' MtpModel drafts (teacher-forced over the final sequence; causal, so each equals
+    the incremental draft) must give exactly our number of accepted drafts."""
+    from transformers.modeling_layers import MtpModel
+
+    path = make_tiny_glm4_moe(tmp_path, mtp_copy=mtp_copy)
+    hf = load_reference_model(path)
+    hf_mtp = MtpModel.from_pretrained(hf, device_map={"": "cpu"}).eval()
+    engine = make_engine(path, spec_adaptive=False, spec_draft_n_max=1)
+    prompts = [[1, 5, 77, 200, 13, 9, 100, 42], [3, 17, 250, 8], [60, 61, 62, 63, 64, 65]]
+    n = 20
+    total = 0
+    for prompt in prompts:
+        (req,) = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+        seq = torch.tensor(prompt + req.output_token_ids)
+        h = hf(seq[None], output_hidden_states=True).hidden_states[-1]
+        y = hf_mtp.forward_layer(0, h[:, :-1], torch.arange(1, len(seq))[None], None, input_ids=seq[None, 1:])
+        drafts = hf_mtp._project_to_logits(y)[0].argmax(-1)  # drafts[p] predicts seq[p + 2]
+        out, p0 = req.output_token_ids, len(prompt)
+        accepted, i = 0, 1  # i: index in out of the token the next draft predicts
+        while i < n:
+            if i == n - 1:  # the last token comes without a draft (max_tokens cap)
+                break
+            hit = int(drafts[p0 + i - 2]) == out[i]
+            accepted += hit
+            i += 2 if hit else 1
+        assert req.spec_stats.num_accepted_tokens == accepted
+        total += accepted
+    assert (total > 0) == mtp_copy  # the copy layer's drafts are sometimes right: both paths run
