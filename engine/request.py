@@ -49,6 +49,7 @@ class Request:
     spec_n_max: int | None = None  # None: the engine's --spec-draft-n-max; 0: no speculation
     spec_stats: SpecStats = field(default_factory=SpecStats)
     acceptance: AcceptanceEstimate = field(default_factory=AcceptanceEstimate)
+    mtp_pending: list = field(default_factory=list)  # MTP inputs deferred while not drafting (proposer)
 
     def __post_init__(self):
         self.all_token_ids = list(self.prompt_token_ids) + list(self.output_token_ids)

@@ -118,9 +118,8 @@ class ModelRunner:
             else:  # a prompt chunk: fill the MTP KV only
                 next_tokens = req.all_token_ids[start + 1:start + known + 1]
                 k, history = 0, []
-            rows = torch.arange(starts[i], starts[i] + len(next_tokens), device=hidden.device)
-            items.append(DraftInput(req, start, rows, next_tokens, history, k))
-        for rid, d in self.proposer.propose(items, hidden).items():
+            items.append(DraftInput(req, start, hidden[starts[i]:starts[i] + len(next_tokens)], next_tokens, history, k))
+        for rid, d in self.proposer.propose(items).items():
             result.spec_token_ids[rid] = d.token_ids
             if d.probs is not None:
                 result.spec_probs[rid] = d.probs

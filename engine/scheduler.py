@@ -104,6 +104,7 @@ class Scheduler:
         self.kv.free(req.request_id)
         req.num_computed_tokens = 0
         req.spec_token_ids, req.spec_probs = [], None
+        req.mtp_pending.clear()
         req.status = RequestStatus.PREEMPTED
         req.num_preemptions += 1
         self.num_preemptions += 1

@@ -5,6 +5,10 @@ next token is now known (prompt chunks included), pairing ``h[p]`` with ``t[p+1]
 gives draft 1. Steps 1..k-1 feed the MTP output and the previous draft back, one token each.
 Drafts of greedy requests are argmaxes; sampled requests draw from q (the head's processed
 probabilities, same penalties and filters as the target) and keep q for rejection sampling.
+
+A request that drafts nothing this step (the policy chose k = 0, or a prompt chunk) does not run the
+MTP layer: its (hidden, next token) pairs wait in ``request.mtp_pending`` and are computed in one pass
+the next time it drafts, so speculation that is backed off costs nothing per step.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from mtpserve.kernels.attention import AttentionMetadata, TorchPagedAttention
 class DraftInput:
     request: Request
     start: int  # first position the main model computed this step
-    hidden_rows: torch.Tensor  # [v] rows of the main model's hidden output for positions start..start+v-1
+    hidden: torch.Tensor  # [v, H] the main model's hidden states at positions start..start+v-1
     next_tokens: list[int]  # t[p+1] for those positions
     history: list[int]  # output tokens so far incl. this step's (for penalties on q)
     num_drafts: int  # 0: only fill the MTP KV
@@ -85,8 +89,26 @@ class MTPProposer:
                 probs[i].append(q[row])
         return tokens.tolist()
 
+    @staticmethod
+    def _defer_or_merge(items: list[DraftInput]) -> list[DraftInput]:
+        """Park the inputs of requests that draft nothing; prepend parked inputs to those that draft."""
+        run = []
+        for it in items:
+            pending = it.request.mtp_pending
+            if it.num_drafts == 0:
+                pending.append(it)
+                continue
+            if pending:
+                it.start = pending[0].start
+                it.hidden = torch.cat([p.hidden for p in pending] + [it.hidden])
+                it.next_tokens = [t for p in pending for t in p.next_tokens] + it.next_tokens
+                pending.clear()
+            run.append(it)
+        return run
+
     @torch.inference_mode()
-    def propose(self, items: list[DraftInput], hidden: torch.Tensor) -> dict[str, Drafts]:
+    def propose(self, items: list[DraftInput]) -> dict[str, Drafts]:
+        items = self._defer_or_merge(items)
         if not items:
             return {}
         bs = self.kv.block_size
@@ -99,9 +121,9 @@ class MTPProposer:
         reqs = [it.request for it in items]
         positions = [list(range(it.start, it.start + len(it.next_tokens))) for it in items]
         y = self._run(0, reqs, [t for it in items for t in it.next_tokens],
-                      hidden[torch.cat([it.hidden_rows for it in items])], positions)
+                      torch.cat([it.hidden for it in items]), positions)
         ends = torch.tensor([len(p) for p in positions], device=self.device).cumsum(0) - 1
-        active = [i for i, it in enumerate(items) if it.num_drafts > 0]
+        active = list(range(len(items)))
         drafts: list[list[int]] = [[] for _ in items]
         probs: list[list[torch.Tensor]] = [[] for _ in items]
         y_last = y[ends]
