@@ -33,6 +33,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     num_nextn_predict_layers: int = 0
+    mtp_layout: str = "deepseek"  # "deepseek" (model.layers.{N+i}.*) or "mimo" (model.mtp_layers.{i}.*)
     # mixture of experts (GLM-4.5 / DeepSeek-V3 style); n_routed_experts == 0: dense MLPs only
     n_routed_experts: int = 0
     num_experts_per_tok: int = 0

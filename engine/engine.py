@@ -14,7 +14,7 @@ from mtpserve.engine.kv_cache import KVCacheManager
 from mtpserve.engine.loader.checkpoint import Checkpoint
 from mtpserve.engine.loader.mtp_head import load_mtp_head, rename_gguf_nextn
 from mtpserve.engine.models import model_class
-from mtpserve.engine.models.mtp import DEEPSEEK_LAYOUT, build_mtp
+from mtpserve.engine.models.mtp import DEEPSEEK_LAYOUT, MIMO_LAYOUT, build_mtp
 from mtpserve.engine.request import Request, RequestStatus
 from mtpserve.engine.runner import ModelRunner, kv_bytes_per_block
 from mtpserve.engine.sampler import make_generator
@@ -61,9 +61,13 @@ class LLMEngine:
         model.load_weights(checkpoint.weights)
         self.model = model.to_runtime(config.dtype, self.device).eval()
         self.mtp = None
-        if num_mtp:
+        if num_mtp and mc.mtp_layout == "mimo" and not config.mtp_head:  # feeds back final_layernorm's output
+            self.mtp = build_mtp(self.model, mtp_weights, num_mtp, MIMO_LAYOUT, lambda i: f"model.mtp_layers.{i}.",
+                                 "post_norm")
+        elif num_mtp:
             self.mtp = build_mtp(self.model, mtp_weights, num_mtp, DEEPSEEK_LAYOUT,
                                  lambda i: f"model.layers.{mc.num_hidden_layers + i}.", config.mtp_feedback)
+        if self.mtp is not None:
             self.mtp.to(device=self.device, dtype=config.dtype).eval()
         self.kv = KVCacheManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len)

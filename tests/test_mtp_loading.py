@@ -65,3 +65,41 @@ def test_checkpoint_with_own_mtp_layer(tiny_llama_dir, tmp_path):
     assert engine.mtp is not None and len(engine.runner.kv_caches) == ck.config.num_hidden_layers + 1
     (req,) = engine.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     assert req.spec_stats.num_draft_tokens > 0
+
+
+def test_mimo_layout(make_checkpoint):
+    """MiMo: a Qwen2 model whose MTP layer sits under model.mtp_layers.0 with its own names and
+    [hidden, token] input order; drafting with it stays lossless."""
+    import os
+
+    from mtp_helpers import random_head_weights
+    from safetensors.torch import load_file, save_file
+
+    from mtpserve.engine.models.mtp import MIMO_LAYOUT
+
+    path = make_checkpoint("qwen2")
+    cfg_path = os.path.join(path, "config.json")
+    cfg = json.load(open(cfg_path))
+    cfg.update(model_type="mimo", architectures=["MiMoForCausalLM"], num_nextn_predict_layers=1)
+    json.dump(cfg, open(cfg_path, "w"))
+    base = load_checkpoint(path).config
+    rename = {"enorm": "token_layernorm", "hnorm": "hidden_layernorm", "eh_proj": "input_proj",
+              "shared_head.norm": "final_layernorm"}
+    weights = load_file(os.path.join(path, "model.safetensors"))
+    for key, value in random_head_weights(base).items():
+        name = key[len(f"model.layers.{base.num_hidden_layers}."):]
+        for old, new in rename.items():
+            if name.startswith(old + "."):
+                name = new + name[len(old):]
+        weights["model.mtp_layers.0." + name] = value
+    save_file(weights, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    ck = load_checkpoint(path)
+    assert ck.config.architecture == "qwen2" and ck.config.mtp_layout == "mimo"
+    engine = make_engine(path, dtype=torch.float64, spec_adaptive=False)
+    assert engine.mtp.layers[0].layout == MIMO_LAYOUT and engine.mtp.layers[0].feedback == "post_norm"
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    plain = [r.output_token_ids for r in make_engine(path, dtype=torch.float64, spec_draft_n_max=0).generate(
+        prompts, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))]
+    reqs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+    assert [r.output_token_ids for r in reqs] == plain
+    assert engine.spec_stats.num_draft_tokens > 0

@@ -20,6 +20,7 @@ ARCHITECTURE_CLASSES = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
     "Glm4MoeForCausalLM": "glm4_moe",
+    "MiMoForCausalLM": "mimo",
 }
 # transformers' defaults for keys a config.json may leave out
 DEFAULT_MAX_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768, "glm4_moe": 131072}
@@ -51,7 +52,7 @@ def architecture_of(cfg: dict) -> str:
         names = cfg.get("architectures") or []
         known = [ARCHITECTURE_CLASSES[n] for n in names if n in ARCHITECTURE_CLASSES]
         model_type = known[0] if known else (names[0] if names else "unknown")
-    if model_type not in SUPPORTED_ARCHITECTURES:
+    if model_type not in SUPPORTED_ARCHITECTURES + ("mimo",):
         raise ModelLoadError(
             f"unsupported architecture '{model_type}' (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
         )
@@ -120,6 +121,9 @@ def parse_hf_config(cfg: dict) -> ModelConfig:
     max_position_embeddings is capped to the window, where full attention gives the same result.
     """
     arch = architecture_of(cfg)
+    mtp_layout = "deepseek"
+    if arch == "mimo":  # Qwen2 with MTP layers under model.mtp_layers.{i}
+        arch, mtp_layout = "qwen2", "mimo"
     if cfg.get("quantization_config"):
         method = cfg["quantization_config"].get("quant_method", "unknown")
         raise ModelLoadError(f"quantized checkpoints are not supported (quant_method '{method}')")
@@ -161,6 +165,7 @@ def parse_hf_config(cfg: dict) -> ModelConfig:
             eos_token_ids=token_ids(cfg.get("eos_token_id")),
             # transformers 5 reads num_mtp_layers as an alias (and writes num_nextn_predict_layers)
             num_nextn_predict_layers=int(cfg.get("num_nextn_predict_layers") or cfg.get("num_mtp_layers") or 0),
+            mtp_layout=mtp_layout,
             **moe_fields(cfg, arch),
         )
     except KeyError as e:
