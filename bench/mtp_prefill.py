@@ -18,28 +18,12 @@ import os
 import statistics
 import tempfile
 
-import torch
 
 from mtpserve.engine.config import EngineConfig
 from mtpserve.engine.engine import LLMEngine
 from mtpserve.engine.loader import load_checkpoint
-from mtpserve.engine.loader.mtp_head import save_mtp_head
 from mtpserve.engine.sampling_params import SamplingParams
-
-
-def random_head(config, path: str) -> str:
-    model_cls = __import__("mtpserve.engine.models", fromlist=["model_class"]).model_class(config.architecture)
-    block = model_cls(config, max_positions=8).make_layer(config.num_hidden_layers)
-    for p in block.parameters():
-        p.data = torch.randn_like(p) * 0.02
-    h = config.hidden_size
-    prefix = f"model.layers.{config.num_hidden_layers}."
-    weights = {prefix + "enorm.weight": torch.ones(h), prefix + "hnorm.weight": torch.ones(h),
-               prefix + "eh_proj.weight": torch.randn(h, 2 * h) * 0.02, prefix + "shared_head.norm.weight": torch.ones(h),
-               **block.export(prefix)}
-    save_mtp_head(path, weights, {"num_nextn_predict_layers": 1, "base_num_hidden_layers": config.num_hidden_layers,
-                                  "hidden_size": h, "vocab_size": config.vocab_size, "feedback": "pre_norm"})
-    return path
+from mtpserve.engine.train.head_init import save_new_head
 
 
 def main() -> None:
@@ -52,7 +36,7 @@ def main() -> None:
     args = ap.parse_args()
 
     checkpoint = load_checkpoint(args.model)
-    head = args.mtp_head or random_head(checkpoint.config, tempfile.mkdtemp())
+    head = args.mtp_head or save_new_head(tempfile.mkdtemp(), checkpoint.config)
     engines = {"mtp_off": LLMEngine(checkpoint, EngineConfig(spec_draft_n_max=0)),
                "mtp_on": LLMEngine(checkpoint, EngineConfig(mtp_head=head, spec_draft_n_max=3))}
     tok = engines["mtp_off"].tokenizer
