@@ -29,7 +29,7 @@ class ModelRunner:
         self.block_size = kv.block_size
         shape = (num_blocks, kv.block_size, cfg.num_key_value_heads, cfg.head_dim)
         num_mtp = len(mtp.layers) if mtp is not None else 0
-        self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        self.kv_caches = [tuple(torch.zeros(shape, dtype=dtype, device=device) for _ in "kv")
                           for _ in range(cfg.num_hidden_layers + num_mtp)]
         self.attn = TorchPagedAttention()
         self.sampler = Sampler()
@@ -86,7 +86,8 @@ class ModelRunner:
     def _sample(self, out, sampling, hidden, starts) -> dict[str, list[int]]:
         scheduled = [out.scheduled[i] for i in sampling]
         reqs = [s.request for s in scheduled]
-        rows = [r for i, s in zip(sampling, scheduled) for r in range(starts[i + 1] - s.num_spec_tokens - 1, starts[i + 1])]
+        rows = [r for i, s in zip(sampling, scheduled)
+                for r in range(starts[i + 1] - s.num_spec_tokens - 1, starts[i + 1])]
         logits = self.model.compute_logits(hidden[torch.tensor(rows, device=hidden.device)])
         params = [r.sampling_params for r in reqs]
         prompts, outputs = [r.prompt_token_ids for r in reqs], [r.output_token_ids for r in reqs]
@@ -118,7 +119,8 @@ class ModelRunner:
             else:  # a prompt chunk: fill the MTP KV only
                 next_tokens = req.all_token_ids[start + 1:start + known + 1]
                 k, history = 0, []
-            items.append(DraftInput(req, start, hidden[starts[i]:starts[i] + len(next_tokens)], next_tokens, history, k))
+            rows = hidden[starts[i]:starts[i] + len(next_tokens)]
+            items.append(DraftInput(req, start, rows, next_tokens, history, k))
         for rid, d in self.proposer.propose(items).items():
             result.spec_token_ids[rid] = d.token_ids
             if d.probs is not None:

@@ -1,7 +1,6 @@
 """GGUF loader: real SmolLM2 file vs transformers, synthetic files for quant types, layouts and errors."""
 
 import logging
-import os
 
 import gguf
 import numpy as np

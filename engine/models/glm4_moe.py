@@ -102,29 +102,9 @@ class Glm4MoeDecoderLayer(DecoderLayer):
         if moe:
             self.mlp = MoE(cfg)
 
-    def load(self, w: dict[str, torch.Tensor], prefix: str) -> None:
-        if not isinstance(self.mlp, MoE):
-            return super().load(w, prefix)
-        g = lambda name: _take(w, prefix + name)  # noqa: E731
-        a = self.self_attn
-        _copy(self.input_norm, g("input_layernorm.weight"))
-        _copy(self.post_attention_norm, g("post_attention_layernorm.weight"))
-        _copy(a.qkv_weight, torch.cat([g(f"self_attn.{p}_proj.weight") for p in "qkv"]).t())
-        if a.qkv_bias is not None:
-            _copy(a.qkv_bias, torch.cat([g(f"self_attn.{p}_proj.bias") for p in "qkv"]))
-        _copy(a.o_weight, g("self_attn.o_proj.weight").t())
-        if a.q_norm is not None:
-            _copy(a.q_norm, g("self_attn.q_norm.weight"))
-            _copy(a.k_norm, g("self_attn.k_norm.weight"))
-        self.mlp.load(w, prefix + "mlp.")
-
 
 class Glm4MoeForCausalLM(LlamaForCausalLM):
     """Same interface as LlamaForCausalLM; layers from ``first_k_dense_replace`` on (and MTP layers) are MoE."""
-
-    def __init__(self, cfg: ModelConfig, max_positions: int | None = None):
-        super().__init__(cfg, max_positions)
-        self.layers = nn.ModuleList(self.make_layer(i) for i in range(cfg.num_hidden_layers))
 
     def make_layer(self, layer_idx: int) -> Glm4MoeDecoderLayer:
         """Block ``layer_idx``; an MTP layer (index >= num_hidden_layers) always has experts, as in transformers."""

@@ -64,6 +64,16 @@ class MLP(nn.Module):
         gate, up = linear(x, self.gate_up_weight).chunk(2, dim=-1)
         return linear(F.silu(gate) * up, self.down_weight)
 
+    def load(self, w: dict[str, torch.Tensor], prefix: str) -> None:
+        gate_up = torch.cat([_take(w, prefix + "gate_proj.weight"), _take(w, prefix + "up_proj.weight")])
+        _copy(self.gate_up_weight, gate_up.t())
+        _copy(self.down_weight, _take(w, prefix + "down_proj.weight").t())
+
+    def export(self, prefix: str) -> dict[str, torch.Tensor]:
+        gate, up = self.gate_up_weight.t().chunk(2)
+        return {prefix + "gate_proj.weight": gate, prefix + "up_proj.weight": up,
+                prefix + "down_proj.weight": self.down_weight.t()}
+
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -93,8 +103,7 @@ class DecoderLayer(nn.Module):
         if a.q_norm is not None:
             _copy(a.q_norm, g("self_attn.q_norm.weight"))
             _copy(a.k_norm, g("self_attn.k_norm.weight"))
-        _copy(self.mlp.gate_up_weight, torch.cat([g("mlp.gate_proj.weight"), g("mlp.up_proj.weight")]).t())
-        _copy(self.mlp.down_weight, g("mlp.down_proj.weight").t())
+        self.mlp.load(w, prefix + "mlp.")
 
 
     def export(self, prefix: str) -> dict[str, torch.Tensor]:
@@ -113,9 +122,7 @@ class DecoderLayer(nn.Module):
         if a.q_norm is not None:
             out[prefix + "self_attn.q_norm.weight"] = a.q_norm
             out[prefix + "self_attn.k_norm.weight"] = a.k_norm
-        gate, up = self.mlp.gate_up_weight.t().chunk(2)
-        out[prefix + "mlp.gate_proj.weight"], out[prefix + "mlp.up_proj.weight"] = gate, up
-        out[prefix + "mlp.down_proj.weight"] = self.mlp.down_weight.t()
+        out.update(self.mlp.export(prefix + "mlp."))
         return {k: v.detach().float().contiguous() for k, v in out.items()}
 
 
@@ -138,7 +145,7 @@ class LlamaForCausalLM(nn.Module):
         # lm_head is stored [hidden, vocab]; with tied embeddings the embedding lookup reads its columns.
         self.lm_head = _param(cfg.hidden_size, cfg.vocab_size)
         self.embed_tokens = None if cfg.tie_word_embeddings else _param(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(self.make_layer(i) for i in range(cfg.num_hidden_layers))
         self.norm = _param(cfg.hidden_size)
         try:
             cos, sin = rope_cos_sin(cfg.rotary_dim, cfg.rope_theta, max_positions or cfg.max_position_embeddings,
