@@ -71,3 +71,21 @@ def test_batched_step_matches_single(tiny_qwen3_dir):
     torch.testing.assert_close(out[0][-1], reference_logits(hf, prompts[0] + [7])[-1], atol=ATOL, rtol=1e-4)
     torch.testing.assert_close(out[1], reference_logits(hf, prompts[1])[4:], atol=ATOL, rtol=1e-4)
     torch.testing.assert_close(out[2], reference_logits(hf, prompts[2]), atol=ATOL, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_runs_close_to_transformers(tiny_llama_dir, dtype):
+    """bf16 / fp16 weights, activations and KV cache: logits near the float32 reference."""
+    hf = load_reference_model(tiny_llama_dir)
+    engine = make_engine(tiny_llama_dir, dtype=dtype)
+    assert engine.runner.kv_caches[0][0].dtype == dtype
+    ids = torch.randint(0, 300, (20,), generator=torch.Generator().manual_seed(3)).tolist()
+    req = new_request(engine, ids[:12])
+    ours = [compute(engine, [(req, 12)])[0]]
+    for t in ids[12:]:
+        req.all_token_ids.append(t)
+        ours.append(compute(engine, [(req, 1)])[0])
+    ours = torch.cat(ours).float()
+    ref = reference_logits(hf, ids)
+    assert (ours - ref).abs().max() < 0.1 * ref.abs().max()
+    assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
