@@ -89,7 +89,7 @@ class LLMEngine:
             raise RequestError("spec_draft_n_max must be >= 0")
         if cfg.mtp_head:
             head_weights, head = load_mtp_head(cfg.mtp_head, mc)
-            num = min(int(head.get("num_nextn_predict_layers", 1)), 1)  # see the note on chaining below
+            num = int(head.get("num_nextn_predict_layers", 1))
             self.config.mtp_feedback = head.get("feedback", cfg.mtp_feedback)
             logger.info("MTP: %d layer(s) from head %s", num, cfg.mtp_head)
             return ({**weights, **head_weights}, num) if cfg.spec_draft_n_max > 0 else ({}, 0)
@@ -98,9 +98,6 @@ class LLMEngine:
         if num == 0:
             logger.info("MTP: the model has no MTP layers; plain decoding (train one with mtpserve train-head)")
             return {}, 0
-        if num > 1:  # chaining needs each later layer's KV filled from the previous layer's outputs: not yet
-            logger.warning("MTP: the model has %d MTP layers; drafting reuses the first one recursively", num)
-            num = 1
         if cfg.spec_draft_n_max == 0:
             logger.info("MTP: speculation disabled; plain decoding")
             return {}, 0

@@ -50,6 +50,7 @@ class Request:
     spec_stats: SpecStats = field(default_factory=SpecStats)
     acceptance: AcceptanceEstimate = field(default_factory=AcceptanceEstimate)
     mtp_pending: list = field(default_factory=list)  # MTP inputs deferred while not drafting (proposer)
+    mtp_last_rows: list = field(default_factory=list)  # per chained MTP layer j: y_j at the last filled position
 
     def __post_init__(self):
         self.all_token_ids = list(self.prompt_token_ids) + list(self.output_token_ids)

@@ -105,6 +105,7 @@ class Scheduler:
         req.num_computed_tokens = 0
         req.spec_token_ids, req.spec_probs = [], None
         req.mtp_pending.clear()
+        req.mtp_last_rows.clear()
         req.status = RequestStatus.PREEMPTED
         req.num_preemptions += 1
         self.num_preemptions += 1

@@ -135,3 +135,44 @@ def test_sampled_distribution_matches_plain(make_checkpoint, tmp_path):
     for pos in range(2):
         table = [[c + 1 for c in counts[0][pos]], [c + 1 for c in counts[1][pos]]]
         assert chi2_contingency(table).pvalue > 1e-3
+
+
+def test_two_chained_layers_match_a_dense_recomputation(tiny_llama_dir, tmp_path):
+    """Two MTP layers: layer 1 drafts step 2 from (layer 0's output at p-1, t[p+1]), with its own KV filled
+    over every computed position. Each second draft made after a right first draft must equal layer 1's
+    prediction recomputed without any cache over the final sequence (DenseCausalAttention)."""
+    from mtpserve.kernels.attention import DenseCausalAttention
+
+    head = save_random_head(tmp_path / "head", load_checkpoint(tiny_llama_dir).config, num_layers=2, scale=0.3)
+    engine = make_engine(tiny_llama_dir, dtype=torch.float64, mtp_head=head, spec_draft_n_max=2,
+                         spec_adaptive=False, max_num_batched_tokens=8)  # chunked prefill too
+    assert len(engine.mtp.layers) == 2 and len(engine.runner.kv_caches) == engine.model_config.num_hidden_layers + 2
+    records = []
+    propose = engine.runner.proposer.propose
+
+    def recording(items):
+        out = propose(items)
+        for it in items:
+            if it.request.request_id in out:
+                records.append((it.start + len(it.next_tokens) - 1, out[it.request.request_id].token_ids))
+        return out
+
+    prompt = prompts(1, seed=21)[0] + [7, 8, 9]
+    plain = greedy(make_engine(tiny_llama_dir, dtype=torch.float64, spec_draft_n_max=0), [prompt], 40)[0]
+    distill(engine.mtp, engine.model, [prompt + plain], steps=60, lr=1e-2, depth=2)  # so some drafts are right
+    engine.runner.proposer.propose = recording
+    (req,) = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+    assert req.output_token_ids == plain
+    seq = torch.tensor(prompt + req.output_token_ids)
+    attn, n = DenseCausalAttention(), len(seq)
+    with torch.inference_mode():
+        h = engine.model(seq, torch.arange(n), [None] * len(engine.model.layers), attn)
+        y0 = engine.mtp(0, seq[1:], h[:-1], torch.arange(1, n), [None], attn)  # slot p = 0..n-2
+        y1 = engine.mtp(1, seq[2:], y0[:-1], torch.arange(2, n), [None, None], attn)  # slot p = 1..n-2
+        layer1 = engine.mtp.compute_logits(1, y1).argmax(-1)  # layer1[p - 1] predicts seq[p + 2]
+    checked = 0
+    for last, drafts in records:  # last: position of the newest known token's pair; drafts predict last+2, last+3
+        if len(drafts) == 2 and last + 3 <= n and drafts[0] == int(seq[last + 2]):
+            assert drafts[1] == int(layer1[last]), (last, drafts)
+            checked += 1
+    assert checked > 0

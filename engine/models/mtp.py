@@ -10,7 +10,8 @@ whose next token ``t[p+1]`` is known::
 ``h[p]`` is the main model's final post-norm hidden state; for the next draft step ``y`` is fed back
 as ``h`` (or ``shared_norm(y)`` with ``feedback="post_norm"``, as transformers does). The rotary
 position of the pair is ``p + 1`` (the token's own position, as in transformers); its KV slot is
-``p``'s slot.
+``p``'s slot. Several layers chain: layer ``j`` at position ``p`` reads ``(y_{j-1}[p-1], t[p+1])``
+and drafts step ``j``; past the last layer, the last one is reused.
 """
 
 from __future__ import annotations

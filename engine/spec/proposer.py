@@ -106,6 +106,24 @@ class MTPProposer:
             run.append(it)
         return run
 
+    def _chain(self, items, reqs, tokens, positions, y, ends):
+        """Later MTP layers: layer j at position p reads (y_{j-1}[p-1], t[p+1]). Fill their KV over the same
+        positions, with each request's y_{j-1} row before ``start`` kept from its previous pass (zeros at 0).
+        Returns the output of layer 0 (the first draft step continues from there)."""
+        first = y
+        for j in range(1, len(self.mtp.layers)):
+            rows, start = [], 0
+            for it, end in zip(items, ends.tolist()):
+                last_rows = it.request.mtp_last_rows
+                prev = last_rows[j - 1] if len(last_rows) >= j else y.new_zeros(1, y.shape[1])
+                rows.append(torch.cat([prev, y[start:end]]))
+                if len(last_rows) < j:
+                    last_rows.append(None)
+                last_rows[j - 1] = y[end:end + 1]
+                start = end + 1
+            y = self._run(j, reqs, tokens, torch.cat(rows), positions)
+        return first
+
     @torch.inference_mode()
     def propose(self, items: list[DraftInput]) -> dict[str, Drafts]:
         items = self._defer_or_merge(items)
@@ -120,9 +138,10 @@ class MTPProposer:
                 it.num_drafts = max(1, min(it.num_drafts, have - last))
         reqs = [it.request for it in items]
         positions = [list(range(it.start, it.start + len(it.next_tokens))) for it in items]
-        y = self._run(0, reqs, [t for it in items for t in it.next_tokens],
-                      torch.cat([it.hidden for it in items]), positions)
+        tokens = [t for it in items for t in it.next_tokens]
+        y = self._run(0, reqs, tokens, torch.cat([it.hidden for it in items]), positions)
         ends = torch.tensor([len(p) for p in positions], device=self.device).cumsum(0) - 1
+        y = self._chain(items, reqs, tokens, positions, y, ends)
         active = list(range(len(items)))
         drafts: list[list[int]] = [[] for _ in items]
         probs: list[list[torch.Tensor]] = [[] for _ in items]
