@@ -61,7 +61,7 @@ def engine_from_args(args):
 
 def build_parser() -> argparse.ArgumentParser:
     from mtpserve import __version__
-    from mtpserve.server import generate_cmd
+    from mtpserve.server import generate_cmd, serve_cmd
 
     parser = argparse.ArgumentParser(prog="mtpserve", description="MTP-first LLM inference server")
     parser.add_argument("--version", action="version", version=f"mtpserve {__version__}")
@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(gen)
     generate_cmd.add_args(gen)
     gen.set_defaults(func=generate_cmd.run)
+    serve = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server")
+    add_engine_args(serve)
+    serve_cmd.add_args(serve)
+    serve.set_defaults(func=serve_cmd.run)
     return parser
 
 

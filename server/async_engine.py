@@ -1,0 +1,192 @@
+"""The engine client the HTTP layer talks to: the engine loop runs in a background thread and hands each
+request's outputs to its own asyncio queue; text comes back as deltas with stop strings applied."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+
+from mtpserve.engine.detokenizer import IncrementalDetokenizer
+from mtpserve.engine.errors import MtpserveError
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(MtpserveError):
+    """The engine loop stopped (an exception in a step); no request can complete."""
+
+
+class EngineClient:
+    def __init__(self, engine):
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.lock = threading.Lock()           # held around every call into the engine
+        self.wake = threading.Event()
+        self.queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self.aborts: collections.deque[str] = collections.deque()
+        self.error: BaseException | None = None
+        self._stopping = False
+        self.thread = threading.Thread(target=self._run, name="mtpserve-engine", daemon=True)
+        self.thread.start()
+
+    @property
+    def healthy(self) -> bool:
+        return self.error is None and self.thread.is_alive()
+
+    def num_waiting(self) -> int:
+        return len(self.engine.scheduler.waiting)
+
+    def num_running(self) -> int:
+        return len(self.engine.scheduler.running)
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        self._stopping = True
+        self.wake.set()
+        self.thread.join(timeout)
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                self.wake.clear()
+                with self.lock:
+                    while self.aborts:
+                        self.engine.abort_request(self.aborts.popleft())
+                    busy = self.engine.has_unfinished_requests()
+                    outputs = self.engine.step() if busy else []
+                if not busy:
+                    self.wake.wait(1.0)
+                    continue
+                for out in outputs:
+                    target = self.queues.get(out.request_id)
+                    if target is not None:
+                        target[0].call_soon_threadsafe(target[1].put_nowait, out)
+        except BaseException as e:
+            logger.exception("engine loop failed")
+            self.error = e
+            for loop, queue in list(self.queues.values()):
+                loop.call_soon_threadsafe(queue.put_nowait, e)
+
+    def _add(self, request_id, prompt_token_ids, params, spec_n_max):
+        with self.lock:
+            req = self.engine.add_request(request_id, prompt_token_ids, params, spec_n_max=spec_n_max)
+        self.wake.set()
+        return req
+
+    async def start(self, request_id: str, prompt_token_ids: list[int], params, spec_n_max: int | None = None,
+                    metrics=None) -> TextStream:
+        """Add a request (RequestError for an invalid one) and return the stream of its text."""
+        if not self.healthy:
+            raise EngineDeadError("the engine is not running")
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        self.queues[request_id] = (loop, queue)
+        try:
+            req = await loop.run_in_executor(None, self._add, request_id, prompt_token_ids, params, spec_n_max)
+        except BaseException:
+            self.queues.pop(request_id, None)
+            raise
+        return TextStream(self, req, queue, params.stop, metrics)
+
+    def abort(self, request_id: str) -> None:
+        """Abort from any thread without waiting for the step in progress; the engine frees its blocks."""
+        self.queues.pop(request_id, None)
+        self.aborts.append(request_id)
+        self.wake.set()
+
+
+class TextStream:
+    """Text deltas of one request. Stop strings are matched on the decoded text and never emitted: the last
+    ``len(longest stop) - 1`` characters are held back until they cannot start a stop string."""
+
+    def __init__(self, client: EngineClient, req, queue: asyncio.Queue, stop: list[str], metrics=None):
+        self.client = client
+        self.request = req
+        self.queue = queue
+        self.stop = [s for s in stop if s]
+        self.metrics = metrics
+        self.detok = IncrementalDetokenizer(client.tokenizer, req.prompt_token_ids)
+        self.pending = ""
+        self.num_tokens = 0       # completion tokens the client got text from
+        self.finish_reason: str | None = None
+        self.last_token_time: float | None = None
+        self.done = False
+
+    def _find_stop(self) -> int:
+        hits = [i for i in (self.pending.find(s) for s in self.stop) if i >= 0]
+        return min(hits) if hits else -1
+
+    def _observe(self, count: int) -> None:
+        now = time.perf_counter()
+        if self.metrics is not None and count:
+            self.metrics.on_tokens(count, None if self.last_token_time is None else now - self.last_token_time)
+        if count:
+            self.last_token_time = now
+
+    async def deltas(self):
+        """Yield text deltas (maybe empty) until the request finishes; then ``finish_reason`` is set."""
+        hold = max((len(s) for s in self.stop), default=1) - 1
+        try:
+            while self.finish_reason is None:
+                out = await self.queue.get()
+                if isinstance(out, BaseException):
+                    raise EngineDeadError(f"the engine failed: {out}")
+                self.num_tokens += len(out.new_token_ids)
+                self._observe(len(out.new_token_ids))
+                self.pending += self.detok.add(out.new_token_ids)
+                cut = self._find_stop()
+                if cut >= 0:
+                    text, self.pending, self.finish_reason = self.pending[:cut], "", "stop"
+                    if not out.finished:
+                        self.client.abort(self.request.request_id)
+                elif out.finished:
+                    text, self.pending, self.finish_reason = self.pending, "", out.finish_reason
+                else:
+                    keep = len(self.pending) - hold if hold else len(self.pending)
+                    text, self.pending = self.pending[:max(keep, 0)], self.pending[max(keep, 0):]
+                yield text
+            self.done = True
+            if self.metrics is not None:
+                self.metrics.on_finish(self.request, self.num_tokens, self.finish_reason)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Abort the request if it has not finished (client gone); idempotent."""
+        if self.finish_reason is None:
+            self.finish_reason = "abort"
+            self.client.abort(self.request.request_id)
+            if self.metrics is not None:
+                self.metrics.on_finish(self.request, self.num_tokens, "abort")
+        self.client.queues.pop(self.request.request_id, None)
+
+    async def collect(self) -> str:
+        return "".join([text async for text in self.deltas()])
+
+
+async def merged_deltas(streams):
+    """(choice index, text, None) per delta and (index, None, finish_reason or exception) at each end."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i, s):
+        try:
+            async for text in s.deltas():
+                await queue.put((i, text, None))
+            await queue.put((i, None, s.finish_reason))
+        except EngineDeadError as e:
+            await queue.put((i, None, e))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        left = len(streams)
+        while left:
+            item = await queue.get()
+            left -= item[2] is not None
+            yield item
+    finally:
+        for t in tasks:
+            t.cancel()
+        for s in streams:
+            s.close()

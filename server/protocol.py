@@ -1,0 +1,137 @@
+"""OpenAI request bodies (pydantic). Unknown fields are rejected; known but unsupported ones are declared
+so that ``unsupported_field`` can name them in a 400."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(Strict):
+    include_usage: bool = False
+    continuous_usage_stats: bool | None = None
+
+
+class Speculative(Strict):
+    enabled: bool = True
+    n_max: int | None = Field(default=None, ge=0)
+
+    def spec_n_max(self) -> int | None:
+        return 0 if not self.enabled else self.n_max
+
+
+class TextPart(Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(Strict):
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+
+class SamplingFields(Strict):
+    """Fields shared by chat and completions."""
+
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=-1)
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = Field(default=1, ge=1, le=16)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(default=None, gt=0)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = False
+    user: str | None = None
+    speculative: Speculative | None = None
+    # known to OpenAI, not supported yet: declared so the 400 can name them
+    logprobs: Any = None
+    logit_bias: Any = None
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    top_logprobs: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    parallel_tool_calls: Any = None
+    response_format: Any = None
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: Any = None
+    suffix: Any = None
+    best_of: Any = None
+
+    def prompts(self) -> list:
+        """Each prompt as a string or a list of token ids."""
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]
+        return list(p)
+
+
+class TokenizeRequest(Strict):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(Strict):
+    model: str | None = None
+    tokens: list[int]
+
+
+_UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "logit_bias",
+                "logprobs", "top_logprobs", "echo", "suffix", "best_of")
+
+
+def unsupported_field(req: BaseModel) -> str | None:
+    """The first field set to something we do not support, or None."""
+    for name in _UNSUPPORTED:
+        value = getattr(req, name, None)
+        if value is not None and value is not False and not (name == "best_of" and value == 1):
+            return name
+    fmt = getattr(req, "response_format", None)
+    if fmt is not None and fmt != {"type": "text"}:
+        return "response_format"
+    return None
+
+
+def message_dicts(messages: list[ChatMessage]) -> list[dict]:
+    """Messages for the chat template; text parts joined. ValueError naming the field for anything else."""
+    out = []
+    for i, m in enumerate(messages):
+        content = m.content
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if part.get("type") != "text" or not isinstance(part.get("text"), str) or set(part) - {"type", "text"}:
+                    raise ValueError(f"messages[{i}].content: only text parts are supported, got {part.get('type')!r}")
+                texts.append(part["text"])
+            content = "".join(texts)
+        role = "system" if m.role == "developer" else m.role
+        out.append({"role": role, "content": content or ""})
+    return out

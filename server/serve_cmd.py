@@ -1,0 +1,52 @@
+"""``mtpserve serve``: the OpenAI-compatible HTTP server (uvicorn)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from mtpserve.engine.errors import MtpserveError
+
+logger = logging.getLogger(__name__)
+
+
+def add_args(p) -> None:
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all interfaces)")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $MTPSERVE_API_KEY)")
+    g.add_argument("--served-model-name", default=None, help="model id clients use (default: from --model)")
+    g.add_argument("--max-queue", type=int, default=None, help="answer 429 when this many requests are waiting")
+
+
+def served_name(args) -> str:
+    if args.served_model_name:
+        return args.served_model_name
+    if args.model == "default":
+        return "SmolLM2-135M-Instruct"
+    return os.path.basename(os.path.normpath(args.model))
+
+
+def run(args) -> int:
+    import uvicorn
+    from mtpserve.server.app import build_app
+    from mtpserve.server.async_engine import EngineClient
+    from mtpserve.server.cli import engine_from_args
+
+    if not 0 <= args.port < 65536:
+        raise MtpserveError("--port must be in [0, 65535]")
+    if args.max_queue is not None and args.max_queue < 0:
+        raise MtpserveError("--max-queue must be >= 0")
+    api_key = args.api_key or os.environ.get("MTPSERVE_API_KEY") or None
+    engine = engine_from_args(args)
+    client = EngineClient(engine)
+    name = served_name(args)
+    app = build_app(client, name, api_key=api_key, max_queue=args.max_queue)
+    k = engine.policy.n_max if engine.mtp is not None else 0
+    mtp = f"MTP active, up to {k} draft tokens per step" if engine.mtp is not None else "MTP off (plain decoding)"
+    print(f"mtpserve: serving {name!r} ({args.model}) on http://{args.host}:{args.port}/v1 ; {mtp}", flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=10)
+    finally:
+        client.shutdown()
+    return 0
