@@ -15,7 +15,8 @@ install-test: install
 generate: install
 	mtpserve generate --chat "Write a haiku about the sea." --max-tokens 64
 
-serve: generate
+serve: install
+	mtpserve serve
 
 test: install-test
 	$(PYTHON) -m pytest -q
