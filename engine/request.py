@@ -36,6 +36,8 @@ class Request:
     generator: torch.Generator | None = None
     arrival_time: float = field(default_factory=time.perf_counter)
     output_token_ids: list[int] = field(default_factory=list)
+    # per output token, when sampling_params.logprobs is set: (logprob, [(token_id, logprob)] top-n)
+    output_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
     all_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     status: RequestStatus = RequestStatus.WAITING

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from mtpserve.engine.kv_cache import KVCacheManager
-from mtpserve.engine.sampler import Sampler
+from mtpserve.engine.sampler import Sampler, token_logprobs
 from mtpserve.engine.scheduler import SchedulerOutput, StepResult
 from mtpserve.engine.spec.proposer import DraftInput, MTPProposer
 from mtpserve.engine.spec.rejection import verify
@@ -78,12 +78,12 @@ class ModelRunner:
         result = StepResult()
         sampling = [i for i, s in enumerate(out.scheduled) if s.samples]
         if sampling:
-            result.new_token_ids = self._sample(out, sampling, hidden, starts)
+            self._sample(out, sampling, hidden, starts, result)
         if self.proposer is not None:
             self._draft(out, hidden, starts, result)
         return result
 
-    def _sample(self, out, sampling, hidden, starts) -> dict[str, list[int]]:
+    def _sample(self, out, sampling, hidden, starts, result: StepResult) -> None:
         scheduled = [out.scheduled[i] for i in sampling]
         reqs = [s.request for s in scheduled]
         rows = [r for i, s in zip(sampling, scheduled)
@@ -93,13 +93,32 @@ class ModelRunner:
         prompts, outputs = [r.prompt_token_ids for r in reqs], [r.output_token_ids for r in reqs]
         gens = [r.generator for r in reqs]
         if not any(s.num_spec_tokens for s in scheduled):
-            tokens = self.sampler(logits, params, prompts, outputs, gens).token_ids.tolist()
-            return {r.request_id: [t] for r, t in zip(reqs, tokens)}
-        drafts = [s.request.spec_token_ids[:s.num_spec_tokens] for s in scheduled]
-        probs = [s.request.spec_probs[:s.num_spec_tokens] if s.request.spec_probs is not None and s.num_spec_tokens
-                 else None for s in scheduled]
-        new = verify(logits, drafts, probs, params, prompts, outputs, gens)
-        return {r.request_id: toks for r, toks in zip(reqs, new)}
+            sampled = self.sampler(logits, params, prompts, outputs, gens)
+            new = [[t] for t in sampled.token_ids.tolist()]
+        else:
+            drafts = [s.request.spec_token_ids[:s.num_spec_tokens] for s in scheduled]
+            probs = [s.request.spec_probs[:s.num_spec_tokens] if s.request.spec_probs is not None
+                     and s.num_spec_tokens else None for s in scheduled]
+            new = verify(logits, drafts, probs, params, prompts, outputs, gens)
+        result.new_token_ids = {r.request_id: toks for r, toks in zip(reqs, new)}
+        if any(p.logprobs is not None for p in params):
+            self._logprobs(logits, scheduled, params, new, result)
+
+    @staticmethod
+    def _logprobs(logits, scheduled, params, new, result: StepResult) -> None:
+        """Logprobs of each emitted token from its own target row (row j of a request's k + 1 rows)."""
+        rows, row_tokens, row_params, owners, start = [], [], [], [], 0
+        for s, p, toks in zip(scheduled, params, new):
+            if p.logprobs is not None:
+                rows.extend(range(start, start + len(toks)))
+                row_tokens.extend(toks)
+                row_params.extend([p] * len(toks))
+                owners.extend([s.request.request_id] * len(toks))
+            start += s.num_spec_tokens + 1
+        index = torch.tensor(rows, device=logits.device)
+        tokens = torch.tensor(row_tokens, device=logits.device)
+        for owner, lp in zip(owners, token_logprobs(logits[index], tokens, row_params)):
+            result.logprobs.setdefault(owner, []).append(lp)
 
     def _draft(self, out, hidden, starts, result: StepResult) -> None:
         items = []

@@ -191,24 +191,25 @@ class Sampler:
 
         logprobs = None
         if any(p.logprobs is not None for p in params):
-            logprobs = self._logprobs(logits, token_ids, params)
+            logprobs = token_logprobs(logits, token_ids, params)
         return SamplerOutput(token_ids=token_ids, logprobs=logprobs)
 
-    @staticmethod
-    def _logprobs(logits: torch.Tensor, token_ids: torch.Tensor, params: list[SamplingParams]):
-        """Logprobs of the raw model distribution (before penalties and temperature), as vLLM."""
-        log_probs = logits.log_softmax(dim=-1)
-        chosen = log_probs.gather(1, token_ids[:, None])[:, 0].tolist()
-        n_max = min(max(p.logprobs or 0 for p in params), logits.shape[-1])
-        top_values, top_ids = log_probs.topk(n_max, dim=-1) if n_max else (None, None)
-        top_values = top_values.tolist() if n_max else None
-        top_ids = top_ids.tolist() if n_max else None
-        result = []
-        for row, p in enumerate(params):
-            if p.logprobs is None:
-                result.append(None)
-                continue
-            n = min(p.logprobs, n_max)
-            top = [(top_ids[row][j], top_values[row][j]) for j in range(n)] if n else []
-            result.append((chosen[row], top))
-        return result
+
+def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, params: list[SamplingParams]):
+    """Per row: None, or (logprob of ``token_ids[row]``, top-n [(token, logprob)]) of the raw model
+    distribution (before penalties and temperature), as vLLM reports them."""
+    log_probs = logits.float().log_softmax(dim=-1)
+    chosen = log_probs.gather(1, token_ids[:, None])[:, 0].tolist()
+    n_max = min(max(p.logprobs or 0 for p in params), logits.shape[-1])
+    top_values, top_ids = log_probs.topk(n_max, dim=-1) if n_max else (None, None)
+    top_values = top_values.tolist() if n_max else None
+    top_ids = top_ids.tolist() if n_max else None
+    result = []
+    for row, p in enumerate(params):
+        if p.logprobs is None:
+            result.append(None)
+            continue
+        n = min(p.logprobs, n_max)
+        top = [(top_ids[row][j], top_values[row][j]) for j in range(n)] if n else []
+        result.append((chosen[row], top))
+    return result

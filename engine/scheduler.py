@@ -37,6 +37,7 @@ class StepResult:
     new_token_ids: dict[str, list[int]] = field(default_factory=dict)
     spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
     spec_probs: dict[str, object] = field(default_factory=dict)
+    logprobs: dict[str, list] = field(default_factory=dict)  # per new token (logprob, top-n), when asked
 
 
 @dataclass
@@ -125,8 +126,11 @@ class Scheduler:
                 req.acceptance.observe(s.num_spec_tokens, len(new) - 1)
             req.spec_token_ids = result.spec_token_ids.get(req.request_id, [])
             req.spec_probs = result.spec_probs.get(req.request_id)
-            for token in new:
+            logprobs = result.logprobs.get(req.request_id)
+            for i, token in enumerate(new):
                 req.append_output(token)
+                if logprobs is not None:
+                    req.output_logprobs.append(logprobs[i])
                 status = self._stop_status(req, token)
                 if status is not None:
                     self.finish(req, status)

@@ -176,3 +176,24 @@ def test_two_chained_layers_match_a_dense_recomputation(tiny_llama_dir, tmp_path
             assert drafts[1] == int(layer1[last]), (last, drafts)
             checked += 1
     assert checked > 0
+
+
+def test_logprobs_with_and_without_drafts(tiny_qwen3_dir, trained_head):
+    """Logprobs of emitted tokens are the raw model's, whether a token came from a verified draft or not:
+    compare against transformers' forward over the final sequence."""
+    from conftest import load_reference_model
+
+    hf = load_reference_model(tiny_qwen3_dir)
+    prompt = prompts(24, seed=7)[0]  # a distillation prompt: drafts get accepted
+    for spec in (0, 3):
+        engine = make_engine(tiny_qwen3_dir, mtp_head=trained_head, spec_draft_n_max=spec, spec_adaptive=False)
+        (req,) = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=3))
+        if spec:
+            assert req.spec_stats.num_accepted_tokens > 0
+        assert len(req.output_logprobs) == 16
+        seq = torch.tensor([prompt + req.output_token_ids])
+        with torch.inference_mode():
+            ref = hf(seq).logits[0, len(prompt) - 1:-1].log_softmax(-1)
+        for j, (chosen, top) in enumerate(req.output_logprobs):
+            assert abs(chosen - float(ref[j, req.output_token_ids[j]])) < 1e-3
+            assert [t for t, _ in top] == ref[j].topk(3).indices.tolist()
