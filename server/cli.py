@@ -17,7 +17,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     g.add_argument("--block-size", type=int, default=16)
-    g.add_argument("--num-blocks", type=int, default=None, help="KV cache blocks (overrides --kv-cache-memory)")
+    g.add_argument("--num-blocks", "--kv-cache-blocks", dest="num_blocks", type=int, default=None,
+                   help="KV cache blocks (overrides --kv-cache-memory)")
     g.add_argument("--kv-cache-memory", type=float, default=0.5, help="KV cache budget in GiB")
     g.add_argument("--max-num-seqs", type=int, default=32)
     g.add_argument("--max-num-batched-tokens", type=int, default=512)
