@@ -1,20 +1,18 @@
-"""The FastAPI app: OpenAI routes, SSE streaming, auth, the error envelope and /metrics."""
+"""The FastAPI app: OpenAI routes, auth, the error handlers and /metrics (bodies: responses.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import hmac
-import json
-import time
 import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response
 from mtpserve import __version__
 from mtpserve.engine.errors import RequestError
 from mtpserve.engine.sampling_params import SamplingParams
-from mtpserve.server.async_engine import EngineDeadError, merged_deltas
+from mtpserve.server.async_engine import EngineDeadError
+from mtpserve.server.body_limit import DEFAULT_MAX_BODY_BYTES, BodyLimit
 from mtpserve.server.metrics import ServerMetrics
 from mtpserve.server.protocol import (
     ChatCompletionRequest,
@@ -24,21 +22,8 @@ from mtpserve.server.protocol import (
     message_dicts,
     unsupported_field,
 )
+from mtpserve.server.responses import APIError, error_response, respond
 from starlette.exceptions import HTTPException
-
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               429: "rate_limit_error", 503: "service_unavailable"}
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
-    body = {"message": message, "type": ERROR_TYPES.get(status, "server_error"), "param": param, "code": code}
-    return JSONResponse({"error": body}, status_code=status)
 
 
 def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -53,6 +38,7 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 
 def sampling_params(body, defaults, max_tokens: int, seed_offset: int) -> SamplingParams:
+    """The engine's parameters for one choice; unset fields from the model's generation config."""
     def pick(name, fallback):
         value = getattr(body, name, None)
         if value is None:
@@ -64,20 +50,14 @@ def sampling_params(body, defaults, max_tokens: int, seed_offset: int) -> Sampli
         max_tokens=max_tokens, temperature=pick("temperature", 1.0), top_p=pick("top_p", 1.0),
         top_k=pick("top_k", 0), min_p=pick("min_p", 0.0), seed=seed,
         repetition_penalty=pick("repetition_penalty", 1.0), presence_penalty=pick("presence_penalty", 0.0),
-        frequency_penalty=pick("frequency_penalty", 0.0), ignore_eos=body.ignore_eos, stop=body.stop_list())
-
-
-def request_metrics(stream) -> dict:
-    return {"speculative": stream.request.spec_stats.to_dict(), "timings": stream.request.timings()}
-
-
-def sse(obj) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+        frequency_penalty=pick("frequency_penalty", 0.0), ignore_eos=body.ignore_eos, stop=body.stop_list(),
+        logprobs=body.num_logprobs())
 
 
 def build_app(engine_client, served_model_name: str, api_key: str | None = None,
-              max_queue: int | None = None) -> FastAPI:
+              max_queue: int | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     app = FastAPI(title="mtpserve", version=__version__)
+    app.add_middleware(BodyLimit, max_body_bytes=max_body_bytes)
     metrics = ServerMetrics(served_model_name)
     app.state.metrics, app.state.client = metrics, engine_client
     engine = engine_client.engine
@@ -95,7 +75,7 @@ def build_app(engine_client, served_model_name: str, api_key: str | None = None,
     @app.exception_handler(HTTPException)
     async def http_error(_, exc: HTTPException):
         message = "not found" if exc.status_code == 404 else str(exc.detail)
-        return error_response(exc.status_code, message)
+        return error_response(exc.status_code, message, code="request_too_large" if exc.status_code == 413 else None)
 
     @app.exception_handler(Exception)
     async def crashed(_, exc: Exception):
@@ -119,6 +99,8 @@ def build_app(engine_client, served_model_name: str, api_key: str | None = None,
         field = unsupported_field(body)
         if field:
             raise APIError(400, f"{field!r} is not supported by this server", field, "unsupported_field")
+        if getattr(body, "top_logprobs", None) is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs set to true", "top_logprobs")
 
     async def start_all(body, prompts: list[list[int]], max_tokens, prefix: str) -> list:
         if max_queue is not None and engine_client.num_waiting() >= max_queue:
@@ -145,72 +127,6 @@ def build_app(engine_client, served_model_name: str, api_key: str | None = None,
             raise APIError(400, str(e), param, e.code) from None
         return streams
 
-    def usage(streams, n: int) -> dict:
-        prompt = sum(s.request.num_prompt_tokens for s in streams) // n
-        completion = sum(s.num_tokens for s in streams)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-    async def respond(body, streams, rid: str, chat: bool):
-        created = int(time.time())
-        head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
-                "model": served_model_name}
-        if not body.stream:
-            try:
-                texts = await asyncio.gather(*(s.collect() for s in streams))
-            except EngineDeadError as e:
-                raise APIError(503, str(e), code="engine_dead") from None
-            choices = []
-            for i, (s, text) in enumerate(zip(streams, texts)):
-                choice = {"index": i, "logprobs": None, "finish_reason": s.finish_reason}
-                if chat:
-                    choice["message"] = {"role": "assistant", "content": text}
-                else:
-                    choice["text"] = text
-                if len(streams) > 1:
-                    choice["metrics"] = request_metrics(s)
-                choices.append(choice)
-            out = {**head, "choices": choices, "usage": usage(streams, body.n)}
-            if len(streams) == 1:
-                out["metrics"] = request_metrics(streams[0])
-            return JSONResponse(out)
-
-        head["object"] = "chat.completion.chunk" if chat else "text_completion"
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-        def chunk(i, text, finish=None, first=False):
-            if chat:
-                delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
-                choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
-            else:
-                choice = {"index": i, "text": text, "logprobs": None, "finish_reason": finish}
-            return {**head, "choices": [choice]}
-
-        async def events():
-            if chat:
-                for i in range(len(streams)):
-                    yield sse(chunk(i, "", first=True))
-            async for i, text, end in merged_deltas(streams):
-                if isinstance(end, EngineDeadError):
-                    yield sse({"error": {"message": str(end), "type": "service_unavailable", "param": None,
-                                         "code": "engine_dead"}})
-                    return
-                if end is None:
-                    if text:
-                        yield sse(chunk(i, text))
-                    continue
-                final = chunk(i, "", end)
-                final["metrics"] = request_metrics(streams[i])
-                yield sse(final)
-            if include_usage:
-                last = {**head, "choices": [], "usage": usage(streams, body.n)}
-                if len(streams) == 1:
-                    last["metrics"] = request_metrics(streams[0])
-                yield sse(last)
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest):
         check_body(body)
@@ -221,7 +137,7 @@ def build_app(engine_client, served_model_name: str, api_key: str | None = None,
         ids = tok.encode(text, add_special_tokens=False)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         streams = await start_all(body, [ids], body.max_completion_tokens or body.max_tokens, rid)
-        return await respond(body, streams, rid, chat=True)
+        return await respond(body, streams, rid, True, served_model_name, tok)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
@@ -231,7 +147,7 @@ def build_app(engine_client, served_model_name: str, api_key: str | None = None,
             raise APIError(400, "prompt must not be empty", "prompt")
         rid = f"cmpl-{uuid.uuid4().hex}"
         streams = await start_all(body, prompts, body.max_tokens or 16, rid)
-        return await respond(body, streams, rid, chat=False)
+        return await respond(body, streams, rid, False, served_model_name, tok)
 
     @app.get("/v1/models")
     async def models():

@@ -11,6 +11,7 @@ import time
 
 from mtpserve.engine.detokenizer import IncrementalDetokenizer
 from mtpserve.engine.errors import MtpserveError
+from mtpserve.server.busy_log import BusyLog
 
 logger = logging.getLogger(__name__)
 
@@ -20,8 +21,9 @@ class EngineDeadError(MtpserveError):
 
 
 class EngineClient:
-    def __init__(self, engine):
+    def __init__(self, engine, log_interval: float = 5.0):
         self.engine = engine
+        self.busy_log = BusyLog(log_interval)
         self.tokenizer = engine.tokenizer
         self.lock = threading.Lock()           # held around every call into the engine
         self.wake = threading.Event()
@@ -53,11 +55,15 @@ class EngineClient:
                 self.wake.clear()
                 with self.lock:
                     while self.aborts:
-                        self.engine.abort_request(self.aborts.popleft())
+                        request_id = self.aborts.popleft()
+                        self.engine.abort_request(request_id)
+                        self.busy_log.forget(request_id)
                     busy = self.engine.has_unfinished_requests()
                     outputs = self.engine.step() if busy else []
+                self.busy_log.observe(outputs)
+                self.busy_log.maybe_log(self.num_running(), self.num_waiting())
                 if not busy:
-                    self.wake.wait(1.0)
+                    self.wake.wait(min(1.0, self.busy_log.interval) if self.busy_log.interval > 0 else 1.0)
                     continue
                 for out in outputs:
                     target = self.queues.get(out.request_id)
@@ -113,6 +119,8 @@ class TextStream:
         self.finish_reason: str | None = None
         self.last_token_time: float | None = None
         self.done = False
+        self.want_logprobs = req.sampling_params.logprobs is not None
+        self.logprobs: list = []  # (token id, (logprob, top-n)) not yet taken by the responder
 
     def _find_stop(self) -> int:
         hits = [i for i in (self.pending.find(s) for s in self.stop) if i >= 0]
@@ -133,6 +141,10 @@ class TextStream:
                 out = await self.queue.get()
                 if isinstance(out, BaseException):
                     raise EngineDeadError(f"the engine failed: {out}")
+                if self.want_logprobs:
+                    entries = getattr(self.request, "output_logprobs", None) or []
+                    start = self.num_tokens
+                    self.logprobs.extend(zip(out.new_token_ids, entries[start:start + len(out.new_token_ids)]))
                 self.num_tokens += len(out.new_token_ids)
                 self._observe(len(out.new_token_ids))
                 self.pending += self.detok.add(out.new_token_ids)
@@ -162,21 +174,27 @@ class TextStream:
                 self.metrics.on_finish(self.request, self.num_tokens, "abort")
         self.client.queues.pop(self.request.request_id, None)
 
+    def take_logprobs(self) -> list:
+        """The logprob entries gathered since the last call."""
+        taken, self.logprobs = self.logprobs, []
+        return taken
+
     async def collect(self) -> str:
         return "".join([text async for text in self.deltas()])
 
 
 async def merged_deltas(streams):
-    """(choice index, text, None) per delta and (index, None, finish_reason or exception) at each end."""
+    """(choice index, text, None, logprob entries) per delta and (index, None, finish_reason or exception, [])
+    at each end."""
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(i, s):
         try:
             async for text in s.deltas():
-                await queue.put((i, text, None))
-            await queue.put((i, None, s.finish_reason))
+                await queue.put((i, text, None, s.take_logprobs()))
+            await queue.put((i, None, s.finish_reason, []))
         except EngineDeadError as e:
-            await queue.put((i, None, e))
+            await queue.put((i, None, e, []))
 
     tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
     try:

@@ -57,7 +57,6 @@ class SamplingFields(Strict):
     user: str | None = None
     speculative: Speculative | None = None
     # known to OpenAI, not supported yet: declared so the 400 can name them
-    logprobs: Any = None
     logit_bias: Any = None
 
     def stop_list(self) -> list[str]:
@@ -69,7 +68,8 @@ class SamplingFields(Strict):
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    top_logprobs: Any = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
     tools: Any = None
     tool_choice: Any = None
     functions: Any = None
@@ -77,12 +77,20 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: Any = None
     response_format: Any = None
 
+    def num_logprobs(self) -> int | None:
+        """SamplingParams.logprobs: None, or how many top alternatives (0: the chosen token only)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = Field(default=None, ge=0, le=5)
     echo: Any = None
     suffix: Any = None
     best_of: Any = None
+
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
 
     def prompts(self) -> list:
         """Each prompt as a string or a list of token ids."""
@@ -105,7 +113,7 @@ class DetokenizeRequest(Strict):
 
 
 _UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "logit_bias",
-                "logprobs", "top_logprobs", "echo", "suffix", "best_of")
+                "echo", "suffix", "best_of")
 
 
 def unsupported_field(req: BaseModel) -> str | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 
 from mtpserve.engine.errors import MtpserveError
 
@@ -17,6 +18,11 @@ def add_args(p) -> None:
     g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $MTPSERVE_API_KEY)")
     g.add_argument("--served-model-name", default=None, help="model id clients use (default: from --model)")
     g.add_argument("--max-queue", type=int, default=None, help="answer 429 when this many requests are waiting")
+    g.add_argument("--max-body-bytes", type=int, default=1 << 20, help="answer 413 for larger request bodies")
+    g.add_argument("--log-interval", type=float, default=5.0,
+                   help="seconds between INFO progress lines while busy (0 disables)")
+    g.add_argument("--shutdown-grace", type=float, default=10.0,
+                   help="seconds in-flight requests may run on after SIGTERM")
 
 
 def served_name(args) -> str:
@@ -25,6 +31,21 @@ def served_name(args) -> str:
     if args.model == "default":
         return "SmolLM2-135M-Instruct"
     return os.path.basename(os.path.normpath(args.model))
+
+
+def graceful_server(config):
+    """A uvicorn Server that, after a SIGTERM-initiated graceful shutdown, returns (exit 0) instead of
+    re-raising the signal as uvicorn does (which would end the process with -SIGTERM)."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            super().handle_exit(sig, frame)
+            captured = getattr(self, "_captured_signals", None)
+            if sig == signal.SIGTERM and captured and captured[-1] == sig:
+                captured.pop()
+
+    return Server(config)
 
 
 def run(args) -> int:
@@ -37,16 +58,22 @@ def run(args) -> int:
         raise MtpserveError("--port must be in [0, 65535]")
     if args.max_queue is not None and args.max_queue < 0:
         raise MtpserveError("--max-queue must be >= 0")
+    if args.max_body_bytes < 1:
+        raise MtpserveError("--max-body-bytes must be at least 1")
+    if args.log_interval < 0 or args.shutdown_grace < 0:
+        raise MtpserveError("--log-interval and --shutdown-grace must be >= 0")
     api_key = args.api_key or os.environ.get("MTPSERVE_API_KEY") or None
     engine = engine_from_args(args)
-    client = EngineClient(engine)
+    client = EngineClient(engine, log_interval=args.log_interval)
     name = served_name(args)
-    app = build_app(client, name, api_key=api_key, max_queue=args.max_queue)
+    app = build_app(client, name, api_key=api_key, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes)
     k = engine.policy.n_max if engine.mtp is not None else 0
     mtp = f"MTP active, up to {k} draft tokens per step" if engine.mtp is not None else "MTP off (plain decoding)"
     print(f"mtpserve: serving {name!r} ({args.model}) on http://{args.host}:{args.port}/v1 ; {mtp}", flush=True)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=10)
+        config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                timeout_graceful_shutdown=args.shutdown_grace)
+        graceful_server(config).run()
     finally:
         client.shutdown()
     return 0

@@ -169,7 +169,8 @@ def test_sse_framing_and_usage(http):
     ({"messages": chat("x"), "tools": [{"type": "function"}]}, 400, "tools", "unsupported_field"),
     ({"messages": chat("x"), "response_format": {"type": "json_object"}}, 400, "response_format", None),
     ({"messages": chat("x"), "logit_bias": {"1": 2}}, 400, "logit_bias", None),
-    ({"messages": chat("x"), "logprobs": True}, 400, "logprobs", None),
+    ({"messages": chat("x"), "top_logprobs": 2}, 400, "top_logprobs", None),
+    ({"messages": chat("x"), "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs", None),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      400, "messages", None),
     ({"messages": chat("x"), "temperature": -1}, 400, "temperature", None),
@@ -245,28 +246,6 @@ def test_metrics_count_tokens(http):
         after[k] - before.get(k, 0) for k in after if k.startswith("mtpserve_spec_accepted_tokens_per_position_total"))
 
 
-def test_dropped_streams_are_aborted(base_url, http):
-    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 200, "stream": True, **GREEDY}
-    clients = [httpx.Client(base_url=base_url, timeout=30) for _ in range(8)]
-    try:
-        for c in clients:
-            with c.stream("POST", "/v1/completions", json=body) as r:
-                assert r.status_code == 200
-                next(r.iter_raw())
-    finally:
-        for c in clients:
-            c.close()
-    deadline = time.time() + 15
-    while time.time() < deadline:
-        m = scrape(http)
-        if m["mtpserve_requests_running"] == 0 and m["mtpserve_kv_cache_usage_ratio"] == 0:
-            break
-        time.sleep(0.05)
-    assert m["mtpserve_requests_running"] == 0 and m["mtpserve_requests_waiting"] == 0
-    assert m["mtpserve_kv_cache_usage_ratio"] == 0
-    assert m["mtpserve_request_success_total,finished_reason=abort"] >= 8
-
-
 def test_stream_with_n_matches_non_stream(http):
     body = {"model": MODEL, "prompt": "Hello", "max_tokens": 7, "n": 2, **GREEDY}
     plain = http.post("/v1/completions", json=body).json()
@@ -279,11 +258,33 @@ def test_stream_with_n_matches_non_stream(http):
     assert sorted(e["choices"][0]["index"] for e in events if e["choices"][0]["finish_reason"]) == [0, 1]
 
 
-def test_serve_command_options():
-    from mtpserve.server.cli import build_parser
-    from mtpserve.server.serve_cmd import served_name
+def test_chat_logprobs(sdk):
+    kwargs = {"model": MODEL, "messages": chat("Hi"), "max_tokens": 8, "temperature": 0, "logprobs": True,
+              "top_logprobs": 3, "extra_body": {"ignore_eos": True}}
+    content = sdk.chat.completions.create(**kwargs).choices[0].logprobs.content
+    assert len(content) == 8
+    for item in content:
+        assert len(item.top_logprobs) == 3 and item.logprob <= 0
+        assert item.top_logprobs[0].token == item.token and abs(item.top_logprobs[0].logprob - item.logprob) < 1e-4
+        assert item.bytes == list(item.token.encode()) and item.top_logprobs[0].logprob >= item.top_logprobs[2].logprob
+    streamed = [x for c in sdk.chat.completions.create(stream=True, **kwargs) if c.choices and c.choices[0].logprobs
+                for x in c.choices[0].logprobs.content]
+    assert [(x.token, round(x.logprob, 4)) for x in streamed] == [(x.token, round(x.logprob, 4)) for x in content]
+    plain = sdk.chat.completions.create(**{**kwargs, "top_logprobs": None})
+    assert all(x.top_logprobs == [] for x in plain.choices[0].logprobs.content)
+    assert sdk.chat.completions.create(**{**kwargs, "logprobs": None, "top_logprobs": None}).choices[0].logprobs is None
 
-    args = build_parser().parse_args(["serve", "--model", "/models/my-model/", "--max-queue", "4"])
-    assert (args.host, args.port, args.api_key, args.max_queue) == ("127.0.0.1", 8000, None, 4)
-    assert served_name(args) == "my-model"
-    assert served_name(build_parser().parse_args(["serve", "--served-model-name", "x"])) == "x"
+
+def test_completion_logprobs(http):
+    body = {"model": MODEL, "prompt": "The quick", "max_tokens": 6, "logprobs": 2, **GREEDY}
+    choice = http.post("/v1/completions", json=body).json()["choices"][0]
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 6
+    assert all(len(top) <= 2 and max(top.values()) == pytest.approx(v, abs=1e-4)
+               for top, v in zip(lp["top_logprobs"], lp["token_logprobs"]))
+    assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:i]) for i in range(6)]
+    events = sse_events(http.post("/v1/completions", json={**body, "stream": True}))[:-1]
+    parts = [e["choices"][0]["logprobs"] for e in events if e["choices"][0]["logprobs"]]
+    assert [t for p in parts for t in p["tokens"]] == lp["tokens"]
+    assert [t for p in parts for t in p["text_offset"]] == lp["text_offset"]
+    assert http.post("/v1/completions", json={**body, "logprobs": 6}).status_code == 400

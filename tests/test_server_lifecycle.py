@@ -1,0 +1,179 @@
+"""The server under load and over its life: body size limit, concurrent streams, dropped clients, SIGTERM,
+--config, and the periodic progress log."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import httpx
+import pytest
+import yaml
+from mtpserve.engine.spec.stats import SpecStats
+from mtpserve.server.app import build_app
+from mtpserve.server.busy_log import BusyLog
+from test_server import GREEDY, MODEL, base_url, client, free_port, http, scrape  # noqa: F401 (fixtures)
+
+
+def test_body_limit_413(client, http):  # noqa: F811
+    big = http.post("/v1/completions", json={"prompt": "x" * (1 << 20), "max_tokens": 1})
+    assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
+
+    async def go():
+        small = httpx.AsyncClient(transport=httpx.ASGITransport(build_app(client, MODEL, max_body_bytes=100)),
+                                  base_url="http://t")
+        async with small:
+            r = await small.post("/v1/completions", json={"prompt": "y" * 200})
+            assert r.status_code == 413 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+            async def chunks():  # no Content-Length: caught while the body is read
+                for _ in range(5):
+                    yield b'"' + b"z" * 40 + b'",'
+
+            r = await small.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"})
+            assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error"
+            ok = await small.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1})
+            assert ok.status_code == 200
+
+    asyncio.run(go())
+
+
+def test_concurrent_streams_match_sequential(base_url, http):  # noqa: F811
+    bodies = [{"model": MODEL, "prompt": f"Story {i}: the", "max_tokens": 10 + i % 5, **GREEDY} for i in range(16)]
+    expected = [http.post("/v1/completions", json=b).json()["choices"][0]["text"] for b in bodies]
+
+    async def one(c, body):
+        text, done = "", False
+        async with c.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line == "data: [DONE]":
+                    done = True
+                elif line.startswith("data: "):
+                    text += json.loads(line[6:])["choices"][0]["text"]
+        assert done
+        return text
+
+    async def go():
+        async with httpx.AsyncClient(base_url=base_url, timeout=60) as c:
+            return await asyncio.gather(*(one(c, b) for b in bodies))
+
+    assert asyncio.run(go()) == expected
+
+
+def test_dropped_streams_are_aborted(base_url, http):  # noqa: F811
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 200, "stream": True, **GREEDY}
+    clients = [httpx.Client(base_url=base_url, timeout=30) for _ in range(20)]
+    try:
+        for c in clients:
+            with c.stream("POST", "/v1/completions", json=body) as r:
+                assert r.status_code == 200
+                next(r.iter_raw())
+    finally:
+        for c in clients:
+            c.close()
+    deadline = time.time() + 15
+    while time.time() < deadline:
+        m = scrape(http)
+        if m["mtpserve_requests_running"] == 0 and m["mtpserve_kv_cache_usage_ratio"] == 0:
+            break
+        time.sleep(0.05)
+    assert m["mtpserve_requests_running"] == 0 and m["mtpserve_requests_waiting"] == 0
+    assert m["mtpserve_kv_cache_usage_ratio"] == 0
+    assert m["mtpserve_request_success_total,finished_reason=abort"] >= 20
+
+
+def test_config_file_options(tmp_path):
+    from mtpserve.server.cli import apply_config_file, build_parser
+
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump({"port": 9123, "max-body-bytes": 5000, "log_interval": 2.5, "max_queue": 3}))
+    argv = ["serve", "--config", str(path), "--max-queue", "7"]
+    parser = build_parser()
+    args = apply_config_file(parser, parser.parse_args(argv), argv)
+    assert (args.port, args.max_body_bytes, args.log_interval, args.max_queue) == (9123, 5000, 2.5, 7)
+    assert args.host == "127.0.0.1"
+
+
+def test_serve_command_options():
+    from mtpserve.server.cli import build_parser
+    from mtpserve.server.serve_cmd import served_name
+
+    args = build_parser().parse_args(["serve", "--model", "/models/my-model/", "--max-queue", "4"])
+    assert (args.host, args.port, args.api_key, args.max_queue) == ("127.0.0.1", 8000, None, 4)
+    assert (args.max_body_bytes, args.log_interval) == (1 << 20, 5.0)
+    assert served_name(args) == "my-model"
+    assert served_name(build_parser().parse_args(["serve", "--served-model-name", "x"])) == "x"
+
+
+def test_busy_log_line(caplog):
+    log = BusyLog(interval=0.01)
+    stats = SpecStats()
+    req = SimpleNamespace(request_id="r1", spec_stats=stats)
+    stats.observe(3, 2)
+    stats.observe(3, 0)
+    log.observe([SimpleNamespace(request=req, new_token_ids=[1, 2, 3, 4], finished=False)])
+    time.sleep(0.02)
+    with caplog.at_level(logging.INFO, logger="mtpserve.server"):
+        assert log.maybe_log(running=1, waiting=2)
+    line = caplog.records[-1].getMessage()
+    assert "running 1, waiting 2" in line and "tok/s" in line
+    assert "mean acceptance length 2.00" in line and "[0.50, 0.50, 0.00]" in line
+    stats.observe(2, 2)  # only the new step counts in the next window
+    log.observe([SimpleNamespace(request=req, new_token_ids=[5, 6, 7], finished=True)])
+    assert "mean acceptance length 3.00" in log.line(0, 0, 1.0) and "3.0 tok/s" in log.line(0, 0, 1.0)
+    time.sleep(0.02)
+    assert log.maybe_log(running=0, waiting=0)  # tokens since the last line
+    time.sleep(0.02)
+    assert not log.maybe_log(running=0, waiting=0)  # idle: no line
+
+
+@pytest.mark.parametrize("grace", [5.0, 0.2])  # the stream finishes within the grace period / is cut off
+def test_sigterm_mid_stream_exits_zero(tiny_llama_dir, tmp_path, grace):
+    port = free_port()
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump({"model": tiny_llama_dir, "port": port, "device": "cpu", "num_blocks": 64,
+                                      "served-model-name": MODEL, "shutdown_grace": grace, "log_interval": 0.05}))
+    log_path = tmp_path / "server.log"
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "mtpserve.server.cli", "--log-level", "info", "serve",
+                                 "--config", str(config)], stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 45
+        while time.time() < deadline:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        assert proc.poll() is None, log_path.read_text()
+        body = {"model": MODEL, "prompt": "secret zebra words", "max_tokens": 400, "stream": True, **GREEDY}
+        lines = []
+        with httpx.Client(base_url=url, timeout=20) as c, c.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            it = r.iter_lines()
+            lines.append(next(it))
+            time.sleep(0.1)
+            proc.send_signal(signal.SIGTERM)
+            start = time.time()
+            try:
+                lines.extend(it)
+                assert [x for x in lines if x][-1] == "data: [DONE]"  # finished within the grace period
+            except (httpx.RemoteProtocolError, httpx.ReadError):
+                pass  # or the connection was closed: also fine, the client does not hang
+            assert time.time() - start < 10
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log = log_path.read_text()
+    assert "mtpserve: serving 'tiny'" in log and "tok/s" in log and "mean acceptance length" in log
+    assert "zebra" not in log
