@@ -11,7 +11,7 @@ from fastapi.responses import Response
 from mtpserve import __version__
 from mtpserve.engine.errors import RequestError
 from mtpserve.engine.sampling_params import SamplingParams
-from mtpserve.server.async_engine import EngineDeadError
+from mtpserve.engine.async_engine import EngineDeadError
 from mtpserve.server.body_limit import DEFAULT_MAX_BODY_BYTES, BodyLimit
 from mtpserve.server.metrics import ServerMetrics
 from mtpserve.server.protocol import (

@@ -7,7 +7,7 @@ import json
 import time
 
 from fastapi.responses import JSONResponse, StreamingResponse
-from mtpserve.server.async_engine import EngineDeadError, merged_deltas
+from mtpserve.engine.async_engine import EngineDeadError, merged_deltas
 from mtpserve.server.logprobs import chat_logprobs, completion_logprobs
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",

@@ -51,7 +51,7 @@ def graceful_server(config):
 def run(args) -> int:
     import uvicorn
     from mtpserve.server.app import build_app
-    from mtpserve.server.async_engine import EngineClient
+    from mtpserve.engine.async_engine import EngineClient
     from mtpserve.server.cli import engine_from_args
 
     if not 0 <= args.port < 65536:

@@ -16,7 +16,7 @@ from mtpserve.engine.config import EngineConfig
 from mtpserve.engine.engine import LLMEngine
 from mtpserve.engine.loader import load_checkpoint
 from mtpserve.server.app import build_app
-from mtpserve.server.async_engine import EngineClient
+from mtpserve.engine.async_engine import EngineClient
 from prometheus_client.parser import text_string_to_metric_families
 
 openai = pytest.importorskip("openai")

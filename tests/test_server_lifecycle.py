@@ -17,7 +17,7 @@ import pytest
 import yaml
 from mtpserve.engine.spec.stats import SpecStats
 from mtpserve.server.app import build_app
-from mtpserve.server.busy_log import BusyLog
+from mtpserve.engine.busy_log import BusyLog
 from test_server import GREEDY, MODEL, base_url, client, free_port, http, scrape  # noqa: F401 (fixtures)
 
 
@@ -120,7 +120,7 @@ def test_busy_log_line(caplog):
     stats.observe(3, 0)
     log.observe([SimpleNamespace(request=req, new_token_ids=[1, 2, 3, 4], finished=False)])
     time.sleep(0.02)
-    with caplog.at_level(logging.INFO, logger="mtpserve.server"):
+    with caplog.at_level(logging.INFO, logger="mtpserve.engine.busy_log"):
         assert log.maybe_log(running=1, waiting=2)
     line = caplog.records[-1].getMessage()
     assert "running 1, waiting 2" in line and "tok/s" in line

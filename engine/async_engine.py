@@ -11,7 +11,7 @@ import time
 
 from mtpserve.engine.detokenizer import IncrementalDetokenizer
 from mtpserve.engine.errors import MtpserveError
-from mtpserve.server.busy_log import BusyLog
+from mtpserve.engine.busy_log import BusyLog
 
 logger = logging.getLogger(__name__)
 

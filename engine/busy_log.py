@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import time
 
-logger = logging.getLogger("mtpserve.server")
+logger = logging.getLogger(__name__)
 
 
 class BusyLog:
