@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from mtpserve.engine.config import EngineConfig
-from mtpserve.engine.errors import RequestError
+from mtpserve.engine.errors import MtpserveError, RequestError
 from mtpserve.engine.kv_cache import KVCacheManager
 from mtpserve.engine.loader.checkpoint import Checkpoint
 from mtpserve.engine.loader.mtp_head import load_mtp_head, rename_gguf_nextn
@@ -86,7 +86,7 @@ class LLMEngine:
         """MTP weights and layer count: a --mtp-head file, else the checkpoint's own layers."""
         cfg, mc, weights = self.config, self.checkpoint.config, self.checkpoint.weights
         if cfg.spec_draft_n_max < 0:
-            raise RequestError("spec_draft_n_max must be >= 0")
+            raise MtpserveError("spec_draft_n_max must be >= 0")
         if cfg.mtp_head:
             head_weights, head = load_mtp_head(cfg.mtp_head, mc)
             num = int(head.get("num_nextn_predict_layers", 1))
