@@ -8,7 +8,8 @@ A head directory holds ``mtp_head.json`` and ``mtp_head.safetensors``::
 
 with tensors named like DeepSeek's MTP layers (``model.layers.30.enorm.weight``, ``...eh_proj.weight``,
 ``...shared_head.norm.weight``, the decoder block's own names), sharing the base model's embedding and
-lm_head.
+lm_head. A head with a reduced draft vocabulary also holds ``draft_token_ids`` (int64, the token ids it may
+draft, ``"draft_vocab_size"`` in the JSON).
 """
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ import torch
 from mtpserve.engine.errors import ModelLoadError
 
 HEAD_CONFIG, HEAD_WEIGHTS, HEAD_FORMAT = "mtp_head.json", "mtp_head.safetensors", "mtpserve-mtp-head"
+DRAFT_VOCAB = "draft_token_ids"
 _GGUF_NEXTN = {"eh_proj": "eh_proj", "enorm": "enorm", "hnorm": "hnorm", "shared_head_norm": "shared_head.norm",
                "shared_head_head": "shared_head.head", "embed_tokens": "embed_tokens"}
 
 
 def load_mtp_head(path: str, config) -> tuple[dict[str, torch.Tensor], dict]:
-    """Weights and head config of a head directory, checked against the base model's ``config``."""
+    """Weights and head config of a head directory, checked against the base model's ``config``; the draft
+    vocabulary, if any, is ``head["draft_token_ids"]``."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -46,17 +49,30 @@ def load_mtp_head(path: str, config) -> tuple[dict[str, torch.Tensor], dict]:
         if head.get(key) != want:
             raise ModelLoadError(f"MTP head was trained for {key}={head.get(key)}, this model has {want}")
     try:
-        weights = {k: v.float() for k, v in load_file(w_path).items()}
+        weights = load_file(w_path)
     except (SafetensorError, OSError) as e:
         raise ModelLoadError(f"MTP head: cannot read {w_path}: {e}") from None
-    return weights, head
+    draft = weights.pop(DRAFT_VOCAB, None)
+    if draft is not None:
+        ids = draft.long()
+        if ids.dim() != 1 or len(ids) == 0 or ids.min() < 0 or ids.max() >= config.vocab_size \
+                or len(ids.unique()) != len(ids):
+            raise ModelLoadError(f"MTP head: {DRAFT_VOCAB} must be distinct token ids in [0, {config.vocab_size})")
+        head[DRAFT_VOCAB] = ids
+    return {k: v.float() for k, v in weights.items()}, head
 
 
-def save_mtp_head(path: str, weights: dict[str, torch.Tensor], head_config: dict) -> None:
+def save_mtp_head(path: str, weights: dict[str, torch.Tensor], head_config: dict,
+                  draft_vocab: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> None:
+    """Write a head directory; the config file goes last, so a directory with one holds a whole head."""
     from safetensors.torch import save_file
 
     os.makedirs(path, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(path, HEAD_WEIGHTS))
+    tensors = {k: v.detach().to(dtype).contiguous() for k, v in weights.items()}
+    if draft_vocab is not None:
+        tensors[DRAFT_VOCAB] = draft_vocab.long().contiguous()
+        head_config = {**head_config, "draft_vocab_size": len(draft_vocab)}
+    save_file(tensors, os.path.join(path, HEAD_WEIGHTS))
     with open(os.path.join(path, HEAD_CONFIG), "w", encoding="utf-8") as f:
         json.dump({"format": HEAD_FORMAT, **head_config}, f, indent=2)
 

@@ -33,8 +33,12 @@ def init_head_weights(config: ModelConfig, num_layers: int = 1, seed: int = 0, s
     return weights
 
 
+def head_config(config: ModelConfig, num_layers: int) -> dict:
+    """The JSON config of a head for the base model ``config``."""
+    return {"num_nextn_predict_layers": num_layers, "base_num_hidden_layers": config.num_hidden_layers,
+            "hidden_size": config.hidden_size, "vocab_size": config.vocab_size, "feedback": "pre_norm"}
+
+
 def save_new_head(path: str, config: ModelConfig, num_layers: int = 1, seed: int = 0, scale: float = 0.02) -> str:
-    save_mtp_head(path, init_head_weights(config, num_layers, seed, scale), {
-        "num_nextn_predict_layers": num_layers, "base_num_hidden_layers": config.num_hidden_layers,
-        "hidden_size": config.hidden_size, "vocab_size": config.vocab_size, "feedback": "pre_norm"})
+    save_mtp_head(path, init_head_weights(config, num_layers, seed, scale), head_config(config, num_layers))
     return path

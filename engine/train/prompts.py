@@ -154,7 +154,8 @@ def _math_prompts(count: int = 1600, seed: int = 1234) -> list[tuple[str, str]]:
         elif style == 3:
             text = f"What is {c * 5}% of {a * 20}? Explain how you got the answer."
         elif style == 4:
-            text = f"Sara has {a} apples. She gives away {min(a - 1, b)} and then buys {c} more. How many does she have?"
+            text = (f"Sara has {a} apples. She gives away {min(a - 1, b)} and then buys {c} more. "
+                    "How many does she have?")
         else:
             text = f"Is {a * b + 1} a prime number? Reason step by step."
         out.append((f"math:{text}", text))

@@ -1,0 +1,234 @@
+"""``mtpserve train-head``: a DeepSeek-style MTP head for a frozen base model, trained by self-distillation.
+
+1. Prompts of four kinds (``engine/train/prompts.py``) are answered by the base model through our engine,
+   greedy, batched (``data.py``); held-out prompts give the evaluation set.
+2. The draft vocabulary is the ``draft_vocab`` most frequent tokens of the answers.
+3. The head (``num_layers`` layers of the base model's kind, sharing its embedding and lm_head) learns to
+   predict the base model's own tokens ``depth`` steps ahead, teacher-forced (``distill.py``).
+
+Everything lands in ``out``: the data files, the head (``mtp_head.json`` + ``mtp_head.safetensors``, loadable
+by ``--mtp-head``), ``trainer_state.pt`` (optimizer and position; a rerun resumes from it) and
+``train_report.json`` (evaluation acceptance, wall time).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from mtpserve.engine.config import EngineConfig
+from mtpserve.engine.engine import LLMEngine
+from mtpserve.engine.errors import MtpserveError
+from mtpserve.engine.loader.mtp_head import HEAD_CONFIG, load_mtp_head, save_mtp_head
+from mtpserve.engine.models.mtp import DEEPSEEK_LAYOUT, build_mtp
+from mtpserve.engine.train.data import generate_sequences
+from mtpserve.engine.train.distill import acceptance_length, base_hidden, mtp_loss, pack
+from mtpserve.engine.train.head_init import head_config, init_head_weights
+from mtpserve.engine.train.prompts import KINDS, prompt_set
+
+logger = logging.getLogger("mtpserve.train")
+STATE = "trainer_state.pt"
+
+
+@dataclass
+class TrainConfig:
+    out: str
+    num_layers: int = 1
+    depth: int = 3  # draft steps trained (the chain a verify step checks)
+    draft_vocab: int = 8192  # 0: the whole vocabulary
+    train_per_kind: dict = field(default_factory=lambda: {"code": None, "chat": None, "json": None, "math": 500})
+    eval_per_kind: int = 16
+    epochs: int = 3
+    tokens_per_step: int = 1024
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    eval_every: int = 200
+    checkpoint_every: int = 200
+    seed: int = 0
+    device: str = "cpu"
+    max_num_seqs: int = 64  # generation batch
+
+
+def _schedule(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def _batches(order: list[int], lengths: list[int], tokens_per_step: int) -> list[list[int]]:
+    batches, cur, size = [], [], 0
+    for i in order:
+        if cur and size + lengths[i] > tokens_per_step:
+            batches.append(cur)
+            cur, size = [], 0
+        cur.append(i)
+        size += lengths[i]
+    return batches + ([cur] if cur else [])
+
+
+def _draft_vocab(sequences: list[dict], size: int, vocab_size: int, eos: frozenset) -> torch.Tensor | None:
+    if size <= 0 or size >= vocab_size:
+        return None
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for s in sequences:
+        counts += torch.bincount(torch.tensor(s["output_ids"], dtype=torch.long), minlength=vocab_size)
+    for t in eos:
+        counts[t] = counts.max() + 1  # ending a reply is always draftable
+    return counts.argsort(descending=True, stable=True)[:size].sort().values
+
+
+class HeadTrainer:
+    def __init__(self, checkpoint, cfg: TrainConfig):
+        self.cfg = cfg
+        self.checkpoint = checkpoint
+        os.makedirs(cfg.out, exist_ok=True)
+        self.engine = LLMEngine(checkpoint, EngineConfig(
+            dtype=torch.float32, device=cfg.device, spec_draft_n_max=0, max_num_seqs=cfg.max_num_seqs,
+            max_num_batched_tokens=max(2048, cfg.max_num_seqs), kv_cache_memory_bytes=2 << 30))
+        self.model = self.engine.model
+        self.mc = checkpoint.config
+        self.device = self.engine.device
+
+    def data(self) -> tuple[list[dict], list[dict]]:
+        cfg = self.cfg
+        os.makedirs(os.path.join(cfg.out, "data"), exist_ok=True)
+        train_prompts = [p for kind in KINDS for p in prompt_set("train", [kind], cfg.train_per_kind.get(kind))]
+        eval_prompts = prompt_set("eval", KINDS, cfg.eval_per_kind)
+        train = generate_sequences(self.engine, train_prompts, os.path.join(cfg.out, "data", "train.jsonl"),
+                                   desc="answer train prompts")
+        evals = generate_sequences(self.engine, eval_prompts, os.path.join(cfg.out, "data", "eval.jsonl"),
+                                   desc="answer eval prompts")
+        return train, evals
+
+    def hidden(self, sequences: list[dict], desc: str) -> list[torch.Tensor]:
+        out = []
+        for s in tqdm(sequences, desc=desc, unit="seq", file=sys.stderr, dynamic_ncols=True):
+            ids = torch.tensor(s["prompt_ids"] + s["output_ids"], device=self.device)
+            out.append(base_hidden(self.model, ids).to(torch.float16))  # kept for every epoch
+        return out
+
+    def build_head(self, draft_vocab):
+        cfg, mc = self.cfg, self.mc
+        resume = os.path.isfile(os.path.join(cfg.out, HEAD_CONFIG)) and os.path.isfile(os.path.join(cfg.out, STATE))
+        if resume:
+            weights, head = load_mtp_head(cfg.out, mc)
+            if head.get("num_nextn_predict_layers") != cfg.num_layers:
+                raise MtpserveError(f"{cfg.out} holds a head of {head.get('num_nextn_predict_layers')} layer(s), "
+                                    f"not {cfg.num_layers}: pick another --out")
+        else:
+            weights = init_head_weights(mc, cfg.num_layers, cfg.seed)
+        mtp = build_mtp(self.model, {**weights}, cfg.num_layers, DEEPSEEK_LAYOUT,
+                        lambda i: f"model.layers.{mc.num_hidden_layers + i}.", "pre_norm", None)
+        return mtp.to(self.device).float(), resume
+
+    def save(self, mtp, draft_vocab, step, opt, report=None) -> None:
+        cfg, mc = self.cfg, self.mc
+        weights = {}
+        for i, layer in enumerate(mtp.layers):
+            weights.update(layer.export(f"model.layers.{mc.num_hidden_layers + i}."))
+        torch.save({"step": step, "optimizer": opt.state_dict()}, os.path.join(cfg.out, STATE + ".tmp"))
+        save_mtp_head(cfg.out, weights, head_config(mc, cfg.num_layers), draft_vocab, torch.float16)
+        os.replace(os.path.join(cfg.out, STATE + ".tmp"), os.path.join(cfg.out, STATE))
+        if report is not None:
+            with open(os.path.join(cfg.out, "train_report.json"), "w", encoding="utf-8") as f:
+                json.dump(report, f, indent=2)
+
+    def evaluate(self, mtp, eval_batches, head) -> dict:
+        was = [p.requires_grad for p in mtp.parameters()]
+        lengths, positions, weights = [], [], []
+        for batch in eval_batches:
+            length, per_position = acceptance_length(mtp, batch, self.cfg.depth, head)
+            n = int(batch["counted"][0].sum())
+            lengths.append(length * n)
+            positions.append([a * n for a in per_position])
+            weights.append(n)
+        for p, w in zip(mtp.parameters(), was):
+            p.requires_grad_(w)
+        total = max(1, sum(weights))
+        return {"mean_acceptance_length": sum(lengths) / total,
+                "acceptance_per_position": [sum(col) / total for col in zip(*positions)]}
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        start = time.time()
+        random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        train, evals = self.data()
+        eos = frozenset(self.checkpoint.generation.eos_token_ids or self.mc.eos_token_ids)
+        draft_vocab = _draft_vocab(train, cfg.draft_vocab, self.mc.vocab_size, eos)
+        vocab_map = None
+        head = self.model.lm_head
+        if draft_vocab is not None:
+            vocab_map = torch.full((self.mc.vocab_size,), -100, dtype=torch.long)
+            vocab_map[draft_vocab] = torch.arange(len(draft_vocab))
+            head = head[:, draft_vocab.to(head.device)].contiguous()
+            covered = sum(int((vocab_map[torch.tensor(s["output_ids"])] >= 0).sum()) for s in train)
+            logger.warning("draft vocabulary: %d tokens cover %.1f%% of the answer tokens", len(draft_vocab),
+                           100 * covered / max(1, sum(len(s["output_ids"]) for s in train)))
+        mtp, resumed = self.build_head(draft_vocab)
+        train_h = self.hidden(train, "base hidden states (train)")
+        eval_h = self.hidden(evals, "base hidden states (eval)")
+        seqs = [(s["prompt_ids"] + s["output_ids"], len(s["prompt_ids"])) for s in train]
+        eval_seqs = [(s["prompt_ids"] + s["output_ids"], len(s["prompt_ids"])) for s in evals]
+        eval_batches = [pack([eval_seqs[i] for i in b], [eval_h[i] for i in b], cfg.depth, vocab_map, self.device)
+                        for b in _batches(list(range(len(eval_seqs))), [len(s[0]) for s in eval_seqs],
+                                          cfg.tokens_per_step)]
+        lengths = [len(s[0]) for s in seqs]
+        rng = random.Random(cfg.seed)
+        epochs = []
+        for _ in range(cfg.epochs):
+            order = list(range(len(seqs)))
+            rng.shuffle(order)
+            epochs.append(_batches(order, lengths, cfg.tokens_per_step))
+        plan = [b for e in epochs for b in e]
+        params = list(mtp.parameters())
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+        step = 0
+        if resumed:
+            state = torch.load(os.path.join(cfg.out, STATE), map_location=self.device)
+            opt.load_state_dict(state["optimizer"])
+            step = state["step"]
+        first = self.evaluate(mtp, eval_batches, head) if step == 0 else None
+        bar = tqdm(total=len(plan), initial=step, desc="train head", unit="step", file=sys.stderr,
+                   dynamic_ncols=True)
+        last_eval = first or {}
+        running = None
+        while step < len(plan):
+            b = plan[step]
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * _schedule(step, len(plan), cfg.warmup_steps)
+            batch = pack([seqs[i] for i in b], [train_h[i] for i in b], cfg.depth, vocab_map, self.device)
+            loss, _ = mtp_loss(mtp, batch, cfg.depth, head)
+            opt.zero_grad(set_to_none=True)
+            if loss is not None:
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                running = float(loss) if running is None else 0.95 * running + 0.05 * float(loss)
+            step += 1
+            if step % cfg.eval_every == 0 or step == len(plan):
+                last_eval = self.evaluate(mtp, eval_batches, head)
+            if step % cfg.checkpoint_every == 0 or step == len(plan):
+                self.save(mtp, draft_vocab, step, opt)
+            bar.set_postfix(loss=f"{running:.3f}" if running is not None else "-",
+                            eval_len=f"{last_eval.get('mean_acceptance_length', 0):.2f}")
+            bar.update(1)
+        bar.close()
+        report = {"config": asdict(cfg), "steps": step, "train_sequences": len(seqs),
+                  "train_tokens": sum(lengths), "eval_sequences": len(eval_seqs),
+                  "draft_vocab_size": len(draft_vocab) if draft_vocab is not None else self.mc.vocab_size,
+                  "eval_before": first, "eval": last_eval, "wall_seconds": round(time.time() - start, 1),
+                  "resumed": resumed}
+        self.save(mtp, draft_vocab, step, opt, report)
+        return report
