@@ -9,15 +9,27 @@ import logging
 import threading
 import time
 
+from mtpserve.engine.busy_log import BusyLog
 from mtpserve.engine.detokenizer import IncrementalDetokenizer
 from mtpserve.engine.errors import MtpserveError
-from mtpserve.engine.busy_log import BusyLog
 
 logger = logging.getLogger(__name__)
 
 
-class EngineDeadError(MtpserveError):
-    """The engine loop stopped (an exception in a step); no request can complete."""
+class StreamError(MtpserveError):
+    """A request ended in an error, not with a finish reason; ``status`` and ``code`` are the HTTP answer's."""
+
+    status, code = 500, "internal_error"
+
+
+class EngineDeadError(StreamError):
+    """The engine loop stopped (an exception outside a model step); no request can complete."""
+
+    status, code = 503, "engine_dead"
+
+
+class RequestFailedError(StreamError):
+    """The model step computing this request raised; the engine goes on with the other requests."""
 
 
 class EngineClient:
@@ -53,27 +65,32 @@ class EngineClient:
         try:
             while not self._stopping:
                 self.wake.clear()
-                with self.lock:
-                    while self.aborts:
-                        request_id = self.aborts.popleft()
-                        self.engine.abort_request(request_id)
-                        self.busy_log.forget(request_id)
-                    busy = self.engine.has_unfinished_requests()
-                    outputs = self.engine.step() if busy else []
-                self.busy_log.observe(outputs)
+                busy = self._step()
                 self.busy_log.maybe_log(self.num_running(), self.num_waiting())
                 if not busy:
                     self.wake.wait(min(1.0, self.busy_log.interval) if self.busy_log.interval > 0 else 1.0)
-                    continue
-                for out in outputs:
-                    target = self.queues.get(out.request_id)
-                    if target is not None:
-                        target[0].call_soon_threadsafe(target[1].put_nowait, out)
         except BaseException as e:
             logger.exception("engine loop failed")
             self.error = e
             for loop, queue in list(self.queues.values()):
                 loop.call_soon_threadsafe(queue.put_nowait, e)
+
+    def _step(self) -> bool:
+        """Apply pending aborts, run one engine step and hand its outputs to their queues (nothing of a finished
+        request is kept here once delivered); False when there was nothing to do."""
+        with self.lock:
+            while self.aborts:
+                request_id = self.aborts.popleft()
+                self.engine.abort_request(request_id)
+                self.busy_log.forget(request_id)
+            busy = self.engine.has_unfinished_requests()
+            outputs = self.engine.step() if busy else []
+        self.busy_log.observe(outputs)
+        for out in outputs:
+            target = self.queues.get(out.request_id)
+            if target is not None:
+                target[0].call_soon_threadsafe(target[1].put_nowait, out)
+        return busy
 
     def _add(self, request_id, prompt_token_ids, params, spec_n_max):
         with self.lock:
@@ -84,12 +101,13 @@ class EngineClient:
     async def start(self, request_id: str, prompt_token_ids: list[int], params, spec_n_max: int | None = None,
                     metrics=None) -> TextStream:
         """Add a request (RequestError for an invalid one) and return the stream of its text."""
-        if not self.healthy:
-            raise EngineDeadError("the engine is not running")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         self.queues[request_id] = (loop, queue)
         try:
+            # checked after registering: a loop that dies from here on finds the queue and posts its error
+            if not self.healthy:
+                raise EngineDeadError("the engine is not running")
             req = await loop.run_in_executor(None, self._add, request_id, prompt_token_ids, params, spec_n_max)
         except BaseException:
             self.queues.pop(request_id, None)
@@ -140,7 +158,10 @@ class TextStream:
             while self.finish_reason is None:
                 out = await self.queue.get()
                 if isinstance(out, BaseException):
-                    raise EngineDeadError(f"the engine failed: {out}")
+                    raise EngineDeadError("the engine stopped after an internal error")
+                if out.finish_reason == "error":
+                    self._end("error")
+                    raise RequestFailedError("the model step computing this request failed")
                 if self.want_logprobs:
                     entries = getattr(self.request, "output_logprobs", None) or []
                     start = self.num_tokens
@@ -148,6 +169,8 @@ class TextStream:
                 self.num_tokens += len(out.new_token_ids)
                 self._observe(len(out.new_token_ids))
                 self.pending += self.detok.add(out.new_token_ids)
+                if out.finished:
+                    self.pending += self.detok.flush()
                 cut = self._find_stop()
                 if cut >= 0:
                     text, self.pending, self.finish_reason = self.pending[:cut], "", "stop"
@@ -165,13 +188,16 @@ class TextStream:
         finally:
             self.close()
 
+    def _end(self, reason: str) -> None:
+        self.finish_reason = reason
+        if self.metrics is not None:
+            self.metrics.on_finish(self.request, self.num_tokens, reason)
+
     def close(self) -> None:
         """Abort the request if it has not finished (client gone); idempotent."""
         if self.finish_reason is None:
-            self.finish_reason = "abort"
+            self._end("abort")
             self.client.abort(self.request.request_id)
-            if self.metrics is not None:
-                self.metrics.on_finish(self.request, self.num_tokens, "abort")
         self.client.queues.pop(self.request.request_id, None)
 
     def take_logprobs(self) -> list:
@@ -193,7 +219,7 @@ async def merged_deltas(streams):
             async for text in s.deltas():
                 await queue.put((i, text, None, s.take_logprobs()))
             await queue.put((i, None, s.finish_reason, []))
-        except EngineDeadError as e:
+        except StreamError as e:
             await queue.put((i, None, e, []))
 
     tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]

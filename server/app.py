@@ -1,19 +1,22 @@
-"""The FastAPI app: OpenAI routes, auth, the error handlers and /metrics (bodies: responses.py)."""
+"""The FastAPI app: OpenAI routes, the error handlers and /metrics (bodies: responses.py; auth and limits: pure ASGI
+middlewares of their own)."""
 
 from __future__ import annotations
 
-import hmac
+import logging
 import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
+from fastapi.responses import PlainTextResponse
 from mtpserve import __version__
+from mtpserve.engine.async_engine import StreamError
 from mtpserve.engine.errors import RequestError
 from mtpserve.engine.sampling_params import SamplingParams
-from mtpserve.engine.async_engine import EngineDeadError
-from mtpserve.server.body_limit import DEFAULT_MAX_BODY_BYTES, BodyLimit
+from mtpserve.server.auth import APIKeyAuth
+from mtpserve.server.client_limit import ClientLimit
 from mtpserve.server.metrics import ServerMetrics
+from mtpserve.server.openapi import ERRORS, STREAMS, drop_validation_schema
 from mtpserve.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -23,10 +26,13 @@ from mtpserve.server.protocol import (
     unsupported_field,
 )
 from mtpserve.server.responses import APIError, error_response, respond
+from mtpserve.server.size_limits import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_HEADER_BYTES, SizeLimits
 from starlette.exceptions import HTTPException
 
+prompt_log = logging.getLogger("mtpserve.server.prompts")  # request content: only with --log-prompts
 
-def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+
+def validation_message(exc: RequestValidationError, content_type: str) -> tuple[str, str | None]:
     err = exc.errors()[0] if exc.errors() else {"msg": "invalid request", "loc": ()}
     loc = [str(p) for p in err.get("loc", ()) if p != "body"]
     param = ".".join(loc) or None
@@ -34,7 +40,17 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         return f"unsupported field {param!r}", param
     if err.get("type") == "json_invalid":
         return "the request body is not valid JSON", None
+    if not loc and "json" not in content_type:
+        return f"the request body must be JSON sent as Content-Type: application/json, got {content_type!r}", None
     return f"{param or 'body'}: {err.get('msg')}", param
+
+
+def disconnect_waiter(request: Request):
+    """A coroutine factory that returns once the client has disconnected (the body is already read)."""
+    async def wait() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    return wait
 
 
 def sampling_params(body, defaults, max_tokens: int, seed_offset: int) -> SamplingParams:
@@ -55,9 +71,18 @@ def sampling_params(body, defaults, max_tokens: int, seed_offset: int) -> Sampli
 
 
 def build_app(engine_client, served_model_name: str, api_key: str | None = None,
-              max_queue: int | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
-    app = FastAPI(title="mtpserve", version=__version__)
-    app.add_middleware(BodyLimit, max_body_bytes=max_body_bytes)
+              max_queue: int | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+              max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES, metrics_public: bool = False,
+              max_concurrent_per_client: int | None = None, log_prompts: bool = False) -> FastAPI:
+    app = FastAPI(title="mtpserve", version=__version__, responses=ERRORS)
+    drop_validation_schema(app)
+    # added innermost first: size limits, then the API key, then the per-client limit, then the routes
+    if max_concurrent_per_client is not None:
+        app.add_middleware(ClientLimit, limit=max_concurrent_per_client)
+    if api_key:
+        app.add_middleware(APIKeyAuth, api_key=api_key, public_paths=("/health", "/metrics") if metrics_public
+                           else ("/health",))
+    app.add_middleware(SizeLimits, max_body_bytes=max_body_bytes, max_header_bytes=max_header_bytes)
     metrics = ServerMetrics(served_model_name)
     app.state.metrics, app.state.client = metrics, engine_client
     engine = engine_client.engine
@@ -68,8 +93,8 @@ def build_app(engine_client, served_model_name: str, api_key: str | None = None,
         return error_response(exc.status, exc.message, exc.param, exc.code)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_, exc: RequestValidationError):
-        message, param = validation_message(exc)
+    async def invalid(request: Request, exc: RequestValidationError):
+        message, param = validation_message(exc, request.headers.get("content-type", ""))
         return error_response(400, message, param)
 
     @app.exception_handler(HTTPException)
@@ -80,14 +105,6 @@ def build_app(engine_client, served_model_name: str, api_key: str | None = None,
     @app.exception_handler(Exception)
     async def crashed(_, exc: Exception):
         return error_response(500, f"internal error: {type(exc).__name__}")
-
-    @app.middleware("http")
-    async def check_key(request: Request, call_next):
-        if api_key and request.url.path != "/health":
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return error_response(401, "missing or invalid API key", code="invalid_api_key")
-        return await call_next(request)
 
     def check_model(name: str | None) -> None:
         if name is not None and name != served_model_name:
@@ -118,36 +135,45 @@ def build_app(engine_client, served_model_name: str, api_key: str | None = None,
                     streams.append(await engine_client.start(f"{prefix}-{p * body.n + j}", ids, sp, spec_n_max,
                                                              metrics))
                     metrics.on_prompt(len(ids))
-        except (RequestError, EngineDeadError) as e:
+        except (RequestError, StreamError) as e:
             for s in streams:
                 s.close()
-            if isinstance(e, EngineDeadError):
-                raise APIError(503, str(e), code="engine_dead") from None
+            if isinstance(e, StreamError):
+                raise APIError(e.status, str(e), code=e.code) from None
             param = "prompt" if e.param == "messages" and prefix.startswith("cmpl") else e.param
             raise APIError(400, str(e), param, e.code) from None
         return streams
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
-        check_body(body)
+    def render_chat(messages) -> str:
         try:
-            text = tok.apply_chat_template(message_dicts(body.messages))
-        except ValueError as e:
+            return tok.apply_chat_template(message_dicts(messages))
+        except (ValueError, RequestError) as e:  # the template's own raise_exception included
             raise APIError(400, str(e), "messages") from None
+
+    def log_prompt(rid: str, prompt) -> None:
+        if log_prompts:
+            prompt_log.info("%s prompt: %r", rid, prompt)
+
+    @app.post("/v1/chat/completions", responses=STREAMS)
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        check_body(body)
+        text = render_chat(body.messages)
         ids = tok.encode(text, add_special_tokens=False)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
+        log_prompt(rid, text)
         streams = await start_all(body, [ids], body.max_completion_tokens or body.max_tokens, rid)
-        return await respond(body, streams, rid, True, served_model_name, tok)
+        return await respond(body, streams, rid, True, served_model_name, tok, disconnect_waiter(request))
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    @app.post("/v1/completions", responses=STREAMS)
+    async def completions(body: CompletionRequest, request: Request):
         check_body(body)
         prompts = [tok.encode(p, add_special_tokens=True) if isinstance(p, str) else p for p in body.prompts()]
         if not prompts:
             raise APIError(400, "prompt must not be empty", "prompt")
         rid = f"cmpl-{uuid.uuid4().hex}"
+        log_prompt(rid, body.prompt)
         streams = await start_all(body, prompts, body.max_tokens or 16, rid)
-        return await respond(body, streams, rid, False, served_model_name, tok)
+        return await respond(body, streams, rid, False, served_model_name, tok, disconnect_waiter(request))
 
     @app.get("/v1/models")
     async def models():
@@ -171,10 +197,7 @@ def build_app(engine_client, served_model_name: str, api_key: str | None = None,
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of 'prompt' or 'messages'", "prompt")
         if body.messages is not None:
-            try:
-                ids = tok.encode(tok.apply_chat_template(message_dicts(body.messages)), add_special_tokens=False)
-            except ValueError as e:
-                raise APIError(400, str(e), "messages") from None
+            ids = tok.encode(render_chat(body.messages), add_special_tokens=False)
         else:
             ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len}
@@ -187,8 +210,8 @@ def build_app(engine_client, served_model_name: str, api_key: str | None = None,
             raise APIError(400, f"token ids must be in [0, {vocab})", "tokens")
         return {"prompt": tok.decode(body.tokens)}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus():
-        return Response(metrics.render(engine_client), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return PlainTextResponse(metrics.render(engine_client), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app

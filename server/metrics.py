@@ -100,7 +100,7 @@ class ServerMetrics:
                        self.spec_accepted, self.ttft, self.itl, self.e2e, self.queue_time, self.prefill_time,
                        self.acceptance_rate, self.acceptance_length, self.decode_speed):
             metric.labels(m)
-        for reason in ("stop", "length", "abort"):
+        for reason in ("stop", "length", "abort", "error"):
             self.success.labels(m, reason)
         self.spec_per_position.labels(m, "0")
         return generate_latest(self.registry)

@@ -5,11 +5,49 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+
+
+def lone_surrogate(data) -> bool:
+    """Whether any string in a JSON value holds a lone UTF-16 surrogate (valid JSON, not valid text)."""
+    stack = [data]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            if any("\ud800" <= ch <= "\udfff" for ch in value):
+                return True
+        elif isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return False
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_is_unicode(cls, data):
+        if lone_surrogate(data):
+            raise ValueError("strings must be valid Unicode (the body has a lone surrogate escape such as \\ud800)")
+        return data
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """The OpenAI error envelope every error answer carries."""
+
+    error: ErrorInfo
 
 
 class StreamOptions(Strict):
@@ -45,7 +83,7 @@ class SamplingFields(Strict):
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=-1)
     min_p: float | None = Field(default=None, ge=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1, le=16)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)

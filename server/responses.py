@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import time
 
-from fastapi.responses import JSONResponse, StreamingResponse
-from mtpserve.engine.async_engine import EngineDeadError, merged_deltas
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from mtpserve.engine.async_engine import StreamError, merged_deltas
 from mtpserve.server.logprobs import chat_logprobs, completion_logprobs
 
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
+logger = logging.getLogger(__name__)
+
+ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error",
+               503: "service_unavailable"}
 
 
 class APIError(Exception):
@@ -20,9 +24,15 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
 
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
-    body = {"message": message, "type": ERROR_TYPES.get(status, "server_error"), "param": param, "code": code}
-    return JSONResponse({"error": body}, status_code=status)
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    """The OpenAI error envelope."""
+    kind = ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                   headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
 
 
 def request_metrics(stream) -> dict:
@@ -39,8 +49,35 @@ def usage(streams, n: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-async def respond(body, streams, rid: str, chat: bool, model_name: str, tok):
-    """The JSON response, or the SSE stream when ``body.stream``."""
+async def collect_all(streams, disconnected=None) -> list[str] | None:
+    """Every stream's full text; None when ``disconnected()`` (the client went away) returns first, and then
+    the streams are aborted, freeing their KV blocks."""
+    gathered = asyncio.ensure_future(asyncio.gather(*(s.collect() for s in streams)))
+    watch = asyncio.ensure_future(disconnected()) if disconnected is not None else None
+
+    def abandon() -> None:
+        gathered.cancel()
+        gathered.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: nothing to report
+        for s in streams:
+            s.close()
+
+    try:
+        await asyncio.wait([t for t in (gathered, watch) if t is not None], return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        abandon()
+        raise
+    finally:
+        if watch is not None:
+            watch.cancel()
+    if not gathered.done():
+        abandon()
+        return None
+    return gathered.result()
+
+
+async def respond(body, streams, rid: str, chat: bool, model_name: str, tok, disconnected=None):
+    """The JSON response, or the SSE stream when ``body.stream``. ``disconnected``: an awaitable factory that
+    returns when the client has gone (a non-stream request is then aborted; a stream notices by itself)."""
     created = int(time.time())
     head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
             "model": model_name}
@@ -57,9 +94,11 @@ async def respond(body, streams, rid: str, chat: bool, model_name: str, tok):
 
     if not body.stream:
         try:
-            texts = await asyncio.gather(*(s.collect() for s in streams))
-        except EngineDeadError as e:
-            raise APIError(503, str(e), code="engine_dead") from None
+            texts = await collect_all(streams, disconnected)
+        except StreamError as e:
+            raise APIError(e.status, str(e), code=e.code) from None
+        if texts is None:
+            return Response(status_code=499)  # nobody reads it: the client has gone
         choices = []
         for i, (s, text) in enumerate(zip(streams, texts)):
             choice = {"index": i, "logprobs": logprobs(i, s.take_logprobs()), "finish_reason": s.finish_reason}
@@ -88,13 +127,24 @@ async def respond(body, streams, rid: str, chat: bool, model_name: str, tok):
         return {**head, "choices": [choice]}
 
     async def events():
+        """The chunks; a stream always ends with a finish reason or an error chunk, then [DONE]."""
+        try:
+            async with contextlib.aclosing(chunks()) as events_of_streams:
+                async for event in events_of_streams:
+                    yield event
+        except Exception:
+            logger.exception("stream %s failed", rid)
+            yield sse(error_body(500, "internal error", code="internal_error"))
+            yield "data: [DONE]\n\n"
+
+    async def chunks():
         if chat:
             for i in range(len(streams)):
                 yield sse(chunk(i, "", first=True))
         async for i, text, end, entries in merged_deltas(streams):
-            if isinstance(end, EngineDeadError):
-                yield sse({"error": {"message": str(end), "type": "service_unavailable", "param": None,
-                                     "code": "engine_dead"}})
+            if isinstance(end, StreamError):
+                yield sse(error_body(end.status, str(end), code=end.code))
+                yield "data: [DONE]\n\n"
                 return
             if end is None:
                 if text or entries:

@@ -19,6 +19,12 @@ def add_args(p) -> None:
     g.add_argument("--served-model-name", default=None, help="model id clients use (default: from --model)")
     g.add_argument("--max-queue", type=int, default=None, help="answer 429 when this many requests are waiting")
     g.add_argument("--max-body-bytes", type=int, default=1 << 20, help="answer 413 for larger request bodies")
+    g.add_argument("--max-header-bytes", type=int, default=16 << 10, help="answer 431 for larger request headers")
+    g.add_argument("--max-concurrent-per-client", type=int, default=None,
+                   help="answer 429 to a client address with this many completions already in flight")
+    g.add_argument("--metrics-public", action="store_true", help="serve /metrics without the API key")
+    g.add_argument("--log-prompts", action="store_true",
+                   help="log each request's prompt text (INFO); without it no request content is logged")
     g.add_argument("--log-interval", type=float, default=5.0,
                    help="seconds between INFO progress lines while busy (0 disables)")
     g.add_argument("--shutdown-grace", type=float, default=10.0,
@@ -48,31 +54,55 @@ def graceful_server(config):
     return Server(config)
 
 
-def run(args) -> int:
-    import uvicorn
-    from mtpserve.server.app import build_app
-    from mtpserve.engine.async_engine import EngineClient
-    from mtpserve.server.cli import engine_from_args
-
+def check_args(args) -> None:
     if not 0 <= args.port < 65536:
         raise MtpserveError("--port must be in [0, 65535]")
     if args.max_queue is not None and args.max_queue < 0:
         raise MtpserveError("--max-queue must be >= 0")
-    if args.max_body_bytes < 1:
-        raise MtpserveError("--max-body-bytes must be at least 1")
+    for name in ("max_body_bytes", "max_header_bytes"):
+        if getattr(args, name) < 1:
+            raise MtpserveError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.max_concurrent_per_client is not None and args.max_concurrent_per_client < 1:
+        raise MtpserveError("--max-concurrent-per-client must be at least 1")
     if args.log_interval < 0 or args.shutdown_grace < 0:
         raise MtpserveError("--log-interval and --shutdown-grace must be >= 0")
+
+
+def warn_if_exposed(host: str, api_key: str | None) -> bool:
+    """Warn (and return True) when listening on every interface without an API key."""
+    if host in ("0.0.0.0", "::", "") and not api_key:
+        logger.warning("listening on all interfaces (%s) without --api-key: anyone who can reach this port can "
+                       "use the model", host or "*")
+        return True
+    return False
+
+
+def run(args) -> int:
+    import uvicorn
+    from mtpserve.engine.async_engine import EngineClient
+    from mtpserve.server.app import build_app
+    from mtpserve.server.cli import engine_from_args
+
+    check_args(args)
     api_key = args.api_key or os.environ.get("MTPSERVE_API_KEY") or None
+    warn_if_exposed(args.host, api_key)
+    if args.log_prompts:  # its own level, so the flag alone is enough at the default --log-level
+        logging.getLogger("mtpserve.server.prompts").setLevel(logging.INFO)
     engine = engine_from_args(args)
     client = EngineClient(engine, log_interval=args.log_interval)
     name = served_name(args)
-    app = build_app(client, name, api_key=api_key, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes)
+    app = build_app(client, name, api_key=api_key, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
+                    max_header_bytes=args.max_header_bytes, metrics_public=args.metrics_public,
+                    max_concurrent_per_client=args.max_concurrent_per_client, log_prompts=args.log_prompts)
     k = engine.policy.n_max if engine.mtp is not None else 0
     mtp = f"MTP active, up to {k} draft tokens per step" if engine.mtp is not None else "MTP off (plain decoding)"
     print(f"mtpserve: serving {name!r} ({args.model}) on http://{args.host}:{args.port}/v1 ; {mtp}", flush=True)
     try:
+        # h11, whose cap on the request head uvicorn lets us set: a head over it is refused by the parser; heads
+        # over --max-header-bytes but under the cap get the app's 431 in the error envelope
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                timeout_graceful_shutdown=args.shutdown_grace)
+                                timeout_graceful_shutdown=args.shutdown_grace, http="h11",
+                                h11_max_incomplete_event_size=args.max_header_bytes + (8 << 10))
         graceful_server(config).run()
     finally:
         client.shutdown()
