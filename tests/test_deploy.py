@@ -44,6 +44,12 @@ def stages() -> list[tuple[str, str, list]]:
     return out
 
 
+def runtime_env() -> dict[str, str]:
+    """The ENV of the runtime (last) stage."""
+    value = next(c.value for c in stages()[-1][2] if c.cmd == "ENV")
+    return dict(zip(value[::2], value[1::2]))
+
+
 def makefile_pin(package: str) -> str:
     return re.search(rf"{re.escape(package)}==[\w.]+", (REPO / "Makefile").read_text()).group(0)
 
@@ -83,7 +89,7 @@ def test_dockerfile_runtime_stage():
     user = next(c.value[0] for c in cmds if c.cmd == "USER")
     assert user not in ("root", "0") and not user.startswith("0:")
     assert kinds.index("USER") < kinds.index("ENTRYPOINT")
-    env = dict(zip(*[iter(next(c.value for c in cmds if c.cmd == "ENV"))] * 2))
+    env = runtime_env()
     assert env["MTPSERVE_HOST"] == "0.0.0.0"
     assert [c.value[0] for c in cmds if c.cmd == "EXPOSE"] == [env["MTPSERVE_PORT"]]
     health = next(c for c in cmds if c.cmd == "HEALTHCHECK")
@@ -192,8 +198,7 @@ def test_compose_services_ports_and_mounts():
     server = services["mtpserve"]
     assert (DOCKER / server["build"]["context"] / "Dockerfile").resolve() == REPO / "Dockerfile"
     assert server["build"]["args"]["VARIANT"] == "cpu" and "profiles" not in server
-    runtime_env = dict(zip(*[iter(next(c.value for c in stages()[-1][2] if c.cmd == "ENV"))] * 2))
-    assert [port_pair(p)[1] for p in server["ports"]] == [int(runtime_env["MTPSERVE_PORT"])]
+    assert [port_pair(p)[1] for p in server["ports"]] == [int(runtime_env()["MTPSERVE_PORT"])]
     assert "/models" in bind_mounts(server)
     global_options, serve_options = load_entrypoint().option_actions(cli.build_parser())
     assert set(server["environment"]) <= set(serve_options) | set(global_options)
