@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "glm4_moe")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "glm4_moe", "qwen3_next")
 
 
 @dataclass
@@ -33,7 +33,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     num_nextn_predict_layers: int = 0
-    mtp_layout: str = "deepseek"  # "deepseek" (model.layers.{N+i}.*) or "mimo" (model.mtp_layers.{i}.*)
+    mtp_layout: str = "deepseek"  # "deepseek" (model.layers.{N+i}.*), "mimo" (model.mtp_layers.{i}.*), "qwen" (mtp.*)
     # mixture of experts (GLM-4.5 / DeepSeek-V3 style); n_routed_experts == 0: dense MLPs only
     n_routed_experts: int = 0
     num_experts_per_tok: int = 0
@@ -44,10 +44,24 @@ class ModelConfig:
     norm_topk_prob: bool = True
     routed_scaling_factor: float = 1.0
     first_k_dense_replace: int = 0  # layers below this index keep a dense MLP
+    # hybrid models (Qwen3-Next): Gated DeltaNet layers between full-attention ones, Qwen-style MoE
+    layer_types: tuple[str, ...] = ()  # per layer "full_attention" or "linear_attention"; () = all full attention
+    linear_conv_kernel_dim: int = 4
+    linear_num_key_heads: int = 0
+    linear_num_value_heads: int = 0
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    shared_expert_intermediate_size: int = 0  # one shared expert behind a sigmoid gate (0: none)
+    decoder_sparse_step: int = 1  # experts in every decoder_sparse_step-th layer ...
+    mlp_only_layers: tuple[int, ...] = ()  # ... except these
 
     @property
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.partial_rotary_factor)
+
+    def has_kv(self, layer_idx: int) -> bool:
+        """Whether layer ``layer_idx`` (MTP layers after the main ones included) attends over a paged KV cache."""
+        return layer_idx >= len(self.layer_types) or self.layer_types[layer_idx] == "full_attention"
 
 
 @dataclass

@@ -88,6 +88,9 @@ class KVCacheManager:
         if table:
             self.pool.free(table)
 
+    def step_state(self, scheduled) -> None:
+        """Per-request state beyond KV blocks for a step: none here (hybrid models: ``HybridCacheManager``)."""
+
     def slot(self, request_id: str, position: int) -> int:
         table = self.block_tables[request_id]
         return table[position // self.block_size] * self.block_size + position % self.block_size

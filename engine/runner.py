@@ -29,8 +29,8 @@ class ModelRunner:
         self.block_size = kv.block_size
         shape = (num_blocks, kv.block_size, cfg.num_key_value_heads, cfg.head_dim)
         num_mtp = len(mtp.layers) if mtp is not None else 0
-        self.kv_caches = [tuple(torch.zeros(shape, dtype=dtype, device=device) for _ in "kv")
-                          for _ in range(cfg.num_hidden_layers + num_mtp)]
+        self.kv_caches = [tuple(torch.zeros(shape, dtype=dtype, device=device) for _ in "kv") if cfg.has_kv(i)
+                          else None for i in range(cfg.num_hidden_layers + num_mtp)]
         self.attn = TorchPagedAttention()
         self.sampler = Sampler()
         self.vocab_size = cfg.vocab_size
@@ -63,7 +63,7 @@ class ModelRunner:
         meta = AttentionMetadata(
             slot_mapping=slot_mapping.to(dev), block_tables=block_tables.to(dev),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev), query_start_loc=query_start_loc.to(dev),
-            query_lens=query_lens, seq_lens_host=seq_lens, block_size=bs)
+            query_lens=query_lens, seq_lens_host=seq_lens, block_size=bs, recurrent=self.kv.step_state(out.scheduled))
         return torch.tensor(input_ids, dtype=torch.long, device=dev), pos.to(dev), meta
 
     @torch.inference_mode()

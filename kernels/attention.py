@@ -21,6 +21,7 @@ class AttentionMetadata:
     query_lens: list[int]  # host copy, per sequence
     seq_lens_host: list[int]  # host copy of seq_lens
     block_size: int
+    recurrent: object | None = None  # linear-attention state slots of the sequences (hybrid models)
 
     @property
     def decode_only(self) -> bool:
@@ -29,6 +30,8 @@ class AttentionMetadata:
 
 class AttentionBackend:
     """Interface: ``prepare`` once per step, ``forward`` once per layer."""
+
+    meta: AttentionMetadata | None = None  # the step's metadata (None: no paged cache, e.g. DenseCausalAttention)
 
     def prepare(self, metadata: AttentionMetadata) -> None:
         raise NotImplementedError

@@ -10,6 +10,7 @@ import torch
 
 from mtpserve.engine.config import SUPPORTED_ARCHITECTURES, GenerationDefaults, ModelConfig
 from mtpserve.engine.errors import ModelLoadError
+from mtpserve.engine.loader.hybrid_config import HYBRID_ARCHITECTURES, hybrid_fields, qwen_mtp_layers
 
 if TYPE_CHECKING:
     from mtpserve.engine.loader.checkpoint import Checkpoint
@@ -21,12 +22,15 @@ ARCHITECTURE_CLASSES = {
     "Qwen3ForCausalLM": "qwen3",
     "Glm4MoeForCausalLM": "glm4_moe",
     "MiMoForCausalLM": "mimo",
+    "Qwen3NextForCausalLM": "qwen3_next",
 }
 # transformers' defaults for keys a config.json may leave out
-DEFAULT_MAX_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768, "glm4_moe": 131072}
+DEFAULT_MAX_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768, "glm4_moe": 131072,
+                         "qwen3_next": 32768}
 GLM4_MOE_DEFAULTS = {"n_routed_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 1408,
                      "n_shared_experts": 1, "n_group": 1, "topk_group": 1, "norm_topk_prob": True,
                      "routed_scaling_factor": 1.0, "first_k_dense_replace": 1}
+MTP_COUNT_KEYS = ("num_nextn_predict_layers", "num_mtp_layers", "mtp_num_hidden_layers")  # the last: Qwen3.5
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 ROPE_KEYS = {
     "linear": ("factor",),
@@ -124,6 +128,9 @@ def parse_hf_config(cfg: dict) -> ModelConfig:
     mtp_layout = "deepseek"
     if arch == "mimo":  # Qwen2 with MTP layers under model.mtp_layers.{i}
         arch, mtp_layout = "qwen2", "mimo"
+    hybrid = arch in HYBRID_ARCHITECTURES  # Qwen3-Next: MTP layers under mtp.*, partial rotary 0.25, q/k norm
+    if hybrid:
+        mtp_layout = "qwen"
     if cfg.get("quantization_config"):
         method = cfg["quantization_config"].get("quant_method", "unknown")
         raise ModelLoadError(f"quantized checkpoints are not supported (quant_method '{method}')")
@@ -141,7 +148,7 @@ def parse_hf_config(cfg: dict) -> ModelConfig:
         if window and window_on and window < max_positions:
             max_positions = int(window)
         glm = arch == "glm4_moe"  # transformers' glm4_moe defaults: partial rotary 0.5, eps 1e-5
-        theta, partial, scaling = parse_rope(cfg, max_positions, 0.5 if glm else 1.0)
+        theta, partial, scaling = parse_rope(cfg, max_positions, 0.5 if glm else 0.25 if hybrid else 1.0)
         return ModelConfig(
             architecture=arch,
             vocab_size=int(cfg["vocab_size"]),
@@ -160,13 +167,14 @@ def parse_hf_config(cfg: dict) -> ModelConfig:
             # qwen2 always has q/k/v bias (never on o_proj); mistral never; llama/qwen3 follow the key
             # (and then o_proj has a bias too: see the weights).
             attention_bias=True if arch == "qwen2" else arch != "mistral" and bool(cfg.get("attention_bias")),
-            qk_norm=arch == "qwen3" or glm and bool(cfg.get("use_qk_norm")),
+            qk_norm=arch == "qwen3" or hybrid or glm and bool(cfg.get("use_qk_norm")),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=token_ids(cfg.get("eos_token_id")),
             # transformers 5 reads num_mtp_layers as an alias (and writes num_nextn_predict_layers)
-            num_nextn_predict_layers=int(cfg.get("num_nextn_predict_layers") or cfg.get("num_mtp_layers") or 0),
+            num_nextn_predict_layers=int(next((cfg[k] for k in MTP_COUNT_KEYS if cfg.get(k)), 0)),
             mtp_layout=mtp_layout,
             **moe_fields(cfg, arch),
+            **hybrid_fields(cfg, arch, int(cfg["num_hidden_layers"])),
         )
     except KeyError as e:
         raise ModelLoadError(f"config.json is missing {e.args[0]!r}") from e
@@ -247,7 +255,8 @@ def load_weights(path: str) -> dict[str, torch.Tensor]:
 
 
 def check_weights(config: ModelConfig, weights: dict[str, torch.Tensor], path: str) -> None:
-    needed = ["model.embed_tokens.weight", "model.norm.weight", "model.layers.0.self_attn.q_proj.weight"]
+    mixer = "self_attn.q_proj" if config.has_kv(0) else "linear_attn.out_proj"
+    needed = ["model.embed_tokens.weight", "model.norm.weight", f"model.layers.0.{mixer}.weight"]
     if not config.tie_word_embeddings:
         needed.append("lm_head.weight")
     missing = [n for n in needed if n not in weights]
@@ -263,9 +272,12 @@ def load_hf_dir(path: str) -> "Checkpoint":
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
         raise ModelLoadError(f"{path} has no config.json (not a Hugging Face model directory?)")
-    config = parse_hf_config(read_json(config_file))
+    raw = read_json(config_file)
+    config = parse_hf_config(raw)
     weights = load_weights(path)
     check_weights(config, weights, path)
+    if config.mtp_layout == "qwen" and not any(raw.get(k) is not None for k in MTP_COUNT_KEYS):
+        config.num_nextn_predict_layers = qwen_mtp_layers(weights)  # Qwen3-Next's config does not say
     generation = load_generation_defaults(path)
     if not generation.eos_token_ids:
         generation.eos_token_ids = list(config.eos_token_ids)

@@ -3,6 +3,7 @@
 from mtpserve.engine.errors import ModelLoadError
 from mtpserve.engine.models.glm4_moe import Glm4MoeForCausalLM
 from mtpserve.engine.models.llama import LlamaForCausalLM
+from mtpserve.engine.models.qwen3_next import Qwen3NextForCausalLM
 
 MODEL_CLASSES = {
     "llama": LlamaForCausalLM,
@@ -10,6 +11,7 @@ MODEL_CLASSES = {
     "qwen2": LlamaForCausalLM,
     "qwen3": LlamaForCausalLM,
     "glm4_moe": Glm4MoeForCausalLM,
+    "qwen3_next": Qwen3NextForCausalLM,
 }
 
 

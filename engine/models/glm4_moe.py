@@ -27,17 +27,47 @@ class Glm4Attention(Attention):
         self.o_bias = None  # attention_bias covers q/k/v only
 
 
-class MoE(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+class RoutedExperts(nn.Module):
+    """Expert weights (per expert ``[in, out]``) and the routed sum ``sum_j w_j expert_{id_j}(x)``."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
         super().__init__()
+        self.num_experts = num_experts
+        self.gate_up_weight = _param(num_experts, hidden_size, 2 * intermediate_size)
+        self.down_weight = _param(num_experts, intermediate_size, hidden_size)
+
+    def run_experts(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [T, H], ids / weights [T, top_k] -> [T, H]."""
+        out = torch.zeros_like(x)
+        for e in ids.unique().tolist():  # only the experts that got tokens
+            tokens, slot = (ids == e).nonzero(as_tuple=True)
+            gate, up = linear(x[tokens], self.gate_up_weight[e]).chunk(2, dim=-1)
+            y = linear(F.silu(gate) * up, self.down_weight[e])
+            out.index_add_(0, tokens, y * weights[tokens, slot, None].to(y.dtype))
+        return out
+
+    def load_experts(self, w: dict[str, torch.Tensor], prefix: str) -> None:
+        """``{prefix}experts.{e}.{gate,up,down}_proj.weight``, or the fused ``experts.gate_up_proj`` [E, 2I, H] and
+        ``experts.down_proj`` [E, H, I] of transformers' own layout."""
+        if prefix + "experts.gate_up_proj" in w:
+            _copy(self.gate_up_weight, w[prefix + "experts.gate_up_proj"].transpose(1, 2))
+            _copy(self.down_weight, _take(w, prefix + "experts.down_proj").transpose(1, 2))
+            return
+        experts = [f"{prefix}experts.{e}." for e in range(self.num_experts)]
+        _copy(self.gate_up_weight, torch.stack([
+            torch.cat([_take(w, e + "gate_proj.weight"), _take(w, e + "up_proj.weight")]).t() for e in experts]))
+        _copy(self.down_weight, torch.stack([_take(w, e + "down_proj.weight").t() for e in experts]))
+
+
+class MoE(RoutedExperts):
+    def __init__(self, cfg: ModelConfig):
         h, inter, n = cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts
-        self.num_experts, self.top_k = n, cfg.num_experts_per_tok
+        super().__init__(n, h, inter)
+        self.top_k = cfg.num_experts_per_tok
         self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
         self.norm_topk_prob, self.scaling = cfg.norm_topk_prob, cfg.routed_scaling_factor
         self.gate_weight = _param(h, n)  # [in, out], float32
         self.gate_bias = _param(n)  # e_score_correction_bias: expert choice only
-        self.gate_up_weight = _param(n, h, 2 * inter)  # per expert [in, out]
-        self.down_weight = _param(n, inter, h)
         self.shared_experts = MLP(replace(cfg, intermediate_size=inter * cfg.n_shared_experts)) \
             if cfg.n_shared_experts else None
 
@@ -67,30 +97,17 @@ class MoE(nn.Module):
         return ids, weights * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ids, weights = self.route(x)
-        out = torch.zeros_like(x)
-        for e in ids.unique().tolist():  # only the experts that got tokens
-            tokens, slot = (ids == e).nonzero(as_tuple=True)
-            gate, up = linear(x[tokens], self.gate_up_weight[e]).chunk(2, dim=-1)
-            y = linear(F.silu(gate) * up, self.down_weight[e])
-            out.index_add_(0, tokens, y * weights[tokens, slot, None].to(y.dtype))
+        out = self.run_experts(x, *self.route(x))
         return out + self.shared_experts(x) if self.shared_experts is not None else out
 
     def load(self, w: dict[str, torch.Tensor], prefix: str) -> None:
         """From the checkpoint layout: ``{prefix}gate.weight``, ``gate.e_score_correction_bias``,
         ``experts.{e}.{gate,up,down}_proj.weight``, ``shared_experts.*``."""
-        g = lambda name: _take(w, prefix + name)  # noqa: E731
-        _copy(self.gate_weight, g("gate.weight").float().t())
-        _copy(self.gate_bias, g("gate.e_score_correction_bias").float())
-        experts = range(self.num_experts)
-        _copy(self.gate_up_weight, torch.stack([
-            torch.cat([g(f"experts.{e}.gate_proj.weight"), g(f"experts.{e}.up_proj.weight")]).t() for e in experts]))
-        _copy(self.down_weight, torch.stack([g(f"experts.{e}.down_proj.weight").t() for e in experts]))
+        _copy(self.gate_weight, _take(w, prefix + "gate.weight").float().t())
+        _copy(self.gate_bias, _take(w, prefix + "gate.e_score_correction_bias").float())
+        self.load_experts(w, prefix)
         if self.shared_experts is not None:
-            s = self.shared_experts
-            _copy(s.gate_up_weight, torch.cat([g("shared_experts.gate_proj.weight"),
-                                               g("shared_experts.up_proj.weight")]).t())
-            _copy(s.down_weight, g("shared_experts.down_proj.weight").t())
+            self.shared_experts.load(w, prefix + "shared_experts.")
 
 
 class Glm4MoeDecoderLayer(DecoderLayer):

@@ -16,7 +16,7 @@ and drafts step ``j``; past the last layer, the last one is reused.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -38,11 +38,16 @@ class MTPLayout:
     head: str = "shared_head.head.weight"
     embed: str = "embed_tokens.weight"
     hidden_first: bool = False  # projection input order [hnorm(h), enorm(e)]
+    block: str = ""  # the decoder block's prefix after the layer's, "{i}" = layer index
+    norm_offset: float = 0.0  # 1.0: zero-centered norms stored as w, applied as 1 + w
 
 
 DEEPSEEK_LAYOUT = MTPLayout()
 MIMO_LAYOUT = MTPLayout(enorm="token_layernorm.weight", hnorm="hidden_layernorm.weight", eh_proj="input_proj.weight",
                         shared_norm="final_layernorm.weight", head="", embed="", hidden_first=True)
+# Qwen3-Next / Qwen3.5: one mtp.{fc,pre_fc_norm_*,norm} set, blocks mtp.layers.{i}
+QWEN_LAYOUT = MTPLayout(enorm="pre_fc_norm_embedding.weight", hnorm="pre_fc_norm_hidden.weight", eh_proj="fc.weight",
+                        shared_norm="norm.weight", head="", embed="", block="layers.{i}.", norm_offset=1.0)
 
 
 class MTPLayer(nn.Module):
@@ -65,29 +70,30 @@ class MTPLayer(nn.Module):
 
     def load(self, w: dict[str, torch.Tensor], prefix: str) -> None:
         lay = self.layout
-        _copy(self.enorm, _take(w, prefix + lay.enorm))
-        _copy(self.hnorm, _take(w, prefix + lay.hnorm))
+        _copy(self.enorm, _take(w, prefix + lay.enorm) + lay.norm_offset)
+        _copy(self.hnorm, _take(w, prefix + lay.hnorm) + lay.norm_offset)
         _copy(self.eh_proj, _take(w, prefix + lay.eh_proj).t())
-        _copy(self.shared_norm, _take(w, prefix + lay.shared_norm))
+        _copy(self.shared_norm, _take(w, prefix + lay.shared_norm) + lay.norm_offset)
         if lay.head and prefix + lay.head in w:
             self.head = _param(self.hidden_size, self.vocab_size)
             _copy(self.head, w[prefix + lay.head].t())
         if lay.embed and prefix + lay.embed in w:
             self.embed_tokens = _param(self.vocab_size, self.hidden_size)
             _copy(self.embed_tokens, w[prefix + lay.embed])
-        self.block.load(w, prefix)
+        self.block.load(w, prefix + lay.block)
 
     def export(self, prefix: str) -> dict[str, torch.Tensor]:
         """HF/DeepSeek-named weights of this layer (the inverse of ``load``)."""
         lay = self.layout
-        out = {prefix + lay.enorm: self.enorm, prefix + lay.hnorm: self.hnorm, prefix + lay.eh_proj: self.eh_proj.t(),
-               prefix + lay.shared_norm: self.shared_norm}
+        off = lay.norm_offset
+        out = {prefix + lay.enorm: self.enorm - off, prefix + lay.hnorm: self.hnorm - off,
+               prefix + lay.eh_proj: self.eh_proj.t(), prefix + lay.shared_norm: self.shared_norm - off}
         if self.head is not None:
             out[prefix + lay.head] = self.head.t()
         if self.embed_tokens is not None:
             out[prefix + lay.embed] = self.embed_tokens
         out = {k: v.detach().float().contiguous() for k, v in out.items()}
-        out.update(self.block.export(prefix))
+        out.update(self.block.export(prefix + lay.block))
         return out
 
     def forward(self, embeds: torch.Tensor, hidden: torch.Tensor, cos, sin, kv_cache, attn) -> torch.Tensor:
@@ -138,12 +144,12 @@ def build_mtp(model: nn.Module, weights: dict[str, torch.Tensor], num_layers: in
     cfg = model.config
     layers = []
     for i in range(num_layers):
-        prefix = prefix_of(i)
-        if not any(k.startswith(prefix) for k in weights):
+        prefix, lay = prefix_of(i), replace(layout, block=layout.block.format(i=i))
+        if not any(k.startswith(prefix + lay.block) for k in weights):
             raise ModelLoadError(f"the config promises {num_layers} MTP layer(s) but the weights have none "
-                                 f"under {prefix!r}")
+                                 f"under {prefix + lay.block!r}")
         layer = MTPLayer(model.make_layer(cfg.num_hidden_layers + i), cfg.hidden_size, cfg.vocab_size,
-                         cfg.rms_norm_eps, layout, feedback)
+                         cfg.rms_norm_eps, lay, feedback)
         layer.load(weights, prefix)
         layers.append(layer)
     return MTPModule(model, layers)
