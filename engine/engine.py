@@ -10,11 +10,11 @@ import torch
 
 from mtpserve.engine.config import EngineConfig
 from mtpserve.engine.errors import MtpserveError, RequestError
-from mtpserve.engine.kv_cache import KVCacheManager
 from mtpserve.engine.loader.checkpoint import Checkpoint
 from mtpserve.engine.loader.mtp_head import load_mtp_head, rename_gguf_nextn
 from mtpserve.engine.models import model_class
-from mtpserve.engine.models.mtp import DEEPSEEK_LAYOUT, MIMO_LAYOUT, build_mtp
+from mtpserve.engine.models.mtp import DEEPSEEK_LAYOUT, MIMO_LAYOUT, QWEN_LAYOUT, build_mtp
+from mtpserve.engine.recurrent_state import cache_manager
 from mtpserve.engine.request import Request, RequestStatus
 from mtpserve.engine.runner import ModelRunner, kv_bytes_per_block
 from mtpserve.engine.sampler import make_generator
@@ -52,7 +52,7 @@ class LLMEngine:
         mc = self.model_config = checkpoint.config
         self.device = torch.device(config.device)
         mtp_weights, num_mtp = self._mtp_weights()
-        num_layers = mc.num_hidden_layers + num_mtp
+        num_layers = sum(mc.has_kv(i) for i in range(mc.num_hidden_layers + num_mtp))  # with a paged KV cache
         per_block = kv_bytes_per_block(num_layers, config.block_size, mc.num_key_value_heads, mc.head_dim, config.dtype)
         num_blocks = config.num_blocks or max(1, config.kv_cache_memory_bytes // per_block)
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, num_blocks * config.block_size)
@@ -64,12 +64,14 @@ class LLMEngine:
         if num_mtp and mc.mtp_layout == "mimo" and not config.mtp_head:  # feeds back final_layernorm's output
             self.mtp = build_mtp(self.model, mtp_weights, num_mtp, MIMO_LAYOUT, lambda i: f"model.mtp_layers.{i}.",
                                  "post_norm")
+        elif num_mtp and mc.mtp_layout == "qwen" and not config.mtp_head:  # feeds back mtp.norm's output
+            self.mtp = build_mtp(self.model, mtp_weights, num_mtp, QWEN_LAYOUT, lambda i: "mtp.", "post_norm")
         elif num_mtp:
             self.mtp = build_mtp(self.model, mtp_weights, num_mtp, DEEPSEEK_LAYOUT,
                                  lambda i: f"model.layers.{mc.num_hidden_layers + i}.", config.mtp_feedback)
         if self.mtp is not None:
             self.mtp.to(device=self.device, dtype=config.dtype).eval()
-        self.kv = KVCacheManager(num_blocks, config.block_size)
+        self.kv = cache_manager(self.model, num_blocks, config, config.spec_draft_n_max if self.mtp else 0)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len)
         self.policy = DraftPolicy(config.spec_draft_n_max if self.mtp else 0, config.spec_adaptive)
         self.runner = ModelRunner(self.model, self.kv, num_blocks, config.dtype, self.device, self.mtp, self.policy)
