@@ -60,7 +60,7 @@ def measure_step_costs(runner, max_tokens: int) -> StepCosts:
         def draft_step():
             proposer.attn.prepare(meta)
             y = proposer.mtp(1, ids, torch.zeros(n, model.config.hidden_size, device=device,
-                                                 dtype=runner.kv_caches[0][0].dtype), pos + 1,
+                                                 dtype=model.lm_head.dtype), pos + 1,
                              proposer.kv_caches, proposer.attn)
             proposer.mtp.compute_logits(1, y)
 
