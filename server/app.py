@@ -100,7 +100,8 @@ def build_app(engine_client, served_model_name: str, api_key: str | None = None,
     @app.exception_handler(HTTPException)
     async def http_error(_, exc: HTTPException):
         message = "not found" if exc.status_code == 404 else str(exc.detail)
-        return error_response(exc.status_code, message, code="request_too_large" if exc.status_code == 413 else None)
+        return error_response(exc.status_code, message, code="request_too_large" if exc.status_code == 413 else None,
+                              headers=exc.headers)  # e.g. Allow on a 405
 
     @app.exception_handler(Exception)
     async def crashed(_, exc: Exception):

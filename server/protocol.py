@@ -27,7 +27,9 @@ def lone_surrogate(data) -> bool:
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Unknown fields rejected, and no type coercion (no "5" or true for an integer, no 1 for a boolean)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     @model_validator(mode="before")
     @classmethod
