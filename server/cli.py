@@ -62,7 +62,7 @@ def engine_from_args(args):
 
 def build_parser() -> argparse.ArgumentParser:
     from mtpserve import __version__
-    from mtpserve.server import generate_cmd, serve_cmd
+    from mtpserve.server import generate_cmd, serve_cmd, stress_cmd
 
     parser = argparse.ArgumentParser(prog="mtpserve", description="MTP-first LLM inference server")
     parser.add_argument("--version", action="version", version=f"mtpserve {__version__}")
@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(serve)
     serve_cmd.add_args(serve)
     serve.set_defaults(func=serve_cmd.run)
+    stress = sub.add_parser("stress", help="load, random disconnects and leak checks against this server on loopback")
+    add_engine_args(stress)
+    stress_cmd.add_args(stress)
+    stress.set_defaults(func=stress_cmd.run)
     return parser
 
 

@@ -161,3 +161,13 @@ def test_cache_pressure_preempts_and_resumes(tiny_llama_dir, head):
         assert not any(wait_idle(client).values())
     finally:
         client.shutdown()
+
+
+def test_stress_command(tiny_llama_dir, head, capsys):
+    from mtpserve.server.cli import main
+
+    code = main(["stress", "--model", tiny_llama_dir, "--mtp-head", head, "--spec-adaptive", "off", "--device", "cpu",
+                 "--num-blocks", "48", "--requests", "40", "--concurrency", "8", "--max-tokens", "16", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["requests"] == 40 and report["errors"] == 0 and report["leaked_blocks"] == 0
+    assert report["completed"] + report["aborted"] == 40 and report["rss_mib_after"] is not None
