@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "glm4_moe", "qwen3_next")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "glm4_moe", "qwen3_next", "qwen3_5_text",
+                           "qwen3_5_moe_text")
 
 
 @dataclass
@@ -44,7 +45,7 @@ class ModelConfig:
     norm_topk_prob: bool = True
     routed_scaling_factor: float = 1.0
     first_k_dense_replace: int = 0  # layers below this index keep a dense MLP
-    # hybrid models (Qwen3-Next): Gated DeltaNet layers between full-attention ones, Qwen-style MoE
+    # hybrid models (Qwen3-Next, Qwen3.5): Gated DeltaNet layers between full-attention ones, Qwen-style MoE
     layer_types: tuple[str, ...] = ()  # per layer "full_attention" or "linear_attention"; () = all full attention
     linear_conv_kernel_dim: int = 4
     linear_num_key_heads: int = 0

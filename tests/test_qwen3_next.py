@@ -24,7 +24,7 @@ from mtpserve.engine.train.distill import distill
 from mtpserve.kernels.gated_delta import delta_rule_chunked, delta_rule_recurrent, l2_normalize
 from test_model_parity import reference_logits
 from test_mtp import check_stats, prompts
-from tiny_qwen3_next import QWEN3_NEXT_TINY, make_tiny_qwen3_next
+from tiny_qwen3_next import COMMON, make_tiny_qwen3_next
 
 pytest.importorskip("transformers")
 ATOL = 2e-4
@@ -109,13 +109,10 @@ def test_layer_kinds(qwen_dir):
     assert [c is None for c in engine.runner.kv_caches] == [True, False, True, True]  # no KV for DeltaNet layers
 
 
-@pytest.mark.parametrize("chunks", [[40], [5, 7, 1, 20]])
-def test_prefill_and_decode_match_transformers(qwen_dir, chunks):
-    """Prompts over 16 tokens take the chunked delta rule, shorter chunks and decode the recurrent one; the
-    state carries across chunks and steps."""
-    hf = load_reference_model(qwen_dir)
-    engine = make_engine(qwen_dir, spec_adaptive=False)
-    ids = torch.randint(0, QWEN3_NEXT_TINY["vocab_size"], (sum(chunks) + 8,),
+def check_parity(path: str, hf, chunks: list[int], decode_steps: int = 8) -> None:
+    """Chunked prefill then decode through the paged cache and state slots vs one transformers forward."""
+    engine = make_engine(path, spec_adaptive=False)
+    ids = torch.randint(0, COMMON["vocab_size"], (sum(chunks) + decode_steps,),
                         generator=torch.Generator().manual_seed(1)).tolist()
     req = new_request(engine, ids[:sum(chunks)])
     ours = [compute(engine, [(req, n)])[0] for n in chunks]
@@ -123,6 +120,30 @@ def test_prefill_and_decode_match_transformers(qwen_dir, chunks):
         req.all_token_ids.append(t)
         ours.append(compute(engine, [(req, 1)])[0])
     torch.testing.assert_close(torch.cat(ours), reference_logits(hf, ids), atol=ATOL, rtol=1e-4)
+
+
+@pytest.mark.parametrize("chunks", [[40], [5, 7, 1, 20]])
+def test_prefill_and_decode_match_transformers(qwen_dir, chunks):
+    """Prompts over 16 tokens take the chunked delta rule, shorter chunks and decode the recurrent one; the
+    state carries across chunks and steps."""
+    check_parity(qwen_dir, load_reference_model(qwen_dir), chunks)
+
+
+@pytest.mark.parametrize("family,image_text", [("qwen3_5", False), ("qwen3_5_moe", False), ("qwen3_5", True)],
+                         ids=["qwen3_5", "qwen3_5_moe", "qwen3_5_image_text"])
+def test_qwen3_5_matches_transformers_and_drafts_losslessly(tmp_path, family, image_text):
+    """Qwen3.5 (DeltaNet projections stored apart, dense or MoE blocks; the released image-text layout with the
+    language model under model.language_model.*): parity, then MTP (its mtp_num_hidden_layers key) lossless."""
+    import transformers
+
+    path = make_tiny_qwen3_next(tmp_path, family, image_text=image_text, mtp_key="mtp_num_hidden_layers")
+    reference = transformers.AutoModelForImageTextToText if image_text else transformers.AutoModelForCausalLM
+    check_parity(path, reference.from_pretrained(path, dtype=torch.float32).eval(), [20, 3])
+    ps = prompts(3, seed=5)
+    engine = make_engine(path, spec_draft_n_max=2, **F64)
+    assert engine.mtp is not None
+    assert greedy(engine, ps, 12) == greedy(make_engine(path, spec_draft_n_max=0, **F64), ps, 12)
+    assert engine.spec_stats.num_draft_tokens > 0
 
 
 def test_batched_step_matches_transformers(qwen_dir):

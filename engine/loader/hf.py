@@ -10,7 +10,8 @@ import torch
 
 from mtpserve.engine.config import SUPPORTED_ARCHITECTURES, GenerationDefaults, ModelConfig
 from mtpserve.engine.errors import ModelLoadError
-from mtpserve.engine.loader.hybrid_config import HYBRID_ARCHITECTURES, hybrid_fields, qwen_mtp_layers
+from mtpserve.engine.loader.hybrid_config import (HYBRID_ARCHITECTURES, hybrid_fields, qwen_mtp_layers,
+                                                  text_config_of, text_weights)
 
 if TYPE_CHECKING:
     from mtpserve.engine.loader.checkpoint import Checkpoint
@@ -23,10 +24,12 @@ ARCHITECTURE_CLASSES = {
     "Glm4MoeForCausalLM": "glm4_moe",
     "MiMoForCausalLM": "mimo",
     "Qwen3NextForCausalLM": "qwen3_next",
+    "Qwen3_5ForCausalLM": "qwen3_5_text",
+    "Qwen3_5MoeForCausalLM": "qwen3_5_moe_text",
 }
 # transformers' defaults for keys a config.json may leave out
 DEFAULT_MAX_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768, "glm4_moe": 131072,
-                         "qwen3_next": 32768}
+                         "qwen3_next": 32768, "qwen3_5_text": 32768, "qwen3_5_moe_text": 32768}
 GLM4_MOE_DEFAULTS = {"n_routed_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 1408,
                      "n_shared_experts": 1, "n_group": 1, "topk_group": 1, "norm_topk_prob": True,
                      "routed_scaling_factor": 1.0, "first_k_dense_replace": 1}
@@ -119,16 +122,18 @@ def moe_fields(cfg: dict, arch: str) -> dict:
 
 
 def parse_hf_config(cfg: dict) -> ModelConfig:
-    """Map a transformers config.json (llama, mistral, qwen2, qwen3, glm4_moe) to a ModelConfig.
+    """Map a transformers config.json (llama, mistral, qwen2, qwen3, glm4_moe, mimo, qwen3_next, qwen3_5 and
+    qwen3_5_moe, dense text or image-text) to a ModelConfig.
 
     Sliding-window attention is not implemented: when a config enables a window shorter than the context,
     max_position_embeddings is capped to the window, where full attention gives the same result.
     """
+    cfg = text_config_of(cfg)
     arch = architecture_of(cfg)
     mtp_layout = "deepseek"
     if arch == "mimo":  # Qwen2 with MTP layers under model.mtp_layers.{i}
         arch, mtp_layout = "qwen2", "mimo"
-    hybrid = arch in HYBRID_ARCHITECTURES  # Qwen3-Next: MTP layers under mtp.*, partial rotary 0.25, q/k norm
+    hybrid = arch in HYBRID_ARCHITECTURES  # Qwen3-Next / 3.5: MTP layers under mtp.*, partial rotary 0.25, q/k norm
     if hybrid:
         mtp_layout = "qwen"
     if cfg.get("quantization_config"):
@@ -153,7 +158,7 @@ def parse_hf_config(cfg: dict) -> ModelConfig:
             architecture=arch,
             vocab_size=int(cfg["vocab_size"]),
             hidden_size=hidden,
-            intermediate_size=int(cfg["intermediate_size"]),
+            intermediate_size=int(cfg.get("intermediate_size") or 0) if hybrid else int(cfg["intermediate_size"]),
             num_hidden_layers=int(cfg["num_hidden_layers"]),
             num_attention_heads=heads,
             num_key_value_heads=int(cfg.get("num_key_value_heads") or (8 if glm else heads)),
@@ -272,9 +277,11 @@ def load_hf_dir(path: str) -> "Checkpoint":
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
         raise ModelLoadError(f"{path} has no config.json (not a Hugging Face model directory?)")
-    raw = read_json(config_file)
+    raw = text_config_of(read_json(config_file))
     config = parse_hf_config(raw)
     weights = load_weights(path)
+    if config.architecture in HYBRID_ARCHITECTURES:  # Qwen3.5 image-text releases: the language model's weights
+        weights = text_weights(weights)
     check_weights(config, weights, path)
     if config.mtp_layout == "qwen" and not any(raw.get(k) is not None for k in MTP_COUNT_KEYS):
         config.num_nextn_predict_layers = qwen_mtp_layers(weights)  # Qwen3-Next's config does not say

@@ -12,6 +12,8 @@ MODEL_CLASSES = {
     "qwen3": LlamaForCausalLM,
     "glm4_moe": Glm4MoeForCausalLM,
     "qwen3_next": Qwen3NextForCausalLM,
+    "qwen3_5_text": Qwen3NextForCausalLM,  # same blocks; the DeltaNet projections stored apart, dense MLPs
+    "qwen3_5_moe_text": Qwen3NextForCausalLM,
 }
 
 
