@@ -104,6 +104,17 @@ def load_reference_model(path: str):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of many tiny ops (``pytestmark = pytest.mark.usefixtures("one_thread")``): with 2 threads on a
+    shared 2-core machine every op waits for a descheduled worker (measured: 0.1 s -> 20 s per test); one thread is
+    also the fastest when idle."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
 

@@ -20,21 +20,12 @@ from mtpserve.engine.sampling_params import SamplingParams
 from mtpserve.kernels.attention import DenseCausalAttention
 
 pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("one_thread")  # 46 tiny layers: thousands of small ops
 ATOL = 2e-4
 # group-limited routing over 8 experts, q/k norm, unnormalized scaled weights, 2 shared experts, 3 layers
 ROUTING_VARIANT = dict(num_hidden_layers=3, mtp=False, n_routed_experts=8, n_group=4, topk_group=2,
                        num_experts_per_tok=3, use_qk_norm=True, norm_topk_prob=False, routed_scaling_factor=2.5,
                        n_shared_experts=2, first_k_dense_replace=0)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """46 tiny layers are thousands of small ops: with 2 threads on a shared 2-core machine every op waits for a
-    descheduled worker (measured: 0.1 s -> 20 s per test); one thread is also the fastest when idle."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +34,11 @@ def glm_dir(tmp_path_factory) -> str:
     return make_tiny_glm4_moe(tmp_path_factory.mktemp("tiny_glm4_moe"))
 
 
-def check_model(path: str, chunks: list[int], decode_steps: int = 8) -> None:
-    """Chunked prefill then decode through the paged cache vs one transformers forward over the whole sequence.
-    (test_model_parity.check_model with the engine's start-up cost measurement turned off.)"""
-    hf = load_reference_model(path)
+def check_model(path: str, chunks: list[int], decode_steps: int = 8, hf=None) -> None:
+    """Chunked prefill then decode through the paged cache vs one transformers forward over the whole sequence
+    (``hf``, else the checkpoint loaded by AutoModelForCausalLM). (test_model_parity.check_model with the engine's
+    start-up cost measurement turned off.)"""
+    hf = hf if hf is not None else load_reference_model(path)
     engine = make_engine(path, spec_adaptive=False)
     ids = torch.randint(0, engine.model_config.vocab_size, (sum(chunks) + decode_steps,),
                         generator=torch.Generator().manual_seed(1)).tolist()

@@ -22,22 +22,14 @@ from mtpserve.engine.models.qwen3_next import Qwen3NextForCausalLM, SparseMoE
 from mtpserve.engine.sampling_params import SamplingParams
 from mtpserve.engine.train.distill import distill
 from mtpserve.kernels.gated_delta import delta_rule_chunked, delta_rule_recurrent, l2_normalize
+from test_glm4_moe import ATOL, check_model
 from test_model_parity import reference_logits
 from test_mtp import check_stats, prompts
-from tiny_qwen3_next import COMMON, make_tiny_qwen3_next
+from tiny_qwen3_next import make_tiny_qwen3_next
 
 pytest.importorskip("transformers")
-ATOL = 2e-4
+pytestmark = pytest.mark.usefixtures("one_thread")
 F64 = {"dtype": torch.float64, "spec_adaptive": False}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Many tiny ops: one thread is fastest on the shared 2-core machine (see test_glm4_moe.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -109,24 +101,11 @@ def test_layer_kinds(qwen_dir):
     assert [c is None for c in engine.runner.kv_caches] == [True, False, True, True]  # no KV for DeltaNet layers
 
 
-def check_parity(path: str, hf, chunks: list[int], decode_steps: int = 8) -> None:
-    """Chunked prefill then decode through the paged cache and state slots vs one transformers forward."""
-    engine = make_engine(path, spec_adaptive=False)
-    ids = torch.randint(0, COMMON["vocab_size"], (sum(chunks) + decode_steps,),
-                        generator=torch.Generator().manual_seed(1)).tolist()
-    req = new_request(engine, ids[:sum(chunks)])
-    ours = [compute(engine, [(req, n)])[0] for n in chunks]
-    for t in ids[sum(chunks):]:
-        req.all_token_ids.append(t)
-        ours.append(compute(engine, [(req, 1)])[0])
-    torch.testing.assert_close(torch.cat(ours), reference_logits(hf, ids), atol=ATOL, rtol=1e-4)
-
-
 @pytest.mark.parametrize("chunks", [[40], [5, 7, 1, 20]])
 def test_prefill_and_decode_match_transformers(qwen_dir, chunks):
     """Prompts over 16 tokens take the chunked delta rule, shorter chunks and decode the recurrent one; the
     state carries across chunks and steps."""
-    check_parity(qwen_dir, load_reference_model(qwen_dir), chunks)
+    check_model(qwen_dir, chunks)
 
 
 @pytest.mark.parametrize("family,image_text", [("qwen3_5", False), ("qwen3_5_moe", False), ("qwen3_5", True)],
@@ -138,7 +117,7 @@ def test_qwen3_5_matches_transformers_and_drafts_losslessly(tmp_path, family, im
 
     path = make_tiny_qwen3_next(tmp_path, family, image_text=image_text, mtp_key="mtp_num_hidden_layers")
     reference = transformers.AutoModelForImageTextToText if image_text else transformers.AutoModelForCausalLM
-    check_parity(path, reference.from_pretrained(path, dtype=torch.float32).eval(), [20, 3])
+    check_model(path, [20, 3], hf=reference.from_pretrained(path, dtype=torch.float32).eval())
     ps = prompts(3, seed=5)
     engine = make_engine(path, spec_draft_n_max=2, **F64)
     assert engine.mtp is not None
