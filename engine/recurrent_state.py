@@ -31,6 +31,9 @@ logger = logging.getLogger(__name__)
 
 
 class RecurrentStatePool:
+    """The state tensors of every linear-attention layer, slots handed out per request, and where each request's
+    kept states end."""
+
     def __init__(self, shapes: list, num_slots: int, num_spec: int, dtype: torch.dtype, device):
         """``shapes``: per layer ``((K - 1, C), (H, Dk, Dv))`` (``GatedDeltaNet.state_shapes``)."""
         state_dtype = torch.promote_types(dtype, torch.float32)

@@ -1,6 +1,8 @@
-"""Qwen3-Next (transformers ``qwen3_next``): a hybrid decoder. Most layers mix tokens with Gated DeltaNet, a linear
-attention whose memory is a recurrent state per request (no KV cache); every few layers (``layer_types``) use gated
-full attention over the paged KV cache. MoE blocks route with a softmax and add a gated shared expert.
+"""Qwen3-Next (transformers ``qwen3_next``) and Qwen3.5 (``qwen3_5_text``, ``qwen3_5_moe_text``): hybrid decoders.
+Most layers mix tokens with Gated DeltaNet, a linear attention whose memory is a recurrent state per request (no KV
+cache); every few layers (``layer_types``) use gated full attention over the paged KV cache. MoE blocks route with a
+softmax and add a gated shared expert (Qwen3.5 dense: MLPs only). Qwen3.5 is the same model with the DeltaNet input
+projections stored apart.
 
 - RMSNorms are zero-centered (scale ``1 + w``, also q/k norms and the MTP norms): stored as ``1 + w`` at load, so
   ``kernels/rmsnorm.py`` applies them. The DeltaNet output norm is a plain RMSNorm gated by ``silu(z)``.
@@ -31,11 +33,10 @@ from torch import nn
 RECURRENT_MAX_LEN = 16  # sequences up to this many tokens (decode, verification) run the delta rule token by token
 
 
-def _shift_norms(*params: nn.Parameter, by: float = 1.0) -> None:
+def _shift_norms(*params: nn.Parameter) -> None:
     """Zero-centered RMSNorm weights w -> 1 + w (a new tensor: the checkpoint's stays as it was)."""
     for p in params:
-        if p is not None:
-            p.data = p.data + by
+        p.data = p.data + 1.0
 
 
 class GatedAttention(Attention):
@@ -118,8 +119,8 @@ class GatedDeltaNet(nn.Module):
         groups = _by_length(lens, x.device)
         conv = torch.empty_like(mixed)
         for n, rows, tokens in groups:
-            conv[tokens] = causal_conv1d(mixed[tokens].view(len(rows), n, -1), context[rows], self.conv_weight) \
-                .reshape(-1, self.conv_dim)
+            seqs = mixed[tokens].view(len(rows), n, -1)
+            conv[tokens] = causal_conv1d(seqs, context[rows], self.conv_weight).reshape(-1, self.conv_dim)
         q, k, v = conv.to(state_dtype).split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         r = hv // self.num_k_heads
         q = l2_normalize(q.view(t, self.num_k_heads, -1)).repeat_interleave(r, 1) * self.head_k_dim ** -0.5
