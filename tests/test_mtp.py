@@ -11,10 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 from engine_helpers import greedy, make_engine
-from mtp_helpers import save_random_head
+from mtp_helpers import save_distilled_head, save_random_head
 
 from mtpserve.engine.loader import load_checkpoint
-from mtpserve.engine.loader.mtp_head import save_mtp_head
 from mtpserve.engine.sampling_params import SamplingParams
 from mtpserve.engine.train.distill import distill
 
@@ -35,17 +34,8 @@ def llama_head(tiny_llama_dir, tmp_path_factory):
 def trained_head(tiny_qwen3_dir, tmp_path_factory):
     """A head distilled briefly on the model's own greedy outputs, so drafts are often right and both
     the accept and the reject paths run."""
-    config = load_checkpoint(tiny_qwen3_dir).config
-    path = save_random_head(tmp_path_factory.mktemp("qhead"), config, scale=0.05)
-    engine = make_engine(tiny_qwen3_dir, mtp_head=path, spec_draft_n_max=1, spec_adaptive=False)
-    ps = prompts(24, seed=7)
-    sequences = [p + out for p, out in zip(ps, greedy(engine, ps, 40))]
-    losses = distill(engine.mtp, engine.model, sequences, steps=300, lr=3e-3, depth=2)
+    path, losses = save_distilled_head(tmp_path_factory.mktemp("qhead"), tiny_qwen3_dir, prompts(24, seed=7), 300)
     assert losses[-1] < losses[0]
-    layer = engine.mtp.layers[0]
-    save_mtp_head(path, layer.export(f"model.layers.{config.num_hidden_layers}."), {
-        "num_nextn_predict_layers": 1, "base_num_hidden_layers": config.num_hidden_layers,
-        "hidden_size": config.hidden_size, "vocab_size": config.vocab_size, "feedback": "pre_norm"})
     return path
 
 

@@ -1,0 +1,162 @@
+"""Measurements on one engine: prompt processing, single-stream decode and concurrent streams, each alternating
+speculation modes run by run so that machine drift hits every mode alike; memory from the cache geometry.
+
+One engine serves every mode: a request's ``spec_n_max`` picks its draft length (0: no MTP pass at all, as
+plain decoding) and the draft policy's ``adaptive`` switch, read every step, picks fixed or adaptive k.
+"""
+
+from __future__ import annotations
+
+import itertools
+import resource
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+from mtpserve.bench.stats import acceptance_of, mean_std
+from mtpserve.bench.workload import long_prompt_ids
+from mtpserve.engine.runner import kv_bytes_per_block
+from mtpserve.engine.sampling_params import SamplingParams
+from mtpserve.engine.spec.stats import SpecStats
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    spec_n_max: int | None  # drafts per step; 0: MTP off; None: the engine's cap
+    adaptive: bool = False
+
+
+OFF = Mode("off", 0)
+
+
+def fixed(k: int) -> Mode:
+    return Mode(f"k={k}", k)
+
+
+def adaptive(k_max: int) -> Mode:
+    return Mode(f"adaptive (k<={k_max})", None, True)
+
+
+class EngineRuns:
+    def __init__(self, engine, progress):
+        self.engine = engine
+        self.progress = progress  # .update() after every run
+        self._ids = itertools.count()
+
+    def run(self, prompts: list[list[int]], params: list[SamplingParams], mode: Mode):
+        """Run ``prompts`` as one batch to completion; (finished requests, wall seconds)."""
+        engine = self.engine
+        if mode.spec_n_max != 0 and engine.mtp is None:
+            raise ValueError(f"mode {mode.name} needs an MTP head")
+        if engine.mtp is not None:
+            engine.policy.adaptive = mode.adaptive
+        start = time.perf_counter()
+        reqs = [engine.add_request(f"bench-{next(self._ids)}", ids, p, spec_n_max=mode.spec_n_max)
+                for ids, p in zip(prompts, params)]
+        while any(not r.status.finished for r in reqs):
+            engine.step()
+        wall = time.perf_counter() - start
+        self.progress.update()
+        return reqs, wall
+
+    def warm_up(self, ids: list[int], modes: list[Mode]) -> None:
+        for mode in modes:
+            self.run([ids], [SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)], mode)
+
+    def prompt_processing(self, lengths: list[int], modes: dict[str, Mode], repeats: int) -> list[dict]:
+        """Prompt tok/s per length and mode. Two tokens are asked for, so that with MTP on the prefill step
+        runs the MTP layer over the prompt and drafts (a request that stops after one token skips it)."""
+        params = [SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)]
+        out = []
+        for length in lengths:
+            ids = long_prompt_ids(self.engine.tokenizer, length)
+            runs = {name: [] for name in modes}
+            for _ in range(repeats):
+                for name, mode in modes.items():
+                    (req,), _ = self.run([ids], params, mode)
+                    runs[name].append(req.timings()["prompt_tokens_per_second"])
+            row = {"prompt_tokens": length, **{f"{name}_tok_s": mean_std(v) for name, v in runs.items()}}
+            if "mtp_on" in runs:
+                row["ratio"] = mean_std([a / b for a, b in zip(runs["mtp_on"], runs["mtp_off"])])
+            out.append(row)
+        return out
+
+    def decode(self, prompts, modes: list[Mode], temperature: float, repeats: int, seed: int,
+               ignore_eos: bool) -> list[dict]:
+        """Single-stream decode of every prompt in every mode (modes alternate prompt by prompt)."""
+        tok = self.engine.tokenizer
+        ids = [p.token_ids(tok) for p in prompts]
+        tokens = {m.name: [[0, 0.0] for _ in range(repeats)] for m in modes}  # decoded tokens, seconds per repeat
+        by_kind = {m.name: {} for m in modes}
+        spec = {m.name: SpecStats() for m in modes}
+        spec_kind = {m.name: {} for m in modes}
+        for rep in range(repeats):
+            for i, (p, prompt_ids) in enumerate(zip(prompts, ids)):
+                params = SamplingParams(max_tokens=p.max_tokens, temperature=temperature, seed=seed + i,
+                                        ignore_eos=ignore_eos)
+                for mode in modes:
+                    (req,), _ = self.run([prompt_ids], [params], mode)
+                    decoded = max(len(req.output_token_ids) - 1, 0)
+                    seconds = req.timings()["decode_ms"] / 1000
+                    tokens[mode.name][rep][0] += decoded
+                    tokens[mode.name][rep][1] += seconds
+                    kind = by_kind[mode.name].setdefault(p.kind, [0, 0.0])
+                    kind[0] += decoded
+                    kind[1] += seconds
+                    spec[mode.name].merge(req.spec_stats)
+                    spec_kind[mode.name].setdefault(p.kind, SpecStats()).merge(req.spec_stats)
+        base = [n / s if s else 0.0 for n, s in tokens[OFF.name]]
+        rows = []
+        for mode in modes:
+            tok_s = [n / s if s else 0.0 for n, s in tokens[mode.name]]
+            rows.append({
+                "mode": mode.name, "k": mode.spec_n_max, "adaptive": mode.adaptive,
+                "tok_s": mean_std(tok_s),
+                "speedup": mean_std([a / b if b else 0.0 for a, b in zip(tok_s, base)]),
+                "decoded_tokens": sum(n for n, _ in tokens[mode.name]),
+                "acceptance": acceptance_of(spec[mode.name]),
+                "by_kind": {kind: {"tok_s": n / s if s else 0.0,
+                                   "acceptance": acceptance_of(spec_kind[mode.name][kind])}
+                            for kind, (n, s) in by_kind[mode.name].items()},
+            })
+        return rows
+
+    def concurrency(self, prompts, levels: list[int], modes: list[Mode], max_tokens: int, repeats: int) -> list[dict]:
+        """N streams at once (prompts reused round-robin, ``max_tokens`` each, EOS ignored): aggregate output
+        tok/s over the wall time of the batch, and the mean of the streams' own decode tok/s."""
+        tok = self.engine.tokenizer
+        ids = [p.token_ids(tok) for p in prompts]
+        params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+        runs = {(n, m.name): ([], []) for n in levels for m in modes}
+        for _ in range(repeats):
+            for n in levels:
+                batch = [ids[i % len(ids)] for i in range(n)]
+                for mode in modes:
+                    reqs, wall = self.run(batch, [params] * n, mode)
+                    aggregate, per_stream = runs[(n, mode.name)]
+                    aggregate.append(sum(len(r.output_token_ids) for r in reqs) / wall)
+                    per_stream.append(sum(r.timings()["decode_tokens_per_second"] for r in reqs) / n)
+        return [{"streams": n, "mode": m.name, "aggregate_tok_s": mean_std(runs[(n, m.name)][0]),
+                 "per_stream_tok_s": mean_std(runs[(n, m.name)][1])} for n in levels for m in modes]
+
+
+def kv_bytes_per_token(engine) -> dict:
+    """KV cache bytes one token takes in the main model's layers, and with the MTP layers' own KV added."""
+    mc = engine.model_config
+    num_mtp = len(engine.mtp.layers) if engine.mtp is not None else 0
+
+    def per_token(layers: int) -> int:
+        return kv_bytes_per_block(layers, 1, mc.num_key_value_heads, mc.head_dim, engine.config.dtype)
+
+    return {"without_mtp": per_token(mc.num_hidden_layers),
+            "with_mtp": per_token(mc.num_hidden_layers + num_mtp) if num_mtp else None,
+            "num_mtp_layers": num_mtp}
+
+
+def peak_memory(device: str) -> dict:
+    """Peak resident set size of this process so far, and the CUDA allocator's peak on a CUDA device."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    cuda = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
+    return {"peak_rss_bytes": rss, "cuda_peak_bytes": cuda}
