@@ -32,8 +32,7 @@ def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 def delta_rule_recurrent(q, k, v, g, beta, state):
     """q, k: [B, L, H, Dk], v: [B, L, H, Dv], g, beta: [B, L, H], state: [B, H, Dk, Dv].
 
-    Returns (out [B, L, H, Dv], states [B, L, H, Dk, Dv]: the state after each token). A padded token with
-    g = beta = 0 leaves the state as it was."""
+    Returns (out [B, L, H, Dv], states [B, L, H, Dk, Dv]: the state after each token)."""
     outs, states = [], []
     for t in range(q.shape[1]):
         state = state * g[:, t].exp()[..., None, None]
