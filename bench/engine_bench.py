@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import os
 import platform
 import sys
@@ -79,6 +80,7 @@ def resolve(args) -> None:
         raise MtpserveError("--temperatures needs numbers >= 0")
     if args.sweep_k > max(args.k):
         raise MtpserveError(f"--sweep-k {args.sweep_k} is above the largest --k ({max(args.k)})")
+    args.sections = list(dict.fromkeys(args.sections))
     unknown = set(args.sections) - set(SECTIONS)
     if unknown or not args.sections:
         raise MtpserveError(f"--sections takes some of {', '.join(SECTIONS)}; got {', '.join(args.sections)}")
@@ -109,9 +111,36 @@ def describe_mtp(engine, args) -> dict:
     return {"available": True, "num_layers": layers, "description": f"{layers} MTP layer(s) from {source}"}
 
 
-def run(args) -> int:
+def plan(args, mtp_available: bool, num_prompts: int) -> tuple[dict, int]:
+    """The modes of each section, and how many runs they make (for the progress bar)."""
+    from mtpserve.bench.engine_runs import OFF, adaptive, fixed
+
+    on = mtp_available
+    modes = {"pp": {"mtp_off": OFF, **({"mtp_on": fixed(1)} if on else {})},
+             "decode": [OFF] + ([fixed(k) for k in args.k] + [adaptive(max(args.k))] if on else []),
+             "concurrency": [OFF] + ([fixed(args.sweep_k), adaptive(max(args.k))] if on else [])}
+    runs = {"pp": len(args.prompt_lengths) * len(modes["pp"]),
+            "decode": len(args.temperatures) * num_prompts * len(modes["decode"]),
+            "concurrency": len(args.concurrency) * len(modes["concurrency"]),
+            "hf": 2 * (num_prompts + len(args.prompt_lengths))}
+    return modes, len(modes["decode"]) + args.repeats * sum(runs[s] for s in args.sections)
+
+
+def metadata(args, engine, prompts) -> dict:
     import torch
     from mtpserve import __version__
+
+    return {"model": args.model, "mtp_head": args.mtp_head, "dtype": args.dtype, "device": str(engine.device),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "mtpserve": __version__,
+            "python": platform.python_version(), "machine": platform.machine(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "prompts": args.prompts or "built-in eval set", "num_prompts": len(prompts),
+            "kinds": sorted({p.kind for p in prompts}), "repeats": args.repeats, "k": args.k,
+            "temperatures": args.temperatures, "sweep_k": args.sweep_k, "sweep_tokens": args.sweep_tokens,
+            "ignore_eos": args.ignore_eos, "quick": args.quick, "sections": args.sections}
+
+
+def run(args) -> int:
     from mtpserve.bench import engine_runs, plots
     from mtpserve.bench.summary import engine_summary, write_report
     from mtpserve.bench.workload import load_prompts
@@ -119,64 +148,42 @@ def run(args) -> int:
 
     resolve(args)
     if not args.no_plots:
-        plots._pyplot()  # fail before the runs, not after them
+        plots.load_pyplot()  # fail before the runs, not after them
+    if "hf" in args.sections and importlib.util.find_spec("transformers") is None:
+        args.sections.remove("hf")
+        hf_skipped = {"skipped": "transformers is not installed"}
+    else:
+        hf_skipped = None
     prompts = load_prompts(args.prompts, args.kinds, args.per_kind, args.max_tokens)
     engine = build_engine(args)
     mtp = describe_mtp(engine, args)
-    off = engine_runs.OFF
-    decode_modes = [off] + ([engine_runs.fixed(k) for k in args.k] + [engine_runs.adaptive(max(args.k))]
-                            if mtp["available"] else [])
-    sweep_modes = [off] + ([engine_runs.fixed(args.sweep_k), engine_runs.adaptive(max(args.k))]
-                           if mtp["available"] else [])
-    pp_modes = {"mtp_off": off, **({"mtp_on": engine_runs.fixed(1)} if mtp["available"] else {})}
-    want = set(args.sections)
-    planned = len(decode_modes) + (
-        ("pp" in want) * args.repeats * len(args.prompt_lengths) * len(pp_modes)
-        + ("decode" in want) * len(args.temperatures) * args.repeats * len(prompts) * len(decode_modes)
-        + ("concurrency" in want) * args.repeats * len(args.concurrency) * len(sweep_modes)
-        + ("hf" in want) * args.repeats * 2 * (len(prompts) + len(args.prompt_lengths)))
+    modes, planned = plan(args, mtp["available"], len(prompts))
     progress = tqdm(total=planned, desc="mtpserve bench", unit="run", file=sys.stderr, dynamic_ncols=True)
     runs = engine_runs.EngineRuns(engine, progress)
-    runs.warm_up(prompts[0].token_ids(engine.tokenizer), decode_modes)
+    runs.warm_up(prompts[0].token_ids(engine.tokenizer), modes["decode"])
     device = str(engine.device)
-    results = {
-        "meta": {"model": args.model, "mtp_head": args.mtp_head, "dtype": args.dtype, "device": device,
-                 "threads": torch.get_num_threads(), "torch": torch.__version__, "mtpserve": __version__,
-                 "python": platform.python_version(), "machine": platform.machine(),
-                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                 "prompts": args.prompts or "built-in eval set", "num_prompts": len(prompts),
-                 "kinds": sorted({p.kind for p in prompts}), "repeats": args.repeats, "k": args.k,
-                 "temperatures": args.temperatures, "sweep_k": args.sweep_k, "sweep_tokens": args.sweep_tokens,
-                 "ignore_eos": args.ignore_eos, "quick": args.quick, "sections": args.sections},
-        "mtp": mtp,
-        "memory": {"kv_bytes_per_token": engine_runs.kv_bytes_per_token(engine),
-                   "after_load": engine_runs.peak_memory(device)},
-    }
-    if "pp" in want:
-        results["prompt_processing"] = runs.prompt_processing(args.prompt_lengths, pp_modes, args.repeats)
-    if "decode" in want:
-        results["decode"] = {f"{t:g}": runs.decode(prompts, decode_modes, t, args.repeats, args.seed, args.ignore_eos)
-                             for t in args.temperatures}
-    if "concurrency" in want:
-        results["concurrency"] = runs.concurrency(prompts, args.concurrency, sweep_modes, args.sweep_tokens,
-                                                  args.repeats)
+    results = {"meta": metadata(args, engine, prompts), "mtp": mtp,
+               "memory": {"kv_bytes_per_token": engine_runs.kv_bytes_per_token(engine),
+                          "after_load": engine_runs.peak_memory(device)}}
+    if "pp" in args.sections:
+        results["prompt_processing"] = runs.prompt_processing(args.prompt_lengths, modes["pp"], args.repeats)
+    if "decode" in args.sections:
+        results["decode"] = {f"{t:g}": runs.decode(prompts, modes["decode"], t, args.repeats, args.seed,
+                                                   args.ignore_eos) for t in args.temperatures}
+    if "concurrency" in args.sections:
+        results["concurrency"] = runs.concurrency(prompts, args.concurrency, modes["concurrency"],
+                                                  args.sweep_tokens, args.repeats)
     results["memory"].update(engine_runs.peak_memory(device))  # before transformers' own copy of the model
-    if "hf" in want:
-        results["hf"] = hf_section(runs, args, prompts)
+    if "hf" in args.sections:
+        from mtpserve.bench.hf_compare import compare, load_hf
+
+        hf = load_hf(args.model, engine.config.dtype, device)
+        results["hf"] = compare(runs, hf, prompts, args.prompt_lengths, args.repeats)
+    elif hf_skipped:
+        results["hf"] = hf_skipped
     progress.close()
     write_report(args.out, results, engine_summary(results))
     written = [] if args.no_plots else plots.write_plots(results, args.out)
     print(f"wrote {', '.join(['results.json', 'summary.md', *map(os.path.basename, written)])} to {args.out}",
           file=sys.stderr)
     return 0
-
-
-def hf_section(runs, args, prompts) -> dict:
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        return {"skipped": "transformers is not installed"}
-    from mtpserve.bench.hf_compare import compare, load_hf
-
-    hf = load_hf(args.model, runs.engine.config.dtype, str(runs.engine.device))
-    return compare(runs, hf, prompts, args.prompt_lengths, args.repeats)

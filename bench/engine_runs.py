@@ -39,6 +39,35 @@ def adaptive(k_max: int) -> Mode:
     return Mode(f"adaptive (k<={k_max})", None, True)
 
 
+@dataclass
+class DecodeRun:
+    mode: str
+    repeat: int
+    kind: str
+    decoded: int  # tokens after the first
+    seconds: float  # first token to last
+    spec: SpecStats
+
+
+def tok_s(runs: list[DecodeRun]) -> float:
+    seconds = sum(r.seconds for r in runs)
+    return sum(r.decoded for r in runs) / seconds if seconds else 0.0
+
+
+def merged_acceptance(runs: list[DecodeRun]) -> dict:
+    merged = SpecStats()
+    for r in runs:
+        merged.merge(r.spec)
+    return acceptance_of(merged)
+
+
+def group_by_kind(runs: list[DecodeRun]) -> dict[str, list[DecodeRun]]:
+    groups: dict[str, list[DecodeRun]] = {}
+    for r in runs:
+        groups.setdefault(r.kind, []).append(r)
+    return groups
+
+
 class EngineRuns:
     def __init__(self, engine, progress):
         self.engine = engine
@@ -85,41 +114,34 @@ class EngineRuns:
 
     def decode(self, prompts, modes: list[Mode], temperature: float, repeats: int, seed: int,
                ignore_eos: bool) -> list[dict]:
-        """Single-stream decode of every prompt in every mode (modes alternate prompt by prompt)."""
+        """Single-stream decode of every prompt in every mode (modes alternate prompt by prompt). tok/s of a
+        repeat: its decoded tokens (after the first of each request) over their decode time."""
         tok = self.engine.tokenizer
         ids = [p.token_ids(tok) for p in prompts]
-        tokens = {m.name: [[0, 0.0] for _ in range(repeats)] for m in modes}  # decoded tokens, seconds per repeat
-        by_kind = {m.name: {} for m in modes}
-        spec = {m.name: SpecStats() for m in modes}
-        spec_kind = {m.name: {} for m in modes}
+        runs = []
         for rep in range(repeats):
             for i, (p, prompt_ids) in enumerate(zip(prompts, ids)):
                 params = SamplingParams(max_tokens=p.max_tokens, temperature=temperature, seed=seed + i,
                                         ignore_eos=ignore_eos)
                 for mode in modes:
                     (req,), _ = self.run([prompt_ids], [params], mode)
-                    decoded = max(len(req.output_token_ids) - 1, 0)
-                    seconds = req.timings()["decode_ms"] / 1000
-                    tokens[mode.name][rep][0] += decoded
-                    tokens[mode.name][rep][1] += seconds
-                    kind = by_kind[mode.name].setdefault(p.kind, [0, 0.0])
-                    kind[0] += decoded
-                    kind[1] += seconds
-                    spec[mode.name].merge(req.spec_stats)
-                    spec_kind[mode.name].setdefault(p.kind, SpecStats()).merge(req.spec_stats)
-        base = [n / s if s else 0.0 for n, s in tokens[OFF.name]]
+                    runs.append(DecodeRun(mode.name, rep, p.kind, max(len(req.output_token_ids) - 1, 0),
+                                          req.timings()["decode_ms"] / 1000, req.spec_stats))
+
+        def per_repeat(name) -> list[float]:
+            return [tok_s([r for r in runs if r.mode == name and r.repeat == rep]) for rep in range(repeats)]
+
+        base = per_repeat(OFF.name)
         rows = []
         for mode in modes:
-            tok_s = [n / s if s else 0.0 for n, s in tokens[mode.name]]
+            mine = [r for r in runs if r.mode == mode.name]
+            speeds = per_repeat(mode.name)
             rows.append({
-                "mode": mode.name, "k": mode.spec_n_max, "adaptive": mode.adaptive,
-                "tok_s": mean_std(tok_s),
-                "speedup": mean_std([a / b if b else 0.0 for a, b in zip(tok_s, base)]),
-                "decoded_tokens": sum(n for n, _ in tokens[mode.name]),
-                "acceptance": acceptance_of(spec[mode.name]),
-                "by_kind": {kind: {"tok_s": n / s if s else 0.0,
-                                   "acceptance": acceptance_of(spec_kind[mode.name][kind])}
-                            for kind, (n, s) in by_kind[mode.name].items()},
+                "mode": mode.name, "k": mode.spec_n_max, "adaptive": mode.adaptive, "tok_s": mean_std(speeds),
+                "speedup": mean_std([a / b if b else 0.0 for a, b in zip(speeds, base)]),
+                "decoded_tokens": sum(r.decoded for r in mine), "acceptance": merged_acceptance(mine),
+                "by_kind": {kind: {"tok_s": tok_s(of_kind), "acceptance": merged_acceptance(of_kind)}
+                            for kind, of_kind in group_by_kind(mine).items()},
             })
         return rows
 

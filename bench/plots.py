@@ -8,7 +8,7 @@ import os
 from mtpserve.engine.errors import MtpserveError
 
 
-def _pyplot():
+def load_pyplot():
     try:
         import matplotlib
     except ImportError:
@@ -104,7 +104,7 @@ def prompt_processing(plt, results: dict, out_dir: str) -> str:
 
 def write_plots(results: dict, out_dir: str) -> list[str]:
     """Every plot the results have data for; returns the files written."""
-    plt = _pyplot()
+    plt = load_pyplot()
     written = []
     has_mtp = results["mtp"]["available"]
     if results.get("decode") and has_mtp:

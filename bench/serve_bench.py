@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import importlib.util
 import itertools
 import json
 import os
@@ -93,9 +94,9 @@ async def scrape(client, url: str) -> dict | None:
 
     try:
         r = await client.get(url)
-    except httpx.HTTPError:
+        return spec_counters(r.text) if r.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):  # unreachable, or not a Prometheus exposition
         return None
-    return spec_counters(r.text) if r.status_code == 200 else None
 
 
 async def run_level(client, args, prompts, concurrency: int) -> dict:
@@ -160,6 +161,8 @@ def run(args) -> int:
     from mtpserve.bench.summary import serve_summary, write_report
     from mtpserve.bench.workload import load_prompts
 
+    if importlib.util.find_spec("httpx") is None:
+        raise MtpserveError("bench-serve needs httpx: pip install 'mtpserve[bench]'")
     if args.num_requests < 1 or args.per_kind < 1 or not args.concurrency or min(args.concurrency) < 1:
         raise MtpserveError("--num-requests, --per-kind and --concurrency must be at least 1")
     if args.max_tokens is not None and args.max_tokens < 1:
