@@ -80,7 +80,7 @@ schema = schemathesis.pytest.from_fixture("api_schema")
 # positive_data_acceptance is left out: the server refuses some schema-valid bodies by design (a prompt longer than
 # the context, a declared-but-unsupported field such as "tools"), always with a 400 in the envelope.
 @schema.parametrize()
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 def test_schema_fuzz(case):
     response = case.call_and_validate(excluded_checks=[schemathesis.checks.positive_data_acceptance])
     assert_envelope(response, count=True)
@@ -93,7 +93,7 @@ FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "n", "
           "frequency_penalty", "repetition_penalty", "stop", "ignore_eos", "logprobs", "speculative")
 
 
-@settings(max_examples=max(EXAMPLES * 10, 100), deadline=None)
+@settings(max_examples=max(EXAMPLES * 10, 100), deadline=None, database=None)
 @given(st.dictionaries(st.sampled_from(FIELDS), ODD, max_size=6), st.booleans())
 def test_request_models_reach_the_engine_only_valid(fields, chat):
     """Whatever the request models accept becomes sampling parameters the engine either takes or refuses with a
@@ -113,7 +113,7 @@ def test_request_models_reach_the_engine_only_valid(fields, chat):
         assert math.isfinite(params.temperature) and params.max_tokens >= 1
 
 
-@settings(max_examples=EXAMPLES * 2, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=EXAMPLES * 2, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 @given(path=st.sampled_from(["/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize"]),
        body=st.recursive(JSON_SCALARS, lambda inner: st.lists(inner, max_size=3)
                          | st.dictionaries(st.sampled_from(FIELDS + ("prompt", "messages", "tokens", "role",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import time
 
 import httpx
 import pytest
@@ -171,3 +172,30 @@ def test_stress_command(tiny_llama_dir, head, capsys):
     report = json.loads(capsys.readouterr().out)
     assert code == 0 and report["requests"] == 40 and report["errors"] == 0 and report["leaked_blocks"] == 0
     assert report["completed"] + report["aborted"] == 40 and report["rss_mib_after"] is not None
+
+
+def test_non_stream_disconnect_aborts(tiny_llama_dir, head, monkeypatch):
+    client = make_client(tiny_llama_dir, head, num_blocks=32)
+    execute = client.engine.runner.execute
+
+    def slow(out):  # 250 steps take seconds: the client is gone long before the answer is ready
+        time.sleep(0.02)
+        return execute(out)
+
+    monkeypatch.setattr(client.engine.runner, "execute", slow)
+    body = {"prompt": "Once upon a time", "max_tokens": 250, "temperature": 0, "ignore_eos": True}
+    try:
+        with serve_in_background(build_app(client, MODEL)) as url:
+            async def leave_early():
+                async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+                    with pytest.raises(asyncio.TimeoutError):
+                        await asyncio.wait_for(c.post("/v1/completions", json=body), 0.5)
+
+            start = time.perf_counter()
+            asyncio.run(leave_early())
+            assert not any(wait_idle(client, timeout=3).values())
+            assert time.perf_counter() - start < 3  # aborted, not run to its end (250 x 20 ms)
+            with httpx.Client(base_url=url) as http:
+                assert scrape(http)["mtpserve_request_success_total,finished_reason=abort"] == 1
+    finally:
+        client.shutdown()

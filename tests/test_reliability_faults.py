@@ -8,10 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import subprocess
-import sys
 import threading
-import time
 
 import httpx
 import pytest
@@ -24,6 +21,7 @@ from mtpserve.engine.loader import load_checkpoint
 from mtpserve.server.app import build_app
 from mtpserve.server.background import serve_in_background
 from mtpserve.server.loadgen import wait_idle
+from server_helpers import start_server, wait_healthy
 from test_server import free_port, scrape
 
 MARKER_SEED = 990_001
@@ -124,23 +122,6 @@ def test_engine_loop_death_ends_waiting_clients(client, monkeypatch):
         assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
 
 
-def start_server(config_path, log_path, cwd) -> subprocess.Popen:
-    with open(log_path, "a") as log:
-        return subprocess.Popen([sys.executable, "-m", "mtpserve.server.cli", "serve", "--config", str(config_path)],
-                                stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            time.sleep(0.1)
-    raise AssertionError(f"server not healthy (exit code {proc.poll()})")
-
-
 def test_restart_after_kill_needs_no_cleanup(tiny_llama_dir, tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -151,7 +132,7 @@ def test_restart_after_kill_needs_no_cleanup(tiny_llama_dir, tmp_path):
                                       "served-model-name": "tiny", "log_interval": 0}))
     log = tmp_path / "server.log"
     body = {"prompt": "Once upon a time", "max_tokens": 300, "stream": True, **GREEDY}
-    first = start_server(config, log, workdir)
+    first = start_server(config, log, cwd=workdir)
     second = None
     try:
         wait_healthy(url, first)
@@ -163,7 +144,7 @@ def test_restart_after_kill_needs_no_cleanup(tiny_llama_dir, tmp_path):
             with pytest.raises(httpx.TransportError):  # the client learns at once; it does not hang
                 for _ in lines:
                     pass
-        second = start_server(config, log, workdir)  # same port, same files, straight away
+        second = start_server(config, log, cwd=workdir)  # same port, same files, straight away
         wait_healthy(url, second)
         ok = httpx.post(url + "/v1/completions", json={**body, "stream": False, "max_tokens": 4}, timeout=30)
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 4

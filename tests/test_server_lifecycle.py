@@ -7,17 +7,16 @@ import asyncio
 import json
 import logging
 import signal
-import subprocess
-import sys
 import time
 from types import SimpleNamespace
 
 import httpx
 import pytest
 import yaml
+from mtpserve.engine.busy_log import BusyLog
 from mtpserve.engine.spec.stats import SpecStats
 from mtpserve.server.app import build_app
-from mtpserve.engine.busy_log import BusyLog
+from server_helpers import start_server, wait_healthy
 from test_server import GREEDY, MODEL, base_url, client, free_port, http, scrape  # noqa: F401 (fixtures)
 
 
@@ -141,19 +140,10 @@ def test_sigterm_mid_stream_exits_zero(tiny_llama_dir, tmp_path, grace):
     config.write_text(yaml.safe_dump({"model": tiny_llama_dir, "port": port, "device": "cpu", "num_blocks": 64,
                                       "served-model-name": MODEL, "shutdown_grace": grace, "log_interval": 0.05}))
     log_path = tmp_path / "server.log"
-    with open(log_path, "w") as log_file:
-        proc = subprocess.Popen([sys.executable, "-m", "mtpserve.server.cli", "--log-level", "info", "serve",
-                                 "--config", str(config)], stdout=log_file, stderr=subprocess.STDOUT)
+    proc = start_server(config, log_path, "--log-level", "info")
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 45
-        while time.time() < deadline:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
-        assert proc.poll() is None, log_path.read_text()
+        wait_healthy(url, proc)
         body = {"model": MODEL, "prompt": "secret zebra words", "max_tokens": 400, "stream": True, **GREEDY}
         lines = []
         with httpx.Client(base_url=url, timeout=20) as c, c.stream("POST", "/v1/completions", json=body) as r:
