@@ -165,12 +165,14 @@ class EngineRuns:
 
 
 def kv_bytes_per_token(engine) -> dict:
-    """KV cache bytes one token takes in the main model's layers, and with the MTP layers' own KV added."""
+    """Paged-KV bytes one token takes in the main model's attention layers, and with the MTP layers' own KV
+    added (recurrent layers of hybrid models hold a state per request instead, not counted here)."""
     mc = engine.model_config
     num_mtp = len(engine.mtp.layers) if engine.mtp is not None else 0
 
     def per_token(layers: int) -> int:
-        return kv_bytes_per_block(layers, 1, mc.num_key_value_heads, mc.head_dim, engine.config.dtype)
+        with_kv = sum(mc.has_kv(i) for i in range(layers))
+        return kv_bytes_per_block(with_kv, 1, mc.num_key_value_heads, mc.head_dim, engine.config.dtype)
 
     return {"without_mtp": per_token(mc.num_hidden_layers),
             "with_mtp": per_token(mc.num_hidden_layers + num_mtp) if num_mtp else None,
