@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import itertools
 import json
-import subprocess
-import sys
-import time
 
-import httpx
 import numpy as np
 import pytest
+import yaml
 from mtp_helpers import save_distilled_head
 from mtpserve.bench.stats import mean_std, percentile, spec_counters, spec_delta, summarize
 from mtpserve.engine.errors import MtpserveError
 from mtpserve.engine.loader import load_checkpoint
 from mtpserve.server.cli import main
+from server_helpers import start_server, wait_healthy
 from test_server import free_port
 
 PROMPTS = [
@@ -184,23 +182,17 @@ def test_bench_rejects_bad_options(tiny_llama_dir, tmp_path, capsys, argv, messa
 
 @pytest.fixture(scope="module")
 def live_server(tiny_llama_dir, trained_head, tmp_path_factory):
+    """``mtpserve serve`` in its own process, drafting exactly 2 tokens a step with the trained head."""
     port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "server.log"
-    with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "mtpserve.server.cli", "serve", "--model", tiny_llama_dir,
-                                 "--mtp-head", trained_head, "--spec-draft-n-max", "2", "--spec-adaptive", "off",
-                                 "--port", str(port), "--num-blocks", "256", "--served-model-name", "tiny"],
-                                stdout=f, stderr=subprocess.STDOUT)
+    folder = tmp_path_factory.mktemp("serve")
+    config = folder / "serve.yaml"
+    config.write_text(yaml.safe_dump({"model": tiny_llama_dir, "mtp_head": trained_head, "spec_draft_n_max": 2,
+                                      "spec_adaptive": "off", "port": port, "num_blocks": 256,
+                                      "served_model_name": "tiny"}))
+    proc = start_server(config, folder / "server.log")
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 60
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
-        assert proc.poll() is None, log.read_text()
+        wait_healthy(url, proc)
         yield url
     finally:
         proc.terminate()
