@@ -118,7 +118,7 @@ def run(args) -> int:
         while engine.has_unfinished_requests():
             for out in engine.step():
                 if detok is not None:
-                    sys.stdout.write(detok.add(out.new_token_ids))
+                    sys.stdout.write(detok.add(out.new_token_ids) + (detok.flush() if out.finished else ""))
                     sys.stdout.flush()
         for req in handles:
             if args.json:

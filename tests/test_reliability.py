@@ -199,3 +199,18 @@ def test_non_stream_disconnect_aborts(tiny_llama_dir, head, monkeypatch):
                 assert scrape(http)["mtpserve_request_success_total,finished_reason=abort"] == 1
     finally:
         client.shutdown()
+
+
+def test_text_held_back_is_flushed_at_the_end(tiny_llama_dir):
+    """A request that ends inside a character (or right after a stop-string candidate) loses no text: the pieces
+    add up to the tokenizer's own decode of all the tokens, U+FFFD for the unfinished character included."""
+    from mtpserve.engine.detokenizer import IncrementalDetokenizer
+    from tokenizers import Tokenizer
+
+    reference = Tokenizer.from_file(f"{tiny_llama_dir}/tokenizer.json")
+    tok = load_checkpoint(tiny_llama_dir).tokenizer
+    ids = reference.encode("ok 東京 café").ids
+    for end in range(1, len(ids) + 1):
+        detok = IncrementalDetokenizer(tok, [])
+        text = "".join(detok.add([t]) for t in ids[:end]) + detok.flush()
+        assert text == reference.decode(ids[:end]), end
