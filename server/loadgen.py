@@ -120,11 +120,12 @@ def make_jobs(prompts: list[str], count: int, seed: int = 0, abort_fraction: flo
             body["prompt"] = prompts[key]
         if not body["stream"]:
             body.pop("stream_options")
+        body["n"] = rng.choice([1, 1, 1, 2])
         if rng.random() < 0.5:
-            body.update(temperature=0, ignore_eos=True, n=rng.choice([1, 1, 1, 2]))
+            body.update(temperature=0, ignore_eos=True)
         else:
             body.update(temperature=rng.uniform(0.5, 1.2), top_p=rng.choice([1.0, 0.9]), top_k=rng.choice([0, 20]),
-                        ignore_eos=rng.random() < 0.5, n=rng.choice([1, 1, 1, 2]))
+                        ignore_eos=rng.random() < 0.5)
             if rng.random() < 0.5:
                 body["seed"] = rng.randrange(1 << 30)
         if rng.random() < 0.3:
