@@ -51,6 +51,7 @@ class LLMEngine:
         self.tokenizer = checkpoint.tokenizer
         mc = self.model_config = checkpoint.config
         self.device = torch.device(config.device)
+        self.draft_vocab = None  # a head's reduced draft vocabulary
         mtp_weights, num_mtp = self._mtp_weights()
         num_layers = sum(mc.has_kv(i) for i in range(mc.num_hidden_layers + num_mtp))  # with a paged KV cache
         per_block = kv_bytes_per_block(num_layers, config.block_size, mc.num_key_value_heads, mc.head_dim, config.dtype)
@@ -68,7 +69,8 @@ class LLMEngine:
             self.mtp = build_mtp(self.model, mtp_weights, num_mtp, QWEN_LAYOUT, lambda i: "mtp.", "post_norm")
         elif num_mtp:
             self.mtp = build_mtp(self.model, mtp_weights, num_mtp, DEEPSEEK_LAYOUT,
-                                 lambda i: f"model.layers.{mc.num_hidden_layers + i}.", config.mtp_feedback)
+                                 lambda i: f"model.layers.{mc.num_hidden_layers + i}.", config.mtp_feedback,
+                                 self.draft_vocab)
         if self.mtp is not None:
             self.mtp.to(device=self.device, dtype=config.dtype).eval()
         self.kv = cache_manager(self.model, num_blocks, config, config.spec_draft_n_max if self.mtp else 0)
@@ -93,6 +95,7 @@ class LLMEngine:
             head_weights, head = load_mtp_head(cfg.mtp_head, mc)
             num = int(head.get("num_nextn_predict_layers", 1))
             self.config.mtp_feedback = head.get("feedback", cfg.mtp_feedback)
+            self.draft_vocab = head.get("draft_token_ids")
             logger.info("MTP: %d layer(s) from head %s", num, cfg.mtp_head)
             return ({**weights, **head_weights}, num) if cfg.spec_draft_n_max > 0 else ({}, 0)
         rename_gguf_nextn(weights)

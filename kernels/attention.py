@@ -58,20 +58,37 @@ class TorchPagedAttention(AttentionBackend):
     """Reference backend: gathers K/V through the block table and calls SDPA."""
 
     def prepare(self, metadata: AttentionMetadata) -> None:
+        """Sequences with one new token (decodes) are attended in one batched call, whatever else is in the
+        step; prompt chunks and verify rows (several tokens) one sequence at a time."""
         self.meta = metadata
         self.block_tables = metadata.block_tables.long()
         self.decode_only = metadata.decode_only
         bs = metadata.block_size
-        if self.decode_only:
-            max_len = max(metadata.seq_lens_host)
-            num_blocks = -(-max_len // bs)
-            self.decode_blocks = self.block_tables[:, :num_blocks]
+        starts, self.multi = [], []
+        start = 0
+        for i, (q_len, seq_len) in enumerate(zip(metadata.query_lens, metadata.seq_lens_host)):
+            if q_len == 1:
+                starts.append((i, start, seq_len))
+            elif q_len > 1:
+                self.multi.append((i, start, q_len, seq_len))
+            start += q_len
+        self.decode_rows = None
+        if starts:
+            device = metadata.seq_lens.device
+            index = [i for i, _, _ in starts]
+            lens = [n for _, _, n in starts]
+            max_len = max(lens)
+            rows = self.block_tables if self.decode_only else self.block_tables[torch.tensor(index, device=device)]
+            self.decode_blocks = rows[:, :-(-max_len // bs)]
             self.decode_len = max_len
             self.decode_mask = None
-            if any(n != max_len for n in metadata.seq_lens_host):
-                pos = torch.arange(max_len, device=metadata.seq_lens.device)
-                valid = pos[None, :] < metadata.seq_lens[:, None]
+            if any(n != max_len for n in lens):
+                seq_lens = torch.tensor(lens, device=device)
+                valid = torch.arange(max_len, device=device)[None, :] < seq_lens[:, None]
                 self.decode_mask = valid[:, None, None, :]  # [B, 1, 1, L]
+            if not self.decode_only:
+                self.decode_rows = torch.tensor([s for _, s, _ in starts], device=device)
+        self.has_decodes = bool(starts)
         self.masks = {}
 
     def _gather(self, cache: torch.Tensor, blocks: torch.Tensor, length: int) -> torch.Tensor:
@@ -79,24 +96,25 @@ class TorchPagedAttention(AttentionBackend):
         g = cache[blocks]
         return g.reshape(*g.shape[:-4], -1, *g.shape[-2:])[..., :length, :, :]
 
+    def _decode(self, q, k_cache, v_cache, scale, gqa):
+        keys = self._gather(k_cache, self.decode_blocks, self.decode_len).transpose(1, 2)
+        vals = self._gather(v_cache, self.decode_blocks, self.decode_len).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q.unsqueeze(2), keys.to(q.dtype), vals.to(q.dtype),
+                                             attn_mask=self.decode_mask, scale=scale, enable_gqa=gqa)
+        return out.squeeze(2)
+
     def forward(self, q, k, v, kv_cache, scale):
         meta = self.meta
         write_kv(k, v, kv_cache, meta.slot_mapping)
         k_cache, v_cache = kv_cache
-        num_heads, num_kv = q.shape[1], k_cache.shape[2]
-        gqa = num_heads != num_kv
+        gqa = q.shape[1] != k_cache.shape[2]
         if self.decode_only:
-            keys = self._gather(k_cache, self.decode_blocks, self.decode_len).transpose(1, 2)
-            vals = self._gather(v_cache, self.decode_blocks, self.decode_len).transpose(1, 2)
-            out = F.scaled_dot_product_attention(q.unsqueeze(2), keys.to(q.dtype), vals.to(q.dtype),
-                                                 attn_mask=self.decode_mask, scale=scale, enable_gqa=gqa)
-            return out.squeeze(2)
+            return self._decode(q, k_cache, v_cache, scale, gqa)
         out = torch.empty_like(q)
-        start = 0
+        if self.has_decodes:
+            out[self.decode_rows] = self._decode(q[self.decode_rows], k_cache, v_cache, scale, gqa)
         bs = meta.block_size
-        for i, (q_len, seq_len) in enumerate(zip(meta.query_lens, meta.seq_lens_host)):
-            if q_len == 0:
-                continue
+        for i, start, q_len, seq_len in self.multi:
             blocks = self.block_tables[i, : -(-seq_len // bs)]
             keys = self._gather(k_cache, blocks, seq_len).transpose(0, 1).unsqueeze(0)
             vals = self._gather(v_cache, blocks, seq_len).transpose(0, 1).unsqueeze(0)
@@ -105,7 +123,6 @@ class TorchPagedAttention(AttentionBackend):
             oi = F.scaled_dot_product_attention(qi, keys.to(q.dtype), vals.to(q.dtype), attn_mask=mask,
                                                 scale=scale, enable_gqa=gqa)
             out[start:start + q_len] = oi.squeeze(0).transpose(0, 1)
-            start += q_len
         return out
 
     def _causal_mask(self, q_len: int, seq_len: int, device) -> torch.Tensor | None:

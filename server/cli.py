@@ -26,7 +26,8 @@ def add_engine_args(p: argparse.ArgumentParser, speculation: bool = True) -> Non
     g.add_argument("--max-num-batched-tokens", type=int, default=512)
     g.add_argument("--max-model-len", type=int, default=None)
     s = p.add_argument_group("speculative decoding (MTP)")
-    s.add_argument("--mtp-head", default=None, help="MTP head directory for a model without MTP layers")
+    s.add_argument("--mtp-head", default=None,
+                   help="MTP head directory for a model without MTP layers (the default model uses its shipped head)")
     if speculation:
         s.add_argument("--spec-draft-n-max", type=int, default=3, help="most draft tokens per step (0 disables)")
         s.add_argument("--no-spec", action="store_true", help="plain decoding even when the model has MTP layers")
@@ -37,9 +38,13 @@ def add_engine_args(p: argparse.ArgumentParser, speculation: bool = True) -> Non
 
 
 def engine_config_from_args(args):
-    """The EngineConfig of the engine options (validated)."""
+    """The EngineConfig of the engine options (validated). The default model gets its shipped MTP head."""
     import torch
     from mtpserve.engine.config import EngineConfig
+    from mtpserve.engine.loader.mtp_head import default_head_path
+
+    if args.model == "default" and args.mtp_head is None:
+        args.mtp_head = default_head_path()
 
     for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
         if getattr(args, name) < 1:
@@ -70,7 +75,7 @@ def engine_from_args(args):
 def build_parser() -> argparse.ArgumentParser:
     from mtpserve import __version__
     from mtpserve.bench import engine_bench, serve_bench
-    from mtpserve.server import generate_cmd, serve_cmd, stress_cmd
+    from mtpserve.server import generate_cmd, serve_cmd, stress_cmd, train_cmd
 
     parser = argparse.ArgumentParser(prog="mtpserve", description="MTP-first LLM inference server")
     parser.add_argument("--version", action="version", version=f"mtpserve {__version__}")
@@ -95,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench_serve = sub.add_parser("bench-serve", help="load-test an OpenAI-compatible server over HTTP")
     serve_bench.add_args(bench_serve)
     bench_serve.set_defaults(func=serve_bench.run)
+    train = sub.add_parser("train-head", help="train an MTP head for a model that has none (self-distillation)")
+    train_cmd.add_args(train)
+    train.set_defaults(func=train_cmd.run)
     return parser
 
 

@@ -27,6 +27,12 @@ _GGUF_NEXTN = {"eh_proj": "eh_proj", "enorm": "enorm", "hnorm": "hnorm", "shared
                "shared_head_head": "shared_head.head", "embed_tokens": "embed_tokens"}
 
 
+def default_head_path() -> str:
+    """The head trained for the default model (SmolLM2-135M-Instruct), shipped with the package."""
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "heads",
+                        "smollm2-135m-instruct")
+
+
 def load_mtp_head(path: str, config) -> tuple[dict[str, torch.Tensor], dict]:
     """Weights and head config of a head directory, checked against the base model's ``config``; the draft
     vocabulary, if any, is ``head["draft_token_ids"]``."""

@@ -111,10 +111,13 @@ class MTPLayer(nn.Module):
 class MTPModule(nn.Module):
     """The MTP layers of a model, sharing its embedding and lm_head unless they carry their own."""
 
-    def __init__(self, model: nn.Module, layers: list[MTPLayer]):
+    def __init__(self, model: nn.Module, layers: list[MTPLayer], draft_vocab: torch.Tensor | None = None):
         super().__init__()
         self.model = [model]  # not a submodule: its weights belong to the main model
         self.layers = nn.ModuleList(layers)
+        # reduced draft vocabulary: token ids the head may draft (None: all); q is 0 outside it
+        self.register_buffer("draft_vocab", draft_vocab)
+        self._draft_heads: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def embed(self, layer: MTPLayer, input_ids: torch.Tensor) -> torch.Tensor:
         if layer.embed_tokens is not None:
@@ -130,16 +133,33 @@ class MTPModule(nn.Module):
         cos, sin = model.cos[positions], model.sin[positions]
         return layer(self.embed(layer, input_ids), hidden, cos, sin, kv_caches[i], attn)
 
-    def compute_logits(self, step: int, y: torch.Tensor, vocab_subset: torch.Tensor | None = None) -> torch.Tensor:
+    def head(self, step: int) -> tuple[MTPLayer, torch.Tensor]:
         layer = self.layers[min(step, len(self.layers) - 1)]
-        head = layer.head if layer.head is not None else self.model[0].lm_head
-        if vocab_subset is not None:
-            head = head[:, vocab_subset]
-        return linear(layer.normed(y), head)
+        return layer, layer.head if layer.head is not None else self.model[0].lm_head
+
+    def draft_head(self, step: int) -> tuple[MTPLayer, torch.Tensor]:
+        """The head restricted to the draft vocabulary, [H, N] (sliced once per head tensor)."""
+        layer, head = self.head(step)
+        key = min(step, len(self.layers) - 1)
+        cached = self._draft_heads.get(key)
+        if cached is None or cached[0] is not head or cached[1].dtype != head.dtype:
+            cached = (head, head[:, self.draft_vocab].contiguous())
+            self._draft_heads[key] = cached
+        return layer, cached[1]
+
+    def compute_logits(self, step: int, y: torch.Tensor) -> torch.Tensor:
+        """Draft logits over the whole vocabulary; -inf outside the draft vocabulary when there is one."""
+        if self.draft_vocab is None:
+            layer, head = self.head(step)
+            return linear(layer.normed(y), head)
+        layer, head = self.draft_head(step)
+        sub = linear(layer.normed(y), head)
+        logits = sub.new_full((*sub.shape[:-1], self.model[0].config.vocab_size), float("-inf"))
+        return logits.index_copy_(-1, self.draft_vocab, sub)
 
 
 def build_mtp(model: nn.Module, weights: dict[str, torch.Tensor], num_layers: int, layout: MTPLayout,
-              prefix_of, feedback: str = "pre_norm") -> MTPModule:
+              prefix_of, feedback: str = "pre_norm", draft_vocab: torch.Tensor | None = None) -> MTPModule:
     """``prefix_of(i)`` names the weight prefix of MTP layer i (e.g. ``model.layers.{N+i}.``)."""
     cfg = model.config
     layers = []
@@ -152,4 +172,4 @@ def build_mtp(model: nn.Module, weights: dict[str, torch.Tensor], num_layers: in
                          cfg.rms_norm_eps, lay, feedback)
         layer.load(weights, prefix)
         layers.append(layer)
-    return MTPModule(model, layers)
+    return MTPModule(model, layers, draft_vocab)

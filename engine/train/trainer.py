@@ -86,6 +86,10 @@ def _draft_vocab(sequences: list[dict], size: int, vocab_size: int, eos: frozens
     return counts.argsort(descending=True, stable=True)[:size].sort().values
 
 
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
 class HeadTrainer:
     def __init__(self, checkpoint, cfg: TrainConfig):
         self.cfg = cfg
@@ -93,7 +97,8 @@ class HeadTrainer:
         os.makedirs(cfg.out, exist_ok=True)
         self.engine = LLMEngine(checkpoint, EngineConfig(
             dtype=torch.float32, device=cfg.device, spec_draft_n_max=0, max_num_seqs=cfg.max_num_seqs,
-            max_num_batched_tokens=max(2048, cfg.max_num_seqs), kv_cache_memory_bytes=2 << 30))
+            max_num_batched_tokens=max(2048, cfg.max_num_seqs),
+            kv_cache_memory_bytes=(16 if cfg.device.startswith("cuda") else 2) << 30))
         self.model = self.engine.model
         self.mc = checkpoint.config
         self.device = self.engine.device
@@ -204,6 +209,7 @@ class HeadTrainer:
                    dynamic_ncols=True)
         last_eval = first or {}
         running = None
+        losses = []
         while step < len(plan):
             b = plan[step]
             for g in opt.param_groups:
@@ -215,7 +221,9 @@ class HeadTrainer:
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
-                running = float(loss) if running is None else 0.95 * running + 0.05 * float(loss)
+                value = float(loss.detach())
+                running = value if running is None else 0.95 * running + 0.05 * value
+                losses.append(value)
             step += 1
             if step % cfg.eval_every == 0 or step == len(plan):
                 last_eval = self.evaluate(mtp, eval_batches, head)
@@ -228,7 +236,8 @@ class HeadTrainer:
         report = {"config": asdict(cfg), "steps": step, "train_sequences": len(seqs),
                   "train_tokens": sum(lengths), "eval_sequences": len(eval_seqs),
                   "draft_vocab_size": len(draft_vocab) if draft_vocab is not None else self.mc.vocab_size,
-                  "eval_before": first, "eval": last_eval, "wall_seconds": round(time.time() - start, 1),
+                  "eval_before": first, "eval": last_eval, "loss_first": _mean(losses[:20]),
+                  "loss_last": _mean(losses[-20:]), "wall_seconds": round(time.time() - start, 1),
                   "resumed": resumed}
         self.save(mtp, draft_vocab, step, opt, report)
         return report

@@ -1,0 +1,135 @@
+"""train-head: the teacher-forced draft chain equals what the engine drafts, training raises acceptance, the
+reduced draft vocabulary stays lossless, and a rerun resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from engine_helpers import greedy, make_engine
+from mtp_helpers import save_random_head
+
+from mtpserve.engine.loader import load_checkpoint
+from mtpserve.engine.loader.mtp_head import load_mtp_head
+from mtpserve.engine.sampling_params import SamplingParams
+from mtpserve.engine.train.distill import base_hidden, chain_logits, pack
+from mtpserve.engine.train.trainer import HeadTrainer, TrainConfig
+from mtpserve.server.train_cmd import parse_per_kind
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _record_draft_logits(engine):
+    """Wrap the MTP head so every draft step's logits are kept."""
+    seen = []
+    original = engine.mtp.compute_logits
+
+    def recording(step, y):
+        out = original(step, y)
+        seen.append((step, out.clone()))
+        return out
+
+    engine.mtp.compute_logits = recording
+    return seen
+
+
+@pytest.mark.parametrize("staircase", [True, False])
+def test_teacher_forced_chain_equals_engine_drafts(tiny_llama_dir, tmp_path, staircase):
+    """The draft logits of the engine's first chain after a prompt (paged KV, step-by-step drafting) equal the
+    training pass over the same tokens; attention without the draft-chain keys (plain causal per depth) does not."""
+    config = load_checkpoint(tiny_llama_dir).config
+    head = save_random_head(tmp_path / "head", config, scale=0.2)
+    engine = make_engine(tiny_llama_dir, mtp_head=head, spec_draft_n_max=3, spec_adaptive=False,
+                         dtype=torch.float64)
+    seen = _record_draft_logits(engine)
+    prompt = torch.randint(5, config.vocab_size, (23,), generator=torch.Generator().manual_seed(3)).tolist()
+    req = engine.add_request("r", prompt, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    engine.step()  # prefill: emits g, then drafts d1..d3 from the chain starting at the last prompt position
+    assert [s for s, _ in seen] == [0, 1, 2]
+    drafts = req.spec_token_ids
+    ids = prompt + req.output_token_ids[:1] + drafts
+    hidden = base_hidden(engine.model, torch.tensor(ids))
+    batch = pack([(ids, 0)], [hidden], 3, None, "cpu")
+    row = len(prompt) - 1
+    with torch.no_grad():
+        if not staircase:
+            engine.mtp.layers.append(engine.mtp.layers[0])  # two "layers": plain causal attention per depth
+        ours = chain_logits(engine.mtp, batch, 3, engine.model.lm_head)
+    for s, (_, logits) in enumerate(seen):
+        same = torch.allclose(ours[s][row], logits[0], atol=1e-9, rtol=1e-9)
+        assert same or (not staircase and s > 0), f"depth {s}"
+        if not staircase and s > 0:
+            assert not same, "the control must differ, or the comparison has no power"
+
+
+def test_parse_per_kind():
+    assert parse_per_kind("code=all,math=5") == {"code": None, "math": 5}
+    for bad in ("code", "poems=3", "math=-1", "math=x"):
+        with pytest.raises(Exception, match="train-per-kind"):
+            parse_per_kind(bad)
+
+
+def _mean_acceptance(engine, prompts) -> float:
+    engine.spec_stats = type(engine.spec_stats)()
+    greedy(engine, prompts, 32)
+    return engine.spec_stats.mean_acceptance_length
+
+
+def test_train_head_raises_acceptance_and_resumes(tiny_llama_dir, tmp_path):
+    out = str(tmp_path / "head")
+    cfg = TrainConfig(out=out, depth=3, draft_vocab=200, epochs=2, tokens_per_step=512, eval_per_kind=4,
+                      train_per_kind={"code": 24, "chat": 8, "json": 8, "math": 8}, eval_every=10,
+                      checkpoint_every=10, max_num_seqs=16)
+    report = HeadTrainer(load_checkpoint(tiny_llama_dir), cfg).run()
+    assert report["loss_last"] < report["loss_first"]
+    before, after = report["eval_before"], report["eval"]
+    assert after["mean_acceptance_length"] > before["mean_acceptance_length"] + 0.1
+    assert after["acceptance_per_position"][0] > before["acceptance_per_position"][0]
+    # the head loads, carries its draft vocabulary, and the engine drafts only from it
+    config = load_checkpoint(tiny_llama_dir).config
+    _, head = load_mtp_head(out, config)
+    vocab = set(head["draft_token_ids"].tolist())
+    assert len(vocab) == 200
+    trained = make_engine(tiny_llama_dir, mtp_head=out, spec_draft_n_max=3, spec_adaptive=False)
+    drafted = []
+    original = trained.mtp.compute_logits
+    trained.mtp.compute_logits = lambda step, y: _keep(drafted, original(step, y))
+    data = [json.loads(line) for line in open(os.path.join(out, "data", "eval.jsonl"), encoding="utf-8")]
+    prompts = [d["prompt_ids"] for d in data]
+    untrained = make_engine(tiny_llama_dir, mtp_head=save_random_head(tmp_path / "r", config), spec_draft_n_max=3,
+                            spec_adaptive=False)
+    assert _mean_acceptance(trained, prompts) > _mean_acceptance(untrained, prompts) + 0.1
+    assert drafted and set(torch.cat(drafted).tolist()) <= vocab
+    # a rerun finds the finished run and resumes instead of starting over
+    again = HeadTrainer(load_checkpoint(tiny_llama_dir), cfg).run()
+    assert again["resumed"] and again["steps"] == report["steps"]
+
+
+def _keep(store, logits):
+    store.append(logits.argmax(-1))
+    return logits
+
+
+def test_draft_vocab_is_lossless_greedy_and_sampled(tiny_llama_dir, tmp_path):
+    """A head restricted to a few tokens: greedy output equals plain decoding (float64), and seeded sampling
+    with rejection against q = 0 outside the subset repeats exactly."""
+    from mtpserve.engine.loader.mtp_head import save_mtp_head
+    from mtpserve.engine.train.head_init import head_config
+
+    config = load_checkpoint(tiny_llama_dir).config
+    src = save_random_head(tmp_path / "src", config, scale=0.05)
+    weights, _ = load_mtp_head(src, config)
+    subset = torch.arange(5, config.vocab_size, 3)
+    save_mtp_head(str(tmp_path / "sub"), weights, head_config(config, 1), subset)
+    prompts = [torch.randint(5, config.vocab_size, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+               for n in (4, 11, 30)]
+    plain = make_engine(tiny_llama_dir, spec_draft_n_max=0, dtype=torch.float64)
+    spec = make_engine(tiny_llama_dir, mtp_head=str(tmp_path / "sub"), spec_draft_n_max=3, spec_adaptive=False,
+                       dtype=torch.float64)
+    assert greedy(spec, prompts, 24) == greedy(plain, prompts, 24)
+    assert spec.spec_stats.num_draft_tokens > 0
+    params = SamplingParams(temperature=0.9, top_p=0.95, max_tokens=24, seed=5, ignore_eos=True)
+    runs = [[r.output_token_ids for r in spec.generate(prompts, params)] for _ in range(2)]
+    assert runs[0] == runs[1]
