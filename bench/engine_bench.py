@@ -102,12 +102,22 @@ def build_engine(args):
     return engine
 
 
+def head_label(path: str | None) -> str | None:
+    """How results name a head: the shipped one by its place in the package, others as given."""
+    from mtpserve.engine.loader.mtp_head import default_head_path
+
+    if path and os.path.abspath(path) == default_head_path():
+        return "heads/smollm2-135m-instruct (shipped)"
+    return path
+
+
 def describe_mtp(engine, args) -> dict:
     if engine.mtp is None:
         return {"available": False, "description": "no MTP head (the model has no MTP layers and no --mtp-head "
                                                    "was given): MTP off only"}
     layers = len(engine.mtp.layers)
-    source = f"head {args.mtp_head}" if args.mtp_head else "the model's own layers"
+    head = head_label(engine.config.mtp_head)
+    source = f"head {head}" if head else "the model's own layers"
     return {"available": True, "num_layers": layers, "description": f"{layers} MTP layer(s) from {source}"}
 
 
@@ -130,7 +140,8 @@ def metadata(args, engine, prompts) -> dict:
     import torch
     from mtpserve import __version__
 
-    return {"model": args.model, "mtp_head": args.mtp_head, "dtype": args.dtype, "device": str(engine.device),
+    return {"model": args.model, "mtp_head": head_label(engine.config.mtp_head), "dtype": args.dtype,
+            "device": str(engine.device),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "mtpserve": __version__,
             "python": platform.python_version(), "machine": platform.machine(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
