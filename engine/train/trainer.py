@@ -131,7 +131,7 @@ class HeadTrainer:
                                     f"not {cfg.num_layers}: pick another --out")
         else:
             weights = init_head_weights(mc, cfg.num_layers, cfg.seed)
-        mtp = build_mtp(self.model, {**weights}, cfg.num_layers, DEEPSEEK_LAYOUT,
+        mtp = build_mtp(self.model, weights, cfg.num_layers, DEEPSEEK_LAYOUT,
                         lambda i: f"model.layers.{mc.num_hidden_layers + i}.", "pre_norm", None)
         return mtp.to(self.device).float(), resume
 
