@@ -121,7 +121,7 @@ class HeadTrainer:
             out.append(base_hidden(self.model, ids).to(torch.float16))  # kept for every epoch
         return out
 
-    def build_head(self, draft_vocab):
+    def build_head(self):
         cfg, mc = self.cfg, self.mc
         resume = os.path.isfile(os.path.join(cfg.out, HEAD_CONFIG)) and os.path.isfile(os.path.join(cfg.out, STATE))
         if resume:
@@ -179,7 +179,7 @@ class HeadTrainer:
             covered = sum(int((vocab_map[torch.tensor(s["output_ids"])] >= 0).sum()) for s in train)
             logger.warning("draft vocabulary: %d tokens cover %.1f%% of the answer tokens", len(draft_vocab),
                            100 * covered / max(1, sum(len(s["output_ids"]) for s in train)))
-        mtp, resumed = self.build_head(draft_vocab)
+        mtp, resumed = self.build_head()
         train_h = self.hidden(train, "base hidden states (train)")
         eval_h = self.hidden(evals, "base hidden states (eval)")
         seqs = [(s["prompt_ids"] + s["output_ids"], len(s["prompt_ids"])) for s in train]
