@@ -56,7 +56,7 @@ def test_teacher_forced_chain_equals_engine_drafts(tiny_llama_dir, tmp_path, sta
     with torch.no_grad():
         if not staircase:
             engine.mtp.layers.append(engine.mtp.layers[0])  # two "layers": plain causal attention per depth
-        ours = chain_logits(engine.mtp, batch, 3, engine.model.lm_head)
+        ours = chain_logits(engine.mtp, batch, 3)
     for s, (_, logits) in enumerate(seen):
         same = torch.allclose(ours[s][row], logits[0], atol=1e-9, rtol=1e-9)
         assert same or (not staircase and s > 0), f"depth {s}"

@@ -99,40 +99,35 @@ def pack(sequences: list[tuple[list[int], int]], hidden: list[torch.Tensor], dep
             "targets": [as_tensor(x) for x in targets], "counted": [as_tensor(x, torch.bool) for x in counted]}
 
 
-def chain_logits(mtp, batch: dict, depth: int, head: torch.Tensor):
-    """Draft-vocabulary logits of every depth for a packed batch: a list of [R, N]."""
+def chain_logits(mtp, batch: dict, depth: int):
+    """Logits of every depth for a packed batch, a list of [R, N]: over the head's draft vocabulary when it has
+    one (the same sliced head the engine drafts with), else over the whole vocabulary."""
     staircase = len(mtp.layers) == 1
     attn = DraftChainAttention(batch["seq_ids"], staircase)
-    h = batch["hidden"].to(head.dtype)
+    h = batch["hidden"].to(mtp.layers[0].eh_proj.dtype)
     out = []
     for s in range(depth):
         attn.depth = s
         y = mtp(s, batch["inputs"][s], h, batch["positions"][s], [None] * len(mtp.layers), attn)
-        layer = mtp.layers[min(s, len(mtp.layers) - 1)]
+        layer, head = mtp.head(s) if mtp.draft_vocab is None else mtp.draft_head(s)
         out.append(layer.normed(y) @ head)
         h = y
     return out
 
 
-def mtp_loss(mtp, batch: dict, depth: int, head: torch.Tensor, weights=None) -> tuple[torch.Tensor, list]:
-    """Weighted mean over depths of the cross-entropy against the base model's own tokens; also the per-depth
-    (correct, counted) top-1 tallies."""
-    losses, tallies = [], []
-    for s, logits in enumerate(chain_logits(mtp, batch, depth, head)):
-        target, counted = batch["targets"][s], batch["counted"][s]
-        tallies.append((int((logits.argmax(-1) == target)[counted].sum()), int(counted.sum())))
-        if counted.any():
-            losses.append(F.cross_entropy(logits.float(), target, ignore_index=IGNORE) * (weights or [1] * depth)[s])
-    loss = torch.stack(losses).sum() / sum((weights or [1] * depth)[:len(losses)]) if losses else None
-    return loss, tallies
+def mtp_loss(mtp, batch: dict, depth: int) -> torch.Tensor | None:
+    """Mean over depths of the cross-entropy against the base model's own tokens (None: nothing to count)."""
+    losses = [F.cross_entropy(logits.float(), batch["targets"][s], ignore_index=IGNORE)
+              for s, logits in enumerate(chain_logits(mtp, batch, depth)) if batch["counted"][s].any()]
+    return torch.stack(losses).mean() if losses else None
 
 
 @torch.no_grad()
-def acceptance_length(mtp, batch: dict, depth: int, head: torch.Tensor) -> tuple[float, list[float]]:
+def acceptance_length(mtp, batch: dict, depth: int) -> tuple[float, list[float]]:
     """Teacher-forced greedy acceptance with ``depth`` drafts: mean tokens per verify step (1 + the leading run
     of right drafts) over response rows, and the per-position acceptance rates."""
     hits = None
-    for s, logits in enumerate(chain_logits(mtp, batch, depth, head)):
+    for s, logits in enumerate(chain_logits(mtp, batch, depth)):
         right = logits.argmax(-1) == batch["targets"][s]
         hits = right if hits is None else hits & right
         if s == 0:
@@ -153,15 +148,15 @@ def distill(mtp, model, sequences: list[list[int]], steps: int, lr: float = 3e-3
         p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=lr)
     g = torch.Generator().manual_seed(seed)
-    head = model.lm_head
+    device = model.lm_head.device
     cache, losses = {}, []
     for step in range(steps):
         i = int(torch.randint(len(sequences), (1,), generator=g))
         ids = sequences[i]
         if i not in cache:
-            cache[i] = base_hidden(model, torch.tensor(ids, device=head.device))
-        batch = pack([(ids, 0)], [cache[i]], depth, None, head.device)
-        loss, _ = mtp_loss(mtp, batch, depth, head)
+            cache[i] = base_hidden(model, torch.tensor(ids, device=device))
+        batch = pack([(ids, 0)], [cache[i]], depth, None, device)
+        loss = mtp_loss(mtp, batch, depth)
         opt.zero_grad()
         loss.backward()
         opt.step()

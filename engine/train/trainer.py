@@ -31,7 +31,7 @@ from mtpserve.engine.errors import MtpserveError
 from mtpserve.engine.loader.mtp_head import HEAD_CONFIG, load_mtp_head, save_mtp_head
 from mtpserve.engine.models.mtp import DEEPSEEK_LAYOUT, build_mtp
 from mtpserve.engine.train.data import generate_sequences
-from mtpserve.engine.train.distill import acceptance_length, base_hidden, mtp_loss, pack
+from mtpserve.engine.train.distill import IGNORE, acceptance_length, base_hidden, mtp_loss, pack
 from mtpserve.engine.train.head_init import head_config, init_head_weights
 from mtpserve.engine.train.prompts import KINDS, prompt_set
 
@@ -121,7 +121,7 @@ class HeadTrainer:
             out.append(base_hidden(self.model, ids).to(torch.float16))  # kept for every epoch
         return out
 
-    def build_head(self):
+    def build_head(self, draft_vocab):
         cfg, mc = self.cfg, self.mc
         resume = os.path.isfile(os.path.join(cfg.out, HEAD_CONFIG)) and os.path.isfile(os.path.join(cfg.out, STATE))
         if resume:
@@ -132,7 +132,7 @@ class HeadTrainer:
         else:
             weights = init_head_weights(mc, cfg.num_layers, cfg.seed)
         mtp = build_mtp(self.model, weights, cfg.num_layers, DEEPSEEK_LAYOUT,
-                        lambda i: f"model.layers.{mc.num_hidden_layers + i}.", "pre_norm", None)
+                        lambda i: f"model.layers.{mc.num_hidden_layers + i}.", "pre_norm", draft_vocab)
         return mtp.to(self.device).float(), resume
 
     def save(self, mtp, draft_vocab, step, opt, report=None) -> None:
@@ -147,11 +147,11 @@ class HeadTrainer:
             with open(os.path.join(cfg.out, "train_report.json"), "w", encoding="utf-8") as f:
                 json.dump(report, f, indent=2)
 
-    def evaluate(self, mtp, eval_batches, head) -> dict:
+    def evaluate(self, mtp, eval_batches) -> dict:
         was = [p.requires_grad for p in mtp.parameters()]
         lengths, positions, weights = [], [], []
         for batch in eval_batches:
-            length, per_position = acceptance_length(mtp, batch, self.cfg.depth, head)
+            length, per_position = acceptance_length(mtp, batch, self.cfg.depth)
             n = int(batch["counted"][0].sum())
             lengths.append(length * n)
             positions.append([a * n for a in per_position])
@@ -171,15 +171,13 @@ class HeadTrainer:
         eos = frozenset(self.checkpoint.generation.eos_token_ids or self.mc.eos_token_ids)
         draft_vocab = _draft_vocab(train, cfg.draft_vocab, self.mc.vocab_size, eos)
         vocab_map = None
-        head = self.model.lm_head
         if draft_vocab is not None:
-            vocab_map = torch.full((self.mc.vocab_size,), -100, dtype=torch.long)
+            vocab_map = torch.full((self.mc.vocab_size,), IGNORE, dtype=torch.long)
             vocab_map[draft_vocab] = torch.arange(len(draft_vocab))
-            head = head[:, draft_vocab.to(head.device)].contiguous()
             covered = sum(int((vocab_map[torch.tensor(s["output_ids"])] >= 0).sum()) for s in train)
             logger.warning("draft vocabulary: %d tokens cover %.1f%% of the answer tokens", len(draft_vocab),
                            100 * covered / max(1, sum(len(s["output_ids"]) for s in train)))
-        mtp, resumed = self.build_head()
+        mtp, resumed = self.build_head(draft_vocab)
         train_h = self.hidden(train, "base hidden states (train)")
         eval_h = self.hidden(evals, "base hidden states (eval)")
         seqs = [(s["prompt_ids"] + s["output_ids"], len(s["prompt_ids"])) for s in train]
@@ -204,7 +202,7 @@ class HeadTrainer:
             state = torch.load(os.path.join(cfg.out, STATE), map_location=self.device)
             opt.load_state_dict(state["optimizer"])
             step = state["step"]
-        first = self.evaluate(mtp, eval_batches, head) if step == 0 else None
+        first = self.evaluate(mtp, eval_batches) if step == 0 else None
         bar = tqdm(total=len(plan), initial=step, desc="train head", unit="step", file=sys.stderr,
                    dynamic_ncols=True)
         last_eval = first or {}
@@ -215,7 +213,7 @@ class HeadTrainer:
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * _schedule(step, len(plan), cfg.warmup_steps)
             batch = pack([seqs[i] for i in b], [train_h[i] for i in b], cfg.depth, vocab_map, self.device)
-            loss, _ = mtp_loss(mtp, batch, cfg.depth, head)
+            loss = mtp_loss(mtp, batch, cfg.depth)
             opt.zero_grad(set_to_none=True)
             if loss is not None:
                 loss.backward()
@@ -226,7 +224,7 @@ class HeadTrainer:
                 losses.append(value)
             step += 1
             if step % cfg.eval_every == 0 or step == len(plan):
-                last_eval = self.evaluate(mtp, eval_batches, head)
+                last_eval = self.evaluate(mtp, eval_batches)
             if step % cfg.checkpoint_every == 0 or step == len(plan):
                 self.save(mtp, draft_vocab, step, opt)
             bar.set_postfix(loss=f"{running:.3f}" if running is not None else "-",
