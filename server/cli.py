@@ -37,6 +37,16 @@ def add_engine_args(p: argparse.ArgumentParser, speculation: bool = True) -> Non
                    help="hidden state fed back between draft steps (MTP block output, or after its shared norm)")
 
 
+def resolve_device(device: str | None) -> str:
+    """``--device``: cuda when available unless given; a cuda request without CUDA is an error."""
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MtpserveError("--device cuda requested but CUDA is not available")
+    return device
+
+
 def engine_config_from_args(args):
     """The EngineConfig of the engine options (validated). The default model gets its shipped MTP head."""
     import torch
@@ -53,9 +63,7 @@ def engine_config_from_args(args):
         raise MtpserveError("--spec-draft-n-max must be >= 0")
     if args.kv_cache_memory <= 0:
         raise MtpserveError("--kv-cache-memory must be positive")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise MtpserveError("--device cuda requested but CUDA is not available")
+    device = resolve_device(args.device)
     return EngineConfig(
         block_size=args.block_size, num_blocks=args.num_blocks,
         kv_cache_memory_bytes=int(args.kv_cache_memory * 2**30), max_num_seqs=args.max_num_seqs,

@@ -45,10 +45,9 @@ def parse_per_kind(text: str) -> dict:
 
 
 def run(args) -> int:
-    import torch
-
     from mtpserve.engine.loader import load_checkpoint
     from mtpserve.engine.train.trainer import HeadTrainer, TrainConfig
+    from mtpserve.server.cli import resolve_device
 
     for name in ("num_layers", "depth", "epochs", "tokens_per_step", "eval_every", "checkpoint_every",
                  "max_num_seqs"):
@@ -56,9 +55,7 @@ def run(args) -> int:
             raise MtpserveError(f"--{name.replace('_', '-')} must be at least 1")
     if args.draft_vocab < 0 or args.eval_per_kind < 0 or args.lr <= 0:
         raise MtpserveError("--draft-vocab and --eval-per-kind must be >= 0, --lr positive")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise MtpserveError("--device cuda requested but CUDA is not available")
+    device = resolve_device(args.device)
     cfg = TrainConfig(out=args.out, num_layers=args.num_layers, depth=args.depth, draft_vocab=args.draft_vocab,
                       train_per_kind=parse_per_kind(args.train_per_kind), eval_per_kind=args.eval_per_kind,
                       epochs=args.epochs, tokens_per_step=args.tokens_per_step, lr=args.lr,
