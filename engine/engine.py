@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -78,7 +79,8 @@ class LLMEngine:
         self.policy = DraftPolicy(config.spec_draft_n_max if self.mtp else 0, config.spec_adaptive)
         self.runner = ModelRunner(self.model, self.kv, num_blocks, config.dtype, self.device, self.mtp, self.policy)
         if self.mtp is not None and config.spec_adaptive and config.spec_draft_n_max > 0:
-            self.policy.costs = measure_step_costs(self.runner, min(64, config.max_num_batched_tokens))
+            self.policy.costs = measure_step_costs(self.runner, min(64, config.max_num_seqs),
+                                                   config.max_num_batched_tokens, config.spec_draft_n_max)
         self.eos_token_ids = frozenset(checkpoint.generation.eos_token_ids or mc.eos_token_ids)
         self.requests: dict[str, Request] = {}
         self.spec_stats = SpecStats()  # aggregate over finished requests
@@ -144,11 +146,15 @@ class LLMEngine:
         if not out.scheduled:
             return []
         before = {s.request.request_id: len(s.request.output_token_ids) for s in out.scheduled}
+        drafted, start = self.policy.planned_drafting, time.perf_counter()
         try:
             result = self.runner.execute(out)
         except Exception:  # noqa: BLE001 (isolated: only this step's requests fail)
             return self._fail_step(out)
         self.scheduler.update_from_output(out, result)
+        if all(s.num_new_tokens - s.num_spec_tokens == 1 for s in out.scheduled):  # no prompt chunk
+            emitted = sum(len(s.request.output_token_ids) - before[s.request.request_id] for s in out.scheduled)
+            self.policy.observe(len(out.scheduled), drafted, emitted, time.perf_counter() - start)
         outputs = []
         for s in out.scheduled:
             req = s.request

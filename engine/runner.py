@@ -21,7 +21,7 @@ def kv_bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head
 
 class ModelRunner:
     def __init__(self, model, kv: KVCacheManager, num_blocks: int, dtype: torch.dtype, device: torch.device,
-                 mtp=None, draft_len=None):
+                 mtp=None, policy=None):
         cfg = model.config
         self.model = model
         self.kv = kv
@@ -36,7 +36,7 @@ class ModelRunner:
         self.vocab_size = cfg.vocab_size
         self.proposer = (MTPProposer(mtp, kv, self.kv_caches[cfg.num_hidden_layers:], cfg.vocab_size, device)
                          if mtp is not None else None)
-        self.draft_len = draft_len  # callable(request, batch_size) -> number of drafts for its next step
+        self.policy = policy  # DraftPolicy: drafts per request for the next step
 
     def prepare_inputs(self, out: SchedulerOutput):
         """Flattened input_ids/positions and the attention metadata for one step."""
@@ -121,8 +121,7 @@ class ModelRunner:
             result.logprobs.setdefault(owner, []).append(lp)
 
     def _draft(self, out, hidden, starts, result: StepResult) -> None:
-        items = []
-        batch = len(out.scheduled)
+        items, drafting = [], []
         for i, s in enumerate(out.scheduled):
             req, start = s.request, s.request.num_computed_tokens
             if req.spec_n_max == 0:
@@ -130,16 +129,20 @@ class ModelRunner:
             known = s.num_new_tokens - s.num_spec_tokens
             if s.samples:
                 new = result.new_token_ids[req.request_id]
-                next_tokens = req.all_token_ids[start + 1:start + known] + new
                 if self._will_finish(req, new):
                     continue
-                k = self.draft_len(req, batch) if self.draft_len else 0
+                next_tokens = req.all_token_ids[start + 1:start + known] + new
                 history = req.output_token_ids + new
+                drafting.append(len(items))
             else:  # a prompt chunk: fill the MTP KV only
                 next_tokens = req.all_token_ids[start + 1:start + known + 1]
-                k, history = 0, []
+                history = []
             rows = hidden[starts[i]:starts[i] + len(next_tokens)]
-            items.append(DraftInput(req, start, rows, next_tokens, history, k))
+            items.append(DraftInput(req, start, rows, next_tokens, history, 0))
+        if drafting and self.policy is not None:
+            plan = self.policy.plan([items[j].request for j in drafting], len(out.scheduled))
+            for j, k in zip(drafting, plan):
+                items[j].num_drafts = k
         for rid, d in self.proposer.propose(items).items():
             result.spec_token_ids[rid] = d.token_ids
             if d.probs is not None:

@@ -23,10 +23,6 @@ class AttentionMetadata:
     block_size: int
     recurrent: object | None = None  # linear-attention state slots of the sequences (hybrid models)
 
-    @property
-    def decode_only(self) -> bool:
-        return all(n == 1 for n in self.query_lens)
-
 
 class AttentionBackend:
     """Interface: ``prepare`` once per step, ``forward`` once per layer."""
@@ -54,67 +50,77 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: tuple[torch.Tensor, tor
     flat_v.index_copy_(0, slot_mapping, v.to(flat_v.dtype))
 
 
+SHORT_QUERY = 16  # sequences with at most this many new tokens are attended together in one batched call
+
+
 class TorchPagedAttention(AttentionBackend):
     """Reference backend: gathers K/V through the block table and calls SDPA."""
 
     def prepare(self, metadata: AttentionMetadata) -> None:
-        """Sequences with one new token (decodes) are attended in one batched call, whatever else is in the
-        step; prompt chunks and verify rows (several tokens) one sequence at a time."""
+        """Sequences with few new tokens (decodes, verify rows) are attended in one batched call, their queries
+        padded to the longest; prompt chunks one sequence at a time."""
         self.meta = metadata
         self.block_tables = metadata.block_tables.long()
-        self.decode_only = metadata.decode_only
-        bs = metadata.block_size
-        starts, self.multi = [], []
+        short, self.long = [], []
         start = 0
         for i, (q_len, seq_len) in enumerate(zip(metadata.query_lens, metadata.seq_lens_host)):
-            if q_len == 1:
-                starts.append((i, start, seq_len))
-            elif q_len > 1:
-                self.multi.append((i, start, q_len, seq_len))
+            if q_len:
+                (short if q_len <= SHORT_QUERY else self.long).append((i, start, q_len, seq_len))
             start += q_len
-        self.decode_rows = None
-        if starts:
-            device = metadata.seq_lens.device
-            index = [i for i, _, _ in starts]
-            lens = [n for _, _, n in starts]
-            max_len = max(lens)
-            rows = self.block_tables if self.decode_only else self.block_tables[torch.tensor(index, device=device)]
-            self.decode_blocks = rows[:, :-(-max_len // bs)]
-            self.decode_len = max_len
-            self.decode_mask = None
-            if any(n != max_len for n in lens):
-                seq_lens = torch.tensor(lens, device=device)
-                valid = torch.arange(max_len, device=device)[None, :] < seq_lens[:, None]
-                self.decode_mask = valid[:, None, None, :]  # [B, 1, 1, L]
-            if not self.decode_only:
-                self.decode_rows = torch.tensor([s for _, s, _ in starts], device=device)
-        self.has_decodes = bool(starts)
+        self.short = bool(short)
+        if short:
+            self._plan_short(short, metadata, all_short=len(short) == len(metadata.query_lens))
         self.masks = {}
+
+    def _plan_short(self, short, metadata: AttentionMetadata, all_short: bool) -> None:
+        device, bs = metadata.seq_lens.device, metadata.block_size
+        q_lens = [q for _, _, q, _ in short]
+        seq_lens = [n for _, _, _, n in short]
+        max_q, max_len = max(q_lens), max(seq_lens)
+        rows = self.block_tables if all_short else self.block_tables[torch.tensor([i for i, *_ in short], device=device)]
+        self.short_blocks = rows[:, :-(-max_len // bs)]
+        self.short_len = max_len
+        self.whole_step = all_short and max_q == 1  # q is already [G, ...]: no gather, no scatter
+        self.short_index = self.short_valid = None
+        if not self.whole_step:
+            # query j of a sequence padded to max_q by repeating its last query (its output is dropped)
+            index = [start + min(j, q - 1) for _, start, q, _ in short for j in range(max_q)]
+            self.short_index = torch.tensor(index, device=device).view(len(short), max_q)
+            self.short_valid = (torch.arange(max_q)[None, :] < torch.tensor(q_lens)[:, None]).to(device)
+            self.short_rows = torch.tensor([start + j for _, start, q, _ in short for j in range(q)], device=device)
+        self.short_mask = None
+        if max_q > 1 or any(n != max_len for n in seq_lens):
+            # query j of a sequence sees keys up to position seq_len - q_len + j
+            last = torch.tensor([[n - q + min(j, q - 1) for j in range(max_q)] for q, n in zip(q_lens, seq_lens)],
+                                device=device)
+            self.short_mask = (torch.arange(max_len, device=device)[None, None, :] <= last[:, :, None]).unsqueeze(1)
 
     def _gather(self, cache: torch.Tensor, blocks: torch.Tensor, length: int) -> torch.Tensor:
         """cache[blocks] -> [..., length, kv_heads, head_dim]."""
         g = cache[blocks]
         return g.reshape(*g.shape[:-4], -1, *g.shape[-2:])[..., :length, :, :]
 
-    def _decode(self, q, k_cache, v_cache, scale, gqa):
-        keys = self._gather(k_cache, self.decode_blocks, self.decode_len).transpose(1, 2)
-        vals = self._gather(v_cache, self.decode_blocks, self.decode_len).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q.unsqueeze(2), keys.to(q.dtype), vals.to(q.dtype),
-                                             attn_mask=self.decode_mask, scale=scale, enable_gqa=gqa)
-        return out.squeeze(2)
+    def _attend_short(self, q, k_cache, v_cache, scale, gqa):
+        """[G, max_q, heads, head_dim] outputs of the short sequences."""
+        queries = q.unsqueeze(1) if self.whole_step else q[self.short_index]
+        keys = self._gather(k_cache, self.short_blocks, self.short_len).transpose(1, 2)
+        vals = self._gather(v_cache, self.short_blocks, self.short_len).transpose(1, 2)
+        out = F.scaled_dot_product_attention(queries.transpose(1, 2), keys.to(q.dtype), vals.to(q.dtype),
+                                             attn_mask=self.short_mask, scale=scale, enable_gqa=gqa)
+        return out.transpose(1, 2)
 
     def forward(self, q, k, v, kv_cache, scale):
         meta = self.meta
         write_kv(k, v, kv_cache, meta.slot_mapping)
         k_cache, v_cache = kv_cache
         gqa = q.shape[1] != k_cache.shape[2]
-        if self.decode_only:
-            return self._decode(q, k_cache, v_cache, scale, gqa)
-        out = torch.empty_like(q)
-        if self.has_decodes:
-            out[self.decode_rows] = self._decode(q[self.decode_rows], k_cache, v_cache, scale, gqa)
+        if self.short and self.whole_step:
+            return self._attend_short(q, k_cache, v_cache, scale, gqa).squeeze(1)
+        out = q.new_empty(*q.shape[:2], v_cache.shape[-1])
+        if self.short:
+            out[self.short_rows] = self._attend_short(q, k_cache, v_cache, scale, gqa)[self.short_valid]
         bs = meta.block_size
-        for i, start, q_len, seq_len in self.multi:
+        for i, start, q_len, seq_len in self.long:
             blocks = self.block_tables[i, : -(-seq_len // bs)]
             keys = self._gather(k_cache, blocks, seq_len).transpose(0, 1).unsqueeze(0)
             vals = self._gather(v_cache, blocks, seq_len).transpose(0, 1).unsqueeze(0)
@@ -125,10 +131,8 @@ class TorchPagedAttention(AttentionBackend):
             out[start:start + q_len] = oi.squeeze(0).transpose(0, 1)
         return out
 
-    def _causal_mask(self, q_len: int, seq_len: int, device) -> torch.Tensor | None:
+    def _causal_mask(self, q_len: int, seq_len: int, device) -> torch.Tensor:
         """Query i (absolute position seq_len - q_len + i) sees keys 0..its position."""
-        if q_len == 1:
-            return None
         key = (q_len, seq_len)
         if key not in self.masks:
             rows = torch.arange(q_len, device=device)[:, None] + (seq_len - q_len)

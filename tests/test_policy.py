@@ -1,12 +1,15 @@
 """Adaptive draft length policy, without a model."""
 
+import itertools
+import random
 from types import SimpleNamespace
 
-from mtpserve.engine.spec.policy import PROBE_EVERY, AcceptanceEstimate, DraftPolicy, StepCosts
+from mtpserve.engine.spec.policy import (EXPLORE_EVERY, EXPLORE_LEN, PROBE_EVERY, AcceptanceEstimate,
+                                         DraftPolicy, StepCosts)
 
-# a CPU-like cost curve: verifying more tokens costs more, drafting is cheap
-COSTS = StepCosts(main={1: 1.0, 2: 1.1, 4: 1.3, 8: 2.0, 16: 3.5, 32: 6.5, 64: 12.5},
-                  draft={1: 0.08, 2: 0.1, 4: 0.12, 8: 0.2, 16: 0.35, 32: 0.6, 64: 1.2})
+# a CPU-like cost curve: a step costs a fixed part plus a part per verified token; drafting is cheap
+COSTS = StepCosts(main={(b, q): 1.0 + 0.12 * b * q for b in (1, 2, 4, 8, 16, 32, 64) for q in (1, 2, 4)},
+                  draft={b: 0.05 + 0.01 * b for b in (1, 2, 4, 8, 16, 32, 64)})
 
 
 def request(rate: float | None = None, n_max=None):
@@ -16,22 +19,58 @@ def request(rate: float | None = None, n_max=None):
     return SimpleNamespace(acceptance=est, spec_n_max=n_max)
 
 
+def expected_rate(costs: StepCosts, rates, drafts, batch_size) -> float:
+    """Expected output tokens per second of one step, computed directly from the cost model."""
+    tokens = batch_size + sum(sum(a ** j for j in range(1, k + 1)) for a, k in zip(rates, drafts))
+    depth_rows = [sum(k >= j for k in drafts) for j in range(1, max(drafts, default=0) + 1)]
+    seconds = costs.step(batch_size, batch_size + sum(drafts)) + sum(costs.draft_step(r) for r in depth_rows)
+    return tokens / seconds
+
+
+def test_step_costs_interpolate_the_table():
+    assert COSTS.step(8, 16) == COSTS.main[8, 2]
+    assert COSTS.step(8, 24) == (COSTS.main[8, 2] + COSTS.main[8, 4]) / 2
+    assert COSTS.step(12, 12) == (COSTS.main[8, 1] + COSTS.main[16, 1]) / 2
+    assert abs(COSTS.step(128, 128) - (1.0 + 0.12 * 128)) < 1e-9  # the last piece extended
+    assert COSTS.draft_step(0) == 0.0
+
+
 def test_k_follows_acceptance():
     policy = DraftPolicy(4, costs=COSTS)
-    ks = [policy(request(rate), 1) for rate in (0.05, 0.5, 0.8, 0.95)]
+    ks = [policy.plan([request(rate)], 1)[0] for rate in (0.05, 0.5, 0.8, 0.95)]
     assert ks == sorted(ks) and ks[0] == 0 and ks[-1] == 4
 
 
 def test_backs_off_for_large_batches():
     policy = DraftPolicy(4, costs=COSTS)
-    assert policy(request(0.7), 1) > 0
-    assert policy(request(0.7), 32) == 0  # verifying 64+ tokens costs more than it saves
+    assert policy.plan([request(0.7)], 1)[0] > 0
+    assert policy.plan([request(0.7) for _ in range(32)], 32) == [0] * 32  # verifying costs more than it saves
+
+
+def test_one_plan_for_the_batch():
+    """In one batch, requests whose drafts miss draft less than those whose drafts land."""
+    policy = DraftPolicy(3, costs=COSTS)
+    plan = policy.plan([request(0.9), request(0.1), request(0.9), request(0.5)], 4)
+    assert plan[0] == plan[2] >= plan[3] >= plan[1] and plan[0] > plan[1]
+    # requests that cannot draft still count in the batch: the same four drafters in a batch of 64 draft less
+    assert sum(policy.plan([request(0.9), request(0.1), request(0.9), request(0.5)], 64)) < sum(plan)
+
+
+def test_allocation_is_near_the_best_plan():
+    """Against every possible plan of a small batch, scored by the cost model itself."""
+    policy = DraftPolicy(3, costs=COSTS)
+    rng = random.Random(0)
+    for _ in range(40):
+        batch = rng.choice([1, 2, 3, 5, 9])
+        rates = [rng.random() for _ in range(min(batch, 3))]
+        plan = policy.allocate(rates, [3] * len(rates), batch)
+        best = max(expected_rate(COSTS, rates, list(p), batch) for p in itertools.product(range(4), repeat=len(rates)))
+        assert expected_rate(COSTS, rates, plan, batch) >= 0.99 * best
 
 
 def test_fixed_and_per_request_limits():
-    assert DraftPolicy(3, adaptive=False, costs=COSTS)(request(0.0), 64) == 3
-    assert DraftPolicy(3, costs=COSTS)(request(0.99, n_max=1), 1) == 1
-    assert DraftPolicy(3, costs=COSTS)(request(0.99, n_max=0), 1) == 0
+    assert DraftPolicy(3, adaptive=False, costs=COSTS).plan([request(0.0)], 64) == [3]
+    assert DraftPolicy(3, costs=COSTS).plan([request(0.99, n_max=1), request(0.99, n_max=0)], 2) == [1, 0]
 
 
 def test_estimate_and_probes():
@@ -44,8 +83,50 @@ def test_estimate_and_probes():
     assert est.rate < 0.1
     policy = DraftPolicy(3, costs=COSTS)
     req = request(0.0)
-    ks = [policy(req, 1) for _ in range(PROBE_EVERY)]
+    ks = [policy.plan([req], 1)[0] for _ in range(PROBE_EVERY)]
     assert ks == [0] * (PROBE_EVERY - 1) + [1]  # one probe
     req.acceptance.observe(1, 0)  # rejected: the next probe waits twice as long
-    ks = [policy(req, 1) for _ in range(2 * PROBE_EVERY)]
+    ks = [policy.plan([req], 1)[0] for _ in range(2 * PROBE_EVERY)]
     assert ks.count(1) == 1 and ks[-1] == 1
+
+
+def test_probes_run_in_large_batches():
+    """A batch that drafts nothing still probes, so a predictable batch can find out that it is."""
+    policy = DraftPolicy(3, costs=COSTS)
+    reqs = [request(0.7) for _ in range(32)]
+    plans = [policy.plan(reqs, 32) for _ in range(PROBE_EVERY)]
+    assert all(k == 0 for plan in plans[:-1] for k in plan) and plans[-1] == [1] * 32
+
+
+def run_guard(policy, reqs, spec_rate, plain_rate, steps):
+    """Plan ``steps`` steps, feeding back the given tokens per second; returns which steps drafted."""
+    drafted = []
+    for _ in range(steps):
+        before = policy.planned_drafting
+        policy.plan(reqs, len(reqs))
+        policy.observe(len(reqs), before, 100, 100 / (spec_rate if before else plain_rate))
+        drafted.append(policy.planned_drafting)
+    return drafted
+
+
+def test_guard_backs_off_where_drafting_is_measured_slower():
+    policy = DraftPolicy(3, costs=COSTS)
+    reqs = [request(0.9) for _ in range(4)]
+    assert sum(policy.plan(reqs, 4)) > 0  # the cost model says drafting pays
+    drafted = run_guard(policy, reqs, spec_rate=80, plain_rate=100, steps=200)
+    assert sum(drafted[20:]) <= (180 // EXPLORE_EVERY + 1) * EXPLORE_LEN  # only the periodic tries
+    assert any(drafted[20:])  # which do happen
+    # other batch sizes keep their own figures
+    assert sum(policy.plan(reqs[:1], 1)) > 0
+    # when drafting turns out faster, the guard switches back within one exploration
+    drafted = run_guard(policy, reqs, spec_rate=130, plain_rate=100, steps=2 * EXPLORE_EVERY + 2 * EXPLORE_LEN)
+    assert sum(drafted[-EXPLORE_EVERY:]) >= EXPLORE_EVERY - EXPLORE_LEN - 1
+
+
+def test_guard_ignores_switching_steps():
+    policy = DraftPolicy(3, costs=COSTS)
+    policy.planned_drafting = True
+    policy.observe(4, False, 100, 1.0)  # a plain step that planned drafts for the next: not counted
+    assert policy.guard.buckets == {}
+    policy.observe(4, True, 100, 1.0)
+    assert policy.guard.buckets[3].spec == 100

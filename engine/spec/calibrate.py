@@ -1,7 +1,9 @@
-"""Measure what a main-model step and a draft step cost, for the adaptive draft policy.
+"""Measure what a verify step and a draft step cost, for the adaptive draft policy.
 
-Runs at engine start on blocks that are still free (what it writes there is overwritten before any
-request reads it) and takes the fastest of a few repeats per size.
+A verify step is timed whole, as the engine runs it: b requests of q new tokens each (the last
+verified token and q - 1 drafts) through the main model, their logits, and greedy verification
+(plain sampling when q = 1). Runs at engine start on blocks that are still free (what it writes
+there is overwritten before any request reads it) and takes the fastest of a few repeats per shape.
 """
 
 from __future__ import annotations
@@ -10,14 +12,17 @@ import time
 
 import torch
 
+from mtpserve.engine.sampler import Sampler
+from mtpserve.engine.sampling_params import SamplingParams
 from mtpserve.engine.spec.policy import StepCosts
+from mtpserve.engine.spec.rejection import verify
 from mtpserve.kernels.attention import AttentionMetadata
 
 REPEATS = 3
-CONTEXT = 64  # tokens of context each measured sequence attends to
+CONTEXT = 128  # tokens of context each measured sequence attends to
 
 
-def _metadata(runner, rows: int, query_len: int, device) -> AttentionMetadata:
+def _metadata(runner, rows: int, query_len: int, device) -> tuple[AttentionMetadata, torch.Tensor]:
     bs = runner.block_size
     seq_len = CONTEXT + query_len
     blocks_per_seq = -(-seq_len // bs)
@@ -42,29 +47,46 @@ def _best_time(fn) -> float:
     return min(times)
 
 
+def _fits(runner, rows: int, query_len: int) -> bool:
+    return rows * (CONTEXT + query_len + runner.block_size) <= runner.kv.pool.num_blocks * runner.block_size
+
+
 @torch.inference_mode()
-def measure_step_costs(runner, max_tokens: int) -> StepCosts:
+def measure_step_costs(runner, max_batch: int, max_tokens: int, n_max: int) -> StepCosts:
+    """Verify steps of up to ``max_batch`` requests and ``max_tokens`` tokens, with 0, 1 and ``n_max`` drafts
+    each; draft steps of up to ``max_batch`` requests."""
     model, proposer, device = runner.model, runner.proposer, runner.device
     costs = StepCosts(main={}, draft={})
-    capacity = runner.kv.pool.num_blocks * runner.block_size
-    n = 1
-    while n <= max_tokens and n * (CONTEXT + runner.block_size) <= capacity:
-        meta, pos = _metadata(runner, n, 1, device)  # n sequences decoding one token each
-        ids = torch.zeros(n, dtype=torch.long, device=device)
+    greedy = SamplingParams(temperature=0)
+    sampler = Sampler()
+    query_lens = sorted({1, 2, n_max + 1})
+    b = 1
+    while b <= max_batch and _fits(runner, b, 1):
+        params, prompts, outputs, gens = [greedy] * b, [[0]] * b, [[]] * b, [None] * b
+        for q in query_lens:
+            if (b * q > max_tokens and q > 1) or not _fits(runner, b, q):
+                continue
+            meta, pos = _metadata(runner, b, q, device)
+            ids = torch.zeros(b * q, dtype=torch.long, device=device)
+            drafts = [[0] * (q - 1)] * b
 
-        def main_step():
-            runner.attn.prepare(meta)
-            h = model(ids, pos, runner.kv_caches, runner.attn)
-            model.compute_logits(h)
+            def verify_step():
+                runner.attn.prepare(meta)
+                logits = model.compute_logits(model(ids, pos, runner.kv_caches, runner.attn))
+                if q == 1:
+                    sampler(logits, params, prompts, outputs, gens)
+                else:
+                    verify(logits, drafts, [None] * b, params, prompts, outputs, gens)
+
+            costs.main[b, q] = _best_time(verify_step)
+        meta, pos = _metadata(runner, b, 1, device)
+        ids = torch.zeros(b, dtype=torch.long, device=device)
+        hidden = torch.zeros(b, model.config.hidden_size, device=device, dtype=model.lm_head.dtype)
 
         def draft_step():
             proposer.attn.prepare(meta)
-            y = proposer.mtp(1, ids, torch.zeros(n, model.config.hidden_size, device=device,
-                                                 dtype=model.lm_head.dtype), pos + 1,
-                             proposer.kv_caches, proposer.attn)
-            proposer.mtp.compute_logits(1, y)
+            proposer.mtp.compute_logits(1, proposer.mtp(1, ids, hidden, pos + 1, proposer.kv_caches, proposer.attn))
 
-        costs.main[n] = _best_time(main_step)
-        costs.draft[n] = _best_time(draft_step)
-        n *= 2
+        costs.draft[b] = _best_time(draft_step)
+        b *= 2
     return costs

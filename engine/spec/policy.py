@@ -1,15 +1,23 @@
-"""Adaptive draft length.
+"""Adaptive draft length, chosen for the whole batch.
 
 Each request keeps a decayed count of accepted vs. tried drafts, giving a per-token acceptance
-estimate ``a``. With ``k`` drafts a verify step emits on average ``E(k) = 1 + a + ... + a^k`` tokens
-(accepted prefix + bonus) and costs ``C(k) = T(B(k+1)) + k * D(B)`` for a batch of ``B`` requests,
-where ``T(n)`` is the measured time of a main-model step over ``n`` tokens and ``D(b)`` that of one
-draft step over ``b`` requests (both measured when the engine starts). The policy picks the ``k``
-in ``[0, n_max]`` with the most tokens per second, ``E(k) / C(k)`` against ``1 / T(B)`` for plain
-decoding, so speculation backs off by itself when the batch is large enough that verifying costs
-more than it saves, or when a request's drafts keep missing. A request at ``k = 0`` drafts one
-token after ``PROBE_EVERY`` steps so its estimate can recover; each probe that is rejected doubles
-that wait (up to ``PROBE_MAX``), an accepted one resets it.
+estimate ``a``; its j-th draft is accepted with probability about ``a^j``. A step over ``B`` requests
+that verify ``n`` tokens in all, with ``r_j`` requests drafting a j-th token, costs
+``C = T(B, n) + sum_j D(r_j)``, where ``T`` is the measured time of a verify step (main model, logits
+and verification; ``n = B`` is plain decoding) and ``D(r)`` that of one draft step over ``r``
+requests, both measured when the engine starts (``calibrate.py``).
+
+The policy starts from plain decoding (``B`` tokens per ``T(B, B)``) and adds drafts across the batch
+in order of their expected acceptance ``a_i^j``, keeping the number of drafts that gives the most
+tokens per second ``(B + sum of a_i^j) / C``. So a batch too large for verification to pay off
+drafts nothing, a request whose drafts keep missing drafts less than its neighbours, and one step
+never pays the verify and draft overhead for a few unlikely drafts.
+
+A request that has drafted nothing for ``PROBE_EVERY`` steps drafts one token (a probe), whatever the
+batch size, so its estimate follows the text even while the batch is not drafting: a large batch
+whose requests turn out to be predictable starts drafting. Each rejected probe doubles that wait (up
+to ``PROBE_MAX``), an accepted one resets it. A probe costs one verified token and the MTP pass over
+the positions the request skipped while not drafting.
 """
 
 from __future__ import annotations
@@ -21,31 +29,43 @@ DECAY = 0.9
 PRIOR_ACCEPTED, PRIOR_TRIED = 1.0, 2.0  # a = 0.5 before any observation
 PROBE_EVERY = 8
 PROBE_MAX = 128
+EXPLORE_EVERY, EXPLORE_LEN = 32, 3  # BatchGuard: steps between tries of the worse mode, and their length
+SMOOTHING = 0.25
+
+
+def _interp(table: dict[int, float], x: float) -> float:
+    """Piecewise linear in x (the last piece extended beyond the largest key), clamped below the smallest."""
+    keys = sorted(table)
+    if x <= keys[0]:
+        return table[keys[0]]
+    if len(keys) == 1:
+        return table[keys[0]] * x / keys[0]
+    i = min(bisect.bisect_left(keys, x), len(keys) - 1)
+    lo, hi = keys[i - 1], keys[i]
+    return table[lo] + (table[hi] - table[lo]) * (x - lo) / (hi - lo)
 
 
 @dataclass
 class StepCosts:
-    """Measured seconds: ``main[n]`` for a main-model step over n tokens, ``draft[b]`` for a draft step of b rows."""
+    """Measured seconds: ``main[(b, q)]`` for a step of b requests with q tokens each (main model, logits,
+    sampling or verification), ``draft[b]`` for one draft step over b requests."""
 
-    main: dict[int, float] = field(default_factory=lambda: {1: 1.0})
+    main: dict[tuple[int, int], float] = field(default_factory=lambda: {(1, 1): 1.0})
     draft: dict[int, float] = field(default_factory=lambda: {1: 0.0})
 
-    @staticmethod
-    def _interp(table: dict[int, float], n: int) -> float:
-        keys = sorted(table)
-        if n <= keys[0]:
-            return table[keys[0]] * n / keys[0] if keys[0] > 1 else table[keys[0]]
-        if n >= keys[-1]:
-            return table[keys[-1]] * n / keys[-1]
-        i = bisect.bisect_left(keys, n)
-        lo, hi = keys[i - 1], keys[i]
-        return table[lo] + (table[hi] - table[lo]) * (n - lo) / (hi - lo)
+    def at_batch(self, batch_size: int) -> dict[int, float]:
+        """Step seconds by tokens per request, for a batch of ``batch_size`` requests."""
+        by_tokens: dict[int, dict[int, float]] = {}
+        for (b, q), t in self.main.items():
+            by_tokens.setdefault(q, {})[b] = t
+        return {q: _interp(by_batch, batch_size) for q, by_batch in by_tokens.items()}
 
-    def step(self, num_tokens: int) -> float:
-        return self._interp(self.main, num_tokens)
+    def step(self, batch_size: int, num_tokens: int) -> float:
+        """A step of ``batch_size`` requests verifying ``num_tokens`` tokens in all."""
+        return _interp(self.at_batch(batch_size), num_tokens / batch_size)
 
     def draft_step(self, rows: int) -> float:
-        return self._interp(self.draft, rows)
+        return _interp(self.draft, rows) if rows else 0.0
 
 
 @dataclass
@@ -68,36 +88,115 @@ class AcceptanceEstimate:
         return self.accepted / self.tried
 
 
+@dataclass
+class ArmStats:
+    """Measured output tokens per second of one batch-size bucket, plain steps vs. drafting steps."""
+
+    plain: float | None = None
+    spec: float | None = None
+    steps: int = 0  # steps planned since the last exploration began
+    last_drafted: bool | None = None  # which kind the last counted step was
+
+
+class BatchGuard:
+    """Keeps drafting only where it is measured to beat plain decoding.
+
+    Per batch-size bucket (1, 2, 3-4, 5-8, ...) it keeps a moving average of the output tokens per second
+    of pure decode steps with drafts and without. The better one runs; every ``EXPLORE_EVERY`` steps
+    the other runs for ``EXPLORE_LEN`` steps so its figure stays current (the first step of a run replaces
+    the old figure instead of averaging with it). Steps that switch between the two (the drafting they pay
+    for belongs to the other) and steps with prompt chunks are not counted.
+    """
+
+    def __init__(self):
+        self.buckets: dict[int, ArmStats] = {}
+
+    def allows(self, batch_size: int) -> bool:
+        s = self.buckets.setdefault(batch_size.bit_length(), ArmStats())
+        s.steps += 1
+        if s.spec is None or s.plain is None:
+            return s.spec is None or s.steps <= EXPLORE_LEN  # measure drafting first, then plain
+        better = s.spec >= s.plain
+        if s.steps > EXPLORE_EVERY:
+            if s.steps >= EXPLORE_EVERY + EXPLORE_LEN:
+                s.steps = 0
+            return not better
+        return better
+
+    def observe(self, batch_size: int, drafted: bool, tokens: int, seconds: float) -> None:
+        s = self.buckets.setdefault(batch_size.bit_length(), ArmStats())
+        rate = tokens / seconds
+        old = s.spec if drafted else s.plain
+        new = rate if old is None or s.last_drafted != drafted else old + SMOOTHING * (rate - old)
+        s.last_drafted = drafted
+        if drafted:
+            s.spec = new
+        else:
+            s.plain = new
+
+
 class DraftPolicy:
     def __init__(self, n_max: int, adaptive: bool = True, costs: StepCosts | None = None):
         self.n_max = n_max
         self.adaptive = adaptive
         self.costs = costs or StepCosts()
+        self.guard = BatchGuard()
+        self.planned_drafting = False  # whether the last plan (the coming step) verifies drafts beyond probes
 
     def limit(self, request) -> int:
         return self.n_max if request.spec_n_max is None else request.spec_n_max
 
-    def best_k(self, rate: float, n_max: int, batch_size: int) -> int:
-        c = self.costs
-        best_k, best = 0, 1.0 / c.step(batch_size)
-        expected = 1.0
-        for k in range(1, n_max + 1):
-            expected += rate ** k
-            cost = c.step(batch_size * (k + 1)) + k * c.draft_step(batch_size)
-            if expected / cost > best * 1.0001:
-                best_k, best = k, expected / cost
-        return best_k
+    def allocate(self, rates: list[float], limits: list[int], batch_size: int) -> list[int]:
+        """Drafts per request that maximise the batch's expected tokens per second; ``batch_size`` counts
+        every request in the step, those that cannot draft included."""
+        row = self.costs.at_batch(batch_size)
+        draft_cost: dict[int, float] = {}
 
-    def __call__(self, request, batch_size: int) -> int:
-        """Drafts to propose for ``request``'s next step."""
-        n_max = self.limit(request)
-        if not self.adaptive or n_max == 0:
-            return n_max
-        est = request.acceptance
-        k = self.best_k(est.rate, n_max, batch_size)
-        if k == 0:
+        def cost(num_tokens: int, depth_rows: list[int]) -> float:
+            for r in depth_rows:
+                if r not in draft_cost:
+                    draft_cost[r] = self.costs.draft_step(r)
+            return _interp(row, num_tokens / batch_size) + sum(draft_cost[r] for r in depth_rows)
+
+        candidates = sorted((rate ** j, -j, i) for i, (rate, n) in enumerate(zip(rates, limits))
+                            for j in range(1, n + 1))
+        candidates.reverse()  # most likely drafts first; a request's j-th draft after its (j-1)-th
+        depth_rows = [0] * (max(limits, default=0) + 1)
+        tokens, num_tokens = float(batch_size), batch_size
+        best, best_count = tokens / cost(num_tokens, depth_rows), 0
+        for count, (gain, neg_j, _) in enumerate(candidates, 1):
+            tokens += gain
+            num_tokens += 1
+            depth_rows[-neg_j] += 1
+            rate = tokens / cost(num_tokens, depth_rows)
+            if rate > best * 1.0001:
+                best, best_count = rate, count
+        drafts = [0] * len(rates)
+        for _, _, i in candidates[:best_count]:
+            drafts[i] += 1
+        return drafts
+
+    def plan(self, requests: list, batch_size: int) -> list[int]:
+        """Drafts to propose for each of ``requests``' next step (a batch of ``batch_size``)."""
+        limits = [self.limit(r) for r in requests]
+        if not self.adaptive:
+            return limits
+        drafts = self.allocate([r.acceptance.rate for r in requests], limits, batch_size)
+        if any(drafts) and not self.guard.allows(batch_size):
+            drafts = [0] * len(requests)
+        self.planned_drafting = any(drafts)
+        for i, r in enumerate(requests):
+            est = r.acceptance
+            if drafts[i] or not limits[i]:
+                est.steps_without_drafts = 0
+                continue
             est.steps_without_drafts += 1
             if est.steps_without_drafts >= est.probe_wait:
                 est.steps_without_drafts = 0
-                return 1
-        return k
+                drafts[i] = 1
+        return drafts
+
+    def observe(self, batch_size: int, drafted: bool, tokens: int, seconds: float) -> None:
+        """A pure decode step ran: ``drafted`` it verified drafts beyond probes, and so will the next one."""
+        if self.adaptive and drafted == self.planned_drafting and seconds > 0:
+            self.guard.observe(batch_size, drafted, tokens, seconds)
