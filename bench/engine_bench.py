@@ -15,9 +15,9 @@ from mtpserve.engine.errors import MtpserveError
 
 SECTIONS = ("pp", "decode", "concurrency", "hf")
 FULL = {"per_kind": 2, "max_tokens": None, "repeats": 3, "prompt_lengths": [128, 512, 2048],
-        "concurrency": [1, 2, 4, 8, 16], "sweep_tokens": 128}
+        "concurrency": [1, 2, 4, 8, 16], "sweep_tokens": 128, "sweep_rounds": 3}
 QUICK = {"per_kind": 1, "max_tokens": 16, "repeats": 1, "prompt_lengths": [32, 128], "concurrency": [1, 2, 4],
-         "sweep_tokens": 16}
+         "sweep_tokens": 16, "sweep_rounds": 1}
 
 
 def number_list(kind):
@@ -54,7 +54,9 @@ def add_args(p) -> None:
     b.add_argument("--concurrency", type=number_list(int), default=None,
                    help="concurrent streams of the sweep (default 1,2,4,8,16)")
     b.add_argument("--sweep-k", type=int, default=3, help="fixed draft length in the concurrency sweep")
-    b.add_argument("--sweep-tokens", type=int, default=None, help="tokens per stream in the sweep (default 128)")
+    b.add_argument("--sweep-tokens", type=int, default=None, help="tokens per request in the sweep (default 128)")
+    b.add_argument("--sweep-rounds", type=int, default=None,
+                   help="requests each stream of the sweep sends back to back (default 3, --quick 1)")
     b.add_argument("--sections", type=name_list, default=list(SECTIONS),
                    help=f"what to measure, of {','.join(SECTIONS)} (memory is always reported)")
     b.add_argument("--seed", type=int, default=0, help="sampling seed of the first prompt (sampled decode)")
@@ -67,7 +69,7 @@ def resolve(args) -> None:
     for name, value in (QUICK if args.quick else FULL).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    for name in ("per_kind", "max_tokens", "repeats", "sweep_tokens", "sweep_k"):
+    for name in ("per_kind", "max_tokens", "repeats", "sweep_tokens", "sweep_rounds", "sweep_k"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise MtpserveError(f"--{name.replace('_', '-')} must be at least 1")
@@ -148,6 +150,7 @@ def metadata(args, engine, prompts) -> dict:
             "prompts": args.prompts or "built-in eval set", "num_prompts": len(prompts),
             "kinds": sorted({p.kind for p in prompts}), "repeats": args.repeats, "k": args.k,
             "temperatures": args.temperatures, "sweep_k": args.sweep_k, "sweep_tokens": args.sweep_tokens,
+            "sweep_rounds": args.sweep_rounds,
             "ignore_eos": args.ignore_eos, "quick": args.quick, "sections": args.sections}
 
 
@@ -183,7 +186,7 @@ def run(args) -> int:
                                                    args.ignore_eos) for t in args.temperatures}
     if "concurrency" in args.sections:
         results["concurrency"] = runs.concurrency(prompts, args.concurrency, modes["concurrency"],
-                                                  args.sweep_tokens, args.repeats)
+                                                  args.sweep_tokens, args.repeats, args.sweep_rounds)
     results["memory"].update(engine_runs.peak_memory(device))  # before transformers' own copy of the model
     if "hf" in args.sections:
         from mtpserve.bench.hf_compare import compare, load_hf

@@ -145,21 +145,50 @@ class EngineRuns:
             })
         return rows
 
-    def concurrency(self, prompts, levels: list[int], modes: list[Mode], max_tokens: int, repeats: int) -> list[dict]:
-        """N streams at once (prompts reused round-robin, ``max_tokens`` each, EOS ignored): aggregate output
-        tok/s over the wall time of the batch, and the mean of the streams' own decode tok/s."""
+    def streams(self, prompts: list[list[int]], params: SamplingParams, mode: Mode, num_streams: int,
+                rounds: int):
+        """``num_streams`` clients, each sending ``rounds`` requests back to back (the next as soon as its last
+        one finishes); prompts are taken round-robin. Returns (finished requests, wall seconds)."""
+        engine = self.engine
+        if engine.mtp is not None:
+            engine.policy.adaptive = mode.adaptive
+        order = itertools.cycle(prompts)
+        start = time.perf_counter()
+
+        def send():
+            return engine.add_request(f"bench-{next(self._ids)}", next(order), params, spec_n_max=mode.spec_n_max)
+
+        active = [send() for _ in range(num_streams)]
+        left = [rounds - 1] * num_streams
+        done = []
+        while active:
+            engine.step()
+            for i, req in enumerate(active):
+                if req is not None and req.status.finished:
+                    done.append(req)
+                    active[i] = send() if left[i] else None
+                    left[i] -= 1
+            if all(r is None for r in active):
+                break
+        wall = time.perf_counter() - start
+        self.progress.update()
+        return done, wall
+
+    def concurrency(self, prompts, levels: list[int], modes: list[Mode], max_tokens: int, repeats: int,
+                    rounds: int) -> list[dict]:
+        """N streams, each a client sending ``rounds`` requests of ``max_tokens`` tokens (EOS ignored) back to
+        back: aggregate output tok/s over the wall time, and the mean of the requests' own decode tok/s."""
         tok = self.engine.tokenizer
         ids = [p.token_ids(tok) for p in prompts]
         params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
         runs = {(n, m.name): ([], []) for n in levels for m in modes}
         for _ in range(repeats):
             for n in levels:
-                batch = [ids[i % len(ids)] for i in range(n)]
                 for mode in modes:
-                    reqs, wall = self.run(batch, [params] * n, mode)
+                    reqs, wall = self.streams(ids, params, mode, n, rounds)
                     aggregate, per_stream = runs[(n, mode.name)]
                     aggregate.append(sum(len(r.output_token_ids) for r in reqs) / wall)
-                    per_stream.append(sum(r.timings()["decode_tokens_per_second"] for r in reqs) / n)
+                    per_stream.append(sum(r.timings()["decode_tokens_per_second"] for r in reqs) / len(reqs))
         return [{"streams": n, "mode": m.name, "aggregate_tok_s": mean_std(runs[(n, m.name)][0]),
                  "per_stream_tok_s": mean_std(runs[(n, m.name)][1])} for n in levels for m in modes]
 

@@ -119,8 +119,11 @@ def test_guard_backs_off_where_drafting_is_measured_slower():
     # other batch sizes keep their own figures
     assert sum(policy.plan(reqs[:1], 1)) > 0
     # when drafting turns out faster, the guard switches back within one exploration
-    drafted = run_guard(policy, reqs, spec_rate=130, plain_rate=100, steps=2 * EXPLORE_EVERY + 2 * EXPLORE_LEN)
+    drafted = run_guard(policy, reqs, spec_rate=120, plain_rate=100, steps=2 * EXPLORE_EVERY + 2 * EXPLORE_LEN)
     assert sum(drafted[-EXPLORE_EVERY:]) >= EXPLORE_EVERY - EXPLORE_LEN - 1
+    # a clear lead is questioned less often: plain decoding is tried once in 4 * EXPLORE_EVERY steps, not 4 times
+    drafted = run_guard(policy, reqs, spec_rate=200, plain_rate=100, steps=8 * EXPLORE_EVERY)
+    assert drafted.count(False) <= 2 * (EXPLORE_LEN + 1)
 
 
 def test_guard_ignores_switching_steps():
@@ -130,3 +133,10 @@ def test_guard_ignores_switching_steps():
     assert policy.guard.buckets == {}
     policy.observe(4, True, 100, 1.0)
     assert policy.guard.buckets[3].spec == 100
+
+
+def test_guard_gives_near_ties_to_plain_decoding():
+    policy = DraftPolicy(3, costs=COSTS)
+    reqs = [request(0.9) for _ in range(4)]
+    drafted = run_guard(policy, reqs, spec_rate=105, plain_rate=100, steps=200)
+    assert sum(drafted[20:]) <= (180 // EXPLORE_EVERY + 1) * EXPLORE_LEN

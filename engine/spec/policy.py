@@ -31,6 +31,8 @@ PROBE_EVERY = 8
 PROBE_MAX = 128
 EXPLORE_EVERY, EXPLORE_LEN = 32, 3  # BatchGuard: steps between tries of the worse mode, and their length
 SMOOTHING = 0.25
+SPEC_MARGIN = 1.1  # drafting must measure this much faster than plain decoding to be kept
+CLEAR_LEAD = 1.25  # a mode this much faster than the other is tried against it 4x less often
 
 
 def _interp(table: dict[int, float], x: float) -> float:
@@ -102,10 +104,13 @@ class BatchGuard:
     """Keeps drafting only where it is measured to beat plain decoding.
 
     Per batch-size bucket (1, 2, 3-4, 5-8, ...) it keeps a moving average of the output tokens per second
-    of pure decode steps with drafts and without. The better one runs; every ``EXPLORE_EVERY`` steps
-    the other runs for ``EXPLORE_LEN`` steps so its figure stays current (the first step of a run replaces
-    the old figure instead of averaging with it). Steps that switch between the two (the drafting they pay
-    for belongs to the other) and steps with prompt chunks are not counted.
+    of pure decode steps with drafts and without. Drafting runs if it is ``SPEC_MARGIN`` faster, plain
+    decoding otherwise: drafting has costs no single step shows (requests that draft well finish early and
+    leave a smaller, less efficient batch behind; skipped MTP positions are caught up later), so a tie goes
+    to plain decoding. Every ``EXPLORE_EVERY`` steps (4x that when one leads by more than ``CLEAR_LEAD``)
+    the mode not chosen runs for ``EXPLORE_LEN`` steps so its figure stays current, the first counted step
+    of such a run replacing the old figure instead of averaging with it. Steps that switch between the two
+    (the drafting they pay for belongs to the other) and steps with prompt chunks are not counted.
     """
 
     def __init__(self):
@@ -116,9 +121,10 @@ class BatchGuard:
         s.steps += 1
         if s.spec is None or s.plain is None:
             return s.spec is None or s.steps <= EXPLORE_LEN  # measure drafting first, then plain
-        better = s.spec >= s.plain
-        if s.steps > EXPLORE_EVERY:
-            if s.steps >= EXPLORE_EVERY + EXPLORE_LEN:
+        better = s.spec >= SPEC_MARGIN * s.plain
+        every = EXPLORE_EVERY * (4 if max(s.spec, s.plain) > CLEAR_LEAD * min(s.spec, s.plain) else 1)
+        if s.steps > every:
+            if s.steps >= every + EXPLORE_LEN:
                 s.steps = 0
             return not better
         return better
