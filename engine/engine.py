@@ -146,15 +146,15 @@ class LLMEngine:
         if not out.scheduled:
             return []
         before = {s.request.request_id: len(s.request.output_token_ids) for s in out.scheduled}
-        drafted, start = self.policy.planned_drafting, time.perf_counter()
+        start = time.perf_counter()
         try:
             result = self.runner.execute(out)
         except Exception:  # noqa: BLE001 (isolated: only this step's requests fail)
             return self._fail_step(out)
         self.scheduler.update_from_output(out, result)
         if all(s.num_new_tokens - s.num_spec_tokens == 1 for s in out.scheduled):  # no prompt chunk
-            emitted = sum(len(s.request.output_token_ids) - before[s.request.request_id] for s in out.scheduled)
-            self.policy.observe(len(out.scheduled), drafted, emitted, time.perf_counter() - start)
+            self.policy.observe(len(out.scheduled), out.num_tokens, [len(d) for d in result.spec_token_ids.values()],
+                                time.perf_counter() - start)
         outputs = []
         for s in out.scheduled:
             req = s.request

@@ -9,9 +9,12 @@ requests, both measured when the engine starts (``calibrate.py``).
 
 The policy starts from plain decoding (``B`` tokens per ``T(B, B)``) and adds drafts across the batch
 in order of their expected acceptance ``a_i^j``, keeping the number of drafts that gives the most
-tokens per second ``(B + sum of a_i^j) / C``. So a batch too large for verification to pay off
-drafts nothing, a request whose drafts keep missing drafts less than its neighbours, and one step
-never pays the verify and draft overhead for a few unlikely drafts.
+tokens per second ``(B + sum of a_i^j) / C``, provided that beats plain decoding by ``SPEC_MARGIN``
+(drafting has costs no step shows: requests that draft well finish early and leave a smaller, less
+efficient batch behind). So a batch too large for verification to pay off drafts nothing, a request
+whose drafts keep missing drafts less than its neighbours, and one step never pays the verify and
+draft overhead for a few unlikely drafts. ``StepFit`` reprices speculation from the steps actually
+run, so the plan follows this machine, not only its start-up timings.
 
 A request that has drafted nothing for ``PROBE_EVERY`` steps drafts one token (a probe), whatever the
 batch size, so its estimate follows the text even while the batch is not drafting: a large batch
@@ -29,10 +32,10 @@ DECAY = 0.9
 PRIOR_ACCEPTED, PRIOR_TRIED = 1.0, 2.0  # a = 0.5 before any observation
 PROBE_EVERY = 8
 PROBE_MAX = 128
-EXPLORE_EVERY, EXPLORE_LEN = 32, 3  # BatchGuard: steps between tries of the worse mode, and their length
-SMOOTHING = 0.25
-SPEC_MARGIN = 1.1  # drafting must measure this much faster than plain decoding to be kept
-CLEAR_LEAD = 1.25  # a mode this much faster than the other is tried against it 4x less often
+SPEC_MARGIN = 1.1  # drafting is planned only when it is expected this much faster than plain decoding
+FIT_DECAY = 0.98  # StepFit: weight of a measured step after 1, 2, ... newer ones
+FIT_PRIOR = 2.0  # StepFit: the calibration counts as this many steps ...
+PRIOR_X2 = 0.25  # ... each with speculation priced at half a plain step (x = 0.5)
 
 
 def _interp(table: dict[int, float], x: float) -> float:
@@ -90,55 +93,34 @@ class AcceptanceEstimate:
         return self.accepted / self.tried
 
 
-@dataclass
-class ArmStats:
-    """Measured output tokens per second of one batch-size bucket, plain steps vs. drafting steps."""
+class StepFit:
+    """Corrects the start-up price of speculation with the steps the engine actually runs.
 
-    plain: float | None = None
-    spec: float | None = None
-    steps: int = 0  # steps planned since the last exploration began
-    last_drafted: bool | None = None  # which kind the last counted step was
-
-
-class BatchGuard:
-    """Keeps drafting only where it is measured to beat plain decoding.
-
-    Per batch-size bucket (1, 2, 3-4, 5-8, ...) it keeps a moving average of the output tokens per second
-    of pure decode steps with drafts and without. Drafting runs if it is ``SPEC_MARGIN`` faster, plain
-    decoding otherwise: drafting has costs no single step shows (requests that draft well finish early and
-    leave a smaller, less efficient batch behind; skipped MTP positions are caught up later), so a tie goes
-    to plain decoding. Every ``EXPLORE_EVERY`` steps (4x that when one leads by more than ``CLEAR_LEAD``)
-    the mode not chosen runs for ``EXPLORE_LEN`` steps so its figure stays current, the first counted step
-    of such a run replacing the old figure instead of averaging with it. Steps that switch between the two
-    (the drafting they pay for belongs to the other) and steps with prompt chunks are not counted.
+    Per batch-size bucket (1, 2, 3-4, 5-8, ...) it fits ``measured = P + b * X`` over pure decode steps, where
+    ``P = T(B, B)`` is the calibrated plain step and ``X`` the calibrated price of the step's speculation (its
+    extra verified tokens and its draft steps). ``b`` starts at 1 and follows exponentially weighted least
+    squares, drawn towards 1 by ``FIT_PRIOR`` virtual steps. Step times depend on the machine, not on the
+    text, so every drafting step informs the fit, probes included, and whatever the calibration missed
+    (verify and sampling overhead, longer contexts, the MTP pass over positions skipped while not drafting)
+    is priced in. ``P`` itself is not refitted: a running batch that drafts has no plain steps to fit it
+    with, and any slowdown of the whole step lands on ``b``, which errs towards drafting less.
     """
 
     def __init__(self):
-        self.buckets: dict[int, ArmStats] = {}
+        self.sums: dict[int, list[float]] = {}  # bucket -> weighted sums of x * (y - 1) and x^2 (y, x over P)
 
-    def allows(self, batch_size: int) -> bool:
-        s = self.buckets.setdefault(batch_size.bit_length(), ArmStats())
-        s.steps += 1
-        if s.spec is None or s.plain is None:
-            return s.spec is None or s.steps <= EXPLORE_LEN  # measure drafting first, then plain
-        better = s.spec >= SPEC_MARGIN * s.plain
-        every = EXPLORE_EVERY * (4 if max(s.spec, s.plain) > CLEAR_LEAD * min(s.spec, s.plain) else 1)
-        if s.steps > every:
-            if s.steps >= every + EXPLORE_LEN:
-                s.steps = 0
-            return not better
-        return better
+    def observe(self, batch_size: int, plain: float, extra: float, seconds: float) -> None:
+        s = self.sums.setdefault(batch_size.bit_length(), [0.0, 0.0])
+        x, y = extra / plain, seconds / plain
+        s[0] = FIT_DECAY * s[0] + x * (y - 1)
+        s[1] = FIT_DECAY * s[1] + x * x
 
-    def observe(self, batch_size: int, drafted: bool, tokens: int, seconds: float) -> None:
-        s = self.buckets.setdefault(batch_size.bit_length(), ArmStats())
-        rate = tokens / seconds
-        old = s.spec if drafted else s.plain
-        new = rate if old is None or s.last_drafted != drafted else old + SMOOTHING * (rate - old)
-        s.last_drafted = drafted
-        if drafted:
-            s.spec = new
-        else:
-            s.plain = new
+    def scale(self, batch_size: int) -> float:
+        """``b`` for a batch of ``batch_size``: what speculation costs, over what the calibration says."""
+        s = self.sums.get(batch_size.bit_length())
+        if s is None:
+            return 1.0
+        return max((s[0] + FIT_PRIOR * PRIOR_X2) / (s[1] + FIT_PRIOR * PRIOR_X2), 0.1)
 
 
 class DraftPolicy:
@@ -146,8 +128,7 @@ class DraftPolicy:
         self.n_max = n_max
         self.adaptive = adaptive
         self.costs = costs or StepCosts()
-        self.guard = BatchGuard()
-        self.planned_drafting = False  # whether the last plan (the coming step) verifies drafts beyond probes
+        self.fit = StepFit()
 
     def limit(self, request) -> int:
         return self.n_max if request.spec_n_max is None else request.spec_n_max
@@ -156,20 +137,23 @@ class DraftPolicy:
         """Drafts per request that maximise the batch's expected tokens per second; ``batch_size`` counts
         every request in the step, those that cannot draft included."""
         row = self.costs.at_batch(batch_size)
+        plain = _interp(row, 1.0)
+        b = self.fit.scale(batch_size)
         draft_cost: dict[int, float] = {}
 
         def cost(num_tokens: int, depth_rows: list[int]) -> float:
             for r in depth_rows:
                 if r not in draft_cost:
                     draft_cost[r] = self.costs.draft_step(r)
-            return _interp(row, num_tokens / batch_size) + sum(draft_cost[r] for r in depth_rows)
+            extra = _interp(row, num_tokens / batch_size) - plain + sum(draft_cost[r] for r in depth_rows)
+            return plain + b * extra
 
         candidates = sorted((rate ** j, -j, i) for i, (rate, n) in enumerate(zip(rates, limits))
                             for j in range(1, n + 1))
         candidates.reverse()  # most likely drafts first; a request's j-th draft after its (j-1)-th
         depth_rows = [0] * (max(limits, default=0) + 1)
         tokens, num_tokens = float(batch_size), batch_size
-        best, best_count = tokens / cost(num_tokens, depth_rows), 0
+        best, best_count = SPEC_MARGIN * tokens / cost(num_tokens, depth_rows), 0
         for count, (gain, neg_j, _) in enumerate(candidates, 1):
             tokens += gain
             num_tokens += 1
@@ -188,9 +172,6 @@ class DraftPolicy:
         if not self.adaptive:
             return limits
         drafts = self.allocate([r.acceptance.rate for r in requests], limits, batch_size)
-        if any(drafts) and not self.guard.allows(batch_size):
-            drafts = [0] * len(requests)
-        self.planned_drafting = any(drafts)
         for i, r in enumerate(requests):
             est = r.acceptance
             if drafts[i] or not limits[i]:
@@ -202,7 +183,13 @@ class DraftPolicy:
                 drafts[i] = 1
         return drafts
 
-    def observe(self, batch_size: int, drafted: bool, tokens: int, seconds: float) -> None:
-        """A pure decode step ran: ``drafted`` it verified drafts beyond probes, and so will the next one."""
-        if self.adaptive and drafted == self.planned_drafting and seconds > 0:
-            self.guard.observe(batch_size, drafted, tokens, seconds)
+    def observe(self, batch_size: int, num_tokens: int, next_drafts: list[int], seconds: float) -> None:
+        """A pure decode step over ``num_tokens`` tokens (drafts included) took ``seconds``, drafting
+        ``next_drafts`` tokens per request for the next step included."""
+        if not (self.adaptive and self.n_max) or seconds <= 0:
+            return
+        row = self.costs.at_batch(batch_size)
+        plain = _interp(row, 1.0)
+        drafting = sum(self.costs.draft_step(sum(k >= j for k in next_drafts))
+                       for j in range(1, max(next_drafts, default=0) + 1))
+        self.fit.observe(batch_size, plain, _interp(row, num_tokens / batch_size) - plain + drafting, seconds)
