@@ -90,12 +90,15 @@ def test_estimate_and_probes():
     assert ks.count(1) == 1 and ks[-1] == 1
 
 
-def test_probes_run_in_large_batches():
-    """A batch that drafts nothing still probes, so a predictable batch can find out that it is."""
+def test_probes_only_where_drafting_could_pay():
+    """A batch that drafts nothing still probes, so a predictable batch can find out that it is; a batch in
+    which even very predictable text would not pay for drafting does not."""
     policy = DraftPolicy(3, costs=COSTS)
-    reqs = [request(0.7) for _ in range(32)]
-    plans = [policy.plan(reqs, 32) for _ in range(PROBE_EVERY)]
-    assert all(k == 0 for plan in plans[:-1] for k in plan) and plans[-1] == [1] * 32
+    reqs = [request(0.3) for _ in range(8)]
+    plans = [policy.plan(reqs, 8) for _ in range(PROBE_EVERY)]
+    assert all(k == 0 for plan in plans[:-1] for k in plan) and plans[-1] == [1] * 8
+    reqs = [request(0.3) for _ in range(32)]
+    assert all(policy.plan(reqs, 32) == [0] * 32 for _ in range(3 * PROBE_EVERY))
 
 
 def step_seconds(batch_size, num_tokens, next_drafts, spec_scale):

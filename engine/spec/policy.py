@@ -16,11 +16,12 @@ whose drafts keep missing drafts less than its neighbours, and one step never pa
 draft overhead for a few unlikely drafts. ``StepFit`` reprices speculation from the steps actually
 run, so the plan follows this machine, not only its start-up timings.
 
-A request that has drafted nothing for ``PROBE_EVERY`` steps drafts one token (a probe), whatever the
-batch size, so its estimate follows the text even while the batch is not drafting: a large batch
-whose requests turn out to be predictable starts drafting. Each rejected probe doubles that wait (up
-to ``PROBE_MAX``), an accepted one resets it. A probe costs one verified token and the MTP pass over
-the positions the request skipped while not drafting.
+A request that has drafted nothing for ``PROBE_EVERY`` steps drafts one token (a probe) if drafting
+would pay for it at an acceptance of ``PROBE_RATE``, so its estimate follows the text even while the
+batch is not drafting (a batch whose requests turn out predictable starts drafting), but a batch in
+which no text could make drafting pay does not probe at all. Each rejected probe doubles that wait
+(up to ``PROBE_MAX``), an accepted one resets it. A probe costs one verified token and the MTP pass
+over the positions the request skipped while not drafting.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ DECAY = 0.9
 PRIOR_ACCEPTED, PRIOR_TRIED = 1.0, 2.0  # a = 0.5 before any observation
 PROBE_EVERY = 8
 PROBE_MAX = 128
+PROBE_RATE = 0.9  # a probe is due only where drafting would pay at this acceptance
 SPEC_MARGIN = 1.1  # drafting is planned only when it is expected this much faster than plain decoding
 FIT_DECAY = 0.98  # StepFit: weight of a measured step after 1, 2, ... newer ones
 FIT_PRIOR = 2.0  # StepFit: the calibration counts as this many steps ...
@@ -171,7 +173,9 @@ class DraftPolicy:
         limits = [self.limit(r) for r in requests]
         if not self.adaptive:
             return limits
-        drafts = self.allocate([r.acceptance.rate for r in requests], limits, batch_size)
+        rates = [r.acceptance.rate for r in requests]
+        drafts = self.allocate(rates, limits, batch_size)
+        due = []
         for i, r in enumerate(requests):
             est = r.acceptance
             if drafts[i] or not limits[i]:
@@ -179,8 +183,13 @@ class DraftPolicy:
                 continue
             est.steps_without_drafts += 1
             if est.steps_without_drafts >= est.probe_wait:
-                est.steps_without_drafts = 0
-                drafts[i] = 1
+                due.append(i)
+        if due:  # probe where drafting would pay if the text turned predictable
+            hopeful = self.allocate([PROBE_RATE if i in due else a for i, a in enumerate(rates)], limits, batch_size)
+            for i in due:
+                if hopeful[i]:
+                    requests[i].acceptance.steps_without_drafts = 0
+                    drafts[i] = 1
         return drafts
 
     def observe(self, batch_size: int, num_tokens: int, next_drafts: list[int], seconds: float) -> None:
