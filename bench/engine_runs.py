@@ -74,13 +74,17 @@ class EngineRuns:
         self.progress = progress  # .update() after every run
         self._ids = itertools.count()
 
+    def _use(self, mode: Mode) -> None:
+        """Switch the engine's draft policy to ``mode`` (fixed or adaptive k)."""
+        if mode.spec_n_max != 0 and self.engine.mtp is None:
+            raise ValueError(f"mode {mode.name} needs an MTP head")
+        if self.engine.mtp is not None:
+            self.engine.policy.adaptive = mode.adaptive
+
     def run(self, prompts: list[list[int]], params: list[SamplingParams], mode: Mode):
         """Run ``prompts`` as one batch to completion; (finished requests, wall seconds)."""
         engine = self.engine
-        if mode.spec_n_max != 0 and engine.mtp is None:
-            raise ValueError(f"mode {mode.name} needs an MTP head")
-        if engine.mtp is not None:
-            engine.policy.adaptive = mode.adaptive
+        self._use(mode)
         start = time.perf_counter()
         reqs = [engine.add_request(f"bench-{next(self._ids)}", ids, p, spec_n_max=mode.spec_n_max)
                 for ids, p in zip(prompts, params)]
@@ -150,8 +154,7 @@ class EngineRuns:
         """``num_streams`` clients, each sending ``rounds`` requests back to back (the next as soon as its last
         one finishes); prompts are taken round-robin. Returns (finished requests, wall seconds)."""
         engine = self.engine
-        if engine.mtp is not None:
-            engine.policy.adaptive = mode.adaptive
+        self._use(mode)
         order = itertools.cycle(prompts)
         start = time.perf_counter()
 
@@ -159,17 +162,15 @@ class EngineRuns:
             return engine.add_request(f"bench-{next(self._ids)}", next(order), params, spec_n_max=mode.spec_n_max)
 
         active = [send() for _ in range(num_streams)]
-        left = [rounds - 1] * num_streams
+        left = [rounds - 1] * num_streams  # requests each client has still to send
         done = []
-        while active:
+        while any(r is not None for r in active):
             engine.step()
             for i, req in enumerate(active):
                 if req is not None and req.status.finished:
                     done.append(req)
                     active[i] = send() if left[i] else None
-                    left[i] -= 1
-            if all(r is None for r in active):
-                break
+                    left[i] = max(left[i] - 1, 0)
         wall = time.perf_counter() - start
         self.progress.update()
         return done, wall

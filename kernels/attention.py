@@ -77,8 +77,8 @@ class TorchPagedAttention(AttentionBackend):
         q_lens = [q for _, _, q, _ in short]
         seq_lens = [n for _, _, _, n in short]
         max_q, max_len = max(q_lens), max(seq_lens)
-        index = [i for i, *_ in short]
-        rows = self.block_tables if all_short else self.block_tables[torch.tensor(index, device=device)]
+        sequences = [i for i, *_ in short]
+        rows = self.block_tables if all_short else self.block_tables[torch.tensor(sequences, device=device)]
         self.short_blocks = rows[:, :-(-max_len // bs)]
         self.short_len = max_len
         self.whole_step = all_short and max_q == 1  # q is already [G, ...]: no gather, no scatter
