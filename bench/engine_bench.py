@@ -135,7 +135,8 @@ def plan(args, mtp_available: bool, num_prompts: int) -> tuple[dict, int]:
             "decode": len(args.temperatures) * num_prompts * len(modes["decode"]),
             "concurrency": len(args.concurrency) * len(modes["concurrency"]),
             "hf": 2 * (num_prompts + len(args.prompt_lengths))}
-    return modes, len(modes["decode"]) + args.repeats * sum(runs[s] for s in args.sections)
+    twins = len(modes["concurrency"]) - 1 if "concurrency" in args.sections else 0  # each warmed up once
+    return modes, len(modes["decode"]) + twins + args.repeats * sum(runs[s] for s in args.sections)
 
 
 def metadata(args, engine, prompts) -> dict:
@@ -184,10 +185,14 @@ def run(args) -> int:
     if "decode" in args.sections:
         results["decode"] = {f"{t:g}": runs.decode(prompts, modes["decode"], t, args.repeats, args.seed,
                                                    args.ignore_eos) for t in args.temperatures}
+    results["memory"].update(engine_runs.peak_memory(device))  # before the twins and transformers' copy
     if "concurrency" in args.sections:
-        results["concurrency"] = runs.concurrency(prompts, args.concurrency, modes["concurrency"],
-                                                  args.sweep_tokens, args.repeats, args.sweep_rounds)
-    results["memory"].update(engine_runs.peak_memory(device))  # before transformers' own copy of the model
+        sweep = [(modes["concurrency"][0], runs)]
+        for mode in modes["concurrency"][1:]:
+            sweep.append((mode, engine_runs.EngineRuns(engine.twin(), progress)))
+            sweep[-1][1].warm_up(prompts[0].token_ids(engine.tokenizer), [mode])
+        results["concurrency"] = engine_runs.concurrency(sweep, prompts, args.concurrency, args.sweep_tokens,
+                                                         args.repeats, args.sweep_rounds)
     if "hf" in args.sections:
         from mtpserve.bench.hf_compare import compare, load_hf
 

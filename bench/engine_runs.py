@@ -149,49 +149,89 @@ class EngineRuns:
             })
         return rows
 
-    def streams(self, prompts: list[list[int]], params: SamplingParams, mode: Mode, num_streams: int,
-                rounds: int):
-        """``num_streams`` clients, each sending ``rounds`` requests back to back (the next as soon as its last
-        one finishes); prompts are taken round-robin. Returns (finished requests, wall seconds)."""
-        engine = self.engine
+    def clients(self, prompts: list[list[int]], params: SamplingParams, mode: Mode, num_streams: int,
+                rounds: int) -> Clients:
         self._use(mode)
-        order = itertools.cycle(prompts)
+        return Clients(self, prompts, params, mode, num_streams, rounds)
+
+
+class Clients:
+    """``num_streams`` clients of one engine, each sending ``rounds`` requests back to back (the next as soon
+    as its last one finishes); prompts are taken round-robin. ``step`` advances the engine by one step;
+    ``seconds`` adds up the time spent in those steps."""
+
+    def __init__(self, runs: EngineRuns, prompts: list[list[int]], params: SamplingParams, mode: Mode,
+                 num_streams: int, rounds: int):
+        self.runs, self.params, self.mode = runs, params, mode
+        self.order = itertools.cycle(prompts)
+        self.seconds = 0.0
+        self.done = []
+        self.left = [rounds - 1] * num_streams  # requests each client has still to send
+        self.active = [self._send() for _ in range(num_streams)]
+
+    def _send(self):
+        runs = self.runs
+        return runs.engine.add_request(f"bench-{next(runs._ids)}", next(self.order), self.params,
+                                       spec_n_max=self.mode.spec_n_max)
+
+    @property
+    def running(self) -> bool:
+        return any(r is not None for r in self.active)
+
+    def step(self) -> None:
         start = time.perf_counter()
+        self.runs.engine.step()
+        for i, req in enumerate(self.active):
+            if req is not None and req.status.finished:
+                self.done.append(req)
+                self.active[i] = self._send() if self.left[i] else None
+                self.left[i] = max(self.left[i] - 1, 0)
+        self.seconds += time.perf_counter() - start
+        if not self.running:
+            self.runs.progress.update()
 
-        def send():
-            return engine.add_request(f"bench-{next(self._ids)}", next(order), params, spec_n_max=mode.spec_n_max)
 
-        active = [send() for _ in range(num_streams)]
-        left = [rounds - 1] * num_streams  # requests each client has still to send
-        done = []
-        while any(r is not None for r in active):
-            engine.step()
-            for i, req in enumerate(active):
-                if req is not None and req.status.finished:
-                    done.append(req)
-                    active[i] = send() if left[i] else None
-                    left[i] = max(left[i] - 1, 0)
-        wall = time.perf_counter() - start
-        self.progress.update()
-        return done, wall
+def lockstep(clients: list[Clients]) -> None:
+    """Step every engine in turn, one step each, until all their clients are done: a slower or faster
+    machine moment hits every mode alike. The order rotates so that no mode always steps first."""
+    turn = 0
+    while any(c.running for c in clients):
+        for c in clients[turn % len(clients):] + clients[:turn % len(clients)]:
+            if c.running:
+                c.step()
+        turn += 1
 
-    def concurrency(self, prompts, levels: list[int], modes: list[Mode], max_tokens: int, repeats: int,
-                    rounds: int) -> list[dict]:
-        """N streams, each a client sending ``rounds`` requests of ``max_tokens`` tokens (EOS ignored) back to
-        back: aggregate output tok/s over the wall time, and the mean of the requests' own decode tok/s."""
-        tok = self.engine.tokenizer
-        ids = [p.token_ids(tok) for p in prompts]
-        params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
-        runs = {(n, m.name): ([], []) for n in levels for m in modes}
+
+def concurrency(runs: list[tuple[Mode, EngineRuns]], prompts, levels: list[int], max_tokens: int, repeats: int,
+                rounds: int) -> list[dict]:
+    """N streams, each a client sending ``rounds`` requests of ``max_tokens`` tokens (EOS ignored) back to
+    back, every mode on its own engine (``LLMEngine.twin``) and all of them run in lockstep. Per mode:
+    aggregate output tok/s over the mode's own step time, the mean of the requests' own decode tok/s, drafted
+    and accepted tokens per output token; and per repeat, aggregate tok/s over the first mode's (MTP off)."""
+    tok = runs[0][1].engine.tokenizer
+    ids = [p.token_ids(tok) for p in prompts]
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    rows = []
+    for n in levels:
+        measured = {mode.name: {"aggregate": [], "per_stream": [], "done": []} for mode, _ in runs}
         for _ in range(repeats):
-            for n in levels:
-                for mode in modes:
-                    reqs, wall = self.streams(ids, params, mode, n, rounds)
-                    aggregate, per_stream = runs[(n, mode.name)]
-                    aggregate.append(sum(len(r.output_token_ids) for r in reqs) / wall)
-                    per_stream.append(sum(r.timings()["decode_tokens_per_second"] for r in reqs) / len(reqs))
-        return [{"streams": n, "mode": m.name, "aggregate_tok_s": mean_std(runs[(n, m.name)][0]),
-                 "per_stream_tok_s": mean_std(runs[(n, m.name)][1])} for n in levels for m in modes]
+            clients = [r.clients(ids, params, mode, n, rounds) for mode, r in runs]
+            lockstep(clients)
+            for c in clients:
+                m = measured[c.mode.name]
+                m["aggregate"].append(sum(len(r.output_token_ids) for r in c.done) / c.seconds)
+                m["per_stream"].append(sum(r.timings()["decode_tokens_per_second"] for r in c.done) / len(c.done))
+                m["done"].extend(c.done)
+        base = measured[runs[0][0].name]["aggregate"]
+        for mode, _ in runs:
+            m = measured[mode.name]
+            output = sum(len(r.output_token_ids) for r in m["done"])
+            rows.append({"streams": n, "mode": mode.name, "aggregate_tok_s": mean_std(m["aggregate"]),
+                         "per_stream_tok_s": mean_std(m["per_stream"]),
+                         "vs_first": mean_std([a / b for a, b in zip(m["aggregate"], base)]),
+                         "drafted_per_token": sum(r.spec_stats.num_draft_tokens for r in m["done"]) / output,
+                         "accepted_per_token": sum(r.spec_stats.num_accepted_tokens for r in m["done"]) / output})
+    return rows
 
 
 def kv_bytes_per_token(engine) -> dict:

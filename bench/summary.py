@@ -61,9 +61,13 @@ def engine_summary(r: dict) -> str:
                         + ([pm(row["ratio"], 3)] if "ratio" in row else []) for row in r["prompt_processing"]])
     if r.get("concurrency"):
         lines += ["## Concurrent streams", ""]
-        lines += table(["streams", "MTP", "aggregate tok/s", "per-stream tok/s"],
-                       [[row["streams"], row["mode"], pm(row["aggregate_tok_s"]), pm(row["per_stream_tok_s"])]
-                        for row in r["concurrency"]])
+        lines += ["Every mode on its own engine (same weights), all stepped in lockstep; tok/s over each mode's own "
+                  "step time. \"vs off\": aggregate tok/s over MTP off's, per repeat.", ""]
+        lines += table(["streams", "MTP", "aggregate tok/s", "vs off", "per-stream tok/s", "drafted / token",
+                        "accepted / token"],
+                       [[row["streams"], row["mode"], pm(row["aggregate_tok_s"]), pm(row["vs_first"], 3),
+                         pm(row["per_stream_tok_s"]), f"{row['drafted_per_token']:.2f}",
+                         f"{row['accepted_per_token']:.2f}"] for row in r["concurrency"]])
     mem = r["memory"]
     lines += ["## Memory", ""]
     lines += table(["KV bytes / token (no MTP)", "KV bytes / token (with MTP layers)", "peak RSS", "CUDA peak"],

@@ -46,21 +46,53 @@ class RequestOutput:
 
 
 class LLMEngine:
-    def __init__(self, checkpoint: Checkpoint, config: EngineConfig | None = None):
+    def __init__(self, checkpoint: Checkpoint, config: EngineConfig | None = None,
+                 weights_of: LLMEngine | None = None):
+        """``weights_of``: an engine on the same checkpoint and config whose model, MTP layers and measured
+        step costs this one shares (see ``twin``)."""
         self.config = config = config or EngineConfig()
         self.checkpoint = checkpoint
         self.tokenizer = checkpoint.tokenizer
         mc = self.model_config = checkpoint.config
         self.device = torch.device(config.device)
         self.draft_vocab = None  # a head's reduced draft vocabulary
-        mtp_weights, num_mtp = self._mtp_weights()
+        if weights_of is None:
+            mtp_weights, num_mtp = self._mtp_weights()
+        else:
+            num_mtp = len(weights_of.mtp.layers) if weights_of.mtp is not None else 0
+            self.draft_vocab = weights_of.draft_vocab
         num_layers = sum(mc.has_kv(i) for i in range(mc.num_hidden_layers + num_mtp))  # with a paged KV cache
         per_block = kv_bytes_per_block(num_layers, config.block_size, mc.num_key_value_heads, mc.head_dim, config.dtype)
         num_blocks = config.num_blocks or max(1, config.kv_cache_memory_bytes // per_block)
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, num_blocks * config.block_size)
+        if weights_of is None:
+            self._build_models(mtp_weights, num_mtp)
+        else:
+            self.model, self.mtp = weights_of.model, weights_of.mtp
+        self.kv = cache_manager(self.model, num_blocks, config, config.spec_draft_n_max if self.mtp else 0)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len)
+        self.policy = DraftPolicy(config.spec_draft_n_max if self.mtp else 0, config.spec_adaptive)
+        self.runner = ModelRunner(self.model, self.kv, num_blocks, config.dtype, self.device, self.mtp, self.policy)
+        if self.mtp is not None and config.spec_adaptive and config.spec_draft_n_max > 0:
+            self.policy.costs = weights_of.policy.costs if weights_of is not None else measure_step_costs(
+                self.runner, min(64, config.max_num_seqs), config.max_num_batched_tokens, config.spec_draft_n_max)
+        self.eos_token_ids = frozenset(checkpoint.generation.eos_token_ids or mc.eos_token_ids)
+        self.requests: dict[str, Request] = {}
+        self.spec_stats = SpecStats()  # aggregate over finished requests
+        self._ids = itertools.count()
+        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB), max_model_len %d", num_blocks,
+                    config.block_size, num_blocks * per_block / 2**20, self.max_model_len)
+
+    def twin(self) -> LLMEngine:
+        """Another engine on this one's weights, config and measured step costs, with its own KV cache,
+        scheduler, draft policy and requests: runs side by side with this one in benchmarks."""
+        return LLMEngine(self.checkpoint, self.config, weights_of=self)
+
+    def _build_models(self, mtp_weights: dict, num_mtp: int) -> None:
+        mc, config = self.model_config, self.config
         max_positions = max(self.max_model_len, mc.max_position_embeddings) + config.spec_draft_n_max + 2
         model = model_class(mc.architecture)(mc, max_positions=max_positions)
-        model.load_weights(checkpoint.weights)
+        model.load_weights(self.checkpoint.weights)
         self.model = model.to_runtime(config.dtype, self.device).eval()
         self.mtp = None
         if num_mtp and mc.mtp_layout == "mimo" and not config.mtp_head:  # feeds back final_layernorm's output
@@ -74,19 +106,6 @@ class LLMEngine:
                                  self.draft_vocab)
         if self.mtp is not None:
             self.mtp.to(device=self.device, dtype=config.dtype).eval()
-        self.kv = cache_manager(self.model, num_blocks, config, config.spec_draft_n_max if self.mtp else 0)
-        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len)
-        self.policy = DraftPolicy(config.spec_draft_n_max if self.mtp else 0, config.spec_adaptive)
-        self.runner = ModelRunner(self.model, self.kv, num_blocks, config.dtype, self.device, self.mtp, self.policy)
-        if self.mtp is not None and config.spec_adaptive and config.spec_draft_n_max > 0:
-            self.policy.costs = measure_step_costs(self.runner, min(64, config.max_num_seqs),
-                                                   config.max_num_batched_tokens, config.spec_draft_n_max)
-        self.eos_token_ids = frozenset(checkpoint.generation.eos_token_ids or mc.eos_token_ids)
-        self.requests: dict[str, Request] = {}
-        self.spec_stats = SpecStats()  # aggregate over finished requests
-        self._ids = itertools.count()
-        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB), max_model_len %d", num_blocks,
-                    config.block_size, num_blocks * per_block / 2**20, self.max_model_len)
 
     def _mtp_weights(self) -> tuple[dict, int]:
         """MTP weights and layer count: a --mtp-head file, else the checkpoint's own layers."""

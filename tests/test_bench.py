@@ -140,7 +140,12 @@ def test_bench_quick(tiny_llama_dir, trained_head, prompts_file, tmp_path, capsy
     assert all(row["mtp_off_tok_s"]["mean"] > 0 and row["mtp_on_tok_s"]["mean"] > 0 for row in r["prompt_processing"])
     sweep = {(row["streams"], row["mode"]) for row in r["concurrency"]}
     assert sweep == {(n, m) for n in (1, 2, 4) for m in ("off", "k=3", "adaptive (k<=4)")}
-    assert all(row["aggregate_tok_s"]["mean"] > 0 for row in r["concurrency"])
+    for row in r["concurrency"]:
+        assert row["aggregate_tok_s"]["mean"] > 0 and 0 <= row["accepted_per_token"] <= row["drafted_per_token"]
+        if row["mode"] == "off":
+            assert row["drafted_per_token"] == 0 and row["vs_first"]["runs"] == [1.0]
+        if row["mode"] == "k=3":  # up to 3 drafts for every token out
+            assert 0 < row["drafted_per_token"] <= 3
     with open(f"{tiny_llama_dir}/config.json") as f:
         hf_config = json.load(f)
     per_layer = 2 * hf_config["num_key_value_heads"] * hf_config["head_dim"] * 8  # K and V, float64

@@ -92,6 +92,28 @@ def test_chunked_prefill_preemption_and_adaptive(tiny_qwen3_dir, trained_head):
     assert engine.kv.num_free_blocks == engine.kv.pool.num_blocks
 
 
+def test_twin_shares_weights_not_state(tiny_qwen3_dir, trained_head):
+    """A twin engine (side-by-side benchmarks) reuses the weights and step costs but has its own KV cache,
+    policy and requests: stepping both in turn gives each the output it gives alone."""
+    ps = prompts(24, seed=7)[:6]
+    plain = greedy(make_engine(tiny_qwen3_dir, dtype=torch.float64, spec_draft_n_max=0), ps, 24)
+    engine = make_engine(tiny_qwen3_dir, dtype=torch.float64, mtp_head=trained_head, spec_draft_n_max=3)
+    twin = engine.twin()
+    assert twin.model is engine.model and twin.mtp is engine.mtp and twin.policy.costs is engine.policy.costs
+    assert twin.kv is not engine.kv and twin.policy is not engine.policy
+    assert twin.runner.kv_caches[0][0].data_ptr() != engine.runner.kv_caches[0][0].data_ptr()
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    reqs = {e: [e.add_request(f"r{i}", p, params, spec_n_max=n) for i, p in enumerate(ps)]
+            for e, n in ((engine, 0), (twin, None))}
+    while engine.has_unfinished_requests() or twin.has_unfinished_requests():
+        engine.step()
+        twin.step()
+    for e in (engine, twin):
+        assert [r.output_token_ids for r in reqs[e]] == plain
+        assert e.kv.num_free_blocks == e.kv.pool.num_blocks
+    assert engine.spec_stats.num_draft_tokens == 0 < twin.spec_stats.num_accepted_tokens
+
+
 def test_sampled_requests_reproducible_and_mixed(tiny_qwen3_dir, trained_head):
     engine = make_engine(tiny_qwen3_dir, mtp_head=trained_head, spec_draft_n_max=3, spec_adaptive=False)
     ps = prompts(4, seed=13)
