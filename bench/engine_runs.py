@@ -149,30 +149,47 @@ class EngineRuns:
             })
         return rows
 
-    def clients(self, prompts: list[list[int]], params: SamplingParams, mode: Mode, num_streams: int,
+    def clients(self, prompts: list[list[int]], max_tokens: int, mode: Mode, num_streams: int,
                 rounds: int) -> Clients:
         self._use(mode)
-        return Clients(self, prompts, params, mode, num_streams, rounds)
+        return Clients(self, prompts, max_tokens, mode, num_streams, rounds)
+
+
+def spread_length(n: int, max_tokens: int) -> int:
+    """Output length of a sweep's n-th request: spread evenly over [max_tokens / 2, 3 * max_tokens / 2) by the
+    golden-ratio sequence (mean ``max_tokens``), so that clients do not all finish, and all send their next
+    prompt, in the same step (as they would with one fixed length and plain decoding)."""
+    return max(1, round(max_tokens * (0.5 + (n * 0.6180339887) % 1.0)))
 
 
 class Clients:
-    """``num_streams`` clients of one engine, each sending ``rounds`` requests back to back (the next as soon
-    as its last one finishes); prompts are taken round-robin. ``step`` advances the engine by one step;
-    ``seconds`` adds up the time spent in those steps."""
+    """``num_streams`` clients of one engine, each sending ``rounds`` greedy requests back to back (the next
+    as soon as its last one finishes). Client i's j-th request is request n = j * num_streams + i of the
+    sweep: prompt n (round-robin) and ``spread_length(n)`` tokens, EOS ignored, so every mode does the same
+    work. ``step`` advances the engine by one step; ``seconds`` adds up the time of those steps, and
+    ``busy[request_id]`` the time of the steps a request was in."""
 
-    def __init__(self, runs: EngineRuns, prompts: list[list[int]], params: SamplingParams, mode: Mode,
-                 num_streams: int, rounds: int):
-        self.runs, self.params, self.mode = runs, params, mode
-        self.order = itertools.cycle(prompts)
+    def __init__(self, runs: EngineRuns, prompts: list[list[int]], max_tokens: int, mode: Mode, num_streams: int,
+                 rounds: int):
+        self.runs, self.prompts, self.max_tokens, self.mode = runs, prompts, max_tokens, mode
+        self.num_streams, self.rounds = num_streams, rounds
         self.seconds = 0.0
+        self.busy: dict[str, float] = {}
         self.done = []
-        self.left = [rounds - 1] * num_streams  # requests each client has still to send
-        self.active = [self._send() for _ in range(num_streams)]
+        self.sent = [0] * num_streams
+        self.active = [self._send(i) for i in range(num_streams)]
 
-    def _send(self):
+    def _send(self, client: int):
+        if self.sent[client] == self.rounds:
+            return None
+        n = self.sent[client] * self.num_streams + client
+        self.sent[client] += 1
         runs = self.runs
-        return runs.engine.add_request(f"bench-{next(runs._ids)}", next(self.order), self.params,
-                                       spec_n_max=self.mode.spec_n_max)
+        params = SamplingParams(max_tokens=spread_length(n, self.max_tokens), temperature=0, ignore_eos=True)
+        req = runs.engine.add_request(f"bench-{next(runs._ids)}", self.prompts[n % len(self.prompts)], params,
+                                      spec_n_max=self.mode.spec_n_max)
+        self.busy[req.request_id] = 0.0
+        return req
 
     @property
     def running(self) -> bool:
@@ -181,14 +198,22 @@ class Clients:
     def step(self) -> None:
         start = time.perf_counter()
         self.runs.engine.step()
+        elapsed = time.perf_counter() - start
+        self.seconds += elapsed
         for i, req in enumerate(self.active):
-            if req is not None and req.status.finished:
-                self.done.append(req)
-                self.active[i] = self._send() if self.left[i] else None
-                self.left[i] = max(self.left[i] - 1, 0)
-        self.seconds += time.perf_counter() - start
+            if req is not None:
+                self.busy[req.request_id] += elapsed
+                if req.status.finished:
+                    self.done.append(req)
+                    self.active[i] = self._send(i)
         if not self.running:
             self.runs.progress.update()
+
+    def tokens_per_second(self) -> tuple[float, float]:
+        """Aggregate output tok/s over the steps' time, and the mean over requests of each one's output
+        tokens over the time of the steps it was in (prompt included)."""
+        out = [len(r.output_token_ids) for r in self.done]
+        return sum(out) / self.seconds, sum(n / self.busy[r.request_id] for n, r in zip(out, self.done)) / len(out)
 
 
 def lockstep(clients: list[Clients]) -> None:
@@ -204,33 +229,33 @@ def lockstep(clients: list[Clients]) -> None:
 
 def concurrency(runs: list[tuple[Mode, EngineRuns]], prompts, levels: list[int], max_tokens: int, repeats: int,
                 rounds: int) -> list[dict]:
-    """N streams, each a client sending ``rounds`` requests of ``max_tokens`` tokens (EOS ignored) back to
-    back, every mode on its own engine (``LLMEngine.twin``) and all of them run in lockstep. Per mode:
-    aggregate output tok/s over the mode's own step time, the mean of the requests' own decode tok/s, drafted
-    and accepted tokens per output token; and per repeat, aggregate tok/s over the first mode's (MTP off)."""
+    """N streams (``Clients``: ``rounds`` requests each, of ``max_tokens`` tokens on average), every mode on
+    its own engine (``LLMEngine.twin``) and all of them run in lockstep. Per mode: aggregate output tok/s, the
+    mean per-stream tok/s, drafted and accepted tokens per output token; and, per repeat, aggregate tok/s over
+    that of the first mode (MTP off)."""
     tok = runs[0][1].engine.tokenizer
     ids = [p.token_ids(tok) for p in prompts]
-    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     rows = []
     for n in levels:
-        measured = {mode.name: {"aggregate": [], "per_stream": [], "done": []} for mode, _ in runs}
+        measured = {mode.name: ([], [], []) for mode, _ in runs}  # aggregate, per stream, finished requests
         for _ in range(repeats):
-            clients = [r.clients(ids, params, mode, n, rounds) for mode, r in runs]
+            clients = [r.clients(ids, max_tokens, mode, n, rounds) for mode, r in runs]
             lockstep(clients)
             for c in clients:
-                m = measured[c.mode.name]
-                m["aggregate"].append(sum(len(r.output_token_ids) for r in c.done) / c.seconds)
-                m["per_stream"].append(sum(r.timings()["decode_tokens_per_second"] for r in c.done) / len(c.done))
-                m["done"].extend(c.done)
-        base = measured[runs[0][0].name]["aggregate"]
+                aggregate, per_stream, done = measured[c.mode.name]
+                both = c.tokens_per_second()
+                aggregate.append(both[0])
+                per_stream.append(both[1])
+                done.extend(c.done)
+        base = measured[runs[0][0].name][0]
         for mode, _ in runs:
-            m = measured[mode.name]
-            output = sum(len(r.output_token_ids) for r in m["done"])
-            rows.append({"streams": n, "mode": mode.name, "aggregate_tok_s": mean_std(m["aggregate"]),
-                         "per_stream_tok_s": mean_std(m["per_stream"]),
-                         "vs_first": mean_std([a / b for a, b in zip(m["aggregate"], base)]),
-                         "drafted_per_token": sum(r.spec_stats.num_draft_tokens for r in m["done"]) / output,
-                         "accepted_per_token": sum(r.spec_stats.num_accepted_tokens for r in m["done"]) / output})
+            aggregate, per_stream, done = measured[mode.name]
+            output = sum(len(r.output_token_ids) for r in done)
+            rows.append({"streams": n, "mode": mode.name, "aggregate_tok_s": mean_std(aggregate),
+                         "per_stream_tok_s": mean_std(per_stream),
+                         "vs_first": mean_std([a / b for a, b in zip(aggregate, base)]),
+                         "drafted_per_token": sum(r.spec_stats.num_draft_tokens for r in done) / output,
+                         "accepted_per_token": sum(r.spec_stats.num_accepted_tokens for r in done) / output})
     return rows
 
 

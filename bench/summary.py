@@ -61,8 +61,8 @@ def engine_summary(r: dict) -> str:
                         + ([pm(row["ratio"], 3)] if "ratio" in row else []) for row in r["prompt_processing"]])
     if r.get("concurrency"):
         lines += ["## Concurrent streams", ""]
-        lines += ["Every mode on its own engine (same weights), all stepped in lockstep; tok/s over each mode's own "
-                  "step time. \"vs off\": aggregate tok/s over MTP off's, per repeat.", ""]
+        lines += [("Every mode on its own engine (same weights), all stepped in lockstep; tok/s over each mode's "
+                   "own step time. \"vs off\": aggregate tok/s over MTP off's, per repeat."), ""]
         lines += table(["streams", "MTP", "aggregate tok/s", "vs off", "per-stream tok/s", "drafted / token",
                         "accepted / token"],
                        [[row["streams"], row["mode"], pm(row["aggregate_tok_s"]), pm(row["vs_first"], 3),
@@ -79,8 +79,8 @@ def engine_summary(r: dict) -> str:
         lines += ["## Against transformers `generate` (no speculation on either side)", ""]
         lines += table(["", "mtpserve", "transformers", "ratio"],
                        [["decode tok/s", pm(d["mtpserve"]), pm(d["transformers"]), f"{pm(d['ratio'], 2)}x"]]
-                       + [[f"prompt tok/s ({p['prompt_tokens']} tokens)", pm(p["mtpserve"], 0), pm(p["transformers"], 0),
-                           f"{pm(p['ratio'], 2)}x"] for p in hf["prompt_tok_s"]])
+                       + [[f"prompt tok/s ({p['prompt_tokens']} tokens)", pm(p["mtpserve"], 0),
+                           pm(p["transformers"], 0), f"{pm(p['ratio'], 2)}x"] for p in hf["prompt_tok_s"]])
     elif hf:
         lines += [f"Comparison with transformers skipped: {hf['skipped']}", ""]
     return "\n".join(lines)

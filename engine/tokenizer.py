@@ -206,7 +206,8 @@ def build_sentencepiece_bpe(
     candidates.sort()
     merges = [(left, right) for _, _, _, left, right in candidates]
     unk = tokens[unk_id] if unk_id is not None else None
-    backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, byte_fallback=True, fuse_unk=True))
+    backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, byte_fallback=True,
+                                              fuse_unk=True))
     scheme = "first" if add_space_prefix else "never"
     backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme=scheme, split=False)
     steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]

@@ -199,7 +199,8 @@ def _tokenizer(meta: dict, path: str) -> Tokenizer:
 def _tokenizer_backend(model: str, tokens: list[str], meta: dict, path: str):
     types = meta.get("tokenizer.ggml.token_type")
     if model == "gpt2":
-        backend = build_byte_level_bpe(tokens, meta.get("tokenizer.ggml.merges") or [], types, meta.get("tokenizer.ggml.pre"))
+        backend = build_byte_level_bpe(tokens, meta.get("tokenizer.ggml.merges") or [], types,
+                                       meta.get("tokenizer.ggml.pre"))
         add_bos_default = False
     elif model == "llama":
         scores = meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
