@@ -166,14 +166,16 @@ class Clients:
     """``num_streams`` clients of one engine, each sending ``rounds`` greedy requests back to back (the next
     as soon as its last one finishes). Client i's j-th request is request n = j * num_streams + i of the
     sweep: prompt n (round-robin) and ``spread_length(n)`` tokens, EOS ignored, so every mode does the same
-    work. ``step`` advances the engine by one step; ``seconds`` adds up the time of those steps, and
-    ``busy[request_id]`` the time of the steps a request was in."""
+    work. ``step`` advances the engine by one step. ``steady_tokens`` and ``steady_seconds`` add up the output
+    and the time of the steps run while every client still had a request in flight (the tail, in which clients
+    that drew shorter requests are done and the batch shrinks, is left out); ``busy[request_id]`` adds up the
+    time of the steps a request was in."""
 
     def __init__(self, runs: EngineRuns, prompts: list[list[int]], max_tokens: int, mode: Mode, num_streams: int,
                  rounds: int):
         self.runs, self.prompts, self.max_tokens, self.mode = runs, prompts, max_tokens, mode
         self.num_streams, self.rounds = num_streams, rounds
-        self.seconds = 0.0
+        self.steady_tokens, self.steady_seconds = 0, 0.0
         self.busy: dict[str, float] = {}
         self.done = []
         self.sent = [0] * num_streams
@@ -196,10 +198,13 @@ class Clients:
         return any(r is not None for r in self.active)
 
     def step(self) -> None:
+        steady = all(r is not None for r in self.active)
         start = time.perf_counter()
-        self.runs.engine.step()
+        outputs = self.runs.engine.step()
         elapsed = time.perf_counter() - start
-        self.seconds += elapsed
+        if steady:
+            self.steady_tokens += sum(len(o.new_token_ids) for o in outputs)
+            self.steady_seconds += elapsed
         for i, req in enumerate(self.active):
             if req is not None:
                 self.busy[req.request_id] += elapsed
@@ -210,10 +215,11 @@ class Clients:
             self.runs.progress.update()
 
     def tokens_per_second(self) -> tuple[float, float]:
-        """Aggregate output tok/s over the steps' time, and the mean over requests of each one's output
+        """Aggregate output tok/s while every client was busy, and the mean over requests of each one's output
         tokens over the time of the steps it was in (prompt included)."""
         out = [len(r.output_token_ids) for r in self.done]
-        return sum(out) / self.seconds, sum(n / self.busy[r.request_id] for n, r in zip(out, self.done)) / len(out)
+        per_stream = sum(n / self.busy[r.request_id] for n, r in zip(out, self.done)) / len(out)
+        return self.steady_tokens / self.steady_seconds, per_stream
 
 
 def lockstep(clients: list[Clients]) -> None:
@@ -230,9 +236,10 @@ def lockstep(clients: list[Clients]) -> None:
 def concurrency(runs: list[tuple[Mode, EngineRuns]], prompts, levels: list[int], max_tokens: int, repeats: int,
                 rounds: int) -> list[dict]:
     """N streams (``Clients``: ``rounds`` requests each, of ``max_tokens`` tokens on average), every mode on
-    its own engine (``LLMEngine.twin``) and all of them run in lockstep. Per mode: aggregate output tok/s, the
-    mean per-stream tok/s, drafted and accepted tokens per output token; and, per repeat, aggregate tok/s over
-    that of the first mode (MTP off)."""
+    its own engine (``LLMEngine.twin``) and all of them run in lockstep. Per mode: aggregate output tok/s with
+    all N streams busy, the mean per-stream tok/s, drafted and accepted tokens per output token, the draft
+    policy's fitted price of speculation at N (``StepFit.scale``); and, per repeat, aggregate tok/s over that of
+    the first mode (MTP off)."""
     tok = runs[0][1].engine.tokenizer
     ids = [p.token_ids(tok) for p in prompts]
     rows = []
@@ -248,14 +255,15 @@ def concurrency(runs: list[tuple[Mode, EngineRuns]], prompts, levels: list[int],
                 per_stream.append(both[1])
                 done.extend(c.done)
         base = measured[runs[0][0].name][0]
-        for mode, _ in runs:
+        for mode, mode_runs in runs:
             aggregate, per_stream, done = measured[mode.name]
             output = sum(len(r.output_token_ids) for r in done)
             rows.append({"streams": n, "mode": mode.name, "aggregate_tok_s": mean_std(aggregate),
                          "per_stream_tok_s": mean_std(per_stream),
                          "vs_first": mean_std([a / b for a, b in zip(aggregate, base)]),
                          "drafted_per_token": sum(r.spec_stats.num_draft_tokens for r in done) / output,
-                         "accepted_per_token": sum(r.spec_stats.num_accepted_tokens for r in done) / output})
+                         "accepted_per_token": sum(r.spec_stats.num_accepted_tokens for r in done) / output,
+                         "policy_scale": mode_runs.engine.policy.fit.scale(n) if mode.adaptive else None})
     return rows
 
 
