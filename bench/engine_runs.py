@@ -150,9 +150,9 @@ class EngineRuns:
         return rows
 
     def clients(self, prompts: list[list[int]], max_tokens: int, mode: Mode, num_streams: int,
-                rounds: int) -> Clients:
+                budget: int) -> Clients:
         self._use(mode)
-        return Clients(self, prompts, max_tokens, mode, num_streams, rounds)
+        return Clients(self, prompts, max_tokens, mode, num_streams, budget)
 
 
 def spread_length(n: int, max_tokens: int) -> int:
@@ -163,63 +163,61 @@ def spread_length(n: int, max_tokens: int) -> int:
 
 
 class Clients:
-    """``num_streams`` clients of one engine, each sending ``rounds`` greedy requests back to back (the next
-    as soon as its last one finishes). Client i's j-th request is request n = j * num_streams + i of the
-    sweep: prompt n (round-robin) and ``spread_length(n)`` tokens, EOS ignored, so every mode does the same
-    work. ``step`` advances the engine by one step. ``steady_tokens`` and ``steady_seconds`` add up the output
-    and the time of the steps run while every client still had a request in flight (the tail, in which clients
-    that drew shorter requests are done and the batch shrinks, is left out); ``busy[request_id]`` adds up the
-    time of the steps a request was in."""
+    """``num_streams`` clients of one engine, each sending greedy requests back to back (the next as soon as
+    its last one finishes) until the engine has output ``budget`` tokens; the requests still in flight are
+    then aborted, so every step measured had ``num_streams`` requests in it. Client i's j-th request is
+    request n = j * num_streams + i: prompt i + j (round-robin) and ``spread_length(n)`` tokens, EOS ignored,
+    the same sequence in every mode. ``step`` advances the engine by one step; ``tokens`` and ``seconds`` add
+    up the output and the time of the steps, ``busy[request_id]`` the time of the steps a request was in."""
 
     def __init__(self, runs: EngineRuns, prompts: list[list[int]], max_tokens: int, mode: Mode, num_streams: int,
-                 rounds: int):
+                 budget: int):
         self.runs, self.prompts, self.max_tokens, self.mode = runs, prompts, max_tokens, mode
-        self.num_streams, self.rounds = num_streams, rounds
-        self.steady_tokens, self.steady_seconds = 0, 0.0
+        self.num_streams, self.budget = num_streams, budget
+        self.tokens, self.seconds = 0, 0.0
         self.busy: dict[str, float] = {}
-        self.done = []
+        self.sent_requests, self.done = [], []  # every request sent; those that finished (not aborted)
         self.sent = [0] * num_streams
         self.active = [self._send(i) for i in range(num_streams)]
 
     def _send(self, client: int):
-        if self.sent[client] == self.rounds:
-            return None
-        n = self.sent[client] * self.num_streams + client
+        j = self.sent[client]
         self.sent[client] += 1
         runs = self.runs
-        params = SamplingParams(max_tokens=spread_length(n, self.max_tokens), temperature=0, ignore_eos=True)
-        req = runs.engine.add_request(f"bench-{next(runs._ids)}", self.prompts[n % len(self.prompts)], params,
-                                      spec_n_max=self.mode.spec_n_max)
+        params = SamplingParams(max_tokens=spread_length(j * self.num_streams + client, self.max_tokens),
+                                temperature=0, ignore_eos=True)
+        req = runs.engine.add_request(f"bench-{next(runs._ids)}", self.prompts[(client + j) % len(self.prompts)],
+                                      params, spec_n_max=self.mode.spec_n_max)
         self.busy[req.request_id] = 0.0
+        self.sent_requests.append(req)
         return req
 
     @property
     def running(self) -> bool:
-        return any(r is not None for r in self.active)
+        return self.tokens < self.budget
 
     def step(self) -> None:
-        steady = all(r is not None for r in self.active)
         start = time.perf_counter()
         outputs = self.runs.engine.step()
         elapsed = time.perf_counter() - start
-        if steady:
-            self.steady_tokens += sum(len(o.new_token_ids) for o in outputs)
-            self.steady_seconds += elapsed
+        self.seconds += elapsed
+        self.tokens += sum(len(o.new_token_ids) for o in outputs)
         for i, req in enumerate(self.active):
-            if req is not None:
-                self.busy[req.request_id] += elapsed
-                if req.status.finished:
-                    self.done.append(req)
-                    self.active[i] = self._send(i)
+            self.busy[req.request_id] += elapsed
+            if req.status.finished:
+                self.done.append(req)
+                self.active[i] = self._send(i)
         if not self.running:
+            for req in self.active:
+                self.runs.engine.abort_request(req.request_id)
             self.runs.progress.update()
 
     def tokens_per_second(self) -> tuple[float, float]:
-        """Aggregate output tok/s while every client was busy, and the mean over requests of each one's output
-        tokens over the time of the steps it was in (prompt included)."""
+        """Aggregate output tok/s, and the mean over finished requests of each one's output tokens over the
+        time of the steps it was in (prompt included)."""
         out = [len(r.output_token_ids) for r in self.done]
-        per_stream = sum(n / self.busy[r.request_id] for n, r in zip(out, self.done)) / len(out)
-        return self.steady_tokens / self.steady_seconds, per_stream
+        per_stream = sum(n / self.busy[r.request_id] for n, r in zip(out, self.done)) / len(out) if out else 0.0
+        return self.tokens / self.seconds, per_stream
 
 
 def lockstep(clients: list[Clients]) -> None:
@@ -235,34 +233,34 @@ def lockstep(clients: list[Clients]) -> None:
 
 def concurrency(runs: list[tuple[Mode, EngineRuns]], prompts, levels: list[int], max_tokens: int, repeats: int,
                 rounds: int) -> list[dict]:
-    """N streams (``Clients``: ``rounds`` requests each, of ``max_tokens`` tokens on average), every mode on
-    its own engine (``LLMEngine.twin``) and all of them run in lockstep. Per mode: aggregate output tok/s with
-    all N streams busy, the mean per-stream tok/s, drafted and accepted tokens per output token, the draft
-    policy's fitted price of speculation at N (``StepFit.scale``); and, per repeat, aggregate tok/s over that of
-    the first mode (MTP off)."""
+    """N streams (``Clients``: requests of ``max_tokens`` tokens on average, for as many tokens as ``rounds``
+    requests per stream), every mode on its own engine (``LLMEngine.twin``) and all of them run in lockstep.
+    Per mode: aggregate output tok/s, the mean per-stream tok/s of the finished requests, drafted and accepted
+    tokens per output token, the draft policy's fitted price of speculation at N (``StepFit.scale``); and, per
+    repeat, aggregate tok/s over that of the first mode (MTP off)."""
     tok = runs[0][1].engine.tokenizer
     ids = [p.token_ids(tok) for p in prompts]
     rows = []
     for n in levels:
-        measured = {mode.name: ([], [], []) for mode, _ in runs}  # aggregate, per stream, finished requests
+        measured = {mode.name: ([], [], []) for mode, _ in runs}  # aggregate, per stream, requests sent
         for _ in range(repeats):
-            clients = [r.clients(ids, max_tokens, mode, n, rounds) for mode, r in runs]
+            clients = [r.clients(ids, max_tokens, mode, n, n * rounds * max_tokens) for mode, r in runs]
             lockstep(clients)
             for c in clients:
-                aggregate, per_stream, done = measured[c.mode.name]
+                aggregate, per_stream, sent = measured[c.mode.name]
                 both = c.tokens_per_second()
                 aggregate.append(both[0])
                 per_stream.append(both[1])
-                done.extend(c.done)
+                sent.extend(c.sent_requests)
         base = measured[runs[0][0].name][0]
         for mode, mode_runs in runs:
-            aggregate, per_stream, done = measured[mode.name]
-            output = sum(len(r.output_token_ids) for r in done)
+            aggregate, per_stream, sent = measured[mode.name]
+            output = sum(len(r.output_token_ids) for r in sent)
             rows.append({"streams": n, "mode": mode.name, "aggregate_tok_s": mean_std(aggregate),
                          "per_stream_tok_s": mean_std(per_stream),
                          "vs_first": mean_std([a / b for a, b in zip(aggregate, base)]),
-                         "drafted_per_token": sum(r.spec_stats.num_draft_tokens for r in done) / output,
-                         "accepted_per_token": sum(r.spec_stats.num_accepted_tokens for r in done) / output,
+                         "drafted_per_token": sum(r.spec_stats.num_draft_tokens for r in sent) / output,
+                         "accepted_per_token": sum(r.spec_stats.num_accepted_tokens for r in sent) / output,
                          "policy_scale": mode_runs.engine.policy.fit.scale(n) if mode.adaptive else None})
     return rows
 

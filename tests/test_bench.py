@@ -9,7 +9,9 @@ import json
 import numpy as np
 import pytest
 import yaml
+from engine_helpers import make_engine
 from mtp_helpers import save_distilled_head
+from mtpserve.bench.engine_runs import OFF, EngineRuns, lockstep, spread_length
 from mtpserve.bench.stats import mean_std, percentile, spec_counters, spec_delta, summarize
 from mtpserve.engine.errors import MtpserveError
 from mtpserve.engine.loader import load_checkpoint
@@ -100,6 +102,41 @@ def trained_head(tiny_llama_dir, tmp_path_factory):
     ids = [tok.encode(p["prompt"]) if "prompt" in p else
            tok.encode(tok.apply_chat_template(p["messages"]), add_special_tokens=False) for p in PROMPTS]
     return save_distilled_head(tmp_path_factory.mktemp("bench_head"), tiny_llama_dir, ids, 150)[0]
+
+
+class Counter:
+    def __init__(self):
+        self.count = 0
+
+    def update(self):
+        self.count += 1
+
+
+def test_sweep_clients_keep_every_stream_busy(tiny_llama_dir):
+    """The concurrency sweep's clients: every step has all N streams in it, each client sends its own fixed
+    sequence of prompts and lengths, and at the end of the budget the requests in flight are aborted."""
+    engine, progress = make_engine(tiny_llama_dir), Counter()
+    batches = []
+    schedule = engine.scheduler.schedule
+
+    def recorded():
+        out = schedule()
+        batches.append(len(out.scheduled))
+        return out
+
+    engine.scheduler.schedule = recorded
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    clients = EngineRuns(engine, progress).clients(prompts, 6, OFF, 3, 50)
+    lockstep([clients])
+    assert clients.tokens >= 50 and progress.count == 1 and set(batches) == {3}
+    assert len(clients.done) > 3 and not engine.has_unfinished_requests()
+    assert engine.kv.num_free_blocks == engine.kv.pool.num_blocks
+    expected = sorted((prompts[(i + j) % 3], spread_length(j * 3 + i, 6))
+                      for i in range(3) for j in range(clients.sent[i]))
+    assert sorted((r.prompt_token_ids, r.sampling_params.max_tokens) for r in clients.sent_requests) == expected
+    assert all(len(r.output_token_ids) == r.sampling_params.max_tokens for r in clients.done)
+    lengths = sorted(spread_length(n, 6) for n in range(30))
+    assert lengths[0] == 3 and lengths[-1] == 9  # [max_tokens / 2, 3 * max_tokens / 2)
 
 
 def check_acceptance(a: dict, k: int | None) -> None:
