@@ -54,9 +54,11 @@ def add_args(p) -> None:
     b.add_argument("--concurrency", type=number_list(int), default=None,
                    help="concurrent streams of the sweep (default 1,2,4,8,16)")
     b.add_argument("--sweep-k", type=int, default=3, help="fixed draft length in the concurrency sweep")
-    b.add_argument("--sweep-tokens", type=int, default=None, help="tokens per request in the sweep (default 128)")
+    b.add_argument("--sweep-tokens", type=int, default=None,
+                   help="mean tokens per request in the sweep, spread over 0.5x to 1.5x (default 128)")
     b.add_argument("--sweep-rounds", type=int, default=None,
-                   help="requests each stream of the sweep sends back to back (default 3, --quick 1)")
+                   help="each sweep level runs until every mode has output this many times N x --sweep-tokens "
+                        "tokens (default 3, --quick 1)")
     b.add_argument("--sections", type=name_list, default=list(SECTIONS),
                    help=f"what to measure, of {','.join(SECTIONS)} (memory is always reported)")
     b.add_argument("--seed", type=int, default=0, help="sampling seed of the first prompt (sampled decode)")
