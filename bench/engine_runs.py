@@ -166,8 +166,9 @@ class Clients:
     """``num_streams`` clients of one engine, each sending greedy requests back to back (the next as soon as
     its last one finishes) until the engine has output ``budget`` tokens; the requests still in flight are
     then aborted, so every step measured had ``num_streams`` requests in it. Client i's j-th request is
-    request n = j * num_streams + i: prompt i + j (round-robin) and ``spread_length(n)`` tokens, EOS ignored,
-    the same sequence in every mode. ``step`` advances the engine by one step; ``tokens`` and ``seconds`` add
+    request n = j * num_streams + i: the prompt j places after the client's start, i * len(prompts) // num_streams
+    (so that few clients still spread over the whole set), and ``spread_length(n)`` tokens, EOS ignored; the same
+    sequence in every mode. ``step`` advances the engine by one step; ``tokens`` and ``seconds`` add
     up the output and the time of the steps, ``busy[request_id]`` the time of the steps a request was in."""
 
     def __init__(self, runs: EngineRuns, prompts: list[list[int]], max_tokens: int, mode: Mode, num_streams: int,
@@ -186,8 +187,8 @@ class Clients:
         runs = self.runs
         params = SamplingParams(max_tokens=spread_length(j * self.num_streams + client, self.max_tokens),
                                 temperature=0, ignore_eos=True)
-        req = runs.engine.add_request(f"bench-{next(runs._ids)}", self.prompts[(client + j) % len(self.prompts)],
-                                      params, spec_n_max=self.mode.spec_n_max)
+        prompt = self.prompts[(client * len(self.prompts) // self.num_streams + j) % len(self.prompts)]
+        req = runs.engine.add_request(f"bench-{next(runs._ids)}", prompt, params, spec_n_max=self.mode.spec_n_max)
         self.busy[req.request_id] = 0.0
         self.sent_requests.append(req)
         return req
@@ -234,17 +235,19 @@ def lockstep(clients: list[Clients]) -> None:
 def concurrency(runs: list[tuple[Mode, EngineRuns]], prompts, levels: list[int], max_tokens: int, repeats: int,
                 rounds: int) -> list[dict]:
     """N streams (``Clients``: requests of ``max_tokens`` tokens on average, for as many tokens as ``rounds``
-    requests per stream), every mode on its own engine (``LLMEngine.twin``) and all of them run in lockstep.
-    Per mode: aggregate output tok/s, the mean per-stream tok/s of the finished requests, drafted and accepted
-    tokens per output token, the draft policy's fitted price of speculation at N (``StepFit.scale``); and, per
-    repeat, aggregate tok/s over that of the first mode (MTP off)."""
+    requests per stream, or one request per prompt where that is more), every mode on its own engine
+    (``LLMEngine.twin``) and all of them run in lockstep. Per mode: aggregate output tok/s, the mean per-stream
+    tok/s of the finished requests, drafted and accepted tokens per output token, the draft policy's fitted
+    price of speculation at N (``StepFit.scale``); and, per repeat, aggregate tok/s over that of the first mode
+    (MTP off)."""
     tok = runs[0][1].engine.tokenizer
     ids = [p.token_ids(tok) for p in prompts]
     rows = []
     for n in levels:
         measured = {mode.name: ([], [], []) for mode, _ in runs}  # aggregate, per stream, requests sent
         for _ in range(repeats):
-            clients = [r.clients(ids, max_tokens, mode, n, n * rounds * max_tokens) for mode, r in runs]
+            budget = max(n * rounds, len(ids)) * max_tokens
+            clients = [r.clients(ids, max_tokens, mode, n, budget) for mode, r in runs]
             lockstep(clients)
             for c in clients:
                 aggregate, per_stream, sent = measured[c.mode.name]

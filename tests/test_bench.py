@@ -125,14 +125,15 @@ def test_sweep_clients_keep_every_stream_busy(tiny_llama_dir):
         return out
 
     engine.scheduler.schedule = recorded
-    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
-    clients = EngineRuns(engine, progress).clients(prompts, 6, OFF, 3, 50)
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]]
+    clients = EngineRuns(engine, progress).clients(prompts, 6, OFF, 2, 50)
     lockstep([clients])
-    assert clients.tokens >= 50 and progress.count == 1 and set(batches) == {3}
-    assert len(clients.done) > 3 and not engine.has_unfinished_requests()
+    assert clients.tokens >= 50 and progress.count == 1 and set(batches) == {2}
+    assert len(clients.done) > 2 and not engine.has_unfinished_requests()
     assert engine.kv.num_free_blocks == engine.kv.pool.num_blocks
-    expected = sorted((prompts[(i + j) % 3], spread_length(j * 3 + i, 6))
-                      for i in range(3) for j in range(clients.sent[i]))
+    # client i starts at prompt 2 i (two clients spread over four prompts) and walks on from there
+    expected = sorted((prompts[(2 * i + j) % 4], spread_length(j * 2 + i, 6))
+                      for i in range(2) for j in range(clients.sent[i]))
     assert sorted((r.prompt_token_ids, r.sampling_params.max_tokens) for r in clients.sent_requests) == expected
     assert all(len(r.output_token_ids) == r.sampling_params.max_tokens for r in clients.done)
     lengths = sorted(spread_length(n, 6) for n in range(30))
