@@ -58,7 +58,7 @@ def add_args(p) -> None:
                    help="mean tokens per request in the sweep, spread over 0.5x to 1.5x (default 128)")
     b.add_argument("--sweep-rounds", type=int, default=None,
                    help="each sweep level runs until every mode has output this many times N x --sweep-tokens "
-                        "tokens (default 3, --quick 1)")
+                        "tokens, and at least one request's worth per prompt (default 3, --quick 1)")
     b.add_argument("--sections", type=name_list, default=list(SECTIONS),
                    help=f"what to measure, of {','.join(SECTIONS)} (memory is always reported)")
     b.add_argument("--seed", type=int, default=0, help="sampling seed of the first prompt (sampled decode)")
