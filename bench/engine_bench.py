@@ -177,7 +177,8 @@ def run(args) -> int:
     modes, planned = plan(args, mtp["available"], len(prompts))
     progress = tqdm(total=planned, desc="mtpserve bench", unit="run", file=sys.stderr, dynamic_ncols=True)
     runs = engine_runs.EngineRuns(engine, progress)
-    runs.warm_up(prompts[0].token_ids(engine.tokenizer), modes["decode"])
+    warm_up_ids = prompts[0].token_ids(engine.tokenizer)
+    runs.warm_up(warm_up_ids, modes["decode"])
     device = str(engine.device)
     results = {"meta": metadata(args, engine, prompts), "mtp": mtp,
                "memory": {"kv_bytes_per_token": engine_runs.kv_bytes_per_token(engine),
@@ -191,8 +192,9 @@ def run(args) -> int:
     if "concurrency" in args.sections:
         sweep = [(modes["concurrency"][0], runs)]
         for mode in modes["concurrency"][1:]:
-            sweep.append((mode, engine_runs.EngineRuns(engine.twin(), progress)))
-            sweep[-1][1].warm_up(prompts[0].token_ids(engine.tokenizer), [mode])
+            twin = engine_runs.EngineRuns(engine.twin(), progress)
+            twin.warm_up(warm_up_ids, [mode])
+            sweep.append((mode, twin))
         results["concurrency"] = engine_runs.concurrency(sweep, prompts, args.concurrency, args.sweep_tokens,
                                                          args.repeats, args.sweep_rounds)
     if "hf" in args.sections:

@@ -251,9 +251,9 @@ def concurrency(runs: list[tuple[Mode, EngineRuns]], prompts, levels: list[int],
             lockstep(clients)
             for c in clients:
                 aggregate, per_stream, sent = measured[c.mode.name]
-                both = c.tokens_per_second()
-                aggregate.append(both[0])
-                per_stream.append(both[1])
+                total, stream = c.tokens_per_second()
+                aggregate.append(total)
+                per_stream.append(stream)
                 sent.extend(c.sent_requests)
         base = measured[runs[0][0].name][0]
         for mode, mode_runs in runs:
