@@ -18,7 +18,7 @@ from mtpserve.engine.models.mtp import DEEPSEEK_LAYOUT, MIMO_LAYOUT, QWEN_LAYOUT
 from mtpserve.engine.recurrent_state import cache_manager
 from mtpserve.engine.request import Request, RequestStatus
 from mtpserve.engine.runner import ModelRunner, kv_bytes_per_block
-from mtpserve.engine.sampler import make_generator
+from mtpserve.engine.noise import RequestNoise
 from mtpserve.engine.sampling_params import SamplingParams
 from mtpserve.engine.scheduler import Scheduler
 from mtpserve.engine.spec.calibrate import measure_step_costs
@@ -147,7 +147,7 @@ class LLMEngine:
         if spec_n_max is not None and spec_n_max < 0:
             raise RequestError("speculative n_max must be >= 0", param="speculative")
         req = Request(request_id, list(prompt_token_ids), params, eos_token_ids=self.eos_token_ids,
-                      generator=make_generator(params.seed, self.device), spec_n_max=spec_n_max)
+                      noise=RequestNoise.of(params.seed), spec_n_max=spec_n_max)
         self.requests[request_id] = req
         self.scheduler.add_request(req)
         return req

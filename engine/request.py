@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mtpserve.engine.noise import RequestNoise
 from mtpserve.engine.sampling_params import SamplingParams
 from mtpserve.engine.spec.policy import AcceptanceEstimate
 from mtpserve.engine.spec.stats import SpecStats
@@ -33,7 +34,7 @@ class Request:
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
     eos_token_ids: frozenset[int] = frozenset()
-    generator: torch.Generator | None = None
+    noise: RequestNoise = field(default_factory=lambda: RequestNoise.of(None))
     arrival_time: float = field(default_factory=time.perf_counter)
     output_token_ids: list[int] = field(default_factory=list)
     # per output token, when sampling_params.logprobs is set: (logprob, [(token_id, logprob)] top-n)

@@ -91,15 +91,15 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[torch.tensor(rows, device=hidden.device)])
         params = [r.sampling_params for r in reqs]
         prompts, outputs = [r.prompt_token_ids for r in reqs], [r.output_token_ids for r in reqs]
-        gens = [r.generator for r in reqs]
+        noises = [r.noise for r in reqs]
         if not any(s.num_spec_tokens for s in scheduled):
-            sampled = self.sampler(logits, params, prompts, outputs, gens)
+            sampled = self.sampler(logits, params, prompts, outputs, noises)
             new = [[t] for t in sampled.token_ids.tolist()]
         else:
             drafts = [s.request.spec_token_ids[:s.num_spec_tokens] for s in scheduled]
             probs = [s.request.spec_probs[:s.num_spec_tokens] if s.request.spec_probs is not None
                      and s.num_spec_tokens else None for s in scheduled]
-            new = verify(logits, drafts, probs, params, prompts, outputs, gens)
+            new = verify(logits, drafts, probs, params, prompts, outputs, noises)
         result.new_token_ids = {r.request_id: toks for r, toks in zip(reqs, new)}
         if any(p.logprobs is not None for p in params):
             self._logprobs(logits, scheduled, params, new, result)

@@ -6,19 +6,12 @@ distributions exactly as plain sampling does: `apply_penalties` -> `processed_pr
 
 from __future__ import annotations
 
-import secrets
 from dataclasses import dataclass
 
 import torch
 
+from mtpserve.engine.noise import TOKEN, RequestNoise, exponentials
 from mtpserve.engine.sampling_params import SamplingParams
-
-
-def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
-    """A per-request generator: seeded with `seed`, or with a fresh random 63-bit int."""
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed if seed is not None else secrets.randbits(63))
-    return generator
 
 
 @dataclass
@@ -148,16 +141,28 @@ def processed_probs(logits: torch.Tensor, tensors: SamplingTensors) -> torch.Ten
     return probs
 
 
-def sample_from_probs(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+def sample_from_probs(probs: torch.Tensor, noises: list[RequestNoise], positions: list[int],
+                      stream: int = TOKEN) -> torch.Tensor:
     """[B] long: one draw per row by the exponential race argmax(p / E), E ~ Exp(1) i.i.d.
 
-    Each row draws one exponential vector from its own generator, so a row's token depends only
-    on its probabilities and its generator state, never on the rest of the batch."""
-    race = torch.empty_like(probs, dtype=torch.float32)
-    for row, generator in enumerate(generators):
-        race[row].exponential_(generator=generator)
-    race.clamp_(min=torch.finfo(torch.float32).tiny)
+    Row b's E is keyed on (its request's seed, positions[b], stream), so a row's token depends only
+    on its probabilities and that key, never on the rest of the batch or on earlier draws."""
+    race = exponentials(noises, positions, stream, probs.shape[-1], probs.device)
     return (probs.float() / race).argmax(dim=-1)
+
+
+def choose_tokens(penalized: torch.Tensor, tensors: SamplingTensors, params: list[SamplingParams],
+                  noises: list[RequestNoise], positions: list[int]) -> torch.Tensor:
+    """[B] long. Greedy rows: argmax of the penalized logits. Sampled rows: the race over processed_probs,
+    keyed on the row's request noise at output position positions[row]."""
+    token_ids = penalized.argmax(dim=-1)
+    sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
+    if sampled_rows:
+        index = torch.tensor(sampled_rows, dtype=torch.long, device=penalized.device)
+        probs = processed_probs(penalized[index], tensors.select(index))
+        token_ids[index] = sample_from_probs(probs, [noises[i] for i in sampled_rows],
+                                             [positions[i] for i in sampled_rows])
+    return token_ids
 
 
 @dataclass
@@ -168,27 +173,18 @@ class SamplerOutput:
 
 
 class Sampler:
-    """Greedy rows: argmax of the penalized logits. Sampled rows: a draw from processed_probs."""
+    """Greedy rows: argmax of the penalized logits. Sampled rows: a draw from processed_probs, keyed on
+    the request's noise at its next output position."""
 
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
                  prompt_token_ids: list[list[int]], output_token_ids: list[list[int]],
-                 generators: list[torch.Generator | None]) -> SamplerOutput:
+                 noises: list[RequestNoise]) -> SamplerOutput:
         logits = logits.float()
         tensors = SamplingTensors.from_params(params, logits.shape[-1], logits.device)
         penalized = apply_penalties(logits, tensors, prompt_token_ids, output_token_ids)
 
-        greedy_rows = [i for i, p in enumerate(params) if p.greedy]
-        sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
-        if not sampled_rows:
-            token_ids = penalized.argmax(dim=-1)
-        elif not greedy_rows:
-            token_ids = sample_from_probs(processed_probs(penalized, tensors), generators)
-        else:
-            token_ids = penalized.argmax(dim=-1)
-            index = torch.tensor(sampled_rows, dtype=torch.long, device=logits.device)
-            probs = processed_probs(penalized[index], tensors.select(index))
-            token_ids[index] = sample_from_probs(probs, [generators[i] for i in sampled_rows])
-
+        positions = [len(ids) for ids in output_token_ids]
+        token_ids = choose_tokens(penalized, tensors, params, noises, positions)
         logprobs = None
         if any(p.logprobs is not None for p in params):
             logprobs = token_logprobs(logits, token_ids, params)

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from mtpserve.engine.errors import MtpserveError
+from mtpserve.server import options
+from mtpserve.server.options import OptionError, Parser
+
+LOG_LEVELS = ["debug", "info", "warning", "error"]
 
 
 def add_engine_args(p: argparse.ArgumentParser, speculation: bool = True) -> None:
     """The model and engine options; ``speculation=False`` leaves out the draft-length switches (for commands
     that set them themselves)."""
     g = p.add_argument_group("model and engine")
-    g.add_argument("--config", default=None, help="YAML file of option defaults (see configs/)")
     g.add_argument("--model", default="default",
                    help="GGUF file, HF model directory, or 'default' (SmolLM2-135M-Instruct GGUF)")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
@@ -80,70 +84,57 @@ def engine_from_args(args):
     return LLMEngine(load_checkpoint(args.model), engine_config_from_args(args))
 
 
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    """Options every command takes after its name."""
+    g = p.add_argument_group("configuration")
+    g.add_argument("--config", default=None,
+                   help="YAML file of options (see configs/); the environment and the command line win over it")
+    g.add_argument("--log-level", default=argparse.SUPPRESS, choices=LOG_LEVELS, help="default: warning")
+
+
+def add_command(sub, name: str, help_text: str, module, engine: bool = False, speculation: bool = True) -> None:
+    """A subcommand: the common options, the engine options when it runs an engine, then its own."""
+    p = sub.add_parser(name, help=help_text)
+    add_common_args(p)
+    if engine:
+        add_engine_args(p, speculation)
+    module.add_args(p)
+    p.set_defaults(func=module.run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from mtpserve import __version__
     from mtpserve.bench import engine_bench, serve_bench
     from mtpserve.server import generate_cmd, serve_cmd, stress_cmd, train_cmd
 
-    parser = argparse.ArgumentParser(prog="mtpserve", description="MTP-first LLM inference server")
+    parser = Parser(prog="mtpserve", description="MTP-first LLM inference server",
+                    epilog="Every option is also an environment variable MTPSERVE_<OPTION> and a key of the "
+                           "--config file; the command line wins over the environment, which wins over the file.")
     parser.add_argument("--version", action="version", version=f"mtpserve {__version__}")
-    parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-level", default="warning", choices=LOG_LEVELS)
     sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="generate text offline with the engine")
-    add_engine_args(gen)
-    generate_cmd.add_args(gen)
-    gen.set_defaults(func=generate_cmd.run)
-    serve = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server")
-    add_engine_args(serve)
-    serve_cmd.add_args(serve)
-    serve.set_defaults(func=serve_cmd.run)
-    stress = sub.add_parser("stress", help="load, random disconnects and leak checks against this server on loopback")
-    add_engine_args(stress)
-    stress_cmd.add_args(stress)
-    stress.set_defaults(func=stress_cmd.run)
-    bench = sub.add_parser("bench", help="benchmark the engine offline: MTP off / fixed k / adaptive, plots")
-    add_engine_args(bench, speculation=False)
-    engine_bench.add_args(bench)
-    bench.set_defaults(func=engine_bench.run)
-    bench_serve = sub.add_parser("bench-serve", help="load-test an OpenAI-compatible server over HTTP")
-    serve_bench.add_args(bench_serve)
-    bench_serve.set_defaults(func=serve_bench.run)
-    train = sub.add_parser("train-head", help="train an MTP head for a model that has none (self-distillation)")
-    train_cmd.add_args(train)
-    train.set_defaults(func=train_cmd.run)
+    add_command(sub, "generate", "generate text offline with the engine", generate_cmd, engine=True)
+    add_command(sub, "serve", "run the OpenAI-compatible HTTP server", serve_cmd, engine=True)
+    add_command(sub, "stress", "load, random disconnects and leak checks against this server on loopback",
+                stress_cmd, engine=True)
+    add_command(sub, "bench", "benchmark the engine offline: MTP off / fixed k / adaptive, plots", engine_bench,
+                engine=True, speculation=False)
+    add_command(sub, "bench-serve", "load-test an OpenAI-compatible server over HTTP", serve_bench)
+    add_command(sub, "train-head", "train an MTP head for a model that has none (self-distillation)", train_cmd)
     return parser
 
 
-def apply_config_file(parser: argparse.ArgumentParser, args: argparse.Namespace, argv) -> argparse.Namespace:
-    """Re-parse with the YAML file's values as defaults, so explicit command-line options still win."""
-    import yaml
-
+def main(argv: list[str] | None = None, env=None) -> int:
+    """``env``: the environment to read ``MTPSERVE_*`` options from (default: os.environ)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    env = os.environ if env is None else env
     try:
-        with open(args.config, encoding="utf-8") as f:
-            values = yaml.safe_load(f) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise MtpserveError(f"cannot read config file {args.config}: {e}") from None
-    if not isinstance(values, dict):
-        raise MtpserveError(f"config file {args.config} must be a mapping of option: value")
-    known = vars(args)
-    defaults = {}
-    for key, value in values.items():
-        name = str(key).replace("-", "_")
-        if name not in known or name in ("command", "func", "config"):
-            raise MtpserveError(f"config file {args.config}: unknown option {key!r}")
-        defaults[name] = value
-    sub = parser._subparsers._group_actions[0].choices[args.command]
-    sub.set_defaults(**defaults)
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+        args = options.parse(build_parser(), argv, env)
+    except OptionError as e:
+        print(f"mtpserve: error: {e}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        if getattr(args, "config", None):
-            args = apply_config_file(parser, args, argv)
         return args.func(args) or 0
     except MtpserveError as e:
         print(f"mtpserve: error: {e}", file=sys.stderr)

@@ -15,7 +15,7 @@ def add_args(p) -> None:
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all interfaces)")
     g.add_argument("--port", type=int, default=8000)
-    g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $MTPSERVE_API_KEY)")
+    g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     g.add_argument("--served-model-name", default=None, help="model id clients use (default: from --model)")
     g.add_argument("--max-queue", type=int, default=None, help="answer 429 when this many requests are waiting")
     g.add_argument("--max-body-bytes", type=int, default=1 << 20, help="answer 413 for larger request bodies")
@@ -84,7 +84,7 @@ def run(args) -> int:
     from mtpserve.server.cli import engine_from_args
 
     check_args(args)
-    api_key = args.api_key or os.environ.get("MTPSERVE_API_KEY") or None
+    api_key = args.api_key or None
     warn_if_exposed(args.host, api_key)
     if args.log_prompts:  # its own level, so the flag alone is enough at the default --log-level
         logging.getLogger("mtpserve.server.prompts").setLevel(logging.INFO)

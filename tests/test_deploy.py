@@ -4,7 +4,6 @@ exists), the Grafana provisioning and dashboard, and the container entry point's
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shutil
@@ -13,18 +12,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from mtpserve.server import cli
+from mtpserve.server import cli, options
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "docker"
 PINNED = re.compile(r"[a-z0-9./_-]+:[a-z0-9._-]*\d[a-z0-9._-]*@sha256:[0-9a-f]{64}")
-
-
-def load_entrypoint():
-    spec = importlib.util.spec_from_file_location("docker_entrypoint", DOCKER / "entrypoint.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def compose() -> dict:
@@ -200,8 +192,8 @@ def test_compose_services_ports_and_mounts():
     assert server["build"]["args"]["VARIANT"] == "cpu" and "profiles" not in server
     assert [port_pair(p)[1] for p in server["ports"]] == [int(runtime_env()["MTPSERVE_PORT"])]
     assert "/models" in bind_mounts(server)
-    global_options, serve_options = load_entrypoint().option_actions(cli.build_parser())
-    assert set(server["environment"]) <= set(serve_options) | set(global_options)
+    serve_options = options.option_actions(options.subcommands(cli.build_parser())["serve"])
+    assert {"MTPSERVE_" + name.upper() for name in serve_options} >= set(server["environment"])
 
 
 def test_compose_gpu_profile():
@@ -278,36 +270,3 @@ def test_dashboard_structure():
         for t in p["targets"]:
             assert t["datasource"]["uid"] == "${datasource}" and 'model_name=~"$model_name"' in t["expr"], p["title"]
     assert {p["type"] for p in panels} >= {"timeseries", "heatmap", "stat"}
-
-
-def test_entrypoint_variables_become_serve_options(tmp_path):
-    entry = load_entrypoint()
-    parser = cli.build_parser()
-    env = {"MTPSERVE_MAX_NUM_SEQS": "16", "MTPSERVE_NO_SPEC": "yes", "MTPSERVE_KV_CACHE_MEMORY": "",
-           "MTPSERVE_SERVED_MODEL_NAME": "-dash", "MTPSERVE_LOG_LEVEL": "info", "MTPSERVE_API_KEY": "k", "HOME": "/x"}
-    argv = entry.serve_argv(["serve", "--port", "9000"], env)
-    assert "k" not in " ".join(argv), "the server reads MTPSERVE_API_KEY itself"
-    args = parser.parse_args(argv)
-    assert (args.max_num_seqs, args.no_spec, args.served_model_name, args.port) == (16, True, "-dash", 9000)
-    assert args.log_level == "info" and args.kv_cache_memory == 0.5  # empty: the default
-    assert parser.parse_args(entry.serve_argv(["serve"], {"MTPSERVE_NO_SPEC": "off"})).no_spec is False
-    # the command line wins over a variable, a variable over a --config file
-    config = tmp_path / "c.yaml"
-    config.write_text("max_num_seqs: 8\nmax_num_batched_tokens: 64\n")
-    argv = entry.serve_argv(["serve", "--max-num-seqs", "4"],
-                            {"MTPSERVE_CONFIG": str(config), "MTPSERVE_MAX_NUM_SEQS": "16"})
-    args = cli.apply_config_file(parser, parser.parse_args(argv), argv)
-    assert (args.max_num_seqs, args.max_num_batched_tokens) == (4, 64)
-    argv = entry.serve_argv(["serve"], {"MTPSERVE_CONFIG": str(config), "MTPSERVE_MAX_NUM_SEQS": "16"})
-    assert cli.apply_config_file(parser, parser.parse_args(argv), argv).max_num_seqs == 16
-
-
-def test_entrypoint_rejects_unknown_variables_and_bad_flags(capsys):
-    entry = load_entrypoint()
-    with pytest.raises(entry.EnvError, match="MTPSERVE_MAX_SEQS: mtpserve serve has no option --max-seqs"):
-        entry.serve_argv(["serve"], {"MTPSERVE_MAX_SEQS": "4"})
-    with pytest.raises(entry.EnvError, match="--no-spec is a flag"):
-        entry.serve_argv(["serve"], {"MTPSERVE_NO_SPEC": "maybe"})
-    assert entry.run(["serve"], {"MTPSERVE_BOGUS": "1"}) == 2
-    assert "MTPSERVE_BOGUS" in capsys.readouterr().err
-    assert entry.serve_argv(["generate", "--prompt", "x"], {"MTPSERVE_BOGUS": "1"}) == ["generate", "--prompt", "x"]

@@ -21,7 +21,7 @@ from mtpserve.engine.config import EngineConfig, GenerationDefaults
 from mtpserve.engine.engine import LLMEngine
 from mtpserve.engine.errors import RequestError
 from mtpserve.engine.loader import load_checkpoint
-from mtpserve.engine.sampler import make_generator
+from mtpserve.engine.noise import RequestNoise, keys
 from mtpserve.server.app import build_app, sampling_params
 from mtpserve.server.protocol import ChatCompletionRequest, CompletionRequest
 from pydantic import ValidationError
@@ -109,7 +109,7 @@ def test_request_models_reach_the_engine_only_valid(fields, chat):
             params.validate()
         except RequestError:
             return
-        make_generator(params.seed)
+        keys(RequestNoise.of(params.seed).seed, 0, 0)
         assert math.isfinite(params.temperature) and params.max_tokens >= 1
 
 

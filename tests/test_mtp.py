@@ -16,6 +16,7 @@ from mtp_helpers import save_distilled_head, save_random_head
 from mtpserve.engine.loader import load_checkpoint
 from mtpserve.engine.sampling_params import SamplingParams
 from mtpserve.engine.train.distill import distill
+from scipy.stats import chi2_contingency
 
 
 def prompts(n: int, seed: int = 0, vocab: int = 300) -> list[list[int]]:
@@ -126,10 +127,47 @@ def test_sampled_requests_reproducible_and_mixed(tiny_qwen3_dir, trained_head):
     assert engine.kv.num_free_blocks == engine.kv.pool.num_blocks
 
 
-def test_sampled_distribution_matches_plain(make_checkpoint, tmp_path):
+def seeded_params(n: int) -> list[SamplingParams]:
+    """Sampled requests with a seed each; every other one with penalties (their rows follow the drafts)."""
+    return [SamplingParams(temperature=0.8, top_p=0.95, seed=100 + i, max_tokens=24, ignore_eos=True,
+                           presence_penalty=0.3 * (i % 2), repetition_penalty=1.0 + 0.1 * (i % 2)) for i in range(n)]
+
+
+def test_seeded_output_depends_on_the_request_alone(tiny_qwen3_dir, trained_head):
+    """float64: a seeded sampled request gives the same tokens with MTP off, with any fixed k, with adaptive
+    drafting under any step-cost fit or plan, alone or batched, and under preemption; drafts are still accepted."""
+    ps = prompts(24, seed=7)[:6] + prompts(2, seed=11)
+    params = seeded_params(len(ps))
+
+    def outputs(engine, batched=True):
+        if batched:
+            return [r.output_token_ids for r in engine.generate(ps, params)]
+        return [engine.generate([p], [sp])[0].output_token_ids for p, sp in zip(ps, params)]
+
+    def spec_engine(**config):
+        return make_engine(tiny_qwen3_dir, dtype=torch.float64, mtp_head=trained_head, **config)
+
+    plain = outputs(make_engine(tiny_qwen3_dir, dtype=torch.float64, spec_draft_n_max=0))
+    for k in (1, 3):
+        engine = spec_engine(spec_draft_n_max=k, spec_adaptive=False)
+        assert outputs(engine) == plain
+        assert engine.spec_stats.num_accepted_tokens > 0
+    assert outputs(spec_engine(spec_draft_n_max=3, spec_adaptive=False), batched=False) == plain
+    for scale in (0.05, 20.0):  # a step-cost fit that drafts as much, and as little, as it can
+        engine = spec_engine(spec_draft_n_max=3)
+        engine.policy.fit.scale = lambda batch_size, scale=scale: scale
+        assert outputs(engine) == plain
+    engine = spec_engine(spec_draft_n_max=3, block_size=4, num_blocks=40, max_num_batched_tokens=16)
+    assert outputs(engine) == plain
+    assert engine.scheduler.num_preemptions > 0
+    assert engine.kv.num_free_blocks == engine.kv.pool.num_blocks
+
+
+@pytest.mark.parametrize("seeded", [True, False])
+def test_sampled_distribution_matches_plain(make_checkpoint, tmp_path, seeded):
     """Temperature 1 on an 8-token vocabulary: the distribution of the 2nd and 3rd tokens (the ones
-    drafts can affect) with MTP matches plain sampling (chi-square over 4000 requests per side)."""
-    from scipy.stats import chi2_contingency
+    drafts can affect) with MTP matches plain sampling (chi-square over 4000 requests per side), for
+    seeded requests (coupled drafts) and unseeded ones (rejection sampling)."""
 
     path = make_checkpoint("llama", vocab_size=8, seed=3)
     config = load_checkpoint(path).config
@@ -139,8 +177,9 @@ def test_sampled_distribution_matches_plain(make_checkpoint, tmp_path):
     for spec in (0, 2):
         engine = make_engine(path, mtp_head=head, spec_draft_n_max=spec, spec_adaptive=False, max_num_seqs=256,
                              max_num_batched_tokens=1024)
-        reqs = engine.generate([[1, 2]] * n, [SamplingParams(temperature=1.0, seed=i, max_tokens=3, ignore_eos=True)
-                                              for i in range(n)])
+        seeds = [i + 10_000 * spec if seeded else None for i in range(n)]  # independent sides
+        reqs = engine.generate([[1, 2]] * n, [SamplingParams(temperature=1.0, seed=seed, max_tokens=3, ignore_eos=True)
+                                              for seed in seeds])
         if spec:
             assert 0 < engine.spec_stats.num_accepted_tokens < engine.spec_stats.num_draft_tokens
         counts.append([[sum(r.output_token_ids[pos] == t for r in reqs) for t in range(8)] for pos in (1, 2)])

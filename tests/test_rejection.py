@@ -1,10 +1,12 @@
-"""verify(): greedy acceptance on hand-made logits, losslessness of rejection sampling (chi-square
-against hand-computed distributions), penalties over draft-extended histories, reproducibility."""
+"""verify(): greedy acceptance on hand-made logits, losslessness of rejection sampling and of the seeded
+(coupled) rule (chi-square against hand-computed distributions), penalties over draft-extended histories,
+reproducibility."""
 
 import pytest
 import torch
 
-from mtpserve.engine.sampler import Sampler, make_generator
+from mtpserve.engine.noise import TOKEN, RequestNoise
+from mtpserve.engine.sampler import Sampler, sample_from_probs
 from mtpserve.engine.sampling_params import SamplingParams
 from mtpserve.engine.spec.rejection import verify
 
@@ -19,11 +21,16 @@ def one_hot_logits(tokens, vocab=8, high=5.0):
     return logits
 
 
-def run(logits, drafts, probs, params, seeds=None, prompts=None, outputs=None):
+def noises(seeds, seeded=False):
+    """Fixed seeds; ``seeded=False`` marks them as drawn by the engine (rejection sampling)."""
+    return [RequestNoise(s, seeded=seeded) for s in seeds]
+
+
+def run(logits, drafts, probs, params, seeds=None, prompts=None, outputs=None, seeded=False):
     n = len(drafts)
     seeds = seeds if seeds is not None else list(range(n))
     return verify(logits, drafts, probs, params, prompts or [[] for _ in range(n)],
-                  outputs or [[] for _ in range(n)], [make_generator(s) for s in seeds])
+                  outputs or [[] for _ in range(n)], noises(seeds, seeded))
 
 
 def test_greedy_accepts_prefix_then_recovered_or_bonus():
@@ -54,8 +61,8 @@ def test_mixed_batch_of_draft_lengths_and_modes():
     assert out[:3] == [[7], [2], [1, 2, 3, 4]]
     assert out[3][:3] == drafts3 and len(out[3]) == 4
     assert len(out[4]) == 1
-    # k == 0 rows are exactly what the plain Sampler gives for the same generator state
-    plain = Sampler()(rows4, [SAMPLED], [[]], [[]], [make_generator(14)]).token_ids.tolist()
+    # k == 0 rows are exactly what the plain Sampler gives for the same noise
+    plain = Sampler()(rows4, [SAMPLED], [[]], [[]], noises([14])).token_ids.tolist()
     assert out[4] == plain
 
 
@@ -67,7 +74,7 @@ def test_zero_drafts_match_plain_sampler():
     outputs = [[1, 2], [3], [], [4, 4, 5], [], [0]]
     prompts = [[9], [], [8, 7], [], [6], []]
     seeds = [100 + i for i in range(6)]
-    expected = Sampler()(logits, params, prompts, outputs, [make_generator(s) for s in seeds]).token_ids
+    expected = Sampler()(logits, params, prompts, outputs, noises(seeds)).token_ids
     got = run(logits, [[] for _ in params], [None] * 6, params, seeds, prompts, outputs)
     assert got == [[t] for t in expected.tolist()]
 
@@ -99,7 +106,8 @@ def test_row_count_mismatch_is_an_error():
     with pytest.raises(ValueError):
         run(torch.zeros(3, 4), [[1, 2, 3]], [None], [GREEDY])
     with pytest.raises(ValueError):
-        run(torch.zeros(2, 4), [[1]], [None], [SAMPLED])   # sampled drafts need their q
+        run(torch.zeros(2, 4), [[1]], [None], [SAMPLED])   # rejection-sampled drafts need their q
+    assert len(run(torch.zeros(2, 4), [[1]], [None], [SAMPLED], seeded=True)[0]) in (1, 2)  # seeded ones do not
 
 
 # ---- losslessness of the sampled path ----
@@ -129,27 +137,39 @@ def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
     return torch.special.gammaincc(torch.tensor(df / 2.0, dtype=torch.float64), statistic / 2).item()
 
 
-def sample_many(target_logits, q, params, seed):
-    """NUM_SAMPLES verify calls (in batches of independent requests): drafts drawn from q."""
+def coupled_drafts(q, request_noises):
+    """Drafts of seeded requests: position j drawn from q[j] with the target's race noise at j."""
+    k = q.shape[0]
+    columns = [sample_from_probs(q[j].expand(len(request_noises), -1), request_noises, [j] * len(request_noises),
+                                 TOKEN) for j in range(k)]
+    return torch.stack(columns, dim=1).tolist()
+
+
+def sample_many(target_logits, q, params, seed, seeded):
+    """NUM_SAMPLES verify calls (in batches of independent requests, one seed each). Unseeded: drafts drawn
+    from q independently of the verifier's noise. Seeded: coupled drafts."""
     k = q.shape[0]
     draft_gen = torch.Generator().manual_seed(seed)
-    generators = [make_generator(seed * 100_000 + r) for r in range(BATCH)]
     results = []
-    for _ in range(NUM_SAMPLES // BATCH):
-        drafts = torch.stack([torch.multinomial(q[j], BATCH, replacement=True, generator=draft_gen)
-                              for j in range(k)], dim=1).tolist()
-        out = verify(target_logits.repeat(BATCH, 1), drafts, [q] * BATCH, [params] * BATCH,
-                     [[] for _ in range(BATCH)], [[] for _ in range(BATCH)], generators)
+    for batch in range(NUM_SAMPLES // BATCH):
+        request_noises = noises([seed * 100_000 + batch * BATCH + r for r in range(BATCH)], seeded)
+        if seeded:
+            drafts = coupled_drafts(q, request_noises)
+        else:
+            drafts = torch.stack([torch.multinomial(q[j], BATCH, replacement=True, generator=draft_gen)
+                                  for j in range(k)], dim=1).tolist()
+        out = verify(target_logits.repeat(BATCH, 1), drafts, [None if seeded else q] * BATCH, [params] * BATCH,
+                     [[] for _ in range(BATCH)], [[] for _ in range(BATCH)], request_noises)
         results.extend(out)
     return results
 
 
-def check_lossless(p_rows, q, params, target_logits, seed):
+def check_lossless(p_rows, q, params, target_logits, seed, seeded):
     """First emitted token ~ p_rows[0]; the second, when draft 1 was accepted, ~ p_rows[1]; and the
     pair (first, second) ~ p_rows[0] x p_rows[1], where a step that emitted only one token is
     continued the way the next step would: a plain draw from p_rows[1]."""
     vocab = p_rows.shape[1]
-    results = sample_many(target_logits, q, params, seed)
+    results = sample_many(target_logits, q, params, seed, seeded)
     first = torch.bincount(torch.tensor([r[0] for r in results]), minlength=vocab)
     assert chi_square_p_value(first, p_rows[0]) > 1e-3
 
@@ -164,20 +184,23 @@ def check_lossless(p_rows, q, params, target_logits, seed):
     assert chi_square_p_value(torch.bincount(pairs, minlength=vocab * vocab), joint) > 1e-3
 
 
-def test_sampled_verify_is_lossless():
+@pytest.mark.parametrize("seeded", [False, True])
+def test_sampled_verify_is_lossless(seeded):
     p_rows = torch.stack([P0, P1, P2])
-    check_lossless(p_rows, torch.stack([Q0, Q1]), SAMPLED, p_rows.log(), seed=1)
+    check_lossless(p_rows, torch.stack([Q0, Q1]), SAMPLED, p_rows.log(), seed=1, seeded=seeded)
 
 
-def test_lossless_with_draft_vocab_subset():
+@pytest.mark.parametrize("seeded", [False, True])
+def test_lossless_with_draft_vocab_subset(seeded):
     # q is zero outside {0, 2, 3}: tokens 1, 4, 5 can only come from recovered or bonus draws
     q = torch.tensor([[0.5, 0.0, 0.3, 0.2, 0.0, 0.0],
                       [0.2, 0.0, 0.1, 0.7, 0.0, 0.0]])
     p_rows = torch.stack([P0, P1, P2])
-    check_lossless(p_rows, q, SAMPLED, p_rows.log(), seed=2)
+    check_lossless(p_rows, q, SAMPLED, p_rows.log(), seed=2, seeded=seeded)
 
 
-def test_lossless_with_temperature_and_top_k():
+@pytest.mark.parametrize("seeded", [False, True])
+def test_lossless_with_temperature_and_top_k(seeded):
     params = SamplingParams(temperature=0.7, top_k=4)
 
     def processed(logits):  # independent reference: temperature, keep the 4 largest, softmax
@@ -190,12 +213,14 @@ def test_lossless_with_temperature_and_top_k():
                                   [0.2, 0.1, 0.0, -0.1, -0.2, 0.3]])
     draft_logits = torch.tensor([[0.0, 1.0, 0.5, 0.2, 0.8, 0.1],
                                  [0.7, 0.2, 0.9, 0.0, -0.3, 0.4]])
-    check_lossless(processed(target_logits), processed(draft_logits), params, target_logits, seed=3)
+    check_lossless(processed(target_logits), processed(draft_logits), params, target_logits, seed=3,
+                   seeded=seeded)
 
 
 # ---- reproducibility ----
 
-def test_seeded_results_are_reproducible_and_batch_independent():
+@pytest.mark.parametrize("seeded", [False, True])
+def test_seeded_results_are_reproducible_and_batch_independent(seeded):
     vocab = 16
     gen = torch.Generator().manual_seed(5)
     target = torch.randn(4, vocab, generator=gen)              # the request under test, k = 3
@@ -203,8 +228,8 @@ def test_seeded_results_are_reproducible_and_batch_independent():
     drafts = torch.multinomial(q, 1, generator=gen)[:, 0].tolist()
     params = SamplingParams(temperature=0.9, top_p=0.95)
 
-    alone = [run(target, [drafts], [q], [params], seeds=[s])[0] for s in range(40)]
-    assert alone == [run(target, [drafts], [q], [params], seeds=[s])[0] for s in range(40)]
+    alone = [run(target, [drafts], [q], [params], seeds=[s], seeded=seeded)[0] for s in range(40)]
+    assert alone == [run(target, [drafts], [q], [params], seeds=[s], seeded=seeded)[0] for s in range(40)]
     assert len({tuple(r) for r in alone}) > 1                 # the seed matters
 
     others = torch.randn(1 + 3 + 2, vocab, generator=gen)      # k = 0 sampled, k = 2 sampled, k = 1 greedy
@@ -212,5 +237,6 @@ def test_seeded_results_are_reproducible_and_batch_independent():
     for s in range(40):
         batch = run(torch.cat([others[:1], others[1:4], target, others[4:]]),
                     [[], [3, 4], drafts, [7]], [None, q_other, q, None],
-                    [SAMPLED, SamplingParams(temperature=1.2), params, GREEDY], seeds=[1000 + s, 2000 + s, s, 3])
+                    [SAMPLED, SamplingParams(temperature=1.2), params, GREEDY], seeds=[1000 + s, 2000 + s, s, 3],
+                    seeded=seeded)
         assert batch[2] == alone[s]

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from mtpserve.engine.errors import RequestError
-from mtpserve.engine.sampler import (Sampler, SamplingTensors, apply_penalties, make_generator,
-                                     processed_probs, sample_from_probs)
+from mtpserve.engine.noise import RequestNoise
+from mtpserve.engine.sampler import Sampler, SamplingTensors, apply_penalties, processed_probs, sample_from_probs
 from mtpserve.engine.sampling_params import SamplingParams
 
 
@@ -17,8 +17,7 @@ def run(logits, params, prompts=None, outputs=None, seeds=None):
     prompts = prompts or [[] for _ in range(batch)]
     outputs = outputs or [[] for _ in range(batch)]
     seeds = seeds or [p.seed for p in params]
-    generators = [make_generator(s) for s in seeds]
-    return Sampler()(logits, params, prompts, outputs, generators)
+    return Sampler()(logits, params, prompts, outputs, [RequestNoise.of(s) for s in seeds])
 
 
 def ref_filtered_probs(logits, temperature, top_k, top_p, min_p):
@@ -81,13 +80,12 @@ def test_filtering_keeps_at_least_one_token():
 
 
 def test_temperature_distribution():
-    scipy_stats = pytest.importorskip("scipy.stats")
+    from scipy import stats as scipy_stats
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0, 1.5])
     temperature, n = 0.7, 20000
     tensors = SamplingTensors.from_params([SamplingParams(temperature=temperature)] * n, 8, "cpu")
     probs = processed_probs(logits.expand(n, 8), tensors)
-    generator = make_generator(1234)
-    tokens = sample_from_probs(probs, [generator] * n)
+    tokens = sample_from_probs(probs, [RequestNoise(1234)] * n, list(range(n)))  # one request, n positions
     observed = np.bincount(tokens.numpy(), minlength=8)
     expected = torch.softmax(logits.double() / temperature, -1).numpy() * n
     assert scipy_stats.chisquare(observed, expected).pvalue > 1e-3
@@ -201,11 +199,3 @@ def test_validate_rejects(field, value):
         SamplingParams(**{field: value}).validate()
     assert info.value.param == field
     assert info.value.code == "invalid_request"
-
-
-def test_make_generator_seeding():
-    a = torch.rand(4, generator=make_generator(5))
-    b = torch.rand(4, generator=make_generator(5))
-    c = torch.rand(4, generator=make_generator(None))
-    d = torch.rand(4, generator=make_generator(None))
-    assert torch.equal(a, b) and not torch.equal(c, d)

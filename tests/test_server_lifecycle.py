@@ -88,18 +88,6 @@ def test_dropped_streams_are_aborted(base_url, http):  # noqa: F811
     assert m["mtpserve_request_success_total,finished_reason=abort"] >= 20
 
 
-def test_config_file_options(tmp_path):
-    from mtpserve.server.cli import apply_config_file, build_parser
-
-    path = tmp_path / "serve.yaml"
-    path.write_text(yaml.safe_dump({"port": 9123, "max-body-bytes": 5000, "log_interval": 2.5, "max_queue": 3}))
-    argv = ["serve", "--config", str(path), "--max-queue", "7"]
-    parser = build_parser()
-    args = apply_config_file(parser, parser.parse_args(argv), argv)
-    assert (args.port, args.max_body_bytes, args.log_interval, args.max_queue) == (9123, 5000, 2.5, 7)
-    assert args.host == "127.0.0.1"
-
-
 def test_serve_command_options():
     from mtpserve.server.cli import build_parser
     from mtpserve.server.serve_cmd import served_name

@@ -4,7 +4,9 @@ Draft step 0 runs the MTP layer over every position ``p`` the main model compute
 next token is now known (prompt chunks included), pairing ``h[p]`` with ``t[p+1]``; its last row
 gives draft 1. Steps 1..k-1 feed the MTP output and the previous draft back, one token each.
 Drafts of greedy requests are argmaxes; sampled requests draw from q (the head's processed
-probabilities, same penalties and filters as the target) and keep q for rejection sampling.
+probabilities, same penalties and filters as the target): seeded ones with the race noise of the
+target at the same output position (coupled drafts, see `rejection.py`), the others on a draft
+stream of their own, keeping q for rejection sampling.
 
 A request that drafts nothing this step (the policy chose k = 0, or a prompt chunk) does not run the
 MTP layer: its (hidden, next token) pairs wait in ``request.mtp_pending`` and are computed in one pass
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from mtpserve.engine.kv_cache import KVCacheManager
+from mtpserve.engine.noise import DRAFT, TOKEN
 from mtpserve.engine.request import Request
 from mtpserve.engine.sampler import SamplingTensors, apply_penalties, processed_probs, sample_from_probs
 from mtpserve.kernels.attention import AttentionMetadata, TorchPagedAttention
@@ -36,7 +39,7 @@ class DraftInput:
 @dataclass
 class Drafts:
     token_ids: list[int]
-    probs: torch.Tensor | None  # [k, V] q of sampled requests, None for greedy
+    probs: torch.Tensor | None  # [k, V] q of unseeded sampled requests, None for greedy and seeded ones
 
 
 class MTPProposer:
@@ -80,13 +83,18 @@ class MTPProposer:
         histories = [it.history + d for it, d in zip(items, drafts)]
         logits = apply_penalties(logits, t, [it.request.prompt_token_ids for it in items], histories)
         tokens = logits.argmax(-1)
-        sampled = [i for i, p in enumerate(params) if not p.greedy]
-        if sampled:
+        for seeded in (True, False):
+            sampled = [i for i, p in enumerate(params) if not p.greedy and items[i].request.noise.seeded == seeded]
+            if not sampled:
+                continue
             idx = torch.tensor(sampled, device=self.device)
             q = processed_probs(logits[idx], t.select(idx))
-            tokens[idx] = sample_from_probs(q, [items[i].request.generator for i in sampled])
+            noises = [items[i].request.noise for i in sampled]
+            positions = [len(histories[i]) for i in sampled]
+            tokens[idx] = sample_from_probs(q, noises, positions, TOKEN if seeded else DRAFT)
             for row, i in enumerate(sampled):
-                probs[i].append(q[row])
+                if not seeded:
+                    probs[i].append(q[row])
         return tokens.tolist()
 
     @staticmethod
