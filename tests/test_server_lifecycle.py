@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import signal
+import socket
 import time
 from types import SimpleNamespace
 
@@ -23,6 +24,32 @@ from test_server import GREEDY, MODEL, base_url, client, free_port, http, scrape
 def test_body_limit_413(client, http):  # noqa: F811
     big = http.post("/v1/completions", json={"prompt": "x" * (1 << 20), "max_tokens": 1})
     assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
+    # over a real socket, a body far over the limit: the answer arrives, not a reset while still sending
+    huge = http.post("/v1/completions", content=b"x" * (5 << 20), headers={"content-type": "application/json"})
+    assert huge.status_code == 413 and huge.json()["error"]["code"] == "request_too_large"
+    address = (http.base_url.host, http.base_url.port)
+    head = "POST /v1/completions HTTP/1.1\r\nContent-Type: application/json\r\n"
+    status, answer = paced_upload(address, head, 5 << 20)
+    assert status == 413 and json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_too_large"
+    status, _ = paced_upload(address, head + "X-Big: " + "h" * (20 << 10) + "\r\n", 900 << 10)
+    assert status == 431
+    status, answer = paced_upload(address, "POST /v1/nothing-here HTTP/1.1\r\n", 900 << 10)  # no route: 404
+    assert status == 404 and b"not found" in answer
+    assert http.get("/health").status_code == 200
+
+
+def paced_upload(address, head: str, size: int) -> tuple[int, bytes]:
+    """Send a request whose body of ``size`` bytes goes out in 64 KiB pieces, 1 ms apart (as a client on a
+    slower link would), then read the answer: (status, raw answer)."""
+    with socket.create_connection(address, timeout=30) as s:
+        s.sendall(f"{head}Host: test\r\nConnection: close\r\nContent-Length: {size}\r\n\r\n".encode())
+        for start in range(0, size, 1 << 16):
+            s.sendall(b"x" * min(1 << 16, size - start))
+            time.sleep(0.001)
+        answer = b""
+        while chunk := s.recv(65536):  # until the server closes, as asked
+            answer += chunk
+    return int(answer.split(b" ", 2)[1]), answer
 
     async def go():
         small = httpx.AsyncClient(transport=httpx.ASGITransport(build_app(client, MODEL, max_body_bytes=100)),
