@@ -64,7 +64,13 @@ class LLMEngine:
         num_layers = sum(mc.has_kv(i) for i in range(mc.num_hidden_layers + num_mtp))  # with a paged KV cache
         per_block = kv_bytes_per_block(num_layers, config.block_size, mc.num_key_value_heads, mc.head_dim, config.dtype)
         num_blocks = config.num_blocks or max(1, config.kv_cache_memory_bytes // per_block)
+        self.num_blocks = num_blocks
+        self.kv_cache_bytes = num_blocks * per_block
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, num_blocks * config.block_size)
+        if self.max_model_len < (config.max_model_len or mc.max_position_embeddings) and weights_of is None:
+            logger.warning("max_model_len is %d, below the %d asked for: the KV cache holds %d blocks of %d tokens; "
+                           "raise --kv-cache-memory or --num-blocks for longer contexts", self.max_model_len,
+                           config.max_model_len or mc.max_position_embeddings, num_blocks, config.block_size)
         if weights_of is None:
             self._build_models(mtp_weights, num_mtp)
         else:
@@ -80,8 +86,27 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.spec_stats = SpecStats()  # aggregate over finished requests
         self._ids = itertools.count()
-        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB), max_model_len %d", num_blocks,
-                    config.block_size, num_blocks * per_block / 2**20, self.max_model_len)
+        logger.info("%s", self.summary())
+
+    def summary(self) -> str:
+        """What the user got: context length, KV cache, dtype, weights, speculation."""
+        config = self.config
+        dtype = str(config.dtype).removeprefix("torch.")
+        weights = self.checkpoint.weight_format or "unknown format"
+        if config.dtype == torch.float32 and weights.startswith("GGUF"):
+            weights += ", dequantized"
+        kv = (f"KV cache {self.kv_cache_bytes / 2**20:.0f} MiB ({self.num_blocks} blocks of "
+              f"{config.block_size} tokens)")
+        return f"max_model_len {self.max_model_len}, {kv}, dtype {dtype}, weights {weights}, {self._mtp_summary()}"
+
+    def _mtp_summary(self) -> str:
+        if self.mtp is None:
+            return "MTP off (plain decoding)"
+        vocab = self.model_config.vocab_size
+        draft_vocab = len(self.draft_vocab) if self.draft_vocab is not None else vocab
+        mode = "adaptive" if self.config.spec_adaptive else "fixed"
+        return (f"MTP {len(self.mtp.layers)} layer(s), draft vocabulary {draft_vocab} of {vocab}, "
+                f"up to {self.policy.n_max} drafts per step ({mode})")
 
     def twin(self) -> LLMEngine:
         """Another engine on this one's weights, config and measured step costs, with its own KV cache,

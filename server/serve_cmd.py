@@ -94,9 +94,8 @@ def run(args) -> int:
     app = build_app(client, name, api_key=api_key, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
                     max_header_bytes=args.max_header_bytes, metrics_public=args.metrics_public,
                     max_concurrent_per_client=args.max_concurrent_per_client, log_prompts=args.log_prompts)
-    k = engine.policy.n_max if engine.mtp is not None else 0
-    mtp = f"MTP active, up to {k} draft tokens per step" if engine.mtp is not None else "MTP off (plain decoding)"
-    print(f"mtpserve: serving {name!r} ({args.model}) on http://{args.host}:{args.port}/v1 ; {mtp}", flush=True)
+    print(f"mtpserve: serving {name!r} ({args.model}) on http://{args.host}:{args.port}/v1 ; {engine.summary()}",
+          flush=True)
     try:
         # h11, whose cap on the request head uvicorn lets us set: a head over it is refused by the parser; heads
         # over --max-header-bytes but under the cap get the app's 431 in the error envelope

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from conftest import load_reference_model
@@ -94,3 +96,13 @@ def test_request_errors_and_abort(tiny_llama_dir):
     assert engine.kv.num_free_blocks == engine.kv.pool.num_blocks
     (r,) = engine.generate([list(range(5, 25))], SamplingParams(max_tokens=100, temperature=0, ignore_eos=True))
     assert r.finish_reason == "length" and r.num_tokens == 32  # generation stops at max_model_len
+
+
+def test_summary_and_a_warning_when_the_cache_caps_the_context(tiny_llama_dir, caplog):
+    with caplog.at_level(logging.WARNING, logger="mtpserve.engine.engine"):
+        engine = make_engine(tiny_llama_dir, num_blocks=8, block_size=4, spec_draft_n_max=0)
+    assert engine.max_model_len == 32
+    assert "max_model_len is 32, below the" in caplog.text and "--kv-cache-memory" in caplog.text
+    summary = engine.summary()
+    assert summary.startswith("max_model_len 32, KV cache ") and "(8 blocks of 4 tokens)" in summary
+    assert "dtype float32, weights safetensors float32" in summary and summary.endswith("MTP off (plain decoding)")

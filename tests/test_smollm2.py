@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -79,7 +81,15 @@ def test_shipped_head_accepts_and_is_lossless_on_smollm2(smollm2_checkpoint):
     engine = LLMEngine(smollm2_checkpoint, EngineConfig(mtp_head=default_head_path(), spec_draft_n_max=3,
                                                         spec_adaptive=False, **config))
     spec = engine.generate(prompts, params)
+    assert re.search(r"MTP 1 layer\(s\), draft vocabulary \d+ of 49152, up to 3 drafts per step \(fixed\)$",
+                     engine.summary())
     assert [r.output_token_ids for r in spec] == [r.output_token_ids for r in plain]
     stats = engine.spec_stats
     assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
     assert stats.mean_acceptance_length > 1.5
+
+
+def test_start_up_summary_names_the_gguf_format(engine):
+    summary = engine.summary()
+    assert "weights GGUF Q4_1, dequantized" in summary and "dtype float32" in summary
+    assert f"max_model_len {engine.max_model_len}," in summary and engine.max_model_len < 8192  # a 64 MiB cache

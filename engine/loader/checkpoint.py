@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -20,3 +21,10 @@ class Checkpoint:
     tokenizer: "Tokenizer"
     generation: GenerationDefaults
     source: str  # path it was loaded from
+    weight_format: str = ""  # how the weights are stored, e.g. "GGUF Q4_1" or "safetensors bfloat16"
+
+
+def most_common(kinds) -> str:
+    """The most frequent of ``kinds`` (ties: the first seen), or "" for none."""
+    counts = Counter(kinds)
+    return counts.most_common(1)[0][0] if counts else ""

@@ -14,7 +14,7 @@ import torch
 
 from mtpserve.engine.config import GenerationDefaults, ModelConfig
 from mtpserve.engine.errors import ModelLoadError
-from mtpserve.engine.loader.checkpoint import Checkpoint
+from mtpserve.engine.loader.checkpoint import Checkpoint, most_common
 from mtpserve.engine.tokenizer import Tokenizer, build_byte_level_bpe, build_sentencepiece_bpe
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,7 @@ def load_gguf(path: str) -> Checkpoint:
         tokenizer=tokenizer,
         generation=GenerationDefaults(eos_token_ids=list(config.eos_token_ids)),
         source=path,
+        weight_format="GGUF " + most_common(t.tensor_type.name for t in reader.tensors if len(t.shape) > 1),
     )
 
 

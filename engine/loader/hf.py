@@ -288,8 +288,10 @@ def load_hf_dir(path: str) -> "Checkpoint":
     generation = load_generation_defaults(path)
     if not generation.eos_token_ids:
         generation.eos_token_ids = list(config.eos_token_ids)
-    from mtpserve.engine.loader.checkpoint import Checkpoint
+    from mtpserve.engine.loader.checkpoint import Checkpoint, most_common
     from mtpserve.engine.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_dir(path)
-    return Checkpoint(config=config, weights=weights, tokenizer=tokenizer, generation=generation, source=path)
+    weight_format = "safetensors " + most_common(str(w.dtype).removeprefix("torch.") for w in weights.values())
+    return Checkpoint(config=config, weights=weights, tokenizer=tokenizer, generation=generation, source=path,
+                      weight_format=weight_format)
