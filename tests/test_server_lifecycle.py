@@ -182,3 +182,44 @@ def test_sigterm_mid_stream_exits_zero(tiny_llama_dir, tmp_path, grace):
     log = log_path.read_text()
     assert "mtpserve: serving 'tiny'" in log and "tok/s" in log and "mean acceptance length" in log
     assert "zebra" not in log
+
+
+def test_seeded_requests_repeat_exactly_whatever_the_drafting(tiny_qwen3_dir, tmp_path):
+    """One server, adaptive drafting on: a seeded request (n=2) sent again gives the same texts when the step-cost
+    fit is perturbed to draft as much or as little as it can, and under random draft plans."""
+    import random
+
+    from mtp_helpers import save_distilled_head
+    from mtpserve.engine.async_engine import EngineClient
+    from mtpserve.engine.config import EngineConfig
+    from mtpserve.engine.engine import LLMEngine
+    from mtpserve.engine.loader import load_checkpoint
+    from starlette.testclient import TestClient
+    from test_mtp import prompts
+
+    head, _ = save_distilled_head(tmp_path / "head", tiny_qwen3_dir, prompts(24, seed=7), 200)
+    engine = LLMEngine(load_checkpoint(tiny_qwen3_dir), EngineConfig(num_blocks=64, block_size=16, mtp_head=head))
+    assert engine.config.spec_adaptive and engine.mtp is not None
+    client = EngineClient(engine, log_interval=0)
+    body = {"model": MODEL, "prompt": prompts(24, seed=7)[0], "temperature": 0.8, "top_p": 0.95, "seed": 7, "n": 2,
+            "max_tokens": 32, "ignore_eos": True}
+    rng = random.Random(0)
+    perturbations = [
+        lambda: None,
+        lambda: setattr(engine.policy.fit, "scale", lambda batch_size: 0.05),
+        lambda: setattr(engine.policy.fit, "scale", lambda batch_size: 50.0),
+        lambda: setattr(engine.policy, "plan", lambda requests, batch_size: [rng.randint(0, 3) for _ in requests]),
+    ]
+    texts, drafted = [], []
+    try:
+        with TestClient(build_app(client, MODEL)) as http:
+            for perturb in perturbations:
+                perturb()
+                out = http.post("/v1/completions", json=body).json()
+                texts.append([c["text"] for c in out["choices"]])
+                drafted.append(sum(c["metrics"]["speculative"]["num_draft_tokens"] for c in out["choices"]))
+    finally:
+        client.shutdown()
+    assert all(t == texts[0] for t in texts), texts
+    assert texts[0][0] != texts[0][1]  # the two choices are different samples
+    assert drafted[3] > 0 and len(set(drafted)) > 1  # the runs really drafted differently
