@@ -62,6 +62,9 @@ def add_args(p) -> None:
     b.add_argument("--sections", type=name_list, default=list(SECTIONS),
                    help=f"what to measure, of {','.join(SECTIONS)} (memory is always reported)")
     b.add_argument("--seed", type=int, default=0, help="sampling seed of the first prompt (sampled decode)")
+    b.add_argument("--unseeded", action="store_true",
+                   help="sampled decode without seeds: drafts are rejection-sampled instead of coupled to the "
+                        "seeded target noise (compare their acceptance)")
     b.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
     b.add_argument("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
 
@@ -186,8 +189,9 @@ def run(args) -> int:
     if "pp" in args.sections:
         results["prompt_processing"] = runs.prompt_processing(args.prompt_lengths, modes["pp"], args.repeats)
     if "decode" in args.sections:
-        results["decode"] = {f"{t:g}": runs.decode(prompts, modes["decode"], t, args.repeats, args.seed,
-                                                   args.ignore_eos) for t in args.temperatures}
+        seed = None if args.unseeded else args.seed
+        results["decode"] = {f"{t:g}": runs.decode(prompts, modes["decode"], t, args.repeats, seed, args.ignore_eos)
+                             for t in args.temperatures}
     results["memory"].update(engine_runs.peak_memory(device))  # before the twins and transformers' copy
     if "concurrency" in args.sections:
         sweep = [(modes["concurrency"][0], runs)]

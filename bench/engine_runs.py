@@ -116,17 +116,18 @@ class EngineRuns:
             out.append(row)
         return out
 
-    def decode(self, prompts, modes: list[Mode], temperature: float, repeats: int, seed: int,
+    def decode(self, prompts, modes: list[Mode], temperature: float, repeats: int, seed: int | None,
                ignore_eos: bool) -> list[dict]:
         """Single-stream decode of every prompt in every mode (modes alternate prompt by prompt). tok/s of a
-        repeat: its decoded tokens (after the first of each request) over their decode time."""
+        repeat: its decoded tokens (after the first of each request) over their decode time. ``seed``: of the
+        first prompt (None: unseeded requests)."""
         tok = self.engine.tokenizer
         ids = [p.token_ids(tok) for p in prompts]
         runs = []
         for rep in range(repeats):
             for i, (p, prompt_ids) in enumerate(zip(prompts, ids)):
-                params = SamplingParams(max_tokens=p.max_tokens, temperature=temperature, seed=seed + i,
-                                        ignore_eos=ignore_eos)
+                params = SamplingParams(max_tokens=p.max_tokens, temperature=temperature,
+                                        seed=None if seed is None else seed + i, ignore_eos=ignore_eos)
                 for mode in modes:
                     (req,), _ = self.run([prompt_ids], [params], mode)
                     runs.append(DecodeRun(mode.name, rep, p.kind, max(len(req.output_token_ids) - 1, 0),

@@ -1,7 +1,7 @@
 """Hostile input: schemathesis against our OpenAPI document, hypothesis over the request models, and explicit
 cases. No answer may be a 5xx and every error must be the OpenAI envelope.
 
-``MTPSERVE_FUZZ_EXAMPLES`` sets the examples per operation (default 15; a long run: 500 or more)."""
+``FUZZ_EXAMPLES`` sets the examples per operation (default 15; a long run: 500 or more)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from mtpserve.server.protocol import ChatCompletionRequest, CompletionRequest
 from pydantic import ValidationError
 from starlette.testclient import TestClient
 
-EXAMPLES = int(os.environ.get("MTPSERVE_FUZZ_EXAMPLES", "15"))
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "15"))
 MAX_MODEL_LEN = 64
 ENVELOPE = {"message", "type", "param", "code"}
 STATUSES: collections.Counter = collections.Counter()  # of the generated requests, printed at the end (-s)
