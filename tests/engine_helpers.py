@@ -44,3 +44,14 @@ def compute(engine: LLMEngine, reqs_and_counts: list[tuple[Request, int]]) -> li
 def greedy(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
     reqs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
     return [r.output_token_ids for r in reqs]
+
+
+def price_drafting_cheaply(engine: LLMEngine) -> None:
+    """Give the adaptive policy step costs under which drafting pays (a verify round costs little more than a
+    plain step, a draft step a tenth of one) and pin its fit to them, so that a test of adaptive drafting does
+    not depend on how loaded the machine was when the engine measured itself."""
+    from mtpserve.engine.spec.policy import StepCosts
+
+    engine.policy.costs = StepCosts(main={(1, 1): 1.0, (1, 8): 1.2, (64, 1): 8.0, (64, 8): 12.0},
+                                    draft={1: 0.1, 64: 0.8})
+    engine.policy.fit.scale = lambda batch_size: 1.0

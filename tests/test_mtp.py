@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_helpers import greedy, make_engine
+from engine_helpers import greedy, make_engine, price_drafting_cheaply
 from mtp_helpers import save_distilled_head, save_random_head
 
 from mtpserve.engine.loader import load_checkpoint
@@ -87,6 +87,7 @@ def test_chunked_prefill_preemption_and_adaptive(tiny_qwen3_dir, trained_head):
     plain = greedy(make_engine(tiny_qwen3_dir, dtype=torch.float64, spec_draft_n_max=0), ps, 40)
     engine = make_engine(tiny_qwen3_dir, dtype=torch.float64, mtp_head=trained_head, spec_draft_n_max=3,
                          block_size=4, num_blocks=40, max_num_batched_tokens=16)
+    price_drafting_cheaply(engine)
     assert greedy(engine, ps, 40) == plain
     assert engine.scheduler.num_preemptions > 0
     assert engine.spec_stats.num_accepted_tokens > 0
@@ -103,6 +104,7 @@ def test_twin_shares_weights_not_state(tiny_qwen3_dir, trained_head):
     assert twin.model is engine.model and twin.mtp is engine.mtp and twin.policy.costs is engine.policy.costs
     assert twin.kv is not engine.kv and twin.policy is not engine.policy
     assert twin.runner.kv_caches[0][0].data_ptr() != engine.runner.kv_caches[0][0].data_ptr()
+    price_drafting_cheaply(twin)
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     reqs = {e: [e.add_request(f"r{i}", p, params, spec_n_max=n) for i, p in enumerate(ps)]
             for e, n in ((engine, 0), (twin, None))}

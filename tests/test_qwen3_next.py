@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 from conftest import load_reference_model
-from engine_helpers import compute, greedy, make_engine, new_request
+from engine_helpers import compute, greedy, make_engine, new_request, price_drafting_cheaply
 from mtpserve.engine.errors import ModelLoadError
 from mtpserve.engine.loader.hf import parse_hf_config
 from mtpserve.engine.models import model_class
@@ -183,6 +183,7 @@ def test_sampled_reproducible_with_rollbacks(qwen_dir, trained_mtp):
     runs = []
     for _ in range(2):
         engine = trained_engine(qwen_dir, trained_mtp, spec_draft_n_max=3)
+        price_drafting_cheaply(engine)
         runs.append([r.output_token_ids for r in engine.generate(ps, params)])
         stats = engine.spec_stats
         assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens  # drafts rejected: states rolled back
