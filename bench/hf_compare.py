@@ -10,16 +10,15 @@ import torch
 from mtpserve.bench.engine_runs import OFF
 from mtpserve.bench.stats import mean_std
 from mtpserve.bench.workload import long_prompt_ids
+from mtpserve.engine.loader.gguf import default_gguf_path
 from mtpserve.engine.sampling_params import SamplingParams
 
 
 def load_hf(model: str, dtype: torch.dtype, device: str):
     """transformers' own load of ``model`` (a GGUF file through ``gguf_file=``, or an HF directory)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # optional (the bench extra): only the "hf" section needs it
 
     if model == "default":
-        from mtpserve.engine.loader.gguf import default_gguf_path
-
         model = default_gguf_path()
     path = os.path.expanduser(model)
     if path.lower().endswith(".gguf"):

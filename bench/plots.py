@@ -10,11 +10,11 @@ from mtpserve.engine.errors import MtpserveError
 
 def load_pyplot():
     try:
-        import matplotlib
+        import matplotlib  # optional (the bench extra): --no-plots runs without it
     except ImportError:
         raise MtpserveError("plots need matplotlib: pip install 'mtpserve[bench]' (or pass --no-plots)") from None
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional as above, and after use("Agg"): pyplot picks its backend on import
 
     return plt
 

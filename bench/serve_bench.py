@@ -1,43 +1,21 @@
-"""``mtpserve bench-serve``: streaming load on any OpenAI-compatible server (/v1/chat/completions or
-/v1/completions) at one or more concurrency levels: TTFT, TPOT, ITL and end-to-end latency, output tok/s, request
-throughput and errors; with our server, the speculative counters of /metrics before and after each level."""
+"""The load behind ``mtpserve bench-serve`` (options in cli/bench_serve.py): streaming requests to any
+OpenAI-compatible server (/v1/chat/completions or /v1/completions) at one or more concurrency levels: TTFT, TPOT,
+ITL and end-to-end latency, output tok/s, request throughput and errors; with our server, the speculative counters
+of /metrics before and after each level."""
 
 from __future__ import annotations
 
 import asyncio
 import datetime
-import importlib.util
 import itertools
 import json
-import os
 import sys
 import time
 
+import httpx
+
+from mtpserve.bench.stats import spec_counters, spec_delta, summarize
 from mtpserve.engine.errors import MtpserveError
-
-
-def add_args(p) -> None:
-    from mtpserve.bench.engine_bench import name_list, number_list
-
-    p.add_argument("--base-url", required=True, help="server address, e.g. http://127.0.0.1:8000 (a trailing /v1 "
-                                                     "is accepted)")
-    p.add_argument("--api-key", default=None, help="bearer token (default: $OPENAI_API_KEY)")
-    p.add_argument("--model", default=None, help="model name to request (default: the first of /v1/models)")
-    p.add_argument("--endpoint", default="chat", choices=["chat", "completions"],
-                   help="chat: /v1/chat/completions with messages; completions: /v1/completions with the prompt "
-                        "text (a conversation sends its last message)")
-    p.add_argument("--concurrency", type=number_list(int), default=[1], help="requests in flight, e.g. 1,4,16")
-    p.add_argument("--num-requests", type=int, default=32, help="requests per concurrency level")
-    p.add_argument("--prompts", default=None, help="JSONL prompts as for mtpserve bench (default: built-in set)")
-    p.add_argument("--kinds", type=name_list, default=None, help="prompt kinds to use (default: all)")
-    p.add_argument("--per-kind", type=int, default=8, help="prompts of each kind, reused round-robin")
-    p.add_argument("--max-tokens", type=int, default=None, help="cap on every prompt's max_tokens")
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--ignore-eos", action="store_true",
-                   help="send ignore_eos (an extension of mtpserve, vLLM and llama.cpp) for fixed-length outputs")
-    p.add_argument("--metrics-url", default=None, help="Prometheus endpoint (default: BASE/metrics)")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
-    p.add_argument("--out", default="bench-serve-results", help="directory for results.json and summary.md")
 
 
 def request_body(args, prompt) -> dict:
@@ -53,8 +31,6 @@ def request_body(args, prompt) -> dict:
 async def one_request(client, path: str, body: dict, chat: bool) -> dict:
     """Stream one completion; times of each chunk that carried text, the completion tokens from the final usage
     chunk (else the count of text chunks), or an error message."""
-    import httpx
-
     start = time.perf_counter()
     arrivals, usage_tokens = [], None
     try:
@@ -89,9 +65,6 @@ async def one_request(client, path: str, body: dict, chat: bool) -> dict:
 
 
 async def scrape(client, url: str) -> dict | None:
-    import httpx
-    from mtpserve.bench.stats import spec_counters
-
     try:
         r = await client.get(url)
         return spec_counters(r.text) if r.status_code == 200 else None
@@ -100,8 +73,6 @@ async def scrape(client, url: str) -> dict | None:
 
 
 async def run_level(client, args, prompts, concurrency: int) -> dict:
-    from mtpserve.bench.stats import spec_delta, summarize
-
     path = "/v1/chat/completions" if args.endpoint == "chat" else "/v1/completions"
     bodies = [request_body(args, prompts[i % len(prompts)]) for i in range(args.num_requests)]
     gate = asyncio.Semaphore(concurrency)
@@ -132,8 +103,6 @@ async def run_level(client, args, prompts, concurrency: int) -> dict:
 
 
 async def default_model(client) -> str:
-    import httpx
-
     try:
         r = await client.get("/v1/models")
         return r.json()["data"][0]["id"]
@@ -142,8 +111,6 @@ async def default_model(client) -> str:
 
 
 async def bench(args, prompts) -> list[dict]:
-    import httpx
-
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limits = httpx.Limits(max_connections=max(args.concurrency) + 2)
     async with httpx.AsyncClient(base_url=args.base_url, headers=headers, timeout=args.timeout, limits=limits) as c:
@@ -157,27 +124,11 @@ async def bench(args, prompts) -> list[dict]:
         return levels
 
 
-def run(args) -> int:
-    from mtpserve.bench.summary import serve_summary, write_report
-    from mtpserve.bench.workload import load_prompts
-
-    if importlib.util.find_spec("httpx") is None:
-        raise MtpserveError("bench-serve needs httpx: pip install 'mtpserve[bench]'")
-    if args.num_requests < 1 or args.per_kind < 1 or not args.concurrency or min(args.concurrency) < 1:
-        raise MtpserveError("--num-requests, --per-kind and --concurrency must be at least 1")
-    if args.max_tokens is not None and args.max_tokens < 1:
-        raise MtpserveError("--max-tokens must be at least 1")
-    if args.timeout <= 0 or args.temperature < 0:
-        raise MtpserveError("--timeout must be positive and --temperature >= 0")
-    args.base_url = args.base_url.rstrip("/").removesuffix("/v1")
-    args.metrics_url = args.metrics_url or args.base_url + "/metrics"
-    args.api_key = args.api_key or os.environ.get("OPENAI_API_KEY") or None
-    prompts = load_prompts(args.prompts, args.kinds, args.per_kind, args.max_tokens)
+def measure(args, prompts) -> dict:
+    """Every concurrency level of ``args`` (options as checked by cli/bench_serve.py): the results."""
     levels = asyncio.run(bench(args, prompts))
-    results = {"meta": {"base_url": args.base_url, "endpoint": args.endpoint, "model": args.model,
-                        "num_requests": args.num_requests, "prompts": args.prompts or "built-in eval set",
-                        "num_prompts": len(prompts), "temperature": args.temperature, "ignore_eos": args.ignore_eos,
-                        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
-               "levels": levels}
-    write_report(args.out, results, serve_summary(results))
-    return 0
+    meta = {"base_url": args.base_url, "endpoint": args.endpoint, "model": args.model,
+            "num_requests": args.num_requests, "prompts": args.prompts or "built-in eval set",
+            "num_prompts": len(prompts), "temperature": args.temperature, "ignore_eos": args.ignore_eos,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    return {"meta": meta, "levels": levels}

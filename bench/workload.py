@@ -8,7 +8,9 @@ import json
 import json.decoder
 from dataclasses import dataclass
 
+from mtpserve.bench.requests_file import read_requests
 from mtpserve.engine.errors import MtpserveError
+from mtpserve.engine.train.prompts import KINDS, prompt_set
 
 FILE_FIELDS = {"kind", "prompt", "messages", "max_tokens"}
 
@@ -51,11 +53,9 @@ def check_line(item: dict) -> str | None:
 def read_prompts_file(path: str) -> list[BenchPrompt]:
     """JSONL, one prompt a line: {"kind": ..., "prompt": ...} or {"kind": ..., "messages": [...]}, optional
     "max_tokens" (default 128)."""
-    from mtpserve.server.generate_cmd import read_prompts_file as read_jsonl
-
     return [BenchPrompt(item["kind"], item.get("max_tokens", 128),
                         tuple(item["messages"]) if "messages" in item else None, item.get("prompt"))
-            for item in read_jsonl(path, FILE_FIELDS, check_line)]
+            for item in read_requests(path, FILE_FIELDS, check_line)]
 
 
 def load_prompts(path: str | None, kinds: list[str] | None, per_kind: int | None,
@@ -66,8 +66,6 @@ def load_prompts(path: str | None, kinds: list[str] | None, per_kind: int | None
         prompts = read_prompts_file(path)
         known = sorted({p.kind for p in prompts})
     else:
-        from mtpserve.engine.train.prompts import KINDS, prompt_set
-
         known = list(KINDS)
         chosen = [k for k in known if kinds is None or k in kinds]
         prompts = [BenchPrompt(p.kind, p.max_tokens, tuple(p.messages)) for p in prompt_set("eval", chosen, per_kind)]

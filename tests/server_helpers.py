@@ -12,7 +12,7 @@ import httpx
 def start_server(config_path, log_path, *options, cwd=None) -> subprocess.Popen:
     """``mtpserve [options] serve --config CONFIG``, output appended to ``log_path``."""
     with open(log_path, "a") as log:
-        return subprocess.Popen([sys.executable, "-m", "mtpserve.server.cli", *options, "serve", "--config",
+        return subprocess.Popen([sys.executable, "-m", "mtpserve.cli.main", *options, "serve", "--config",
                                  str(config_path)], stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
 
 

@@ -15,7 +15,7 @@ from mtpserve.bench.engine_runs import OFF, EngineRuns, lockstep, spread_length
 from mtpserve.bench.stats import mean_std, percentile, spec_counters, spec_delta, summarize
 from mtpserve.engine.errors import MtpserveError
 from mtpserve.engine.loader import load_checkpoint
-from mtpserve.server.cli import main
+from mtpserve.cli.main import main
 from server_helpers import start_server, wait_healthy
 from test_server import free_port
 

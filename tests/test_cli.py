@@ -8,7 +8,7 @@ import pytest
 from mtp_helpers import save_random_head
 
 from mtpserve.engine.loader import load_checkpoint
-from mtpserve.server.cli import main
+from mtpserve.cli.main import main
 
 
 def run(capsys, *args) -> tuple[int, str, str]:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from mtpserve.server import cli, options
+from mtpserve.cli import options
+from mtpserve.cli.main import build_parser
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "docker"
@@ -192,7 +193,7 @@ def test_compose_services_ports_and_mounts():
     assert server["build"]["args"]["VARIANT"] == "cpu" and "profiles" not in server
     assert [port_pair(p)[1] for p in server["ports"]] == [int(runtime_env()["MTPSERVE_PORT"])]
     assert "/models" in bind_mounts(server)
-    serve_options = options.option_actions(options.subcommands(cli.build_parser())["serve"])
+    serve_options = options.option_actions(options.subcommands(build_parser())["serve"])
     assert {"MTPSERVE_" + name.upper() for name in serve_options} >= set(server["environment"])
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from mtpserve.server.cli import build_parser, main
-from mtpserve.server.options import OptionError, parse
+from mtpserve.cli.main import build_parser, main
+from mtpserve.cli.options import OptionError, parse
 
 
 def parsed(argv, env=None, config_text=None, tmp_path=None):

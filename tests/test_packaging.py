@@ -11,7 +11,7 @@ from importlib.metadata import packages_distributions
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-SOURCE_DIRS = ["bench", "docker", "engine", "kernels", "server", "tests"]
+SOURCE_DIRS = ["bench", "cli", "docker", "engine", "kernels", "server", "tests"]
 
 
 def canonical(name: str) -> str:

@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import load_reference_model
 from mtp_helpers import save_random_head
+from mtpserve.bench.loadgen import Checker, LoadReport, make_jobs, prompt_pool, rss_bytes, run_load, wait_idle
 from mtpserve.engine.async_engine import EngineClient
 from mtpserve.engine.config import EngineConfig
 from mtpserve.engine.engine import LLMEngine
@@ -22,7 +23,6 @@ from mtpserve.engine.loader import load_checkpoint
 from mtpserve.engine.request import Request
 from mtpserve.server.app import build_app
 from mtpserve.server.background import serve_in_background
-from mtpserve.server.loadgen import Checker, LoadReport, make_jobs, prompt_pool, rss_bytes, run_load, wait_idle
 from test_server import scrape
 
 MODEL = "tiny"
@@ -165,7 +165,7 @@ def test_cache_pressure_preempts_and_resumes(tiny_llama_dir, head):
 
 
 def test_stress_command(tiny_llama_dir, head, capsys):
-    from mtpserve.server.cli import main
+    from mtpserve.cli.main import main
 
     code = main(["stress", "--model", tiny_llama_dir, "--mtp-head", head, "--spec-adaptive", "off", "--device", "cpu",
                  "--num-blocks", "48", "--requests", "40", "--concurrency", "8", "--max-tokens", "16", "--json"])

@@ -14,13 +14,13 @@ import httpx
 import pytest
 import yaml
 from mtp_helpers import save_random_head
+from mtpserve.bench.loadgen import wait_idle
 from mtpserve.engine.async_engine import EngineClient
 from mtpserve.engine.config import EngineConfig
 from mtpserve.engine.engine import LLMEngine
 from mtpserve.engine.loader import load_checkpoint
 from mtpserve.server.app import build_app
 from mtpserve.server.background import serve_in_background
-from mtpserve.server.loadgen import wait_idle
 from server_helpers import start_server, wait_healthy
 from test_server import free_port, scrape
 

@@ -10,6 +10,8 @@ import time
 
 import httpx
 import pytest
+from mtpserve.cli.main import build_parser
+from mtpserve.cli.serve import warn_if_exposed
 from mtpserve.engine.async_engine import EngineClient
 from mtpserve.engine.config import EngineConfig
 from mtpserve.engine.engine import LLMEngine
@@ -17,8 +19,6 @@ from mtpserve.engine.loader import load_checkpoint
 from mtpserve.server import auth
 from mtpserve.server.app import build_app
 from mtpserve.server.background import serve_in_background
-from mtpserve.server.cli import build_parser
-from mtpserve.server.serve_cmd import warn_if_exposed
 
 KEY = "s3cret-key"
 SECRET = "zebra-pineapple-quartz"  # request content that must not reach the logs
@@ -161,7 +161,7 @@ def test_per_client_concurrency_limit(client):
 
 def test_loopback_by_default_and_warning_when_exposed(caplog):
     assert build_parser().parse_args(["serve"]).host == "127.0.0.1"
-    with caplog.at_level(logging.WARNING, logger="mtpserve.server.serve_cmd"):
+    with caplog.at_level(logging.WARNING, logger="mtpserve.cli.serve"):
         assert warn_if_exposed("0.0.0.0", None) and warn_if_exposed("::", None)
         assert not warn_if_exposed("0.0.0.0", KEY) and not warn_if_exposed("127.0.0.1", None)
     assert len(caplog.records) == 2 and "without --api-key" in caplog.records[0].getMessage()

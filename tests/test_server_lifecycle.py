@@ -116,8 +116,8 @@ def test_dropped_streams_are_aborted(base_url, http):  # noqa: F811
 
 
 def test_serve_command_options():
-    from mtpserve.server.cli import build_parser
-    from mtpserve.server.serve_cmd import served_name
+    from mtpserve.cli.main import build_parser
+    from mtpserve.cli.serve import served_name
 
     args = build_parser().parse_args(["serve", "--model", "/models/my-model/", "--max-queue", "4"])
     assert (args.host, args.port, args.api_key, args.max_queue) == ("127.0.0.1", 8000, None, 4)

@@ -16,7 +16,7 @@ from mtpserve.engine.loader.mtp_head import load_mtp_head
 from mtpserve.engine.sampling_params import SamplingParams
 from mtpserve.engine.train.distill import base_hidden, chain_logits, pack
 from mtpserve.engine.train.trainer import HeadTrainer, TrainConfig
-from mtpserve.server.train_cmd import parse_per_kind
+from mtpserve.cli.train_head import parse_per_kind
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

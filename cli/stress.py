@@ -1,4 +1,4 @@
-"""``mtpserve stress``: the load generator (server/loadgen.py) against this server on loopback, then the leak checks:
+"""``mtpserve stress``: the load generator (bench/loadgen.py) against this server on loopback, then the leak checks:
 no running or waiting request, every KV block free, nothing left in the engine's tables, and memory (RSS) before
 and after. A short warm-up round runs first, so the memory baseline is taken once allocations have settled."""
 
@@ -9,7 +9,12 @@ import gc
 import json
 import time
 
+from mtpserve.bench import loadgen
+from mtpserve.cli.engine_args import engine_from_args
+from mtpserve.engine.async_engine import EngineClient
 from mtpserve.engine.errors import MtpserveError
+from mtpserve.server.app import build_app
+from mtpserve.server.background import serve_in_background
 
 CHAT_OVERHEAD = 32  # tokens a chat template may add around a prompt
 
@@ -43,12 +48,6 @@ def mib(value: int | None) -> float | None:
 
 
 def run(args) -> int:
-    from mtpserve.engine.async_engine import EngineClient
-    from mtpserve.server import loadgen
-    from mtpserve.server.app import build_app
-    from mtpserve.server.background import serve_in_background
-    from mtpserve.server.cli import engine_from_args
-
     check_args(args)
     engine = engine_from_args(args)
     client = EngineClient(engine, log_interval=0)

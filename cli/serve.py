@@ -6,7 +6,12 @@ import logging
 import os
 import signal
 
+import uvicorn
+
+from mtpserve.cli.engine_args import engine_from_args
+from mtpserve.engine.async_engine import EngineClient
 from mtpserve.engine.errors import MtpserveError
+from mtpserve.server.app import build_app
 
 logger = logging.getLogger(__name__)
 
@@ -39,19 +44,15 @@ def served_name(args) -> str:
     return os.path.basename(os.path.normpath(args.model))
 
 
-def graceful_server(config):
+class GracefulServer(uvicorn.Server):
     """A uvicorn Server that, after a SIGTERM-initiated graceful shutdown, returns (exit 0) instead of
     re-raising the signal as uvicorn does (which would end the process with -SIGTERM)."""
-    import uvicorn
 
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig, frame) -> None:
-            super().handle_exit(sig, frame)
-            captured = getattr(self, "_captured_signals", None)
-            if sig == signal.SIGTERM and captured and captured[-1] == sig:
-                captured.pop()
-
-    return Server(config)
+    def handle_exit(self, sig, frame) -> None:
+        super().handle_exit(sig, frame)
+        captured = getattr(self, "_captured_signals", None)
+        if sig == signal.SIGTERM and captured and captured[-1] == sig:
+            captured.pop()
 
 
 def check_args(args) -> None:
@@ -78,11 +79,6 @@ def warn_if_exposed(host: str, api_key: str | None) -> bool:
 
 
 def run(args) -> int:
-    import uvicorn
-    from mtpserve.engine.async_engine import EngineClient
-    from mtpserve.server.app import build_app
-    from mtpserve.server.cli import engine_from_args
-
     check_args(args)
     api_key = args.api_key or None
     warn_if_exposed(args.host, api_key)
@@ -102,7 +98,7 @@ def run(args) -> int:
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                 timeout_graceful_shutdown=args.shutdown_grace, http="h11",
                                 h11_max_incomplete_event_size=args.max_header_bytes + (8 << 10))
-        graceful_server(config).run()
+        GracefulServer(config).run()
     finally:
         client.shutdown()
     return 0

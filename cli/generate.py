@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import sys
 
-from mtpserve.engine.errors import MtpserveError
+from mtpserve.bench.requests_file import read_requests
+from mtpserve.cli.engine_args import engine_from_args
+from mtpserve.engine.detokenizer import IncrementalDetokenizer
+from mtpserve.engine.sampling_params import SamplingParams
 
 
 def add_args(p) -> None:
@@ -28,42 +31,11 @@ def add_args(p) -> None:
     p.add_argument("--concurrent", action="store_true", help="run all requests of --prompts-file as one batch")
 
 
-_FILE_FIELDS = {"prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
+FILE_FIELDS = {"prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
                 "repetition_penalty", "presence_penalty", "frequency_penalty", "ignore_eos"}
 
 
-def read_prompts_file(path: str, fields=_FILE_FIELDS, check=None) -> list[dict]:
-    """The JSONL requests of ``path``: objects with one of "prompt" / "messages" and only ``fields``;
-    ``check(item)`` may return a further error message for a line."""
-    try:
-        lines = open(path, encoding="utf-8").read().splitlines()
-    except OSError as e:
-        raise MtpserveError(f"cannot read prompts file: {e}") from None
-    items = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise MtpserveError(f"{path}:{n}: invalid JSON ({e.msg})") from None
-        if not isinstance(item, dict) or ("prompt" in item) == ("messages" in item):
-            raise MtpserveError(f'{path}:{n}: each line needs exactly one of "prompt" or "messages"')
-        unknown = set(item) - fields
-        if unknown:
-            raise MtpserveError(f"{path}:{n}: unsupported field(s) {sorted(unknown)}")
-        problem = check(item) if check else None
-        if problem:
-            raise MtpserveError(f"{path}:{n}: {problem}")
-        items.append(item)
-    if not items:
-        raise MtpserveError(f"{path}: no requests")
-    return items
-
-
-def sampling_params(args, item: dict, defaults):
-    from mtpserve.engine.sampling_params import SamplingParams
-
+def sampling_params(args, item: dict, defaults) -> SamplingParams:
     def pick(name, fallback):
         value = item.get(name, getattr(args, name, None))
         if value is None:
@@ -90,11 +62,8 @@ def result_json(req, tokenizer) -> dict:
 
 
 def run(args) -> int:
-    from mtpserve.engine.detokenizer import IncrementalDetokenizer
-    from mtpserve.server.cli import engine_from_args
-
     if args.prompts_file:
-        items = read_prompts_file(args.prompts_file)
+        items = read_requests(args.prompts_file, FILE_FIELDS)
     elif args.chat is not None:
         items = [{"messages": [{"role": "user", "content": args.chat}]}]
     else:

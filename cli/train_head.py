@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 
+from mtpserve.cli.engine_args import resolve_device
 from mtpserve.engine.errors import MtpserveError
+from mtpserve.engine.loader import load_checkpoint
 from mtpserve.engine.train.prompts import KINDS
+from mtpserve.engine.train.trainer import HeadTrainer, TrainConfig
 
 
 def add_args(p) -> None:
@@ -45,10 +48,6 @@ def parse_per_kind(text: str) -> dict:
 
 
 def run(args) -> int:
-    from mtpserve.engine.loader import load_checkpoint
-    from mtpserve.engine.train.trainer import HeadTrainer, TrainConfig
-    from mtpserve.server.cli import resolve_device
-
     for name in ("num_layers", "depth", "epochs", "tokens_per_step", "eval_every", "checkpoint_every",
                  "max_num_seqs"):
         if getattr(args, name) < 1:

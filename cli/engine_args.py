@@ -1,0 +1,74 @@
+"""The model and engine options shared by the commands that run an engine, and the engine they describe."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from mtpserve.engine.config import EngineConfig
+from mtpserve.engine.engine import LLMEngine
+from mtpserve.engine.errors import MtpserveError
+from mtpserve.engine.loader import load_checkpoint
+from mtpserve.engine.loader.mtp_head import default_head_path
+
+
+def add_engine_args(p: argparse.ArgumentParser, speculation: bool = True) -> None:
+    """The model and engine options; ``speculation=False`` leaves out the draft-length switches (for commands
+    that set them themselves)."""
+    g = p.add_argument_group("model and engine")
+    g.add_argument("--model", default="default",
+                   help="GGUF file, HF model directory, or 'default' (SmolLM2-135M-Instruct GGUF)")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--num-blocks", "--kv-cache-blocks", dest="num_blocks", type=int, default=None,
+                   help="KV cache blocks (overrides --kv-cache-memory)")
+    g.add_argument("--kv-cache-memory", type=float, default=0.5, help="KV cache budget in GiB")
+    g.add_argument("--max-num-seqs", type=int, default=32)
+    g.add_argument("--max-num-batched-tokens", type=int, default=512)
+    g.add_argument("--max-model-len", type=int, default=None)
+    s = p.add_argument_group("speculative decoding (MTP)")
+    s.add_argument("--mtp-head", default=None,
+                   help="MTP head directory for a model without MTP layers (the default model uses its shipped head)")
+    if speculation:
+        s.add_argument("--spec-draft-n-max", type=int, default=3, help="most draft tokens per step (0 disables)")
+        s.add_argument("--no-spec", action="store_true", help="plain decoding even when the model has MTP layers")
+        s.add_argument("--spec-adaptive", default="on", choices=["on", "off"],
+                       help="on: draft length follows acceptance and batch size; off: always --spec-draft-n-max")
+    s.add_argument("--mtp-feedback", default="pre_norm", choices=["pre_norm", "post_norm"],
+                   help="hidden state fed back between draft steps (MTP block output, or after its shared norm)")
+
+
+def resolve_device(device: str | None) -> str:
+    """``--device``: cuda when available unless given; a cuda request without CUDA is an error."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MtpserveError("--device cuda requested but CUDA is not available")
+    return device
+
+
+def engine_config_from_args(args) -> EngineConfig:
+    """The EngineConfig of the engine options (validated). The default model gets its shipped MTP head."""
+    if args.model == "default" and args.mtp_head is None:
+        args.mtp_head = default_head_path()
+    for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+        if getattr(args, name) < 1:
+            raise MtpserveError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.spec_draft_n_max < 0:
+        raise MtpserveError("--spec-draft-n-max must be >= 0")
+    if args.kv_cache_memory <= 0:
+        raise MtpserveError("--kv-cache-memory must be positive")
+    device = resolve_device(args.device)
+    draft_n_max = 0 if args.no_spec else args.spec_draft_n_max
+    return EngineConfig(
+        block_size=args.block_size, num_blocks=args.num_blocks,
+        kv_cache_memory_bytes=int(args.kv_cache_memory * 2**30), max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+        dtype=getattr(torch, args.dtype), device=device,
+        spec_draft_n_max=draft_n_max, spec_adaptive=args.spec_adaptive == "on",
+        mtp_head=args.mtp_head, mtp_feedback=args.mtp_feedback)
+
+
+def engine_from_args(args) -> LLMEngine:
+    return LLMEngine(load_checkpoint(args.model), engine_config_from_args(args))
