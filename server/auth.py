@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 
-from mtpserve.server.responses import error_response
+from mtpserve.server.errors import error_response
 
 
 def _digest(value: bytes) -> bytes:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from mtpserve.server.responses import error_response
+from mtpserve.server.errors import error_response
 
 GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
 

@@ -31,3 +31,22 @@ def completion_logprobs(tok, entries, offset: int = 0) -> tuple[dict, int]:
         out["text_offset"].append(offset)
         offset += len(text)
     return out, offset
+
+
+class LogprobsFormatter:
+    """Formats the logprobs of each choice of one request: None when the request did not ask for them; a text
+    completion numbers its text offsets on from the choice's previous chunk."""
+
+    def __init__(self, tok, chat: bool, streams):
+        self.tok = tok
+        self.chat = chat
+        self.wanted = streams[0].request.sampling_params.logprobs is not None
+        self.offsets = [0] * len(streams)
+
+    def format(self, i: int, entries) -> dict | None:
+        if not self.wanted:
+            return None
+        if self.chat:
+            return chat_logprobs(self.tok, entries)
+        out, self.offsets[i] = completion_logprobs(self.tok, entries, self.offsets[i])
+        return out

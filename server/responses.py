@@ -1,4 +1,5 @@
-"""Response bodies: the OpenAI error envelope, non-stream completions and the SSE stream of chunks."""
+"""Completion answers: the JSON body of a non-stream request and the SSE stream of chunks (the error envelope is
+errors.py's)."""
 
 from __future__ import annotations
 
@@ -10,50 +11,50 @@ import time
 
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from mtpserve.engine.async_engine import StreamError, merged_deltas
-from mtpserve.server.logprobs import chat_logprobs, completion_logprobs
+from mtpserve.server.errors import error_body
+from mtpserve.server.logprobs import LogprobsFormatter
 
 logger = logging.getLogger(__name__)
 
-ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error",
-               503: "service_unavailable"}
+DONE = "data: [DONE]\n\n"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-
-def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
-    """The OpenAI error envelope."""
-    kind = ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
-                   headers: dict | None = None) -> JSONResponse:
-    return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
+def head(rid: str, kind: str, model_name: str) -> dict:
+    """The fields every completion body and chunk starts with."""
+    return {"id": rid, "object": kind, "created": int(time.time()), "model": model_name}
 
 
 def request_metrics(stream) -> dict:
     return {"speculative": stream.request.spec_stats.to_dict(), "timings": stream.request.timings()}
 
 
-def sse(obj) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-
 def usage(streams, n: int) -> dict:
+    """Token counts of the request; its ``n`` choices share one prompt, counted once per prompt."""
     prompt = sum(s.request.num_prompt_tokens for s in streams) // n
     completion = sum(s.num_tokens for s in streams)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def with_usage(out: dict, streams, n: int) -> dict:
+    """``out`` with the usage block; with one choice also the request's metrics (else each choice has its own)."""
+    out["usage"] = usage(streams, n)
+    if len(streams) == 1:
+        out["metrics"] = request_metrics(streams[0])
+    return out
+
+
+def sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
 async def collect_all(streams, disconnected=None) -> list[str] | None:
     """Every stream's full text; None when ``disconnected()`` (the client went away) returns first, and then
     the streams are aborted, freeing their KV blocks."""
     gathered = asyncio.ensure_future(asyncio.gather(*(s.collect() for s in streams)))
-    watch = asyncio.ensure_future(disconnected()) if disconnected is not None else None
+    watch = None
+    if disconnected is not None:
+        watch = asyncio.ensure_future(disconnected())
 
     def abandon() -> None:
         gathered.cancel()
@@ -75,90 +76,95 @@ async def collect_all(streams, disconnected=None) -> list[str] | None:
     return gathered.result()
 
 
-async def respond(body, streams, rid: str, chat: bool, model_name: str, tok, disconnected=None):
-    """The JSON response, or the SSE stream when ``body.stream``. ``disconnected``: an awaitable factory that
-    returns when the client has gone (a non-stream request is then aborted; a stream notices by itself)."""
-    created = int(time.time())
-    head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
-            "model": model_name}
-    want_logprobs = streams[0].request.sampling_params.logprobs is not None
-    offsets = [0] * len(streams)
+def json_choice(i: int, stream, text: str, chat: bool, logprobs: LogprobsFormatter, own_metrics: bool) -> dict:
+    choice = {"index": i, "logprobs": logprobs.format(i, stream.take_logprobs()),
+              "finish_reason": stream.finish_reason}
+    if chat:
+        choice["message"] = {"role": "assistant", "content": text}
+    else:
+        choice["text"] = text
+    if own_metrics:
+        choice["metrics"] = request_metrics(stream)
+    return choice
 
-    def logprobs(i, entries):
-        if not want_logprobs:
-            return None
-        if chat:
-            return chat_logprobs(tok, entries)
-        out, offsets[i] = completion_logprobs(tok, entries, offsets[i])
-        return out
 
-    if not body.stream:
-        try:
-            texts = await collect_all(streams, disconnected)
-        except StreamError as e:
-            raise APIError(e.status, str(e), code=e.code) from None
-        if texts is None:
-            return Response(status_code=499)  # nobody reads it: the client has gone
-        choices = []
-        for i, (s, text) in enumerate(zip(streams, texts)):
-            choice = {"index": i, "logprobs": logprobs(i, s.take_logprobs()), "finish_reason": s.finish_reason}
-            if chat:
-                choice["message"] = {"role": "assistant", "content": text}
-            else:
-                choice["text"] = text
-            if len(streams) > 1:
-                choice["metrics"] = request_metrics(s)
-            choices.append(choice)
-        out = {**head, "choices": choices, "usage": usage(streams, body.n)}
-        if len(streams) == 1:
-            out["metrics"] = request_metrics(streams[0])
-        return JSONResponse(out)
+async def json_response(body, streams, rid: str, chat: bool, model_name: str, tok, disconnected=None) -> Response:
+    """The whole completion as one JSON body. ``disconnected``: an awaitable factory that returns when the client
+    has gone; the request is then aborted. A stream that ended in an error raises its StreamError."""
+    kind = "chat.completion" if chat else "text_completion"
+    out = head(rid, kind, model_name)  # created: when the request started
+    texts = await collect_all(streams, disconnected)
+    if texts is None:
+        return Response(status_code=499)  # nobody reads it: the client has gone
+    logprobs = LogprobsFormatter(tok, chat, streams)
+    choices = []
+    for i, stream in enumerate(streams):
+        choices.append(json_choice(i, stream, texts[i], chat, logprobs, len(streams) > 1))
+    out["choices"] = choices
+    return JSONResponse(with_usage(out, streams, body.n))
 
-    head["object"] = "chat.completion.chunk" if chat else "text_completion"
+
+def chat_delta(text: str, first: bool) -> dict:
+    """The role comes in a chat choice's first chunk only; a chunk without text has an empty delta."""
+    if first:
+        return {"role": "assistant", "content": text}
+    if text:
+        return {"content": text}
+    return {}
+
+
+def chunk(head_fields: dict, chat: bool, i: int, text: str, logprobs=None, finish=None, first=False) -> dict:
+    if chat:
+        choice = {"index": i, "delta": chat_delta(text, first), "logprobs": logprobs, "finish_reason": finish}
+    else:
+        choice = {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}
+    return {**head_fields, "choices": [choice]}
+
+
+async def chunk_events(streams, head_fields: dict, chat: bool, logprobs: LogprobsFormatter, include_usage: bool,
+                       n: int):
+    """A role chunk per chat choice, the text deltas, a final chunk per choice (with its metrics), the usage chunk
+    when asked for, then [DONE]; a stream that ended in an error ends them all with an error chunk."""
+    if chat:
+        for i in range(len(streams)):
+            yield sse(chunk(head_fields, chat, i, "", first=True))
+    async for i, text, end, entries in merged_deltas(streams):
+        if isinstance(end, StreamError):
+            yield sse(error_body(end.status, str(end), code=end.code))
+            yield DONE
+            return
+        if end is None:
+            if text or entries:
+                lp = None
+                if entries:
+                    lp = logprobs.format(i, entries)
+                yield sse(chunk(head_fields, chat, i, text, lp))
+            continue
+        final = chunk(head_fields, chat, i, "", finish=end)
+        final["metrics"] = request_metrics(streams[i])
+        yield sse(final)
+    if include_usage:
+        yield sse(with_usage({**head_fields, "choices": []}, streams, n))
+    yield DONE
+
+
+async def guarded(events, rid: str):
+    """``events``, closed when the client goes; a crash ends the stream with an error chunk and [DONE], so a
+    stream always ends with a finish reason or an error."""
+    try:
+        async with contextlib.aclosing(events) as inner:
+            async for event in inner:
+                yield event
+    except Exception:
+        logger.exception("stream %s failed", rid)
+        yield sse(error_body(500, "internal error", code="internal_error"))
+        yield DONE
+
+
+def sse_response(body, streams, rid: str, chat: bool, model_name: str, tok) -> StreamingResponse:
+    """The completion as an SSE stream of chunks (the client going away is noticed by the stream itself)."""
+    kind = "chat.completion.chunk" if chat else "text_completion"
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-    def chunk(i, text, finish=None, first=False, entries=()):
-        lp = logprobs(i, entries) if entries else None
-        if chat:
-            delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
-            choice = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}
-        else:
-            choice = {"index": i, "text": text, "logprobs": lp, "finish_reason": finish}
-        return {**head, "choices": [choice]}
-
-    async def events():
-        """The chunks; a stream always ends with a finish reason or an error chunk, then [DONE]."""
-        try:
-            async with contextlib.aclosing(chunks()) as events_of_streams:
-                async for event in events_of_streams:
-                    yield event
-        except Exception:
-            logger.exception("stream %s failed", rid)
-            yield sse(error_body(500, "internal error", code="internal_error"))
-            yield "data: [DONE]\n\n"
-
-    async def chunks():
-        if chat:
-            for i in range(len(streams)):
-                yield sse(chunk(i, "", first=True))
-        async for i, text, end, entries in merged_deltas(streams):
-            if isinstance(end, StreamError):
-                yield sse(error_body(end.status, str(end), code=end.code))
-                yield "data: [DONE]\n\n"
-                return
-            if end is None:
-                if text or entries:
-                    yield sse(chunk(i, text, entries=entries))
-                continue
-            final = chunk(i, "", end)
-            final["metrics"] = request_metrics(streams[i])
-            yield sse(final)
-        if include_usage:
-            last = {**head, "choices": [], "usage": usage(streams, body.n)}
-            if len(streams) == 1:
-                last["metrics"] = request_metrics(streams[0])
-            yield sse(last)
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    logprobs = LogprobsFormatter(tok, chat, streams)
+    events = chunk_events(streams, head(rid, kind, model_name), chat, logprobs, include_usage, body.n)
+    return StreamingResponse(guarded(events, rid), media_type="text/event-stream", headers=SSE_HEADERS)

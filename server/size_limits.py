@@ -4,7 +4,7 @@ Both answers carry the OpenAI error envelope, and every answer waits until the b
 
 from __future__ import annotations
 
-from mtpserve.server.responses import error_response
+from mtpserve.server.errors import error_response
 from starlette.exceptions import HTTPException
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20

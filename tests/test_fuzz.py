@@ -22,8 +22,9 @@ from mtpserve.engine.engine import LLMEngine
 from mtpserve.engine.errors import RequestError
 from mtpserve.engine.loader import load_checkpoint
 from mtpserve.engine.noise import RequestNoise, keys
-from mtpserve.server.app import build_app, sampling_params
+from mtpserve.server.app import build_app
 from mtpserve.server.protocol import ChatCompletionRequest, CompletionRequest
+from mtpserve.server.routes import sampling_params
 from pydantic import ValidationError
 from starlette.testclient import TestClient
 
