@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import time
 from dataclasses import dataclass
 
 import torch
@@ -181,6 +180,7 @@ class LLMEngine:
         req = self.requests.pop(request_id, None)
         if req is not None:
             self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
+            self.runner.free(request_id)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
@@ -189,16 +189,14 @@ class LLMEngine:
         out = self.scheduler.schedule()
         if not out.scheduled:
             return []
+        for req in out.preempted:
+            self.runner.free(req.request_id)
         before = {s.request.request_id: len(s.request.output_token_ids) for s in out.scheduled}
-        start = time.perf_counter()
         try:
             result = self.runner.execute(out)
         except Exception:  # noqa: BLE001 (isolated: only this step's requests fail)
             return self._fail_step(out)
         self.scheduler.update_from_output(out, result)
-        if all(s.num_new_tokens - s.num_spec_tokens == 1 for s in out.scheduled):  # no prompt chunk
-            self.policy.observe(len(out.scheduled), out.num_tokens, [len(d) for d in result.spec_token_ids.values()],
-                                time.perf_counter() - start)
         outputs = []
         for s in out.scheduled:
             req = s.request
@@ -207,6 +205,7 @@ class LLMEngine:
                 outputs.append(RequestOutput(req, new, req.status.finished))
             if req.status.finished:
                 self.requests.pop(req.request_id, None)
+                self.runner.free(req.request_id)
                 self.spec_stats.merge(req.spec_stats)
         return outputs
 
@@ -218,6 +217,7 @@ class LLMEngine:
         for s in out.scheduled:
             self.scheduler.finish(s.request, RequestStatus.FINISHED_ERROR)
             self.requests.pop(s.request.request_id, None)
+            self.runner.free(s.request.request_id)
             outputs.append(RequestOutput(s.request, [], True))
         return outputs
 

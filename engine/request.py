@@ -6,11 +6,8 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from mtpserve.engine.noise import RequestNoise
 from mtpserve.engine.sampling_params import SamplingParams
-from mtpserve.engine.spec.policy import AcceptanceEstimate
 from mtpserve.engine.spec.stats import SpecStats
 
 
@@ -46,14 +43,10 @@ class Request:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finish_time: float | None = None
-    # speculation: drafts proposed for the next step (and q when sampled), per-request limit and stats
+    # speculation: drafts proposed for the next step, per-request limit and stats
     spec_token_ids: list[int] = field(default_factory=list)
-    spec_probs: torch.Tensor | None = None
     spec_n_max: int | None = None  # None: the engine's --spec-draft-n-max; 0: no speculation
     spec_stats: SpecStats = field(default_factory=SpecStats)
-    acceptance: AcceptanceEstimate = field(default_factory=AcceptanceEstimate)
-    mtp_pending: list = field(default_factory=list)  # MTP inputs deferred while not drafting (proposer)
-    mtp_last_rows: list = field(default_factory=list)  # per chained MTP layer j: y_j at the last filled position
 
     def __post_init__(self):
         self.all_token_ids = list(self.prompt_token_ids) + list(self.output_token_ids)
@@ -90,3 +83,14 @@ class Request:
             "prompt_tokens_per_second": round(self.num_prompt_tokens / (prefill_ms / 1000), 3) if prefill_ms else 0.0,
             "decode_tokens_per_second": round(decoded / (decode_ms / 1000), 3) if decode_ms and decoded else 0.0,
         }
+
+
+def check_stop(request: Request, max_model_len: int) -> RequestStatus | None:
+    """The status a request finishes with after its newest output token, or None to go on."""
+    params = request.sampling_params
+    token = request.output_token_ids[-1]
+    if (token in request.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
+        return RequestStatus.FINISHED_STOPPED
+    if len(request.output_token_ids) >= params.max_tokens or request.num_tokens >= max_model_len:
+        return RequestStatus.FINISHED_LENGTH
+    return None

@@ -3,6 +3,8 @@ verifies drafts / samples, and lets the MTP proposer draft for the next step."""
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from mtpserve.engine.kv_cache import KVCacheManager
@@ -68,7 +70,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepResult:
-        """Run one step: verify/sample for every request that reached its end, then draft."""
+        """Run one step: verify/sample for every request that reached its end, then draft. The draft policy is
+        fed here too: the acceptance of the drafts just verified, and the step's time."""
+        start_time = time.perf_counter()
         input_ids, positions, meta = self.prepare_inputs(out)
         self.attn.prepare(meta)
         hidden = self.model(input_ids, positions, self.kv_caches, self.attn)
@@ -81,7 +85,15 @@ class ModelRunner:
             self._sample(out, sampling, hidden, starts, result)
         if self.proposer is not None:
             self._draft(out, hidden, starts, result)
+            self._observe_step(out, result, time.perf_counter() - start_time)
         return result
+
+    def free(self, request_id: str) -> None:
+        """Drop speculation state of a request that finished, was aborted or was preempted."""
+        if self.proposer is not None:
+            self.proposer.free(request_id)
+        if self.policy is not None:
+            self.policy.free(request_id)
 
     def _sample(self, out, sampling, hidden, starts, result: StepResult) -> None:
         scheduled = [out.scheduled[i] for i in sampling]
@@ -97,13 +109,21 @@ class ModelRunner:
             new = [[t] for t in sampled.token_ids.tolist()]
         else:
             drafts = [s.request.spec_token_ids[:s.num_spec_tokens] for s in scheduled]
-            probs = [s.request.spec_probs[:s.num_spec_tokens] if s.request.spec_probs is not None
-                     and s.num_spec_tokens else None for s in scheduled]
+            probs = [self._draft_probs(s) for s in scheduled]
             new = verify(logits, drafts, probs, params, prompts, outputs, noises)
         result.new_token_ids = {r.request_id: toks for r, toks in zip(reqs, new)}
+        if self.policy is not None:
+            for s, toks in zip(scheduled, new):
+                self.policy.observe_acceptance(s.request.request_id, s.num_spec_tokens, len(toks) - 1)
         if any(p.logprobs is not None for p in params):
             self._logprobs(logits, scheduled, params, new, result)
 
+    def _draft_probs(self, s) -> torch.Tensor | None:
+        """q of the drafts ``s`` verifies (unseeded sampled requests only)."""
+        if self.proposer is None or not s.num_spec_tokens:
+            return None
+        probs = self.proposer.draft_probs.get(s.request.request_id)
+        return None if probs is None else probs[:s.num_spec_tokens]
     @staticmethod
     def _logprobs(logits, scheduled, params, new, result: StepResult) -> None:
         """Logprobs of each emitted token from its own target row (row j of a request's k + 1 rows)."""
@@ -127,10 +147,8 @@ class ModelRunner:
             if req.spec_n_max == 0:
                 continue
             known = s.num_new_tokens - s.num_spec_tokens
-            if s.samples:
+            if s.samples:  # a request that finishes with these tokens drafts too; its drafts are dropped
                 new = result.new_token_ids[req.request_id]
-                if self._will_finish(req, new):
-                    continue
                 next_tokens = req.all_token_ids[start + 1:start + known] + new
                 history = req.output_token_ids + new
                 drafting.append(len(items))
@@ -143,14 +161,11 @@ class ModelRunner:
             plan = self.policy.plan([items[j].request for j in drafting], len(out.scheduled))
             for j, k in zip(drafting, plan):
                 items[j].num_drafts = k
-        for rid, d in self.proposer.propose(items).items():
-            result.spec_token_ids[rid] = d.token_ids
-            if d.probs is not None:
-                result.spec_probs[rid] = d.probs
+        result.spec_token_ids = self.proposer.propose(items)
 
-    @staticmethod
-    def _will_finish(req, new: list[int]) -> bool:
-        p = req.sampling_params
-        if len(req.output_token_ids) + len(new) >= p.max_tokens:
-            return True
-        return any((t in req.eos_token_ids and not p.ignore_eos) or t in p.stop_token_ids for t in new)
+    def _observe_step(self, out: SchedulerOutput, result: StepResult, seconds: float) -> None:
+        """A pure decode step (no prompt chunk) prices speculation for the policy's fit."""
+        if self.policy is None or any(s.num_new_tokens - s.num_spec_tokens != 1 for s in out.scheduled):
+            return
+        next_drafts = [len(d) for d in result.spec_token_ids.values()]
+        self.policy.observe(len(out.scheduled), out.num_tokens, next_drafts, seconds)

@@ -13,7 +13,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from mtpserve.engine.kv_cache import KVCacheManager
-from mtpserve.engine.request import Request, RequestStatus
+from mtpserve.engine.request import Request, RequestStatus, check_stop
 
 
 @dataclass
@@ -36,7 +36,6 @@ class StepResult:
 
     new_token_ids: dict[str, list[int]] = field(default_factory=dict)
     spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
-    spec_probs: dict[str, object] = field(default_factory=dict)
     logprobs: dict[str, list] = field(default_factory=dict)  # per new token (logprob, top-n), when asked
 
 
@@ -104,9 +103,7 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         self.kv.free(req.request_id)
         req.num_computed_tokens = 0
-        req.spec_token_ids, req.spec_probs = [], None
-        req.mtp_pending.clear()
-        req.mtp_last_rows.clear()
+        req.spec_token_ids = []
         req.status = RequestStatus.PREEMPTED
         req.num_preemptions += 1
         self.num_preemptions += 1
@@ -123,15 +120,13 @@ class Scheduler:
             req.num_computed_tokens += s.num_new_tokens - rejected
             if new:
                 req.spec_stats.observe(s.num_spec_tokens, len(new) - 1)
-                req.acceptance.observe(s.num_spec_tokens, len(new) - 1)
             req.spec_token_ids = result.spec_token_ids.get(req.request_id, [])
-            req.spec_probs = result.spec_probs.get(req.request_id)
             logprobs = result.logprobs.get(req.request_id)
             for i, token in enumerate(new):
                 req.append_output(token)
                 if logprobs is not None:
                     req.output_logprobs.append(logprobs[i])
-                status = self._stop_status(req, token)
+                status = check_stop(req, self.max_model_len)
                 if status is not None:
                     self.finish(req, status)
                     finished.append(req)
@@ -139,14 +134,6 @@ class Scheduler:
             if not req.status.finished:  # release lookahead blocks beyond the next step's needs
                 self.kv.trim(req.request_id, req.num_tokens + len(req.spec_token_ids))
         return finished
-
-    def _stop_status(self, req: Request, token: int) -> RequestStatus | None:
-        p = req.sampling_params
-        if (token in req.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
-            return RequestStatus.FINISHED_STOPPED
-        if len(req.output_token_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len:
-            return RequestStatus.FINISHED_LENGTH
-        return None
 
     def finish(self, req: Request, status: RequestStatus) -> None:
         """Finish (or abort) a request wherever it is and free its blocks."""

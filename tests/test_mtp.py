@@ -207,7 +207,7 @@ def test_two_chained_layers_match_a_dense_recomputation(tiny_llama_dir, tmp_path
         out = propose(items)
         for it in items:
             if it.request.request_id in out:
-                records.append((it.start + len(it.next_tokens) - 1, out[it.request.request_id].token_ids))
+                records.append((it.start + len(it.next_tokens) - 1, out[it.request.request_id]))
         return out
 
     prompt = prompts(1, seed=21)[0] + [7, 8, 9]

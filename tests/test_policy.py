@@ -11,11 +11,20 @@ COSTS = StepCosts(main={(b, q): 1.0 + 0.12 * b * q for b in (1, 2, 4, 8, 16, 32,
                   draft={b: 0.05 + 0.01 * b for b in (1, 2, 4, 8, 16, 32, 64)})
 
 
-def request(rate: float | None = None, n_max=None):
-    est = AcceptanceEstimate()
+REQUEST_IDS = itertools.count()
+
+
+def request(policy: DraftPolicy, rate: float | None = None, n_max=None):
+    """A request as the policy sees it (its id and limit), with ``policy``'s estimate of it set to ``rate``."""
+    r = SimpleNamespace(request_id=f"r{next(REQUEST_IDS)}", spec_n_max=n_max)
     if rate is not None:
-        est.accepted, est.tried = rate * 1000, 1000.0
-    return SimpleNamespace(acceptance=est, spec_n_max=n_max)
+        set_rate(policy, r, rate)
+    return r
+
+
+def set_rate(policy: DraftPolicy, r, rate: float) -> None:
+    est = policy.estimate(r.request_id)
+    est.accepted, est.tried = rate * 1000, 1000.0
 
 
 def expected_rate(costs: StepCosts, rates, drafts, batch_size) -> float:
@@ -37,23 +46,24 @@ def test_step_costs_interpolate_the_table():
 
 def test_k_follows_acceptance():
     policy = DraftPolicy(4, costs=COSTS)
-    ks = [policy.plan([request(rate)], 1)[0] for rate in (0.05, 0.5, 0.8, 0.95)]
+    ks = [policy.plan([request(policy, rate)], 1)[0] for rate in (0.05, 0.5, 0.8, 0.95)]
     assert ks == sorted(ks) and ks[0] == 0 and ks[-1] == 4
 
 
 def test_backs_off_for_large_batches():
     policy = DraftPolicy(4, costs=COSTS)
-    assert policy.plan([request(0.7)], 1)[0] > 0
-    assert policy.plan([request(0.7) for _ in range(32)], 32) == [0] * 32  # verifying costs more than it saves
+    assert policy.plan([request(policy, 0.7)], 1)[0] > 0
+    assert policy.plan([request(policy, 0.7) for _ in range(32)], 32) == [0] * 32  # verifying costs more than it saves
 
 
 def test_one_plan_for_the_batch():
     """In one batch, requests whose drafts miss draft less than those whose drafts land."""
     policy = DraftPolicy(3, costs=COSTS)
-    plan = policy.plan([request(0.9), request(0.1), request(0.9), request(0.5)], 4)
+    reqs = [request(policy, rate) for rate in (0.9, 0.1, 0.9, 0.5)]
+    plan = policy.plan(reqs, 4)
     assert plan[0] == plan[2] >= plan[3] >= plan[1] and plan[0] > plan[1]
     # requests that cannot draft still count in the batch: the same four drafters in a batch of 64 draft less
-    assert sum(policy.plan([request(0.9), request(0.1), request(0.9), request(0.5)], 64)) < sum(plan)
+    assert sum(policy.plan([request(policy, rate) for rate in (0.9, 0.1, 0.9, 0.5)], 64)) < sum(plan)
 
 
 def test_allocation_is_near_the_best_plan():
@@ -69,8 +79,10 @@ def test_allocation_is_near_the_best_plan():
 
 
 def test_fixed_and_per_request_limits():
-    assert DraftPolicy(3, adaptive=False, costs=COSTS).plan([request(0.0)], 64) == [3]
-    assert DraftPolicy(3, costs=COSTS).plan([request(0.99, n_max=1), request(0.99, n_max=0)], 2) == [1, 0]
+    policy = DraftPolicy(3, adaptive=False, costs=COSTS)
+    assert policy.plan([request(policy, 0.0)], 64) == [3]
+    policy = DraftPolicy(3, costs=COSTS)
+    assert policy.plan([request(policy, 0.99, n_max=1), request(policy, 0.99, n_max=0)], 2) == [1, 0]
 
 
 def test_estimate_and_probes():
@@ -82,10 +94,10 @@ def test_estimate_and_probes():
         est.observe(3, 0)
     assert est.rate < 0.1
     policy = DraftPolicy(3, costs=COSTS)
-    req = request(0.0)
+    req = request(policy, 0.0)
     ks = [policy.plan([req], 1)[0] for _ in range(PROBE_EVERY)]
     assert ks == [0] * (PROBE_EVERY - 1) + [1]  # one probe
-    req.acceptance.observe(1, 0)  # rejected: the next probe waits twice as long
+    policy.observe_acceptance(req.request_id, 1, 0)  # rejected: the next probe waits twice as long
     ks = [policy.plan([req], 1)[0] for _ in range(2 * PROBE_EVERY)]
     assert ks.count(1) == 1 and ks[-1] == 1
 
@@ -94,10 +106,10 @@ def test_probes_only_where_drafting_could_pay():
     """A batch that drafts nothing still probes, so a predictable batch can find out that it is; a batch in
     which even very predictable text would not pay for drafting does not."""
     policy = DraftPolicy(3, costs=COSTS)
-    reqs = [request(0.3) for _ in range(8)]
+    reqs = [request(policy, 0.3) for _ in range(8)]
     plans = [policy.plan(reqs, 8) for _ in range(PROBE_EVERY)]
     assert all(k == 0 for plan in plans[:-1] for k in plan) and plans[-1] == [1] * 8
-    reqs = [request(0.3) for _ in range(32)]
+    reqs = [request(policy, 0.3) for _ in range(32)]
     assert all(policy.plan(reqs, 32) == [0] * 32 for _ in range(3 * PROBE_EVERY))
 
 
@@ -111,13 +123,13 @@ def step_seconds(batch_size, num_tokens, next_drafts, spec_scale):
 
 def test_measured_steps_reprice_speculation():
     policy = DraftPolicy(3, costs=COSTS)
-    reqs = [request(0.8) for _ in range(8)]
+    reqs = [request(policy, 0.8) for _ in range(8)]
     assert sum(policy.plan(reqs, 8)) > 0  # by the start-up timings drafting pays at 8
     assert policy.fit.scale(8) == 1.0
     for _ in range(100):  # the steps actually run: speculation costs three times its calibrated price
         plan = policy.plan(reqs, 8)
         for r in reqs:  # keep the estimates where they were
-            r.acceptance.accepted, r.acceptance.tried = 800.0, 1000.0
+            set_rate(policy, r, 0.8)
         drafts = [max(k, 1) for k in plan]
         policy.observe(8, 8 + sum(drafts), drafts, step_seconds(8, 8 + sum(drafts), drafts, 3.0))
     assert abs(policy.fit.scale(8) - 3.0) < 0.15
@@ -137,5 +149,5 @@ def test_near_ties_go_to_plain_decoding():
     policy = DraftPolicy(1, costs=COSTS)
     gain = lambda a: (1 + a) / (COSTS.step(1, 2) + COSTS.draft_step(1)) * COSTS.step(1, 1)  # noqa: E731
     assert 1.0 < gain(0.25) < SPEC_MARGIN
-    assert policy.plan([request(0.25)], 1) == [0]
-    assert policy.plan([request(0.5)], 1) == [1]
+    assert policy.plan([request(policy, 0.25)], 1) == [0]
+    assert policy.plan([request(policy, 0.5)], 1) == [1]

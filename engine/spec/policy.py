@@ -131,9 +131,22 @@ class DraftPolicy:
         self.adaptive = adaptive
         self.costs = costs or StepCosts()
         self.fit = StepFit()
+        self.estimates: dict[str, AcceptanceEstimate] = {}  # per request id
 
     def limit(self, request) -> int:
         return self.n_max if request.spec_n_max is None else request.spec_n_max
+
+    def estimate(self, request_id: str) -> AcceptanceEstimate:
+        estimate = self.estimates.get(request_id)
+        if estimate is None:
+            estimate = self.estimates[request_id] = AcceptanceEstimate()
+        return estimate
+
+    def observe_acceptance(self, request_id: str, num_drafts: int, num_accepted: int) -> None:
+        self.estimate(request_id).observe(num_drafts, num_accepted)
+
+    def free(self, request_id: str) -> None:
+        self.estimates.pop(request_id, None)
 
     def allocate(self, rates: list[float], limits: list[int], batch_size: int) -> list[int]:
         """Drafts per request that maximise the batch's expected tokens per second; ``batch_size`` counts
@@ -173,11 +186,11 @@ class DraftPolicy:
         limits = [self.limit(r) for r in requests]
         if not self.adaptive:
             return limits
-        rates = [r.acceptance.rate for r in requests]
+        estimates = [self.estimate(r.request_id) for r in requests]
+        rates = [est.rate for est in estimates]
         drafts = self.allocate(rates, limits, batch_size)
         due = []
-        for i, r in enumerate(requests):
-            est = r.acceptance
+        for i, est in enumerate(estimates):
             if drafts[i] or not limits[i]:
                 est.steps_without_drafts = 0
                 continue
@@ -188,7 +201,7 @@ class DraftPolicy:
             hopeful = self.allocate([PROBE_RATE if i in due else a for i, a in enumerate(rates)], limits, batch_size)
             for i in due:
                 if hopeful[i]:
-                    requests[i].acceptance.steps_without_drafts = 0
+                    estimates[i].steps_without_drafts = 0
                     drafts[i] = 1
         return drafts
 

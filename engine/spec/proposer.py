@@ -9,8 +9,11 @@ target at the same output position (coupled drafts, see `rejection.py`), the oth
 stream of their own, keeping q for rejection sampling.
 
 A request that drafts nothing this step (the policy chose k = 0, or a prompt chunk) does not run the
-MTP layer: its (hidden, next token) pairs wait in ``request.mtp_pending`` and are computed in one pass
-the next time it drafts, so speculation that is backed off costs nothing per step.
+MTP layer: its (hidden, next token) pairs wait in ``pending`` and are computed in one pass the next
+time it drafts, so speculation that is backed off costs nothing per step.
+
+Per-request state lives in the proposer's own tables, keyed by request id (``pending``, ``last_rows``,
+``draft_probs``); ``free`` drops it when a request finishes, is aborted or is preempted.
 """
 
 from __future__ import annotations
@@ -36,12 +39,6 @@ class DraftInput:
     num_drafts: int  # 0: only fill the MTP KV
 
 
-@dataclass
-class Drafts:
-    token_ids: list[int]
-    probs: torch.Tensor | None  # [k, V] q of unseeded sampled requests, None for greedy and seeded ones
-
-
 class MTPProposer:
     def __init__(self, mtp, kv: KVCacheManager, kv_caches: list, vocab_size: int, device: torch.device):
         self.mtp = mtp
@@ -50,6 +47,14 @@ class MTPProposer:
         self.vocab_size = vocab_size
         self.device = device
         self.attn = TorchPagedAttention()
+        self.pending: dict[str, list[DraftInput]] = {}  # MTP inputs deferred while not drafting
+        self.last_rows: dict[str, list] = {}  # per chained MTP layer j: y_j at the last filled position
+        self.draft_probs: dict[str, torch.Tensor] = {}  # [k, V] q of the drafts to verify (unseeded sampling)
+
+    def free(self, request_id: str) -> None:
+        self.pending.pop(request_id, None)
+        self.last_rows.pop(request_id, None)
+        self.draft_probs.pop(request_id, None)
 
     def _metadata(self, reqs: list[Request], slot_positions: list[list[int]]) -> AttentionMetadata:
         bs = self.kv.block_size
@@ -97,12 +102,11 @@ class MTPProposer:
                     probs[i].append(q[row])
         return tokens.tolist()
 
-    @staticmethod
-    def _defer_or_merge(items: list[DraftInput]) -> list[DraftInput]:
+    def _defer_or_merge(self, items: list[DraftInput]) -> list[DraftInput]:
         """Park the inputs of requests that draft nothing; prepend parked inputs to those that draft."""
         run = []
         for it in items:
-            pending = it.request.mtp_pending
+            pending = self.pending.setdefault(it.request.request_id, [])
             if it.num_drafts == 0:
                 pending.append(it)
                 continue
@@ -122,7 +126,7 @@ class MTPProposer:
         for j in range(1, len(self.mtp.layers)):
             rows, start = [], 0
             for it, end in zip(items, ends.tolist()):
-                last_rows = it.request.mtp_last_rows
+                last_rows = self.last_rows.setdefault(it.request.request_id, [])
                 prev = last_rows[j - 1] if len(last_rows) >= j else y.new_zeros(1, y.shape[1])
                 rows.append(torch.cat([prev, y[start:end]]))
                 if len(last_rows) < j:
@@ -133,7 +137,10 @@ class MTPProposer:
         return first
 
     @torch.inference_mode()
-    def propose(self, items: list[DraftInput]) -> dict[str, Drafts]:
+    def propose(self, items: list[DraftInput]) -> dict[str, list[int]]:
+        """Drafts per request id; the q of unseeded sampled requests' drafts go to ``draft_probs``."""
+        for it in items:
+            self.draft_probs.pop(it.request.request_id, None)
         items = self._defer_or_merge(items)
         if not items:
             return {}
@@ -172,6 +179,9 @@ class MTPProposer:
             active = still
         out = {}
         for i, it in enumerate(items):
-            if it.num_drafts > 0:
-                out[it.request.request_id] = Drafts(drafts[i], torch.stack(probs[i]) if probs[i] else None)
+            if it.num_drafts == 0:
+                continue
+            out[it.request.request_id] = drafts[i]
+            if probs[i]:
+                self.draft_probs[it.request.request_id] = torch.stack(probs[i])
         return out
