@@ -12,6 +12,7 @@ import time
 from mtpserve.engine.busy_log import BusyLog
 from mtpserve.engine.detokenizer import IncrementalDetokenizer
 from mtpserve.engine.errors import MtpserveError
+from mtpserve.engine.spec.stats import SpecStats
 
 logger = logging.getLogger(__name__)
 
@@ -92,11 +93,13 @@ class EngineClient:
                 target[0].call_soon_threadsafe(target[1].put_nowait, out)
         return busy
 
-    def _add(self, request_id, prompt_token_ids, params, spec_n_max):
+    def _add(self, request_id, prompt_token_ids, params, spec_n_max) -> float:
+        """Add the request; its arrival time (the engine's clock)."""
         with self.lock:
             req = self.engine.add_request(request_id, prompt_token_ids, params, spec_n_max=spec_n_max)
+            arrival_time = req.arrival_time
         self.wake.set()
-        return req
+        return arrival_time
 
     async def start(self, request_id: str, prompt_token_ids: list[int], params, spec_n_max: int | None = None,
                     metrics=None) -> TextStream:
@@ -108,11 +111,12 @@ class EngineClient:
             # checked after registering: a loop that dies from here on finds the queue and posts its error
             if not self.healthy:
                 raise EngineDeadError("the engine is not running")
-            req = await loop.run_in_executor(None, self._add, request_id, prompt_token_ids, params, spec_n_max)
+            arrival_time = await loop.run_in_executor(None, self._add, request_id, prompt_token_ids, params,
+                                                      spec_n_max)
         except BaseException:
             self.queues.pop(request_id, None)
             raise
-        return TextStream(self, req, queue, params.stop, metrics)
+        return TextStream(self, request_id, prompt_token_ids, params, queue, arrival_time, metrics)
 
     def abort(self, request_id: str) -> None:
         """Abort from any thread without waiting for the step in progress; the engine frees its blocks."""
@@ -123,22 +127,28 @@ class EngineClient:
 
 class TextStream:
     """Text deltas of one request. Stop strings are matched on the decoded text and never emitted: the last
-    ``len(longest stop) - 1`` characters are held back until they cannot start a stop string."""
+    ``len(longest stop) - 1`` characters are held back until they cannot start a stop string. It sees the
+    request only through the value records (RequestOutput) the engine thread posts."""
 
-    def __init__(self, client: EngineClient, req, queue: asyncio.Queue, stop: list[str], metrics=None):
+    def __init__(self, client: EngineClient, request_id: str, prompt_token_ids: list[int], params,
+                 queue: asyncio.Queue, arrival_time: float, metrics=None):
         self.client = client
-        self.request = req
+        self.request_id = request_id
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.arrival_time = arrival_time
         self.queue = queue
-        self.stop = [s for s in stop if s]
+        self.stop = [s for s in params.stop if s]
         self.metrics = metrics
-        self.detok = IncrementalDetokenizer(client.tokenizer, req.prompt_token_ids)
+        self.detok = IncrementalDetokenizer(client.tokenizer, prompt_token_ids)
         self.pending = ""
         self.num_tokens = 0       # completion tokens the client got text from
         self.finish_reason: str | None = None
         self.last_token_time: float | None = None
         self.done = False
-        self.want_logprobs = req.sampling_params.logprobs is not None
+        self.want_logprobs = params.logprobs is not None
         self.logprobs: list = []  # (token id, (logprob, top-n)) not yet taken by the responder
+        self.spec_stats = SpecStats()  # as of the latest output
+        self.timings: dict = {}  # as of the latest output
 
     def _find_stop(self) -> int:
         hits = [i for i in (self.pending.find(s) for s in self.stop) if i >= 0]
@@ -159,13 +169,12 @@ class TextStream:
                 out = await self.queue.get()
                 if isinstance(out, BaseException):
                     raise EngineDeadError("the engine stopped after an internal error")
+                self.spec_stats, self.timings = out.spec_stats, out.timings
                 if out.finish_reason == "error":
                     self._end("error")
                     raise RequestFailedError("the model step computing this request failed")
                 if self.want_logprobs:
-                    entries = getattr(self.request, "output_logprobs", None) or []
-                    start = self.num_tokens
-                    self.logprobs.extend(zip(out.new_token_ids, entries[start:start + len(out.new_token_ids)]))
+                    self.logprobs.extend(zip(out.new_token_ids, out.new_logprobs))
                 self.num_tokens += len(out.new_token_ids)
                 self._observe(len(out.new_token_ids))
                 self.pending += self.detok.add(out.new_token_ids)
@@ -175,7 +184,7 @@ class TextStream:
                 if cut >= 0:
                     text, self.pending, self.finish_reason = self.pending[:cut], "", "stop"
                     if not out.finished:
-                        self.client.abort(self.request.request_id)
+                        self.client.abort(self.request_id)
                 elif out.finished:
                     text, self.pending, self.finish_reason = self.pending, "", out.finish_reason
                 else:
@@ -184,21 +193,21 @@ class TextStream:
                 yield text
             self.done = True
             if self.metrics is not None:
-                self.metrics.on_finish(self.request, self.num_tokens, self.finish_reason)
+                self.metrics.on_finish(self, self.finish_reason)
         finally:
             self.close()
 
     def _end(self, reason: str) -> None:
         self.finish_reason = reason
         if self.metrics is not None:
-            self.metrics.on_finish(self.request, self.num_tokens, reason)
+            self.metrics.on_finish(self, reason)
 
     def close(self) -> None:
         """Abort the request if it has not finished (client gone); idempotent."""
         if self.finish_reason is None:
             self._end("abort")
-            self.client.abort(self.request.request_id)
-        self.client.queues.pop(self.request.request_id, None)
+            self.client.abort(self.request_id)
+        self.client.queues.pop(self.request_id, None)
 
     def take_logprobs(self) -> list:
         """The logprob entries gathered since the last call."""

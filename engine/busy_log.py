@@ -28,10 +28,9 @@ class BusyLog:
 
     def observe(self, outputs) -> None:
         for out in outputs:
-            req = out.request
             self.tokens += len(out.new_token_ids)
-            stats = req.spec_stats
-            steps, drafts, accepted, per_position = self.seen.get(req.request_id, (0, 0, 0, []))
+            stats = out.spec_stats
+            steps, drafts, accepted, per_position = self.seen.get(out.request_id, (0, 0, 0, []))
             self.steps += stats.num_steps - steps
             self.drafts += stats.num_drafts - drafts
             self.accepted += stats.num_accepted_tokens - accepted
@@ -41,9 +40,9 @@ class BusyLog:
                     self.per_position.append(0)
                 self.per_position[i] += count - (per_position[i] if i < len(per_position) else 0)
             if out.finished:
-                self.seen.pop(req.request_id, None)
+                self.seen.pop(out.request_id, None)
             else:
-                self.seen[req.request_id] = (stats.num_steps, stats.num_drafts, stats.num_accepted_tokens,
+                self.seen[out.request_id] = (stats.num_steps, stats.num_drafts, stats.num_accepted_tokens,
                                              now_positions)
 
     def forget(self, request_id: str) -> None:

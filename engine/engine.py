@@ -27,21 +27,27 @@ from mtpserve.engine.spec.stats import SpecStats
 logger = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class RequestOutput:
-    """What one step produced for one request."""
+    """What one step produced for one request, as values only: it crosses to the server's event loop while the
+    engine thread goes on with the live request."""
 
-    request: Request
-    new_token_ids: list[int]
-    finished: bool
+    request_id: str
+    new_token_ids: tuple[int, ...]
+    new_logprobs: tuple  # per new token (logprob, top-n [(token, logprob)]) when the request asked for logprobs
+    finish_reason: str | None  # set on the request's last output
+    spec_stats: SpecStats  # a copy: the request's speculation statistics so far
+    timings: dict  # the request's metrics.timings block so far
 
     @property
-    def request_id(self) -> str:
-        return self.request.request_id
+    def finished(self) -> bool:
+        return self.finish_reason is not None
 
-    @property
-    def finish_reason(self) -> str | None:
-        return self.request.finish_reason
+    @classmethod
+    def of(cls, req: Request, num_before: int) -> RequestOutput:
+        """The output of ``req``'s tokens from index ``num_before`` on."""
+        return cls(req.request_id, tuple(req.output_token_ids[num_before:]), tuple(req.output_logprobs[num_before:]),
+                   req.finish_reason, req.spec_stats.copy(), req.timings())
 
 
 class LLMEngine:
@@ -200,9 +206,9 @@ class LLMEngine:
         outputs = []
         for s in out.scheduled:
             req = s.request
-            new = req.output_token_ids[before[req.request_id]:]
-            if new or req.status.finished:
-                outputs.append(RequestOutput(req, new, req.status.finished))
+            num_before = before[req.request_id]
+            if len(req.output_token_ids) > num_before or req.status.finished:
+                outputs.append(RequestOutput.of(req, num_before))
             if req.status.finished:
                 self.requests.pop(req.request_id, None)
                 self.runner.free(req.request_id)
@@ -218,7 +224,7 @@ class LLMEngine:
             self.scheduler.finish(s.request, RequestStatus.FINISHED_ERROR)
             self.requests.pop(s.request.request_id, None)
             self.runner.free(s.request.request_id)
-            outputs.append(RequestOutput(s.request, [], True))
+            outputs.append(RequestOutput.of(s.request, len(s.request.output_token_ids)))
         return outputs
 
     def generate(self, prompts: list[list[int]], params: list[SamplingParams] | SamplingParams) -> list[Request]:

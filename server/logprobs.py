@@ -40,7 +40,7 @@ class LogprobsFormatter:
     def __init__(self, tok, chat: bool, streams):
         self.tok = tok
         self.chat = chat
-        self.wanted = streams[0].request.sampling_params.logprobs is not None
+        self.wanted = streams[0].want_logprobs
         self.offsets = [0] * len(streams)
 
     def format(self, i: int, entries) -> dict | None:

@@ -63,19 +63,20 @@ class ServerMetrics:
             for _ in range(count):
                 self.itl.labels(self.model_name).observe(gap_seconds / count)
 
-    def on_finish(self, req, num_tokens: int, finish_reason: str) -> None:
+    def on_finish(self, stream, finish_reason: str) -> None:
+        """A request ended; ``stream`` (a TextStream) holds its timings and statistics as of its last output."""
         m = self.model_name
         self.success.labels(m, finish_reason).inc()
-        t = req.timings()
-        if req.first_scheduled_time is not None:
+        t = stream.timings
+        if t.get("queue_ms"):
             self.queue_time.labels(m).observe(t["queue_ms"] / 1000)
-        if req.first_token_time is not None:
+        if t.get("ttft_ms"):
             self.prefill_time.labels(m).observe(t["prefill_ms"] / 1000)
             self.ttft.labels(m).observe(t["ttft_ms"] / 1000)
-        self.e2e.labels(m).observe(time.perf_counter() - req.arrival_time)
-        if t["decode_tokens_per_second"] > 0:
+        self.e2e.labels(m).observe(time.perf_counter() - stream.arrival_time)
+        if t.get("decode_tokens_per_second", 0) > 0:
             self.decode_speed.labels(m).observe(t["decode_tokens_per_second"])
-        spec = req.spec_stats
+        spec = stream.spec_stats
         if spec.num_draft_tokens:
             self.spec_drafts.labels(m).inc(spec.num_drafts)
             self.spec_draft_tokens.labels(m).inc(spec.num_draft_tokens)

@@ -26,12 +26,12 @@ def head(rid: str, kind: str, model_name: str) -> dict:
 
 
 def request_metrics(stream) -> dict:
-    return {"speculative": stream.request.spec_stats.to_dict(), "timings": stream.request.timings()}
+    return {"speculative": stream.spec_stats.to_dict(), "timings": stream.timings}
 
 
 def usage(streams, n: int) -> dict:
     """Token counts of the request; its ``n`` choices share one prompt, counted once per prompt."""
-    prompt = sum(s.request.num_prompt_tokens for s in streams) // n
+    prompt = sum(s.num_prompt_tokens for s in streams) // n
     completion = sum(s.num_tokens for s in streams)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 

@@ -9,12 +9,12 @@ import logging
 import signal
 import socket
 import time
-from types import SimpleNamespace
 
 import httpx
 import pytest
 import yaml
 from mtpserve.engine.busy_log import BusyLog
+from mtpserve.engine.engine import RequestOutput
 from mtpserve.engine.spec.stats import SpecStats
 from mtpserve.server.app import build_app
 from server_helpers import start_server, wait_healthy
@@ -129,10 +129,9 @@ def test_serve_command_options():
 def test_busy_log_line(caplog):
     log = BusyLog(interval=0.01)
     stats = SpecStats()
-    req = SimpleNamespace(request_id="r1", spec_stats=stats)
     stats.observe(3, 2)
     stats.observe(3, 0)
-    log.observe([SimpleNamespace(request=req, new_token_ids=[1, 2, 3, 4], finished=False)])
+    log.observe([RequestOutput("r1", (1, 2, 3, 4), (), None, stats.copy(), {})])
     time.sleep(0.02)
     with caplog.at_level(logging.INFO, logger="mtpserve.engine.busy_log"):
         assert log.maybe_log(running=1, waiting=2)
@@ -140,7 +139,7 @@ def test_busy_log_line(caplog):
     assert "running 1, waiting 2" in line and "tok/s" in line
     assert "mean acceptance length 2.00" in line and "[0.50, 0.50, 0.00]" in line
     stats.observe(2, 2)  # only the new step counts in the next window
-    log.observe([SimpleNamespace(request=req, new_token_ids=[5, 6, 7], finished=True)])
+    log.observe([RequestOutput("r1", (5, 6, 7), (), "length", stats.copy(), {})])
     assert "mean acceptance length 3.00" in log.line(0, 0, 1.0) and "3.0 tok/s" in log.line(0, 0, 1.0)
     time.sleep(0.02)
     assert log.maybe_log(running=0, waiting=0)  # tokens since the last line

@@ -30,6 +30,10 @@ class SpecStats:
         for position in range(num_accepted):
             self.accepted_per_position[position] += 1
 
+    def copy(self) -> SpecStats:
+        return SpecStats(self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens, self.num_steps,
+                         list(self.accepted_per_position))
+
     def merge(self, other: SpecStats) -> None:
         """Add `other`'s counts into this one."""
         self.num_drafts += other.num_drafts
