@@ -209,3 +209,48 @@ def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, params: list[S
         top = [(top_ids[row][j], top_values[row][j]) for j in range(n)] if n else []
         result.append((chosen[row], top))
     return result
+
+
+@dataclass
+class SamplingBatch:
+    """The requests that sample in a step and their logits rows, built once per step: request i owns rows
+    ``start_loc[i]:start_loc[i + 1]``, one per draft it verifies plus one (k_i + 1 rows)."""
+
+    params: list[SamplingParams]            # [S]
+    prompt_token_ids: list[list[int]]       # [S]
+    output_token_ids: list[list[int]]       # [S]
+    noises: list[RequestNoise]              # [S]
+    draft_token_ids: list[list[int]]        # [S] k_i drafts each (empty: plain sampling)
+    draft_probs: list[torch.Tensor | None]  # [S] [k_i, V] q of unseeded sampled requests' drafts, else None
+    start_loc: list[int]                    # [S + 1] cumulative k_i + 1
+    row_tensors: SamplingTensors            # [L] the settings of each logits row's request
+
+    @classmethod
+    def build(cls, params: list[SamplingParams], prompt_token_ids: list[list[int]],
+              output_token_ids: list[list[int]], noises: list[RequestNoise], vocab_size: int, device,
+              draft_token_ids: list[list[int]] | None = None,
+              draft_probs: list[torch.Tensor | None] | None = None) -> SamplingBatch:
+        if draft_token_ids is None:
+            draft_token_ids = [[] for _ in params]
+        if draft_probs is None:
+            draft_probs = [None] * len(params)
+        start_loc, owners = [0], []
+        for i, drafts in enumerate(draft_token_ids):
+            start_loc.append(start_loc[-1] + len(drafts) + 1)
+            owners.extend([i] * (len(drafts) + 1))
+        tensors = SamplingTensors.from_params(params, vocab_size, device)
+        if len(owners) != len(params):
+            tensors = tensors.select(torch.tensor(owners, dtype=torch.long, device=device))
+        return cls(params, prompt_token_ids, output_token_ids, noises, draft_token_ids, draft_probs, start_loc,
+                   tensors)
+
+    @property
+    def num_drafts(self) -> list[int]:
+        return [len(d) for d in self.draft_token_ids]
+
+    def rows_of(self, requests: list[int], device) -> torch.Tensor:
+        """[sum k_i + 1] the logits rows of ``requests``, in order."""
+        rows = []
+        for i in requests:
+            rows.extend(range(self.start_loc[i], self.start_loc[i + 1]))
+        return torch.tensor(rows, dtype=torch.long, device=device)

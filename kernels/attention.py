@@ -22,6 +22,41 @@ class AttentionMetadata:
     seq_lens_host: list[int]  # host copy of seq_lens
     block_size: int
     recurrent: object | None = None  # linear-attention state slots of the sequences (hybrid models)
+    query_start_loc_host: list[int] | None = None  # host copy of query_start_loc (None: walk query_lens)
+
+    def token_starts(self) -> list[int]:
+        """[B + 1] where each sequence's tokens start in the flattened step."""
+        if self.query_start_loc_host is not None:
+            return self.query_start_loc_host
+        starts = [0]
+        for n in self.query_lens:
+            starts.append(starts[-1] + n)
+        return starts
+
+
+def build_metadata(tables: list[list[int]], starts: list[int], query_lens: list[int], block_size: int,
+                   device, recurrent=None) -> tuple[AttentionMetadata, torch.Tensor]:
+    """The metadata of a step in which sequence i computes ``query_lens[i]`` new tokens from position
+    ``starts[i]`` on, over its block table ``tables[i]``, and the [T] positions of those tokens. The one place
+    the slot formula lives: slot = block_tables[seq, pos // block_size] * block_size + pos % block_size."""
+    width = max(len(t) for t in tables)
+    block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+    positions, rows, token_starts, seq_lens = [], [], [0], []
+    for i, (start, n) in enumerate(zip(starts, query_lens)):
+        positions.extend(range(start, start + n))
+        rows.extend([i] * n)
+        token_starts.append(token_starts[-1] + n)
+        seq_lens.append(start + n)
+    pos = torch.tensor(positions, dtype=torch.long)
+    slot_mapping = block_tables[torch.tensor(rows, dtype=torch.long), pos // block_size].long() * block_size
+    slot_mapping += pos % block_size
+    meta = AttentionMetadata(
+        slot_mapping=slot_mapping.to(device), block_tables=block_tables.to(device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        query_start_loc=torch.tensor(token_starts, dtype=torch.int32, device=device),
+        query_lens=list(query_lens), seq_lens_host=seq_lens, block_size=block_size, recurrent=recurrent,
+        query_start_loc_host=token_starts)
+    return meta, pos.to(device)
 
 
 class AttentionBackend:
@@ -62,11 +97,14 @@ class TorchPagedAttention(AttentionBackend):
         self.meta = metadata
         self.block_tables = metadata.block_tables.long()
         short, self.long = [], []
-        start = 0
+        starts = metadata.token_starts()
         for i, (q_len, seq_len) in enumerate(zip(metadata.query_lens, metadata.seq_lens_host)):
-            if q_len:
-                (short if q_len <= SHORT_QUERY else self.long).append((i, start, q_len, seq_len))
-            start += q_len
+            if q_len <= 0:
+                continue
+            if q_len <= SHORT_QUERY:
+                short.append((i, starts[i], q_len, seq_len))
+            else:
+                self.long.append((i, starts[i], q_len, seq_len))
         self.short = bool(short)
         if short:
             self._plan_short(short, metadata, all_short=len(short) == len(metadata.query_lens))

@@ -29,9 +29,9 @@ def compute(engine: LLMEngine, reqs_and_counts: list[tuple[Request, int]]) -> li
     out = SchedulerOutput([ScheduledRequest(r, n) for r, n in reqs_and_counts])
     for r, n in reqs_and_counts:
         assert engine.kv.allocate_slots(r.request_id, r.num_computed_tokens + n)
-    ids, pos, meta = engine.runner.prepare_inputs(out)
-    engine.runner.attn.prepare(meta)
-    hidden = engine.model(ids, pos, engine.runner.kv_caches, engine.runner.attn)
+    batch = engine.runner.prepare(out)
+    engine.runner.attn.prepare(batch.attn)
+    hidden = engine.model(batch.input_ids, batch.positions, engine.runner.kv_caches, engine.runner.attn)
     logits = engine.model.compute_logits(hidden)
     result, start = [], 0
     for r, n in reqs_and_counts:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mtpserve.engine.noise import TOKEN, RequestNoise
-from mtpserve.engine.sampler import Sampler, sample_from_probs
+from mtpserve.engine.sampler import Sampler, SamplingBatch, sample_from_probs
 from mtpserve.engine.sampling_params import SamplingParams
 from mtpserve.engine.spec.rejection import verify
 
@@ -26,11 +26,17 @@ def noises(seeds, seeded=False):
     return [RequestNoise(s, seeded=seeded) for s in seeds]
 
 
+def verify_lists(logits, drafts, probs, params, prompts, outputs, request_noises):
+    batch = SamplingBatch.build(params, prompts, outputs, request_noises, logits.shape[-1], logits.device,
+                                draft_token_ids=drafts, draft_probs=probs)
+    return verify(logits, batch)
+
+
 def run(logits, drafts, probs, params, seeds=None, prompts=None, outputs=None, seeded=False):
     n = len(drafts)
     seeds = seeds if seeds is not None else list(range(n))
-    return verify(logits, drafts, probs, params, prompts or [[] for _ in range(n)],
-                  outputs or [[] for _ in range(n)], noises(seeds, seeded))
+    return verify_lists(logits, drafts, probs, params, prompts or [[] for _ in range(n)],
+                        outputs or [[] for _ in range(n)], noises(seeds, seeded))
 
 
 def test_greedy_accepts_prefix_then_recovered_or_bonus():
@@ -159,8 +165,8 @@ def sample_many(target_logits, q, params, seed, seeded):
         else:
             drafts = torch.stack([torch.multinomial(q[j], BATCH, replacement=True, generator=draft_gen)
                                   for j in range(k)], dim=1).tolist()
-        out = verify(target_logits.repeat(BATCH, 1), drafts, [None if seeded else q] * BATCH, [params] * BATCH,
-                     [[] for _ in range(BATCH)], [[] for _ in range(BATCH)], request_noises)
+        out = verify_lists(target_logits.repeat(BATCH, 1), drafts, [None if seeded else q] * BATCH,
+                           [params] * BATCH, [[] for _ in range(BATCH)], [[] for _ in range(BATCH)], request_noises)
         results.extend(out)
     return results
 

@@ -12,29 +12,23 @@ import time
 
 import torch
 
-from mtpserve.engine.sampler import Sampler
+from mtpserve.engine.noise import RequestNoise
+from mtpserve.engine.sampler import SamplingBatch
 from mtpserve.engine.sampling_params import SamplingParams
 from mtpserve.engine.spec.policy import StepCosts
 from mtpserve.engine.spec.rejection import verify
-from mtpserve.kernels.attention import AttentionMetadata
+from mtpserve.kernels.attention import AttentionMetadata, build_metadata
 
 REPEATS = 3
 CONTEXT = 128  # tokens of context each measured sequence attends to
 
 
 def _metadata(runner, rows: int, query_len: int, device) -> tuple[AttentionMetadata, torch.Tensor]:
+    """``rows`` sequences of CONTEXT cached tokens and ``query_len`` new ones, on consecutive blocks."""
     bs = runner.block_size
-    seq_len = CONTEXT + query_len
-    blocks_per_seq = -(-seq_len // bs)
-    tables = torch.arange(rows * blocks_per_seq, dtype=torch.int32).view(rows, blocks_per_seq)
-    pos = torch.arange(CONTEXT, seq_len).repeat(rows)
-    row = torch.arange(rows).repeat_interleave(query_len)
-    slots = tables[row, pos // bs].long() * bs + pos % bs
-    return AttentionMetadata(
-        slot_mapping=slots.to(device), block_tables=tables.to(device),
-        seq_lens=torch.full((rows,), seq_len, dtype=torch.int32, device=device),
-        query_start_loc=(torch.arange(rows + 1, dtype=torch.int32) * query_len).to(device),
-        query_lens=[query_len] * rows, seq_lens_host=[seq_len] * rows, block_size=bs), pos.to(device)
+    blocks_per_seq = -(-(CONTEXT + query_len) // bs)
+    tables = [list(range(r * blocks_per_seq, (r + 1) * blocks_per_seq)) for r in range(rows)]
+    return build_metadata(tables, [CONTEXT] * rows, [query_len] * rows, bs, device)
 
 
 def _best_time(fn) -> float:
@@ -58,25 +52,20 @@ def measure_step_costs(runner, max_batch: int, max_tokens: int, n_max: int) -> S
     model, proposer, device = runner.model, runner.proposer, runner.device
     costs = StepCosts(main={}, draft={})
     greedy = SamplingParams(temperature=0)
-    sampler = Sampler()
     query_lens = sorted({1, 2, n_max + 1})
     b = 1
     while b <= max_batch and _fits(runner, b, 1):
-        params, prompts, outputs, gens = [greedy] * b, [[0]] * b, [[]] * b, [None] * b
         for q in query_lens:
             if (b * q > max_tokens and q > 1) or not _fits(runner, b, q):
                 continue
             meta, pos = _metadata(runner, b, q, device)
             ids = torch.zeros(b * q, dtype=torch.long, device=device)
-            drafts = [[0] * (q - 1)] * b
+            batch = SamplingBatch.build([greedy] * b, [[0]] * b, [[]] * b, [RequestNoise(0)] * b,
+                                        model.config.vocab_size, device, draft_token_ids=[[0] * (q - 1)] * b)
 
             def verify_step():
                 runner.attn.prepare(meta)
-                logits = model.compute_logits(model(ids, pos, runner.kv_caches, runner.attn))
-                if q == 1:
-                    sampler(logits, params, prompts, outputs, gens)
-                else:
-                    verify(logits, drafts, [None] * b, params, prompts, outputs, gens)
+                verify(model.compute_logits(model(ids, pos, runner.kv_caches, runner.attn)), batch)
 
             costs.main[b, q] = _best_time(verify_step)
         meta, pos = _metadata(runner, b, 1, device)

@@ -26,7 +26,7 @@ from mtpserve.engine.kv_cache import KVCacheManager
 from mtpserve.engine.noise import DRAFT, TOKEN
 from mtpserve.engine.request import Request
 from mtpserve.engine.sampler import SamplingTensors, apply_penalties, processed_probs, sample_from_probs
-from mtpserve.kernels.attention import AttentionMetadata, TorchPagedAttention
+from mtpserve.kernels.attention import TorchPagedAttention, build_metadata
 
 
 @dataclass
@@ -56,35 +56,20 @@ class MTPProposer:
         self.last_rows.pop(request_id, None)
         self.draft_probs.pop(request_id, None)
 
-    def _metadata(self, reqs: list[Request], slot_positions: list[list[int]]) -> AttentionMetadata:
-        bs = self.kv.block_size
+    def _run(self, step, reqs, token_ids, hidden, starts: list[int], lengths: list[int]):
+        """MTP layer ``step`` over ``lengths[i]`` tokens of request i, KV slots from position ``starts[i]`` on;
+        the pair at slot p is rotated as position p + 1 (the token it reads)."""
         tables = [self.kv.block_tables[r.request_id] for r in reqs]
-        width = max(len(t) for t in tables)
-        block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
-        slots, query_lens, seq_lens = [], [], []
-        for table, positions in zip(tables, slot_positions):
-            slots.extend(table[p // bs] * bs + p % bs for p in positions)
-            query_lens.append(len(positions))
-            seq_lens.append(positions[-1] + 1)
-        dev = self.device
-        return AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev), block_tables=block_tables.to(dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            query_start_loc=torch.tensor([0] + query_lens, device=dev).cumsum(0).int(),
-            query_lens=query_lens, seq_lens_host=seq_lens, block_size=bs)
-
-    def _run(self, step, reqs, token_ids, hidden, slot_positions):
-        meta = self._metadata(reqs, slot_positions)
+        meta, slot_positions = build_metadata(tables, starts, lengths, self.kv.block_size, self.device)
         self.attn.prepare(meta)
         ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
-        rotary = torch.tensor([p + 1 for ps in slot_positions for p in ps], dtype=torch.long, device=self.device)
-        return self.mtp(step, ids, hidden, rotary, self.kv_caches, self.attn)
+        return self.mtp(step, ids, hidden, slot_positions + 1, self.kv_caches, self.attn)
 
-    def _choose(self, step, items: list[DraftInput], y_last: torch.Tensor, drafts: list[list[int]],
-                probs: list[list[torch.Tensor]]) -> list[int]:
+    def _choose(self, step, items: list[DraftInput], t: SamplingTensors, y_last: torch.Tensor,
+                drafts: list[list[int]], probs: list[list[torch.Tensor]]) -> list[int]:
+        """The next draft of each of ``items`` (``t``: their sampling settings, one row each)."""
         logits = self.mtp.compute_logits(step, y_last).float()
         params = [it.request.sampling_params for it in items]
-        t = SamplingTensors.from_params(params, self.vocab_size, self.device)
         histories = [it.history + d for it, d in zip(items, drafts)]
         logits = apply_penalties(logits, t, [it.request.prompt_token_ids for it in items], histories)
         tokens = logits.argmax(-1)
@@ -113,12 +98,15 @@ class MTPProposer:
             if pending:
                 it.start = pending[0].start
                 it.hidden = torch.cat([p.hidden for p in pending] + [it.hidden])
-                it.next_tokens = [t for p in pending for t in p.next_tokens] + it.next_tokens
+                merged = []
+                for p in pending:
+                    merged.extend(p.next_tokens)
+                it.next_tokens = merged + it.next_tokens
                 pending.clear()
             run.append(it)
         return run
 
-    def _chain(self, items, reqs, tokens, positions, y, ends):
+    def _chain(self, items, reqs, tokens, starts, lengths, y, ends):
         """Later MTP layers: layer j at position p reads (y_{j-1}[p-1], t[p+1]). Fill their KV over the same
         positions, with each request's y_{j-1} row before ``start`` kept from its previous pass (zeros at 0).
         Returns the output of layer 0 (the first draft step continues from there)."""
@@ -133,7 +121,7 @@ class MTPProposer:
                     last_rows.append(None)
                 last_rows[j - 1] = y[end:end + 1]
                 start = end + 1
-            y = self._run(j, reqs, tokens, torch.cat(rows), positions)
+            y = self._run(j, reqs, tokens, torch.cat(rows), starts, lengths)
         return first
 
     @torch.inference_mode()
@@ -152,18 +140,23 @@ class MTPProposer:
                 have = len(self.kv.block_tables[it.request.request_id]) * bs
                 it.num_drafts = max(1, min(it.num_drafts, have - last))
         reqs = [it.request for it in items]
-        positions = [list(range(it.start, it.start + len(it.next_tokens))) for it in items]
-        tokens = [t for it in items for t in it.next_tokens]
-        y = self._run(0, reqs, tokens, torch.cat([it.hidden for it in items]), positions)
-        ends = torch.tensor([len(p) for p in positions], device=self.device).cumsum(0) - 1
-        y = self._chain(items, reqs, tokens, positions, y, ends)
+        starts = [it.start for it in items]
+        lengths = [len(it.next_tokens) for it in items]
+        tokens = []
+        for it in items:
+            tokens.extend(it.next_tokens)
+        y = self._run(0, reqs, tokens, torch.cat([it.hidden for it in items]), starts, lengths)
+        ends = torch.tensor(lengths, device=self.device).cumsum(0) - 1
+        y = self._chain(items, reqs, tokens, starts, lengths, y, ends)
+        tensors = SamplingTensors.from_params([r.sampling_params for r in reqs], self.vocab_size, self.device)
         active = list(range(len(items)))
         drafts: list[list[int]] = [[] for _ in items]
         probs: list[list[torch.Tensor]] = [[] for _ in items]
         y_last = y[ends]
         step = 0
         while active:
-            chosen = self._choose(step, [items[i] for i in active], y_last[active],
+            rows = torch.tensor(active, dtype=torch.long, device=self.device)
+            chosen = self._choose(step, [items[i] for i in active], tensors.select(rows), y_last[active],
                                   [drafts[i] for i in active], [probs[i] for i in active])
             for i, tok in zip(active, chosen):
                 drafts[i].append(tok)
@@ -171,9 +164,9 @@ class MTPProposer:
             if not still:
                 break
             step += 1
-            slot_pos = [[positions[i][-1] + step] for i in still]
+            slots = [starts[i] + lengths[i] - 1 + step for i in still]
             y_step = self._run(step, [reqs[i] for i in still], [drafts[i][-1] for i in still],
-                               y_last[still], slot_pos)
+                               y_last[still], slots, [1] * len(still))
             y_last = y_last.clone()
             y_last[still] = y_step
             active = still

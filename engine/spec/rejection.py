@@ -28,8 +28,8 @@ vocabulary, where q is zero outside a subset, included).
 
 Penalties follow the emitted history: row j is penalized as if d_1..d_j had already been output.
 All randomness is counter-based (`engine/noise.py`), keyed on the request and the output position
-of the row, so no request's tokens depend on the rest of the batch. Requests with k == 0 go through
-`Sampler` unchanged.
+of the row, so no request's tokens depend on the rest of the batch. A request with k == 0 gets the
+token plain sampling gives.
 """
 
 from __future__ import annotations
@@ -37,94 +37,65 @@ from __future__ import annotations
 import torch
 
 from mtpserve.engine.noise import ACCEPT, RequestNoise, uniforms
-from mtpserve.engine.sampler import (Sampler, SamplingTensors, apply_penalties, choose_tokens, processed_probs,
-                                     sample_from_probs)
-from mtpserve.engine.sampling_params import SamplingParams
+from mtpserve.engine.sampler import SamplingBatch, apply_penalties, choose_tokens, processed_probs, sample_from_probs
 
 
-def verify(target_logits: torch.Tensor,
-           draft_token_ids: list[list[int]],
-           draft_probs: list[torch.Tensor | None],
-           params: list[SamplingParams],
-           prompt_token_ids: list[list[int]],
-           output_token_ids: list[list[int]],
-           noises: list[RequestNoise]) -> list[list[int]]:
-    """Per request: the accepted drafts followed by one recovered or bonus token.
+def verify(target_logits: torch.Tensor, batch: SamplingBatch) -> list[list[int]]:
+    """Per request: the accepted drafts followed by one recovered or bonus token (one sampled token for a
+    request without drafts, exactly as plain sampling gives it).
 
-    target_logits: [sum_i (k_i + 1), V] raw main-model logits; request i owns k_i + 1 consecutive rows.
-    draft_token_ids[i]: the k_i >= 0 drafts of request i.
-    draft_probs[i]: [k_i, V] probabilities the drafts were sampled from (None for greedy and seeded
-        requests, which do not need them, and for k_i == 0).
-    noises[i]: request i's noise; its rows are keyed on output positions len(output_token_ids[i]) + j.
+    target_logits: [L, V] raw main-model logits of the batch's rows (request i owns rows
+        batch.start_loc[i]:batch.start_loc[i + 1]); row j of a request is keyed on output position
+        len(output_token_ids) + j.
     """
-    num_drafts = [len(d) for d in draft_token_ids]
-    starts = [0]
-    for k in num_drafts:
-        starts.append(starts[-1] + k + 1)
-    if target_logits.shape[0] != starts[-1]:
-        raise ValueError(f"expected {starts[-1]} target rows, got {target_logits.shape[0]}")
+    if target_logits.shape[0] != batch.start_loc[-1]:
+        raise ValueError(f"expected {batch.start_loc[-1]} target rows, got {target_logits.shape[0]}")
     device = target_logits.device
-    results: list[list[int]] = [[] for _ in params]
-
-    plain = [i for i, k in enumerate(num_drafts) if k == 0]
-    if plain:
-        rows = torch.tensor([starts[i] for i in plain], dtype=torch.long, device=device)
-        tokens = Sampler()(target_logits[rows], [params[i] for i in plain],
-                           [prompt_token_ids[i] for i in plain], [output_token_ids[i] for i in plain],
-                           [noises[i] for i in plain]).token_ids.tolist()
-        for i, token in zip(plain, tokens):
-            results[i] = [token]
-
-    spec = [i for i, k in enumerate(num_drafts) if k > 0]
-    if not spec:
-        return results
-    matched = [i for i in spec if params[i].greedy or noises[i].seeded]
-    rejection = [i for i in spec if i not in matched]
-    for i in rejection:
-        if draft_probs[i] is None:
+    num_drafts = batch.num_drafts
+    logits = _penalized(target_logits.float(), batch)
+    results: list[list[int]] = [[] for _ in batch.params]
+    matched, rejection = [], []
+    for i, (params, noise) in enumerate(zip(batch.params, batch.noises)):
+        if num_drafts[i] == 0 or params.greedy or noise.seeded:
+            matched.append(i)
+        elif batch.draft_probs[i] is None:
             raise ValueError(f"request {i} samples without a seed but has no draft probabilities")
-
-    # Target rows of the speculating requests, penalized with draft-extended histories.
-    rows = torch.cat([torch.arange(starts[i], starts[i + 1], device=device) for i in spec])
-    logits = target_logits[rows].float()
-    owner = torch.tensor([n for n, i in enumerate(spec) for _ in range(num_drafts[i] + 1)],
-                         dtype=torch.long, device=device)
-    tensors = SamplingTensors.from_params([params[i] for i in spec], logits.shape[-1], device).select(owner)
-    if tensors.do_repetition or tensors.do_presence_frequency:
-        row_prompts = [prompt_token_ids[i] for i in spec for _ in range(num_drafts[i] + 1)]
-        row_outputs = [output_token_ids[i] + draft_token_ids[i][:j]
-                       for i in spec for j in range(num_drafts[i] + 1)]
-        logits = apply_penalties(logits, tensors, row_prompts, row_outputs)
-
-    offset, row_offset = 0, {}  # row of request i inside `logits`
-    for i in spec:
-        row_offset[i] = offset
-        offset += num_drafts[i] + 1
-
+        else:
+            rejection.append(i)
     if matched:
-        index = _rows_of(matched, row_offset, num_drafts, device)
-        row_params = [params[i] for i in matched for _ in range(num_drafts[i] + 1)]
-        row_noises = [noises[i] for i in matched for _ in range(num_drafts[i] + 1)]
-        positions = [len(output_token_ids[i]) + j for i in matched for j in range(num_drafts[i] + 1)]
-        targets = choose_tokens(logits[index], tensors.select(index), row_params, row_noises, positions).tolist()
+        index = batch.rows_of(matched, device)
+        row_params, row_noises, positions = [], [], []
+        for i in matched:
+            for j in range(num_drafts[i] + 1):
+                row_params.append(batch.params[i])
+                row_noises.append(batch.noises[i])
+                positions.append(len(batch.output_token_ids[i]) + j)
+        tensors = batch.row_tensors.select(index)
+        targets = choose_tokens(logits[index], tensors, row_params, row_noises, positions).tolist()
         position = 0
         for i in matched:
-            results[i] = _greedy_accept(draft_token_ids[i], targets[position:position + num_drafts[i] + 1])
+            results[i] = _greedy_accept(batch.draft_token_ids[i], targets[position:position + num_drafts[i] + 1])
             position += num_drafts[i] + 1
-
     if rejection:
-        index = _rows_of(rejection, row_offset, num_drafts, device)
-        probs = processed_probs(logits[index], tensors.select(index))
-        _rejection_sample(probs, [draft_token_ids[i] for i in rejection], [draft_probs[i] for i in rejection],
-                          [noises[i] for i in rejection], [len(output_token_ids[i]) for i in rejection],
-                          rejection, results)
+        index = batch.rows_of(rejection, device)
+        probs = processed_probs(logits[index], batch.row_tensors.select(index))
+        _rejection_sample(probs, [batch.draft_token_ids[i] for i in rejection],
+                          [batch.draft_probs[i] for i in rejection], [batch.noises[i] for i in rejection],
+                          [len(batch.output_token_ids[i]) for i in rejection], rejection, results)
     return results
 
 
-def _rows_of(requests: list[int], row_offset: dict[int, int], num_drafts: list[int], device) -> torch.Tensor:
-    """The rows of ``requests`` (k_i + 1 each) inside the speculating requests' logits."""
-    return torch.cat([torch.arange(row_offset[i], row_offset[i] + num_drafts[i] + 1, device=device)
-                      for i in requests])
+def _penalized(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Row j of a request penalized as if its drafts d_1..d_j had already been output."""
+    tensors = batch.row_tensors
+    if not (tensors.do_repetition or tensors.do_presence_frequency):
+        return logits
+    row_prompts, row_outputs = [], []
+    for prompt, output, drafts in zip(batch.prompt_token_ids, batch.output_token_ids, batch.draft_token_ids):
+        for j in range(len(drafts) + 1):
+            row_prompts.append(prompt)
+            row_outputs.append(output + drafts[:j])
+    return apply_penalties(logits, tensors, row_prompts, row_outputs)
 
 
 def _greedy_accept(drafts: list[int], best: list[int]) -> list[int]:
@@ -141,21 +112,21 @@ def _rejection_sample(probs: torch.Tensor, drafts: list[list[int]], draft_probs:
     """probs: [sum (k + 1), V] processed target rows of the sampled requests, in order; num_outputs[n]:
     request n's output length, the output position of its first row. Writes results[owners[n]]."""
     device = probs.device
-    starts = [0]
-    for d in drafts:
-        starts.append(starts[-1] + len(d) + 1)
-    draft_rows = torch.tensor([starts[n] + j for n, d in enumerate(drafts) for j in range(len(d))],
-                              dtype=torch.long, device=device)
-    flat_drafts = torch.tensor([t for d in drafts for t in d], dtype=torch.long, device=device)
+    starts, draft_rows, flat_drafts, draft_noises, draft_positions = [0], [], [], [], []
+    for n, d in enumerate(drafts):  # one entry per draft: its row in probs, token, noise and output position
+        draft_rows.extend(range(starts[n], starts[n] + len(d)))
+        flat_drafts.extend(d)
+        draft_noises.extend([noises[n]] * len(d))
+        draft_positions.extend(range(num_outputs[n], num_outputs[n] + len(d)))
+        starts.append(starts[n] + len(d) + 1)
+    draft_rows = torch.tensor(draft_rows, dtype=torch.long, device=device)
+    flat_drafts = torch.tensor(flat_drafts, dtype=torch.long, device=device)
     q = torch.cat([dp[:len(d)].to(device=device, dtype=torch.float32)
                    for d, dp in zip(drafts, draft_probs)])                        # [sum k, V]
     p_draft = probs[draft_rows].gather(1, flat_drafts[:, None])[:, 0].double()   # p[d_j]
     q_draft = q.gather(1, flat_drafts[:, None])[:, 0].double()                    # q[d_j]
     # q[d_j] == 0 cannot happen for a sampled draft; then accept iff p[d_j] > 0 (0/0 -> reject).
     ratio = torch.nan_to_num(p_draft / q_draft, nan=0.0).clamp(max=1.0)
-
-    draft_noises = [noise for noise, d in zip(noises, drafts) for _ in d]
-    draft_positions = [start + j for start, d in zip(num_outputs, drafts) for j in range(len(d))]
     accepted_mask = (uniforms(draft_noises, draft_positions, ACCEPT, device) < ratio).tolist()
 
     # One final row per request: the residual at the first rejection, or the bonus row.
