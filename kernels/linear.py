@@ -18,17 +18,28 @@ SPLIT_K_MAX_ROWS = 32
 SPLIT_K_MIN_WEIGHT = 1 << 18
 
 
-def linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(
+    x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """x: [..., in], weight_t: [in, out], bias: [out] -> [..., out]."""
     in_features, out_features = weight_t.shape
     rows = x.numel() // in_features
     parts = torch.get_num_threads()
-    if (parts > 1 and rows <= SPLIT_K_MAX_ROWS and weight_t.numel() >= SPLIT_K_MIN_WEIGHT
-            and in_features % parts == 0 and x.device.type == "cpu"
-            and weight_t.dtype in (torch.float32, torch.float64)):
+    if _split_k(x, weight_t, rows, parts):
         xs = x.reshape(rows, parts, in_features // parts).transpose(0, 1)  # [parts, rows, in/parts]
         out = torch.bmm(xs, weight_t.view(parts, in_features // parts, out_features)).sum(0)
         out = out.view(*x.shape[:-1], out_features)
     else:
         out = x @ weight_t
-    return out + bias if bias is not None else out
+    if bias is not None:
+        out = out + bias
+    return out
+
+
+def _split_k(x: torch.Tensor, weight_t: torch.Tensor, rows: int, parts: int) -> bool:
+    """Whether to split the reduction across ``parts`` threads: few rows, a big float weight."""
+    if parts <= 1 or rows > SPLIT_K_MAX_ROWS or weight_t.numel() < SPLIT_K_MIN_WEIGHT:
+        return False
+    if weight_t.shape[0] % parts != 0 or x.device.type != "cpu":
+        return False
+    return weight_t.dtype in (torch.float32, torch.float64)

@@ -1,4 +1,5 @@
-"""Rotary position embeddings: frequency tables (default, linear, llama3, yarn) and their application."""
+"""Rotary position embeddings: frequency tables (default, linear, llama3, yarn) and their
+application."""
 
 from __future__ import annotations
 
@@ -24,14 +25,18 @@ def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
-def _yarn_inv_freq(rotary_dim: int, base: float, s: dict, max_pos: int) -> tuple[torch.Tensor, float]:
+def _yarn_inv_freq(
+    rotary_dim: int, base: float, s: dict, max_pos: int
+) -> tuple[torch.Tensor, float]:
     factor = s["factor"]
     old_len = s.get("original_max_position_embeddings") or max_pos
-    beta_fast, beta_slow = s.get("beta_fast", 32.0), s.get("beta_slow", 1.0)
+    beta_fast = s.get("beta_fast", 32.0)
+    beta_slow = s.get("beta_slow", 1.0)
     attention_factor = s.get("attention_factor")
     if attention_factor is None:
         if s.get("mscale") and s.get("mscale_all_dim"):
-            attention_factor = _yarn_mscale(factor, s["mscale"]) / _yarn_mscale(factor, s["mscale_all_dim"])
+            mscale = _yarn_mscale(factor, s["mscale"])
+            attention_factor = mscale / _yarn_mscale(factor, s["mscale_all_dim"])
         else:
             attention_factor = _yarn_mscale(factor)
 
@@ -63,7 +68,8 @@ def rope_cos_sin(rotary_dim: int, base: float, max_positions: int, scaling: dict
     elif kind == "llama3":
         inv_freq = _llama3_inv_freq(inv_freq, scaling)
     elif kind == "yarn":
-        inv_freq, attention_factor = _yarn_inv_freq(rotary_dim, base, scaling, max_position_embeddings)
+        yarn = _yarn_inv_freq(rotary_dim, base, scaling, max_position_embeddings)
+        inv_freq, attention_factor = yarn
     elif kind is not None:
         raise ValueError(f"unsupported rope type {kind!r}")
     freqs = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)

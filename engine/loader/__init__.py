@@ -12,7 +12,8 @@ if TYPE_CHECKING:
 
 
 def load_checkpoint(model: str) -> "Checkpoint":
-    """Load ``model``: "default" (the bundled GGUF), a ``.gguf`` file, or a Hugging Face model directory."""
+    """Load ``model``: "default" (the bundled GGUF), a ``.gguf`` file, or a Hugging Face model
+    directory."""
     if model == "default":
         from mtpserve.engine.loader.gguf import default_gguf_path, load_gguf
 
@@ -28,4 +29,6 @@ def load_checkpoint(model: str) -> "Checkpoint":
         from mtpserve.engine.loader.gguf import load_gguf
 
         return load_gguf(path)
-    raise ModelLoadError(f"cannot load {model}: expected a .gguf file or a Hugging Face model directory")
+    raise ModelLoadError(
+        f"cannot load {model}: expected a .gguf file or a Hugging Face model directory"
+    )

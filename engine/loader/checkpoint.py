@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from mtpserve.engine.config import GenerationDefaults, ModelConfig
-from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from mtpserve.engine.tokenizer import Tokenizer
@@ -21,7 +21,8 @@ class Checkpoint:
     tokenizer: "Tokenizer"
     generation: GenerationDefaults
     source: str  # path it was loaded from
-    weight_format: str = ""  # how the weights are stored, e.g. "GGUF Q4_1" or "safetensors bfloat16"
+    # how the weights are stored, e.g. "GGUF Q4_1" or "safetensors bfloat16"
+    weight_format: str = ""
 
 
 def most_common(kinds) -> str:

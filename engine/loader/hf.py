@@ -1,4 +1,5 @@
-"""Load a Hugging Face model directory: config.json, safetensors weights, tokenizer, generation_config.json."""
+"""Load a Hugging Face model directory: config.json, safetensors weights, tokenizer,
+generation_config.json."""
 
 from __future__ import annotations
 
@@ -10,8 +11,13 @@ import torch
 
 from mtpserve.engine.config import SUPPORTED_ARCHITECTURES, GenerationDefaults, ModelConfig
 from mtpserve.engine.errors import ModelLoadError
-from mtpserve.engine.loader.hybrid_config import (HYBRID_ARCHITECTURES, hybrid_fields, qwen_mtp_layers,
-                                                  text_config_of, text_weights)
+from mtpserve.engine.loader.hybrid_config import (
+    HYBRID_ARCHITECTURES,
+    hybrid_fields,
+    qwen_mtp_layers,
+    text_config_of,
+    text_weights,
+)
 
 if TYPE_CHECKING:
     from mtpserve.engine.loader.checkpoint import Checkpoint
@@ -28,12 +34,17 @@ ARCHITECTURE_CLASSES = {
     "Qwen3_5MoeForCausalLM": "qwen3_5_moe_text",
 }
 # transformers' defaults for keys a config.json may leave out
-DEFAULT_MAX_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768, "glm4_moe": 131072,
-                         "qwen3_next": 32768, "qwen3_5_text": 32768, "qwen3_5_moe_text": 32768}
-GLM4_MOE_DEFAULTS = {"n_routed_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 1408,
-                     "n_shared_experts": 1, "n_group": 1, "topk_group": 1, "norm_topk_prob": True,
-                     "routed_scaling_factor": 1.0, "first_k_dense_replace": 1}
-MTP_COUNT_KEYS = ("num_nextn_predict_layers", "num_mtp_layers", "mtp_num_hidden_layers")  # the last: Qwen3.5
+DEFAULT_MAX_POSITIONS = {
+    "llama": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768, "glm4_moe": 131072,
+    "qwen3_next": 32768, "qwen3_5_text": 32768, "qwen3_5_moe_text": 32768,
+}
+GLM4_MOE_DEFAULTS = {
+    "n_routed_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 1408,
+    "n_shared_experts": 1, "n_group": 1, "topk_group": 1, "norm_topk_prob": True,
+    "routed_scaling_factor": 1.0, "first_k_dense_replace": 1,
+}
+# the last one: Qwen3.5
+MTP_COUNT_KEYS = ("num_nextn_predict_layers", "num_mtp_layers", "mtp_num_hidden_layers")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 ROPE_KEYS = {
     "linear": ("factor",),
@@ -58,10 +69,15 @@ def architecture_of(cfg: dict) -> str:
     if model_type is None:
         names = cfg.get("architectures") or []
         known = [ARCHITECTURE_CLASSES[n] for n in names if n in ARCHITECTURE_CLASSES]
-        model_type = known[0] if known else (names[0] if names else "unknown")
+        model_type = "unknown"
+        if known:
+            model_type = known[0]
+        elif names:
+            model_type = names[0]
     if model_type not in SUPPORTED_ARCHITECTURES + ("mimo",):
         raise ModelLoadError(
-            f"unsupported architecture '{model_type}' (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+            f"unsupported architecture '{model_type}' "
+            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
         )
     return model_type
 
@@ -74,11 +90,14 @@ def token_ids(value) -> list[int]:
     return [int(v) for v in value]
 
 
-def parse_rope(cfg: dict, max_positions: int, default_partial: float = 1.0) -> tuple[float, float, dict | None]:
+def parse_rope(
+    cfg: dict, max_positions: int, default_partial: float = 1.0
+) -> tuple[float, float, dict | None]:
     """Return (rope_theta, partial_rotary_factor, rope_scaling) from either config form.
 
-    transformers 5 writes ``rope_parameters`` (theta, type and scaling keys in one dict); older configs write
-    ``rope_theta`` / ``partial_rotary_factor`` at the top level and scaling in ``rope_scaling``.
+    transformers 5 writes ``rope_parameters`` (theta, type and scaling keys in one dict); older
+    configs write ``rope_theta`` / ``partial_rotary_factor`` at the top level and scaling in
+    ``rope_scaling``.
     """
     params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
     if params and all(isinstance(v, dict) for v in params.values()):
@@ -93,12 +112,15 @@ def parse_rope(cfg: dict, max_positions: int, default_partial: float = 1.0) -> t
     scaling = None
     if rope_type != "default":
         scaling = {"rope_type": rope_type}
-        scaling.update({k: params[k] for k in ROPE_KEYS[rope_type] if params.get(k) is not None})
-        if rope_type in ("llama3", "yarn"):  # as transformers: pretraining length defaults to the config's
-            scaling.setdefault(
-                "original_max_position_embeddings", cfg.get("original_max_position_embeddings", max_positions)
-            )
-        if rope_type == "yarn" and "factor" not in scaling:  # as transformers (DeepSeek-V3 style configs)
+        for key in ROPE_KEYS[rope_type]:
+            if params.get(key) is not None:
+                scaling[key] = params[key]
+        if rope_type in ("llama3", "yarn"):
+            # as transformers: the pretraining length defaults to the config's
+            original = cfg.get("original_max_position_embeddings", max_positions)
+            scaling.setdefault("original_max_position_embeddings", original)
+        if rope_type == "yarn" and "factor" not in scaling:
+            # as transformers (DeepSeek-V3 style configs)
             scaling["factor"] = max_positions / scaling["original_max_position_embeddings"]
         if "factor" not in scaling:
             raise ModelLoadError(f"rope type '{rope_type}' needs a 'factor'")
@@ -106,14 +128,21 @@ def parse_rope(cfg: dict, max_positions: int, default_partial: float = 1.0) -> t
 
 
 def moe_fields(cfg: dict, arch: str) -> dict:
-    """Mixture-of-experts keys of a glm4_moe config.json (transformers' defaults for absent keys); {} otherwise."""
+    """Mixture-of-experts keys of a glm4_moe config.json (transformers' defaults for absent keys);
+    {} otherwise."""
     if arch != "glm4_moe":
         return {}
-    get = lambda key: cfg[key] if cfg.get(key) is not None else GLM4_MOE_DEFAULTS[key]  # noqa: E731
-    ints = ("n_routed_experts", "num_experts_per_tok", "moe_intermediate_size", "n_shared_experts", "n_group",
-            "topk_group", "first_k_dense_replace")
+
+    def get(key):
+        if cfg.get(key) is not None:
+            return cfg[key]
+        return GLM4_MOE_DEFAULTS[key]
+
+    ints = ("n_routed_experts", "num_experts_per_tok", "moe_intermediate_size", "n_shared_experts",
+            "n_group", "topk_group", "first_k_dense_replace")
     fields = {k: int(get(k)) for k in ints}
-    fields.update(norm_topk_prob=bool(get("norm_topk_prob")), routed_scaling_factor=float(get("routed_scaling_factor")))
+    fields["norm_topk_prob"] = bool(get("norm_topk_prob"))
+    fields["routed_scaling_factor"] = float(get("routed_scaling_factor"))
     experts, groups = fields["n_routed_experts"], fields["n_group"]
     if groups < 1 or experts % groups or not 1 <= fields["topk_group"] <= groups:
         raise ModelLoadError(f"invalid expert groups: {experts} experts, n_group {groups}, "
@@ -121,19 +150,48 @@ def moe_fields(cfg: dict, arch: str) -> dict:
     return fields
 
 
-def parse_hf_config(cfg: dict) -> ModelConfig:
-    """Map a transformers config.json (llama, mistral, qwen2, qwen3, glm4_moe, mimo, qwen3_next, qwen3_5 and
-    qwen3_5_moe, dense text or image-text) to a ModelConfig.
+def default_partial_rotary(arch: str) -> float:
+    """transformers' partial_rotary_factor when a config leaves it out: 0.5 for glm4_moe, 0.25 for
+    the hybrids."""
+    if arch == "glm4_moe":
+        return 0.5
+    if arch in HYBRID_ARCHITECTURES:
+        return 0.25
+    return 1.0
 
-    Sliding-window attention is not implemented: when a config enables a window shorter than the context,
-    max_position_embeddings is capped to the window, where full attention gives the same result.
+
+def has_attention_bias(cfg: dict, arch: str) -> bool:
+    """qwen2 always has q/k/v bias (never on o_proj); mistral never; llama/qwen3 follow the key
+    (and then o_proj has a bias too: see the weights)."""
+    if arch == "qwen2":
+        return True
+    return arch != "mistral" and bool(cfg.get("attention_bias"))
+
+
+def mtp_layer_count(cfg: dict) -> int:
+    """The first non-zero MTP layer count among MTP_COUNT_KEYS, else 0 (transformers 5 reads
+    num_mtp_layers as an alias and writes num_nextn_predict_layers)."""
+    for key in MTP_COUNT_KEYS:
+        if cfg.get(key):
+            return int(cfg[key])
+    return 0
+
+
+def parse_hf_config(cfg: dict) -> ModelConfig:
+    """Map a transformers config.json (llama, mistral, qwen2, qwen3, glm4_moe, mimo, qwen3_next,
+    qwen3_5 and qwen3_5_moe, dense text or image-text) to a ModelConfig.
+
+    Sliding-window attention is not implemented: when a config enables a window shorter than the
+    context, max_position_embeddings is capped to the window, where full attention gives the same
+    result.
     """
     cfg = text_config_of(cfg)
     arch = architecture_of(cfg)
     mtp_layout = "deepseek"
     if arch == "mimo":  # Qwen2 with MTP layers under model.mtp_layers.{i}
         arch, mtp_layout = "qwen2", "mimo"
-    hybrid = arch in HYBRID_ARCHITECTURES  # Qwen3-Next / 3.5: MTP layers under mtp.*, partial rotary 0.25, q/k norm
+    # Qwen3-Next / 3.5: MTP layers under mtp.*, partial rotary 0.25, q/k norm
+    hybrid = arch in HYBRID_ARCHITECTURES
     if hybrid:
         mtp_layout = "qwen"
     if cfg.get("quantization_config"):
@@ -153,15 +211,20 @@ def parse_hf_config(cfg: dict) -> ModelConfig:
         if window and window_on and window < max_positions:
             max_positions = int(window)
         glm = arch == "glm4_moe"  # transformers' glm4_moe defaults: partial rotary 0.5, eps 1e-5
-        theta, partial, scaling = parse_rope(cfg, max_positions, 0.5 if glm else 0.25 if hybrid else 1.0)
+        theta, partial, scaling = parse_rope(cfg, max_positions, default_partial_rotary(arch))
+        if hybrid:
+            intermediate = int(cfg.get("intermediate_size") or 0)
+        else:
+            intermediate = int(cfg["intermediate_size"])
+        default_kv_heads = 8 if glm else heads
         return ModelConfig(
             architecture=arch,
             vocab_size=int(cfg["vocab_size"]),
             hidden_size=hidden,
-            intermediate_size=int(cfg.get("intermediate_size") or 0) if hybrid else int(cfg["intermediate_size"]),
+            intermediate_size=intermediate,
             num_hidden_layers=int(cfg["num_hidden_layers"]),
             num_attention_heads=heads,
-            num_key_value_heads=int(cfg.get("num_key_value_heads") or (8 if glm else heads)),
+            num_key_value_heads=int(cfg.get("num_key_value_heads") or default_kv_heads),
             head_dim=int(cfg.get("head_dim") or hidden // heads),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5 if glm else 1e-6)),
             rope_theta=theta,
@@ -169,14 +232,11 @@ def parse_hf_config(cfg: dict) -> ModelConfig:
             partial_rotary_factor=partial,
             max_position_embeddings=max_positions,
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            # qwen2 always has q/k/v bias (never on o_proj); mistral never; llama/qwen3 follow the key
-            # (and then o_proj has a bias too: see the weights).
-            attention_bias=True if arch == "qwen2" else arch != "mistral" and bool(cfg.get("attention_bias")),
+            attention_bias=has_attention_bias(cfg, arch),
             qk_norm=arch == "qwen3" or hybrid or glm and bool(cfg.get("use_qk_norm")),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=token_ids(cfg.get("eos_token_id")),
-            # transformers 5 reads num_mtp_layers as an alias (and writes num_nextn_predict_layers)
-            num_nextn_predict_layers=int(next((cfg[k] for k in MTP_COUNT_KEYS if cfg.get(k)), 0)),
+            num_nextn_predict_layers=mtp_layer_count(cfg),
             mtp_layout=mtp_layout,
             **moe_fields(cfg, arch),
             **hybrid_fields(cfg, arch, int(cfg["num_hidden_layers"])),
@@ -188,9 +248,9 @@ def parse_hf_config(cfg: dict) -> ModelConfig:
 def load_generation_defaults(path: str) -> GenerationDefaults:
     """Read generation_config.json if present (all None when absent).
 
-    HF semantics for do_sample: when it is explicitly false the model's default decoding is greedy, recorded as
-    temperature=0.0 (the other sampling values are then irrelevant and left None). When do_sample is true or
-    absent, the sampling values are taken as given (as vLLM does).
+    HF semantics for do_sample: when it is explicitly false the model's default decoding is greedy,
+    recorded as temperature=0.0 (the other sampling values are then irrelevant and left None). When
+    do_sample is true or absent, the sampling values are taken as given (as vLLM does).
     """
     file = os.path.join(path, "generation_config.json")
     if not os.path.isfile(file):
@@ -201,7 +261,9 @@ def load_generation_defaults(path: str) -> GenerationDefaults:
         return GenerationDefaults(temperature=0.0, eos_token_ids=eos)
 
     def num(key, kind):
-        return None if gen.get(key) is None else kind(gen[key])
+        if gen.get(key) is None:
+            return None
+        return kind(gen[key])
 
     return GenerationDefaults(
         temperature=num("temperature", float),
@@ -225,7 +287,8 @@ def weight_files(path: str) -> dict[str, list[str] | None]:
         if not files:
             raise ModelLoadError(f"{INDEX_FILE} in {path} has an empty weight_map")
         return files
-    if any(os.path.isfile(os.path.join(path, f)) for f in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+    pickled = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+    if any(os.path.isfile(os.path.join(path, f)) for f in pickled):
         raise ModelLoadError(
             f"{path} has only pytorch_model.bin weights; only safetensors is supported "
             "(convert with transformers: model.save_pretrained(dir, safe_serialization=True))"
@@ -241,22 +304,33 @@ def load_weights(path: str) -> dict[str, torch.Tensor]:
     for file, expected in weight_files(path).items():
         full = os.path.join(path, file)
         if not os.path.isfile(full):
-            raise ModelLoadError(f"weights file {file} listed in {INDEX_FILE} is missing from {path}")
+            raise ModelLoadError(
+                f"weights file {file} listed in {INDEX_FILE} is missing from {path}"
+            )
         try:
             with safe_open(full, framework="pt") as f:
-                names = list(f.keys())
-                missing = set(expected or ()) - set(names)
-                if missing:
-                    raise ModelLoadError(f"{file} lacks {len(missing)} tensors listed in {INDEX_FILE}, "
-                                         f"e.g. {sorted(missing)[0]}")
-                for name in names:
-                    t = f.get_tensor(name)
-                    weights[name] = t.float() if t.is_floating_point() else t
+                read_safetensors(f, file, expected, weights)
         except ModelLoadError:
             raise
         except Exception as e:  # SafetensorError, OSError, ... on truncated or corrupt files
-            raise ModelLoadError(f"cannot read weights file {full} (corrupt or truncated?): {e}") from e
+            raise ModelLoadError(
+                f"cannot read weights file {full} (corrupt or truncated?): {e}"
+            ) from e
     return weights
+
+
+def read_safetensors(f, file: str, expected: list[str] | None, weights: dict) -> None:
+    """Add every tensor of the open safetensors file ``f`` to ``weights`` (floats as float32)."""
+    names = list(f.keys())
+    missing = set(expected or ()) - set(names)
+    if missing:
+        raise ModelLoadError(f"{file} lacks {len(missing)} tensors listed in {INDEX_FILE}, "
+                             f"e.g. {sorted(missing)[0]}")
+    for name in names:
+        t = f.get_tensor(name)
+        if t.is_floating_point():
+            t = t.float()
+        weights[name] = t
 
 
 def check_weights(config: ModelConfig, weights: dict[str, torch.Tensor], path: str) -> None:
@@ -270,7 +344,8 @@ def check_weights(config: ModelConfig, weights: dict[str, torch.Tensor], path: s
 
 
 def load_hf_dir(path: str) -> "Checkpoint":
-    """Load a Hugging Face model directory; config and weight errors are reported before the tokenizer loads."""
+    """Load a Hugging Face model directory; config and weight errors are reported before the
+    tokenizer loads."""
     path = str(path)
     if not os.path.isdir(path):
         raise ModelLoadError(f"model path not found: {path}")
@@ -280,11 +355,13 @@ def load_hf_dir(path: str) -> "Checkpoint":
     raw = text_config_of(read_json(config_file))
     config = parse_hf_config(raw)
     weights = load_weights(path)
-    if config.architecture in HYBRID_ARCHITECTURES:  # Qwen3.5 image-text releases: the language model's weights
-        weights = text_weights(weights)
+    if config.architecture in HYBRID_ARCHITECTURES:
+        weights = text_weights(weights)  # Qwen3.5 image-text releases: the language model's weights
     check_weights(config, weights, path)
-    if config.mtp_layout == "qwen" and not any(raw.get(k) is not None for k in MTP_COUNT_KEYS):
-        config.num_nextn_predict_layers = qwen_mtp_layers(weights)  # Qwen3-Next's config does not say
+    count_given = any(raw.get(k) is not None for k in MTP_COUNT_KEYS)
+    if config.mtp_layout == "qwen" and not count_given:
+        # Qwen3-Next's config does not say
+        config.num_nextn_predict_layers = qwen_mtp_layers(weights)
     generation = load_generation_defaults(path)
     if not generation.eos_token_ids:
         generation.eos_token_ids = list(config.eos_token_ids)
@@ -292,6 +369,7 @@ def load_hf_dir(path: str) -> "Checkpoint":
     from mtpserve.engine.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_dir(path)
-    weight_format = "safetensors " + most_common(str(w.dtype).removeprefix("torch.") for w in weights.values())
-    return Checkpoint(config=config, weights=weights, tokenizer=tokenizer, generation=generation, source=path,
-                      weight_format=weight_format)
+    dtypes = [str(w.dtype).removeprefix("torch.") for w in weights.values()]
+    weight_format = "safetensors " + most_common(dtypes)
+    return Checkpoint(config=config, weights=weights, tokenizer=tokenizer, generation=generation,
+                      source=path, weight_format=weight_format)

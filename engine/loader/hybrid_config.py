@@ -1,18 +1,27 @@
-"""config.json keys of the hybrid Qwen family (transformers ``qwen3_next``, ``qwen3_5_text``, ``qwen3_5_moe_text``):
-which layers are Gated DeltaNet (linear attention) and which full attention, the DeltaNet shapes, and the Qwen
-mixture of experts. Qwen3.5 releases are image-text models (``qwen3_5`` / ``qwen3_5_moe``): their language model is
-``text_config`` with weights under ``model.language_model.*``; the vision tower is not loaded."""
+"""config.json keys of the hybrid Qwen family (transformers ``qwen3_next``, ``qwen3_5_text``,
+``qwen3_5_moe_text``): which layers are Gated DeltaNet (linear attention) and which full attention,
+the DeltaNet shapes, and the Qwen mixture of experts. Qwen3.5 releases are image-text models
+(``qwen3_5`` / ``qwen3_5_moe``): their language model is ``text_config`` with weights under
+``model.language_model.*``; the vision tower is not loaded."""
 
 from __future__ import annotations
 
 from mtpserve.engine.errors import ModelLoadError
 
 HYBRID_ARCHITECTURES = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text")
-WRAPPERS = {"qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text"}  # image-text model -> its text model
+# image-text model -> its text model
+WRAPPERS = {"qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text"}
 LAYER_TYPES = ("full_attention", "linear_attention")
 # transformers' defaults for keys a config.json may leave out
-LINEAR_DEFAULTS = {"linear_conv_kernel_dim": 4, "linear_num_key_heads": 16, "linear_num_value_heads": 32,
-                   "linear_key_head_dim": 128, "linear_value_head_dim": 128, "full_attention_interval": 4}
+LINEAR_DEFAULTS = {
+    "linear_conv_kernel_dim": 4, "linear_num_key_heads": 16, "linear_num_value_heads": 32,
+    "linear_key_head_dim": 128, "linear_value_head_dim": 128, "full_attention_interval": 4,
+}
+INT_KEYS = (
+    "linear_conv_kernel_dim", "linear_num_key_heads", "linear_num_value_heads",
+    "linear_key_head_dim", "linear_value_head_dim", "num_experts_per_tok", "moe_intermediate_size",
+    "shared_expert_intermediate_size", "decoder_sparse_step",
+)
 MOE_DEFAULTS = {
     "qwen3_next": {"num_experts": 512, "num_experts_per_tok": 10, "moe_intermediate_size": 512,
                    "shared_expert_intermediate_size": 512},
@@ -45,13 +54,21 @@ def text_weights(weights: dict) -> dict:
 
 
 def layer_types(cfg: dict, num_layers: int) -> tuple[str, ...]:
-    """``layer_types`` as given, else every ``full_attention_interval``-th layer full attention (as transformers)."""
+    """``layer_types`` as given, else every ``full_attention_interval``-th layer full attention (as
+    transformers)."""
     types = cfg.get("layer_types")
     if types is None:
-        interval = int(cfg.get("full_attention_interval") or LINEAR_DEFAULTS["full_attention_interval"])
-        types = ["full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(num_layers)]
+        interval = cfg.get("full_attention_interval") or LINEAR_DEFAULTS["full_attention_interval"]
+        interval = int(interval)
+        types = []
+        for i in range(num_layers):
+            if (i + 1) % interval == 0:
+                types.append("full_attention")
+            else:
+                types.append("linear_attention")
     if len(types) != num_layers or any(t not in LAYER_TYPES for t in types):
-        raise ModelLoadError(f"layer_types must list {num_layers} entries from {', '.join(LAYER_TYPES)}, got {types}")
+        raise ModelLoadError(f"layer_types must list {num_layers} entries from "
+                             f"{', '.join(LAYER_TYPES)}, got {types}")
     return tuple(types)
 
 
@@ -59,22 +76,22 @@ def hybrid_fields(cfg: dict, arch: str, num_layers: int) -> dict:
     """ModelConfig fields of a hybrid Qwen config; {} for other architectures."""
     if arch not in HYBRID_ARCHITECTURES:
         return {}
-    defaults = {**LINEAR_DEFAULTS, **MOE_DEFAULTS[arch], "decoder_sparse_step": 1, "norm_topk_prob": True}
+    defaults = {**LINEAR_DEFAULTS, **MOE_DEFAULTS[arch]}
+    defaults["decoder_sparse_step"] = 1
+    defaults["norm_topk_prob"] = True
 
     def get(key):
         return cfg[key] if cfg.get(key) is not None else defaults[key]
 
-    fields = {k: int(get(k)) for k in ("linear_conv_kernel_dim", "linear_num_key_heads", "linear_num_value_heads",
-                                       "linear_key_head_dim", "linear_value_head_dim", "num_experts_per_tok",
-                                       "moe_intermediate_size", "shared_expert_intermediate_size",
-                                       "decoder_sparse_step")}
+    fields = {k: int(get(k)) for k in INT_KEYS}
     if fields["linear_num_value_heads"] % fields["linear_num_key_heads"]:
         raise ModelLoadError("linear_num_value_heads must be a multiple of linear_num_key_heads")
     if fields["decoder_sparse_step"] < 1:
         raise ModelLoadError("decoder_sparse_step must be >= 1")
-    fields.update(layer_types=layer_types(cfg, num_layers), n_routed_experts=int(get("num_experts")),
-                  norm_topk_prob=bool(get("norm_topk_prob")),
-                  mlp_only_layers=tuple(int(i) for i in cfg.get("mlp_only_layers") or ()))
+    fields["layer_types"] = layer_types(cfg, num_layers)
+    fields["n_routed_experts"] = int(get("num_experts"))
+    fields["norm_topk_prob"] = bool(get("norm_topk_prob"))
+    fields["mlp_only_layers"] = tuple(int(i) for i in cfg.get("mlp_only_layers") or ())
     return fields
 
 

@@ -12,12 +12,14 @@ MODEL_CLASSES = {
     "qwen3": LlamaForCausalLM,
     "glm4_moe": Glm4MoeForCausalLM,
     "qwen3_next": Qwen3NextForCausalLM,
-    "qwen3_5_text": Qwen3NextForCausalLM,  # same blocks; the DeltaNet projections stored apart, dense MLPs
+    # same blocks; the DeltaNet projections stored apart, dense MLPs
+    "qwen3_5_text": Qwen3NextForCausalLM,
     "qwen3_5_moe_text": Qwen3NextForCausalLM,
 }
 
 
 def model_class(arch: str):
     if arch not in MODEL_CLASSES:
-        raise ModelLoadError(f"no model class for architecture '{arch}' (known: {', '.join(MODEL_CLASSES)})")
+        known = ", ".join(MODEL_CLASSES)
+        raise ModelLoadError(f"no model class for architecture '{arch}' (known: {known})")
     return MODEL_CLASSES[arch]

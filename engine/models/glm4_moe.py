@@ -1,11 +1,13 @@
-"""GLM-4.5 family (transformers ``glm4_moe``): the Llama block with partial rotary, q/k/v bias (none on o_proj),
-optional q/k norm, and a mixture of experts in every layer from ``first_k_dense_replace`` on.
+"""GLM-4.5 family (transformers ``glm4_moe``): the Llama block with partial rotary, q/k/v bias (none
+on o_proj), optional q/k norm, and a mixture of experts in every layer from
+``first_k_dense_replace`` on.
 
-Routing (as transformers and the reference release): sigmoid scores; ``e_score_correction_bias`` is added for
-choosing experts only (group-limited: keep the ``topk_group`` groups whose two best biased scores sum highest, then
-the top ``num_experts_per_tok`` experts among them); the chosen experts are weighted by their unbiased scores,
-renormalized when ``norm_topk_prob``, times ``routed_scaling_factor``. Shared experts see every token.
-The router stays in float32 whatever the runtime dtype, as in transformers and vLLM.
+Routing (as transformers and the reference release): sigmoid scores; ``e_score_correction_bias`` is
+added for choosing experts only (group-limited: keep the ``topk_group`` groups whose two best biased
+scores sum highest, then the top ``num_experts_per_tok`` experts among them); the chosen experts are
+weighted by their unbiased scores, renormalized when ``norm_topk_prob``, times
+``routed_scaling_factor``. Shared experts see every token. The router stays in float32 whatever the
+runtime dtype, as in transformers and vLLM.
 """
 
 from __future__ import annotations
@@ -17,7 +19,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtpserve.engine.config import ModelConfig
-from mtpserve.engine.models.llama import MLP, Attention, DecoderLayer, LlamaForCausalLM, _copy, _param, _take
+from mtpserve.engine.models.llama import (
+    MLP,
+    Attention,
+    DecoderLayer,
+    LlamaForCausalLM,
+    _copy,
+    _param,
+    _take,
+)
 from mtpserve.kernels.linear import linear
 
 
@@ -28,7 +38,8 @@ class Glm4Attention(Attention):
 
 
 class RoutedExperts(nn.Module):
-    """Expert weights (per expert ``[in, out]``) and the routed sum ``sum_j w_j expert_{id_j}(x)``."""
+    """Expert weights (per expert ``[in, out]``) and the routed sum
+    ``sum_j w_j expert_{id_j}(x)``."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
         super().__init__()
@@ -36,7 +47,9 @@ class RoutedExperts(nn.Module):
         self.gate_up_weight = _param(num_experts, hidden_size, 2 * intermediate_size)
         self.down_weight = _param(num_experts, intermediate_size, hidden_size)
 
-    def run_experts(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def run_experts(
+        self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
         """x [T, H], ids / weights [T, top_k] -> [T, H]."""
         out = torch.zeros_like(x)
         for e in ids.unique().tolist():  # only the experts that got tokens
@@ -47,32 +60,44 @@ class RoutedExperts(nn.Module):
         return out
 
     def load_experts(self, w: dict[str, torch.Tensor], prefix: str) -> None:
-        """``{prefix}experts.{e}.{gate,up,down}_proj.weight``, or the fused ``experts.gate_up_proj`` [E, 2I, H] and
-        ``experts.down_proj`` [E, H, I] of transformers' own layout."""
+        """``{prefix}experts.{e}.{gate,up,down}_proj.weight``, or the fused ``experts.gate_up_proj``
+        [E, 2I, H] and ``experts.down_proj`` [E, H, I] of transformers' own layout."""
         if prefix + "experts.gate_up_proj" in w:
             _copy(self.gate_up_weight, w[prefix + "experts.gate_up_proj"].transpose(1, 2))
             _copy(self.down_weight, _take(w, prefix + "experts.down_proj").transpose(1, 2))
             return
         experts = [f"{prefix}experts.{e}." for e in range(self.num_experts)]
-        _copy(self.gate_up_weight, torch.stack([
-            torch.cat([_take(w, e + "gate_proj.weight"), _take(w, e + "up_proj.weight")]).t() for e in experts]))
-        _copy(self.down_weight, torch.stack([_take(w, e + "down_proj.weight").t() for e in experts]))
+        gate_up = []
+        for e in experts:
+            gate = _take(w, e + "gate_proj.weight")
+            up = _take(w, e + "up_proj.weight")
+            gate_up.append(torch.cat([gate, up]).t())
+        _copy(self.gate_up_weight, torch.stack(gate_up))
+        down = [_take(w, e + "down_proj.weight").t() for e in experts]
+        _copy(self.down_weight, torch.stack(down))
 
 
 class MoE(RoutedExperts):
     def __init__(self, cfg: ModelConfig):
-        h, inter, n = cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts
+        h = cfg.hidden_size
+        inter = cfg.moe_intermediate_size
+        n = cfg.n_routed_experts
         super().__init__(n, h, inter)
         self.top_k = cfg.num_experts_per_tok
-        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
-        self.norm_topk_prob, self.scaling = cfg.norm_topk_prob, cfg.routed_scaling_factor
+        self.n_group = cfg.n_group
+        self.topk_group = cfg.topk_group
+        self.norm_topk_prob = cfg.norm_topk_prob
+        self.scaling = cfg.routed_scaling_factor
         self.gate_weight = _param(h, n)  # [in, out], float32
         self.gate_bias = _param(n)  # e_score_correction_bias: expert choice only
-        self.shared_experts = MLP(replace(cfg, intermediate_size=inter * cfg.n_shared_experts)) \
-            if cfg.n_shared_experts else None
+        self.shared_experts = None
+        if cfg.n_shared_experts:
+            shared_size = inter * cfg.n_shared_experts
+            self.shared_experts = MLP(replace(cfg, intermediate_size=shared_size))
 
     def _apply(self, fn, recurse=True):
-        """``.to(dtype)`` casts everything but the router, which keeps float32 (only its device follows)."""
+        """``.to(dtype)`` casts everything but the router, which keeps float32 (only its device
+        follows)."""
         router = {"gate_weight": self.gate_weight.data, "gate_bias": self.gate_bias.data}
         super()._apply(fn, recurse)
         for name, value in router.items():
@@ -98,7 +123,9 @@ class MoE(RoutedExperts):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.run_experts(x, *self.route(x))
-        return out + self.shared_experts(x) if self.shared_experts is not None else out
+        if self.shared_experts is None:
+            return out
+        return out + self.shared_experts(x)
 
     def load(self, w: dict[str, torch.Tensor], prefix: str) -> None:
         """From the checkpoint layout: ``{prefix}gate.weight``, ``gate.e_score_correction_bias``,
@@ -121,11 +148,13 @@ class Glm4MoeDecoderLayer(DecoderLayer):
 
 
 class Glm4MoeForCausalLM(LlamaForCausalLM):
-    """Same interface as LlamaForCausalLM; layers from ``first_k_dense_replace`` on (and MTP layers) are MoE."""
+    """Same interface as LlamaForCausalLM; layers from ``first_k_dense_replace`` on (and MTP layers)
+    are MoE."""
 
     def make_layer(self, layer_idx: int) -> Glm4MoeDecoderLayer:
-        """Block ``layer_idx``; an MTP layer (index >= num_hidden_layers) always has experts, as in transformers."""
+        """Block ``layer_idx``; an MTP layer (index >= num_hidden_layers) always has experts, as in
+        transformers."""
         cfg = self.config
-        moe = cfg.n_routed_experts > 0 and (layer_idx >= cfg.first_k_dense_replace
-                                            or layer_idx >= cfg.num_hidden_layers)
+        sparse = layer_idx >= cfg.first_k_dense_replace or layer_idx >= cfg.num_hidden_layers
+        moe = cfg.n_routed_experts > 0 and sparse
         return Glm4MoeDecoderLayer(cfg, moe)

@@ -25,15 +25,17 @@ def _param(*shape) -> nn.Parameter:
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = (
-            cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.qkv_weight = _param(cfg.hidden_size, self.q_size + 2 * self.kv_size)  # [in, out]
         self.qkv_bias = _param(self.q_size + 2 * self.kv_size) if cfg.attention_bias else None
         self.o_weight = _param(self.q_size, cfg.hidden_size)
         # HF puts a bias on o_proj too when attention_bias is set, except for Qwen2 (q/k/v only).
-        self.o_bias = _param(cfg.hidden_size) if cfg.attention_bias and cfg.architecture != "qwen2" else None
+        o_bias = cfg.attention_bias and cfg.architecture != "qwen2"
+        self.o_bias = _param(cfg.hidden_size) if o_bias else None
         self.q_norm = _param(self.head_dim) if cfg.qk_norm else None
         self.k_norm = _param(self.head_dim) if cfg.qk_norm else None
         self.eps = cfg.rms_norm_eps
@@ -49,7 +51,8 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q = rms_norm(q, self.q_norm, self.eps)
             k = rms_norm(k, self.k_norm, self.eps)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q = apply_rotary(q, cos, sin)
+        k = apply_rotary(k, cos, sin)
         out = attn.forward(q, k, v, kv_cache, self.scale)
         return linear(out.reshape(t, self.q_size), self.o_weight, self.o_bias)
 
@@ -65,7 +68,9 @@ class MLP(nn.Module):
         return linear(F.silu(gate) * up, self.down_weight)
 
     def load(self, w: dict[str, torch.Tensor], prefix: str) -> None:
-        gate_up = torch.cat([_take(w, prefix + "gate_proj.weight"), _take(w, prefix + "up_proj.weight")])
+        gate = _take(w, prefix + "gate_proj.weight")
+        up = _take(w, prefix + "up_proj.weight")
+        gate_up = torch.cat([gate, up])
         _copy(self.gate_up_weight, gate_up.t())
         _copy(self.down_weight, _take(w, prefix + "down_proj.weight").t())
 
@@ -90,7 +95,9 @@ class DecoderLayer(nn.Module):
 
     def load(self, w: dict[str, torch.Tensor], prefix: str) -> None:
         """Fill from HF-named weights under ``prefix`` (e.g. ``model.layers.3.``)."""
-        g = lambda name: _take(w, prefix + name)  # noqa: E731
+        def g(name):
+            return _take(w, prefix + name)
+
         a = self.self_attn
         _copy(self.input_norm, g("input_layernorm.weight"))
         _copy(self.post_attention_norm, g("post_attention_layernorm.weight"))
@@ -105,10 +112,10 @@ class DecoderLayer(nn.Module):
             _copy(a.k_norm, g("self_attn.k_norm.weight"))
         self.mlp.load(w, prefix + "mlp.")
 
-
     def export(self, prefix: str) -> dict[str, torch.Tensor]:
         """The inverse of ``load``: HF-named weights (for saving a trained MTP block)."""
-        a, out = self.self_attn, {}
+        a = self.self_attn
+        out = {}
         out[prefix + "input_layernorm.weight"] = self.input_norm
         out[prefix + "post_attention_layernorm.weight"] = self.post_attention_norm
         for name, w in zip("qkv", a.qkv_weight.t().split([a.q_size, a.kv_size, a.kv_size])):
@@ -134,7 +141,8 @@ def _take(w: dict, name: str) -> torch.Tensor:
 
 def _copy(param: nn.Parameter, value: torch.Tensor) -> None:
     if tuple(param.shape) != tuple(value.shape):
-        raise ModelLoadError(f"weight shape {tuple(value.shape)} does not match expected {tuple(param.shape)}")
+        raise ModelLoadError(f"weight shape {tuple(value.shape)} does not match "
+                             f"expected {tuple(param.shape)}")
     param.data = value.to(param.dtype).contiguous()
 
 
@@ -142,14 +150,18 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, max_positions: int | None = None):
         super().__init__()
         self.config = cfg
-        # lm_head is stored [hidden, vocab]; with tied embeddings the embedding lookup reads its columns.
+        # lm_head is stored [hidden, vocab]; with tied embeddings the embedding lookup reads
+        # its columns.
         self.lm_head = _param(cfg.hidden_size, cfg.vocab_size)
-        self.embed_tokens = None if cfg.tie_word_embeddings else _param(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = None
+        if not cfg.tie_word_embeddings:
+            self.embed_tokens = _param(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(self.make_layer(i) for i in range(cfg.num_hidden_layers))
         self.norm = _param(cfg.hidden_size)
+        table_len = max_positions or cfg.max_position_embeddings
         try:
-            cos, sin = rope_cos_sin(cfg.rotary_dim, cfg.rope_theta, max_positions or cfg.max_position_embeddings,
-                                    cfg.rope_scaling, cfg.max_position_embeddings)
+            cos, sin = rope_cos_sin(cfg.rotary_dim, cfg.rope_theta, table_len, cfg.rope_scaling,
+                                    cfg.max_position_embeddings)
         except ValueError as e:
             raise ModelLoadError(str(e)) from None
         self.register_buffer("cos", cos.float(), persistent=False)

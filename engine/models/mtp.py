@@ -43,16 +43,31 @@ class MTPLayout:
 
 
 DEEPSEEK_LAYOUT = MTPLayout()
-MIMO_LAYOUT = MTPLayout(enorm="token_layernorm.weight", hnorm="hidden_layernorm.weight", eh_proj="input_proj.weight",
-                        shared_norm="final_layernorm.weight", head="", embed="", hidden_first=True)
+MIMO_LAYOUT = MTPLayout(
+    enorm="token_layernorm.weight",
+    hnorm="hidden_layernorm.weight",
+    eh_proj="input_proj.weight",
+    shared_norm="final_layernorm.weight",
+    head="",
+    embed="",
+    hidden_first=True,
+)
 # Qwen3-Next / Qwen3.5: one mtp.{fc,pre_fc_norm_*,norm} set, blocks mtp.layers.{i}
-QWEN_LAYOUT = MTPLayout(enorm="pre_fc_norm_embedding.weight", hnorm="pre_fc_norm_hidden.weight", eh_proj="fc.weight",
-                        shared_norm="norm.weight", head="", embed="", block="layers.{i}.", norm_offset=1.0)
+QWEN_LAYOUT = MTPLayout(
+    enorm="pre_fc_norm_embedding.weight",
+    hnorm="pre_fc_norm_hidden.weight",
+    eh_proj="fc.weight",
+    shared_norm="norm.weight",
+    head="",
+    embed="",
+    block="layers.{i}.",
+    norm_offset=1.0,
+)
 
 
 class MTPLayer(nn.Module):
-    def __init__(self, block: nn.Module, hidden_size: int, vocab_size: int, eps: float, layout: MTPLayout,
-                 feedback: str = "pre_norm"):
+    def __init__(self, block: nn.Module, hidden_size: int, vocab_size: int, eps: float,
+                 layout: MTPLayout, feedback: str = "pre_norm"):
         super().__init__()
         if feedback not in ("pre_norm", "post_norm"):
             raise ValueError(f"feedback must be pre_norm or post_norm, not {feedback!r}")
@@ -66,7 +81,8 @@ class MTPLayer(nn.Module):
         self.shared_norm = _param(hidden_size)
         self.register_parameter("head", None)  # own lm_head [hidden, vocab], else the main model's
         self.register_parameter("embed_tokens", None)  # own embedding, else the main model's
-        self.hidden_size, self.vocab_size = hidden_size, vocab_size
+        self.hidden_size = hidden_size
+        self.vocab_size = vocab_size
 
     def load(self, w: dict[str, torch.Tensor], prefix: str) -> None:
         lay = self.layout
@@ -86,8 +102,12 @@ class MTPLayer(nn.Module):
         """HF/DeepSeek-named weights of this layer (the inverse of ``load``)."""
         lay = self.layout
         off = lay.norm_offset
-        out = {prefix + lay.enorm: self.enorm - off, prefix + lay.hnorm: self.hnorm - off,
-               prefix + lay.eh_proj: self.eh_proj.t(), prefix + lay.shared_norm: self.shared_norm - off}
+        out = {
+            prefix + lay.enorm: self.enorm - off,
+            prefix + lay.hnorm: self.hnorm - off,
+            prefix + lay.eh_proj: self.eh_proj.t(),
+            prefix + lay.shared_norm: self.shared_norm - off,
+        }
         if self.head is not None:
             out[prefix + lay.head] = self.head.t()
         if self.embed_tokens is not None:
@@ -96,10 +116,12 @@ class MTPLayer(nn.Module):
         out.update(self.block.export(prefix + lay.block))
         return out
 
-    def forward(self, embeds: torch.Tensor, hidden: torch.Tensor, cos, sin, kv_cache, attn) -> torch.Tensor:
+    def forward(self, embeds: torch.Tensor, hidden: torch.Tensor, cos, sin, kv_cache, attn):
         """embeds, hidden: [T, H] -> the hidden state to feed back [T, H]."""
-        e, h = rms_norm(embeds, self.enorm, self.eps), rms_norm(hidden, self.hnorm, self.eps)
-        x = linear(torch.cat([h, e] if self.layout.hidden_first else [e, h], dim=-1), self.eh_proj)
+        e = rms_norm(embeds, self.enorm, self.eps)
+        h = rms_norm(hidden, self.hnorm, self.eps)
+        pair = [h, e] if self.layout.hidden_first else [e, h]
+        x = linear(torch.cat(pair, dim=-1), self.eh_proj)
         y = self.block(x, cos, sin, kv_cache, attn)
         return rms_norm(y, self.shared_norm, self.eps) if self.feedback == "post_norm" else y
 
@@ -111,7 +133,8 @@ class MTPLayer(nn.Module):
 class MTPModule(nn.Module):
     """The MTP layers of a model, sharing its embedding and lm_head unless they carry their own."""
 
-    def __init__(self, model: nn.Module, layers: list[MTPLayer], draft_vocab: torch.Tensor | None = None):
+    def __init__(self, model: nn.Module, layers: list[MTPLayer],
+                 draft_vocab: torch.Tensor | None = None):
         super().__init__()
         self.model = [model]  # not a submodule: its weights belong to the main model
         self.layers = nn.ModuleList(layers)
@@ -125,17 +148,21 @@ class MTPModule(nn.Module):
         return self.model[0].embed(input_ids)
 
     def forward(self, step: int, input_ids, hidden, positions, kv_caches, attn) -> torch.Tensor:
-        """Draft step ``step`` (0 = the pass over everything the main model computed): layer ``step``
-        when there are several, else the last one again. ``positions`` are rotary positions."""
+        """Draft step ``step`` (0 = the pass over everything the main model computed): layer
+        ``step`` when there are several, else the last one again. ``positions`` are rotary
+        positions."""
         i = min(step, len(self.layers) - 1)
         layer = self.layers[i]
         model = self.model[0]
-        cos, sin = model.cos[positions], model.sin[positions]
+        cos = model.cos[positions]
+        sin = model.sin[positions]
         return layer(self.embed(layer, input_ids), hidden, cos, sin, kv_caches[i], attn)
 
     def head(self, step: int) -> tuple[MTPLayer, torch.Tensor]:
         layer = self.layers[min(step, len(self.layers) - 1)]
-        return layer, layer.head if layer.head is not None else self.model[0].lm_head
+        if layer.head is not None:
+            return layer, layer.head
+        return layer, self.model[0].lm_head
 
     def draft_head(self, step: int) -> tuple[MTPLayer, torch.Tensor]:
         """The head restricted to the draft vocabulary, [H, N] (sliced once per head tensor)."""
@@ -148,7 +175,8 @@ class MTPModule(nn.Module):
         return layer, cached[1]
 
     def compute_logits(self, step: int, y: torch.Tensor) -> torch.Tensor:
-        """Draft logits over the whole vocabulary; -inf outside the draft vocabulary when there is one."""
+        """Draft logits over the whole vocabulary; -inf outside the draft vocabulary when there is
+        one."""
         if self.draft_vocab is None:
             layer, head = self.head(step)
             return linear(layer.normed(y), head)
@@ -158,18 +186,26 @@ class MTPModule(nn.Module):
         return logits.index_copy_(-1, self.draft_vocab, sub)
 
 
-def build_mtp(model: nn.Module, weights: dict[str, torch.Tensor], num_layers: int, layout: MTPLayout,
-              prefix_of, feedback: str = "pre_norm", draft_vocab: torch.Tensor | None = None) -> MTPModule:
+def build_mtp(
+    model: nn.Module,
+    weights: dict[str, torch.Tensor],
+    num_layers: int,
+    layout: MTPLayout,
+    prefix_of,
+    feedback: str = "pre_norm",
+    draft_vocab: torch.Tensor | None = None,
+) -> MTPModule:
     """``prefix_of(i)`` names the weight prefix of MTP layer i (e.g. ``model.layers.{N+i}.``)."""
     cfg = model.config
     layers = []
     for i in range(num_layers):
-        prefix, lay = prefix_of(i), replace(layout, block=layout.block.format(i=i))
+        prefix = prefix_of(i)
+        lay = replace(layout, block=layout.block.format(i=i))
         if not any(k.startswith(prefix + lay.block) for k in weights):
-            raise ModelLoadError(f"the config promises {num_layers} MTP layer(s) but the weights have none "
-                                 f"under {prefix + lay.block!r}")
-        layer = MTPLayer(model.make_layer(cfg.num_hidden_layers + i), cfg.hidden_size, cfg.vocab_size,
-                         cfg.rms_norm_eps, lay, feedback)
+            raise ModelLoadError(f"the config promises {num_layers} MTP layer(s) but the weights "
+                                 f"have none under {prefix + lay.block!r}")
+        block = model.make_layer(cfg.num_hidden_layers + i)
+        layer = MTPLayer(block, cfg.hidden_size, cfg.vocab_size, cfg.rms_norm_eps, lay, feedback)
         layer.load(weights, prefix)
         layers.append(layer)
     return MTPModule(model, layers, draft_vocab)

@@ -1,14 +1,15 @@
 """Self-distillation of MTP layers on a frozen base model: teacher forcing over sequences the base
 model generated itself, so the head learns what the model will actually say.
 
-Rows are chain starts: row ``i`` of draft depth ``s`` pairs the depth ``s-1`` output of row ``i`` (the base
-model's ``h[i]`` at depth 0) with token ``t[i+1+s]`` and predicts ``t[i+2+s]``. Teacher forcing the tokens is
-exact for acceptance: a draft step only matters when every earlier draft was accepted, i.e. equal to the text.
+Rows are chain starts: row ``i`` of draft depth ``s`` pairs the depth ``s-1`` output of row ``i``
+(the base model's ``h[i]`` at depth 0) with token ``t[i+1+s]`` and predicts ``t[i+2+s]``. Teacher
+forcing the tokens is exact for acceptance: a draft step only matters when every earlier draft was
+accepted, i.e. equal to the text.
 
 Several sequences are packed into one batch of rows. With one MTP layer reused for every step,
-:class:`DraftChainAttention` gives each depth the keys that step sees at inference: the depth-0 keys of its own
-sequence up to its chain start (the pass over verified positions), plus its own chain's keys of depths 1..s.
-Heads of several layers use plain causal attention per depth.
+:class:`DraftChainAttention` gives each depth the keys that step sees at inference: the depth-0 keys
+of its own sequence up to its chain start (the pass over verified positions), plus its own chain's
+keys of depths 1..s. Heads of several layers use plain causal attention per depth.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ def base_hidden(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 def _expand_kv(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    return x.repeat_interleave(num_heads // x.shape[1], dim=1) if x.shape[1] != num_heads else x
+    if x.shape[1] == num_heads:
+        return x
+    return x.repeat_interleave(num_heads // x.shape[1], dim=1)
 
 
 class DraftChainAttention(AttentionBackend):
@@ -40,7 +43,8 @@ class DraftChainAttention(AttentionBackend):
         self.causal = same & torch.ones_like(same).tril()
         self.staircase = staircase
         self.depth = 0
-        self.chain_kv: list[tuple[torch.Tensor, torch.Tensor]] = []  # depth 0, 1, .. keys and values
+        # keys and values of depth 0, 1, ..
+        self.chain_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def prepare(self, metadata=None) -> None:
         pass
@@ -50,15 +54,18 @@ class DraftChainAttention(AttentionBackend):
         qh = q.transpose(0, 1)  # [h, R, d]
         if not self.staircase or self.depth == 0:
             self.chain_kv = [(k, v)]
-            kh, vh = _expand_kv(k, heads).transpose(0, 1), _expand_kv(v, heads).transpose(0, 1)
+            kh = _expand_kv(k, heads).transpose(0, 1)
+            vh = _expand_kv(v, heads).transpose(0, 1)
             out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=self.causal, scale=scale)
             return out.transpose(0, 1)
         self.chain_kv.append((k, v))
         k0, v0 = self.chain_kv[0]
-        k0h, v0h = _expand_kv(k0, heads).transpose(0, 1), _expand_kv(v0, heads).transpose(0, 1)
+        k0h = _expand_kv(k0, heads).transpose(0, 1)
+        v0h = _expand_kv(v0, heads).transpose(0, 1)
         scores0 = (qh @ k0h.transpose(1, 2)) * scale  # [h, R, R]
         scores0 = scores0.masked_fill(~self.causal, float("-inf"))
-        own_k = torch.stack([_expand_kv(kd, heads) for kd, _ in self.chain_kv[1:]], -2)  # [R, h, s, d]
+        # [R, h, s, d]
+        own_k = torch.stack([_expand_kv(kd, heads) for kd, _ in self.chain_kv[1:]], -2)
         own_v = torch.stack([_expand_kv(vd, heads) for _, vd in self.chain_kv[1:]], -2)
         own_scores = (q.unsqueeze(-2) * own_k).sum(-1).transpose(0, 1) * scale  # [h, R, s]
         p = torch.cat([scores0, own_scores], -1).softmax(-1)
@@ -70,17 +77,21 @@ class DraftChainAttention(AttentionBackend):
 
 def pack(sequences: list[tuple[list[int], int]], hidden: list[torch.Tensor], depth: int,
          vocab_map: torch.Tensor | None, device) -> dict:
-    """Rows of several ``(ids, response_start)`` sequences for ``depth`` draft steps: per depth the input tokens,
-    rotary positions, targets (draft-vocabulary indices, IGNORE outside the response or the draft vocabulary) and
-    which rows have a target in the response."""
+    """Rows of several ``(ids, response_start)`` sequences for ``depth`` draft steps: per depth the
+    input tokens, rotary positions, targets (draft-vocabulary indices, IGNORE outside the response
+    or the draft vocabulary) and which rows have a target in the response."""
     seq_ids = []
-    inputs, positions, targets, counted = ([[] for _ in range(depth)] for _ in range(4))
+    inputs = [[] for _ in range(depth)]
+    positions = [[] for _ in range(depth)]
+    targets = [[] for _ in range(depth)]
+    counted = [[] for _ in range(depth)]
     for n, (ids, start) in enumerate(sequences):
         length = len(ids)
         seq_ids += [n] * length
         for s in range(depth):
             for i in range(length):
-                valid = i + 1 + s < length  # rows past the end only pad the batch: never attended, no target
+                # rows past the end only pad the batch: never attended, no target
+                valid = i + 1 + s < length
                 inputs[s].append(ids[i + 1 + s] if valid else 0)
                 positions[s].append(i + 1 + s if valid else 0)
                 t = i + 2 + s
@@ -94,14 +105,20 @@ def pack(sequences: list[tuple[list[int], int]], hidden: list[torch.Tensor], dep
     def as_tensor(x, dtype=torch.long):
         return torch.tensor(x, dtype=dtype, device=device)
 
-    return {"seq_ids": as_tensor(seq_ids), "hidden": torch.cat(hidden).to(device),
-            "inputs": [as_tensor(x) for x in inputs], "positions": [as_tensor(x) for x in positions],
-            "targets": [as_tensor(x) for x in targets], "counted": [as_tensor(x, torch.bool) for x in counted]}
+    return {
+        "seq_ids": as_tensor(seq_ids),
+        "hidden": torch.cat(hidden).to(device),
+        "inputs": [as_tensor(x) for x in inputs],
+        "positions": [as_tensor(x) for x in positions],
+        "targets": [as_tensor(x) for x in targets],
+        "counted": [as_tensor(x, torch.bool) for x in counted],
+    }
 
 
 def chain_logits(mtp, batch: dict, depth: int):
-    """Logits of every depth for a packed batch, a list of [R, N]: over the head's draft vocabulary when it has
-    one (the same sliced head the engine drafts with), else over the whole vocabulary."""
+    """Logits of every depth for a packed batch, a list of [R, N]: over the head's draft vocabulary
+    when it has one (the same sliced head the engine drafts with), else over the whole
+    vocabulary."""
     staircase = len(mtp.layers) == 1
     attn = DraftChainAttention(batch["seq_ids"], staircase)
     h = batch["hidden"].to(mtp.layers[0].eh_proj.dtype)
@@ -116,16 +133,22 @@ def chain_logits(mtp, batch: dict, depth: int):
 
 
 def mtp_loss(mtp, batch: dict, depth: int) -> torch.Tensor | None:
-    """Mean over depths of the cross-entropy against the base model's own tokens (None: nothing to count)."""
-    losses = [F.cross_entropy(logits.float(), batch["targets"][s], ignore_index=IGNORE)
-              for s, logits in enumerate(chain_logits(mtp, batch, depth)) if batch["counted"][s].any()]
-    return torch.stack(losses).mean() if losses else None
+    """Mean over depths of the cross-entropy against the base model's own tokens (None: nothing to
+    count)."""
+    losses = []
+    for s, logits in enumerate(chain_logits(mtp, batch, depth)):
+        if batch["counted"][s].any():
+            loss = F.cross_entropy(logits.float(), batch["targets"][s], ignore_index=IGNORE)
+            losses.append(loss)
+    if not losses:
+        return None
+    return torch.stack(losses).mean()
 
 
 @torch.no_grad()
 def acceptance_length(mtp, batch: dict, depth: int) -> tuple[float, list[float]]:
-    """Teacher-forced greedy acceptance with ``depth`` drafts: mean tokens per verify step (1 + the leading run
-    of right drafts) over response rows, and the per-position acceptance rates."""
+    """Teacher-forced greedy acceptance with ``depth`` drafts: mean tokens per verify step (1 + the
+    leading run of right drafts) over response rows, and the per-position acceptance rates."""
     hits = None
     for s, logits in enumerate(chain_logits(mtp, batch, depth)):
         right = logits.argmax(-1) == batch["targets"][s]
@@ -135,21 +158,24 @@ def acceptance_length(mtp, batch: dict, depth: int) -> tuple[float, list[float]]
             runs = torch.zeros_like(right, dtype=torch.long)
         runs += hits.long()
     counted = runs[rows]
-    per_position = [float((counted > s).float().mean()) for s in range(depth)] if len(counted) else [0.0] * depth
-    return (1 + float(counted.float().mean())) if len(counted) else 1.0, per_position
+    if not len(counted):
+        return 1.0, [0.0] * depth
+    per_position = [float((counted > s).float().mean()) for s in range(depth)]
+    return 1 + float(counted.float().mean()), per_position
 
 
 def distill(mtp, model, sequences: list[list[int]], steps: int, lr: float = 3e-3, depth: int = 1,
             seed: int = 0, on_step=None) -> list[float]:
-    """Adam on the MTP layers' own weights (embedding and lm_head shared and frozen), one whole sequence
-    (every position a target) per step, full vocabulary."""
+    """Adam on the MTP layers' own weights (embedding and lm_head shared and frozen), one whole
+    sequence (every position a target) per step, full vocabulary."""
     params = list(mtp.parameters())
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=lr)
     g = torch.Generator().manual_seed(seed)
     device = model.lm_head.device
-    cache, losses = {}, []
+    cache = {}
+    losses = []
     for step in range(steps):
         i = int(torch.randint(len(sequences), (1,), generator=g))
         ids = sequences[i]
