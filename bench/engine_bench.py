@@ -1,6 +1,7 @@
-"""The offline engine benchmark behind ``mtpserve bench`` (options in cli/bench.py). Prompt processing and
-single-stream decode with MTP off, fixed k and adaptive, acceptance per draft position and prompt kind, a
-concurrency sweep, memory, and HF transformers on the same model and prompts."""
+"""The offline engine benchmark behind ``mtpserve bench`` (options in cli/bench.py). Prompt
+processing and single-stream decode with MTP off, fixed k and adaptive, acceptance per draft
+position and prompt kind, a concurrency sweep, memory, and HF transformers on the same model and
+prompts."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ SECTIONS = ("pp", "decode", "concurrency", "hf")
 
 
 def skip_hf_without_transformers(sections: list[str]) -> dict | None:
-    """Drop the "hf" section when transformers is not installed; what the results say in its place."""
+    """Drop the "hf" section when transformers is not installed; what the results say in its
+    place."""
     if "hf" in sections and importlib.util.find_spec("transformers") is None:
         sections.remove("hf")
         return {"skipped": "transformers is not installed"}
@@ -75,7 +77,8 @@ def metadata(args, engine, prompts) -> dict:
 
 
 def measure(args, engine, prompts, hf_skipped: dict | None) -> dict:
-    """Every section of ``args.sections`` on ``engine`` (options as resolved by cli/bench.py): the results."""
+    """Every section of ``args.sections`` on ``engine`` (options as resolved by cli/bench.py): the
+    results."""
     mtp = describe_mtp(engine, args)
     modes, planned = plan(args, mtp["available"], len(prompts))
     progress = tqdm(total=planned, desc="mtpserve bench", unit="run", file=sys.stderr, dynamic_ncols=True)
@@ -96,7 +99,7 @@ def measure(args, engine, prompts, hf_skipped: dict | None) -> dict:
     if "concurrency" in args.sections:
         sweep = [(modes["concurrency"][0], runs)]
         for mode in modes["concurrency"][1:]:
-            twin = engine_runs.EngineRuns(engine.twin(), progress)
+            twin = engine_runs.EngineRuns(engine_runs.twin(engine), progress)
             twin.warm_up(warm_up_ids, [mode])
             sweep.append((mode, twin))
         results["concurrency"] = engine_runs.concurrency(sweep, prompts, args.concurrency, args.sweep_tokens,

@@ -1,8 +1,10 @@
-"""Measurements on one engine: prompt processing, single-stream decode and concurrent streams, each alternating
-speculation modes run by run so that machine drift hits every mode alike; memory from the cache geometry.
+"""Measurements on one engine: prompt processing, single-stream decode and concurrent streams, each
+alternating speculation modes run by run so that machine drift hits every mode alike; memory from
+the cache geometry.
 
-One engine serves every mode: a request's ``spec_n_max`` picks its draft length (0: no MTP pass at all, as
-plain decoding) and the draft policy's ``adaptive`` switch, read every step, picks fixed or adaptive k.
+One engine serves every mode: a request's ``spec_n_max`` picks its draft length (0: no MTP pass at
+all, as plain decoding) and the draft policy's ``adaptive`` switch, read every step, picks fixed or
+adaptive k.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ import time
 from dataclasses import dataclass
 
 import torch
+
 from mtpserve.bench.stats import acceptance_of, mean_std
 from mtpserve.bench.workload import long_prompt_ids
+from mtpserve.engine.engine import LLMEngine
 from mtpserve.engine.runner import kv_bytes_per_block
 from mtpserve.engine.sampling_params import SamplingParams
 from mtpserve.engine.spec.stats import SpecStats
@@ -29,6 +33,12 @@ class Mode:
 
 
 OFF = Mode("off", 0)
+
+
+def twin(engine: LLMEngine) -> LLMEngine:
+    """Another engine on ``engine``'s models, config and measured step costs, with its own KV cache, scheduler,
+    draft policy and requests: runs side by side with it (the concurrency sweep gives each mode one)."""
+    return LLMEngine(engine.checkpoint, engine.config, models=engine.models)
 
 
 def fixed(k: int) -> Mode:
@@ -99,8 +109,9 @@ class EngineRuns:
             self.run([ids], [SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)], mode)
 
     def prompt_processing(self, lengths: list[int], modes: dict[str, Mode], repeats: int) -> list[dict]:
-        """Prompt tok/s per length and mode. Two tokens are asked for, so that with MTP on the prefill step
-        runs the MTP layer over the prompt and drafts (a request that stops after one token skips it)."""
+        """Prompt tok/s per length and mode. Two tokens are asked for, so that with MTP on the
+        prefill step runs the MTP layer over the prompt and drafts (a request that stops after one
+        token skips it)."""
         params = [SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)]
         out = []
         for length in lengths:
@@ -118,9 +129,9 @@ class EngineRuns:
 
     def decode(self, prompts, modes: list[Mode], temperature: float, repeats: int, seed: int | None,
                ignore_eos: bool) -> list[dict]:
-        """Single-stream decode of every prompt in every mode (modes alternate prompt by prompt). tok/s of a
-        repeat: its decoded tokens (after the first of each request) over their decode time. ``seed``: of the
-        first prompt (None: unseeded requests)."""
+        """Single-stream decode of every prompt in every mode (modes alternate prompt by prompt).
+        tok/s of a repeat: its decoded tokens (after the first of each request) over their decode
+        time. ``seed``: of the first prompt (None: unseeded requests)."""
         tok = self.engine.tokenizer
         ids = [p.token_ids(tok) for p in prompts]
         runs = []
@@ -157,20 +168,22 @@ class EngineRuns:
 
 
 def spread_length(n: int, max_tokens: int) -> int:
-    """Output length of a sweep's n-th request: spread evenly over [max_tokens / 2, 3 * max_tokens / 2) by the
-    golden-ratio sequence (mean ``max_tokens``), so that clients do not all finish, and all send their next
-    prompt, in the same step (as they would with one fixed length and plain decoding)."""
+    """Output length of a sweep's n-th request: spread evenly over [max_tokens / 2, 3 * max_tokens /
+    2) by the golden-ratio sequence (mean ``max_tokens``), so that clients do not all finish, and
+    all send their next prompt, in the same step (as they would with one fixed length and plain
+    decoding)."""
     return max(1, round(max_tokens * (0.5 + (n * 0.6180339887) % 1.0)))
 
 
 class Clients:
-    """``num_streams`` clients of one engine, each sending greedy requests back to back (the next as soon as
-    its last one finishes) until the engine has output ``budget`` tokens; the requests still in flight are
-    then aborted, so every step measured had ``num_streams`` requests in it. Client i's j-th request is
-    request n = j * num_streams + i: the prompt j places after the client's start, i * len(prompts) // num_streams
-    (so that few clients still spread over the whole set), and ``spread_length(n)`` tokens, EOS ignored; the same
-    sequence in every mode. ``step`` advances the engine by one step; ``tokens`` and ``seconds`` add
-    up the output and the time of the steps, ``busy[request_id]`` the time of the steps a request was in."""
+    """``num_streams`` clients of one engine, each sending greedy requests back to back (the next as
+    soon as its last one finishes) until the engine has output ``budget`` tokens; the requests still
+    in flight are then aborted, so every step measured had ``num_streams`` requests in it. Client
+    i's j-th request is request n = j * num_streams + i: the prompt j places after the client's
+    start, i * len(prompts) // num_streams (so that few clients still spread over the whole set),
+    and ``spread_length(n)`` tokens, EOS ignored; the same sequence in every mode. ``step`` advances
+    the engine by one step; ``tokens`` and ``seconds`` add up the output and the time of the steps,
+    ``busy[request_id]`` the time of the steps a request was in."""
 
     def __init__(self, runs: EngineRuns, prompts: list[list[int]], max_tokens: int, mode: Mode, num_streams: int,
                  budget: int):
@@ -215,16 +228,17 @@ class Clients:
             self.runs.progress.update()
 
     def tokens_per_second(self) -> tuple[float, float]:
-        """Aggregate output tok/s, and the mean over finished requests of each one's output tokens over the
-        time of the steps it was in (prompt included)."""
+        """Aggregate output tok/s, and the mean over finished requests of each one's output tokens
+        over the time of the steps it was in (prompt included)."""
         out = [len(r.output_token_ids) for r in self.done]
         per_stream = sum(n / self.busy[r.request_id] for n, r in zip(out, self.done)) / len(out) if out else 0.0
         return self.tokens / self.seconds, per_stream
 
 
 def lockstep(clients: list[Clients]) -> None:
-    """Step every engine in turn, one step each, until all their clients are done: a slower or faster
-    machine moment hits every mode alike. The order rotates so that no mode always steps first."""
+    """Step every engine in turn, one step each, until all their clients are done: a slower or
+    faster machine moment hits every mode alike. The order rotates so that no mode always steps
+    first."""
     turn = 0
     while any(c.running for c in clients):
         for c in clients[turn % len(clients):] + clients[:turn % len(clients)]:
@@ -235,12 +249,12 @@ def lockstep(clients: list[Clients]) -> None:
 
 def concurrency(runs: list[tuple[Mode, EngineRuns]], prompts, levels: list[int], max_tokens: int, repeats: int,
                 rounds: int) -> list[dict]:
-    """N streams (``Clients``: requests of ``max_tokens`` tokens on average, for as many tokens as ``rounds``
-    requests per stream, or one request per prompt where that is more), every mode on its own engine
-    (``LLMEngine.twin``) and all of them run in lockstep. Per mode: aggregate output tok/s, the mean per-stream
-    tok/s of the finished requests, drafted and accepted tokens per output token, the draft policy's fitted
-    price of speculation at N (``StepFit.scale``); and, per repeat, aggregate tok/s over that of the first mode
-    (MTP off)."""
+    """N streams (``Clients``: requests of ``max_tokens`` tokens on average, for as many tokens as
+    ``rounds`` requests per stream, or one request per prompt where that is more), every mode on its
+    own engine (``twin``) and all of them run in lockstep. Per mode: aggregate output
+    tok/s, the mean per-stream tok/s of the finished requests, drafted and accepted tokens per
+    output token, the draft policy's fitted price of speculation at N (``StepFit.scale``); and, per
+    repeat, aggregate tok/s over that of the first mode (MTP off)."""
     tok = runs[0][1].engine.tokenizer
     ids = [p.token_ids(tok) for p in prompts]
     rows = []
@@ -270,8 +284,9 @@ def concurrency(runs: list[tuple[Mode, EngineRuns]], prompts, levels: list[int],
 
 
 def kv_bytes_per_token(engine) -> dict:
-    """Paged-KV bytes one token takes in the main model's attention layers, and with the MTP layers' own KV
-    added (recurrent layers of hybrid models hold a state per request instead, not counted here)."""
+    """Paged-KV bytes one token takes in the main model's attention layers, and with the MTP layers'
+    own KV added (recurrent layers of hybrid models hold a state per request instead, not counted
+    here)."""
     mc = engine.model_config
     num_mtp = len(engine.mtp.layers) if engine.mtp is not None else 0
 
@@ -285,7 +300,8 @@ def kv_bytes_per_token(engine) -> dict:
 
 
 def peak_memory(device: str) -> dict:
-    """Peak resident set size of this process so far, and the CUDA allocator's peak on a CUDA device."""
+    """Peak resident set size of this process so far, and the CUDA allocator's peak on a CUDA
+    device."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
     cuda = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
     return {"peak_rss_bytes": rss, "cuda_peak_bytes": cuda}

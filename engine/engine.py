@@ -21,7 +21,7 @@ from mtpserve.engine.noise import RequestNoise
 from mtpserve.engine.sampling_params import SamplingParams
 from mtpserve.engine.scheduler import Scheduler
 from mtpserve.engine.spec.calibrate import measure_step_costs
-from mtpserve.engine.spec.policy import DraftPolicy
+from mtpserve.engine.spec.policy import DraftPolicy, StepCosts
 from mtpserve.engine.spec.stats import SpecStats
 
 logger = logging.getLogger(__name__)
@@ -50,43 +50,62 @@ class RequestOutput:
                    req.finish_reason, req.spec_stats.copy(), req.timings())
 
 
+@dataclass
+class LoadedModels:
+    """What an engine loads and measures once; engines on the same checkpoint and config can share it."""
+
+    model: torch.nn.Module
+    mtp: torch.nn.Module | None
+    draft_vocab: torch.Tensor | None
+    step_costs: StepCosts  # the draft policy's, measured at start when drafting is adaptive
+
+    @property
+    def num_mtp_layers(self) -> int:
+        if self.mtp is None:
+            return 0
+        return len(self.mtp.layers)
+
+
 class LLMEngine:
     def __init__(self, checkpoint: Checkpoint, config: EngineConfig | None = None,
-                 weights_of: LLMEngine | None = None):
-        """``weights_of``: an engine on the same checkpoint and config whose model, MTP layers and measured
-        step costs this one shares (see ``twin``)."""
+                 models: LoadedModels | None = None):
+        """``models``: the loaded models and measured step costs of an engine on the same checkpoint and
+        config, to share instead of loading them again (``engine.models``)."""
         self.config = config = config or EngineConfig()
         self.checkpoint = checkpoint
         self.tokenizer = checkpoint.tokenizer
         mc = self.model_config = checkpoint.config
         self.device = torch.device(config.device)
         self.draft_vocab = None  # a head's reduced draft vocabulary
-        if weights_of is None:
+        if models is None:
             mtp_weights, num_mtp = self._mtp_weights()
         else:
-            num_mtp = len(weights_of.mtp.layers) if weights_of.mtp is not None else 0
-            self.draft_vocab = weights_of.draft_vocab
+            num_mtp = models.num_mtp_layers
+            self.draft_vocab = models.draft_vocab
         num_layers = sum(mc.has_kv(i) for i in range(mc.num_hidden_layers + num_mtp))  # with a paged KV cache
         per_block = kv_bytes_per_block(num_layers, config.block_size, mc.num_key_value_heads, mc.head_dim, config.dtype)
         num_blocks = config.num_blocks or max(1, config.kv_cache_memory_bytes // per_block)
         self.num_blocks = num_blocks
         self.kv_cache_bytes = num_blocks * per_block
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, num_blocks * config.block_size)
-        if self.max_model_len < (config.max_model_len or mc.max_position_embeddings) and weights_of is None:
+        if self.max_model_len < (config.max_model_len or mc.max_position_embeddings) and models is None:
             logger.warning("max_model_len is %d, below the %d asked for: the KV cache holds %d blocks of %d tokens; "
                            "raise --kv-cache-memory or --num-blocks for longer contexts", self.max_model_len,
                            config.max_model_len or mc.max_position_embeddings, num_blocks, config.block_size)
-        if weights_of is None:
+        if models is None:
             self._build_models(mtp_weights, num_mtp)
         else:
-            self.model, self.mtp = weights_of.model, weights_of.mtp
+            self.model, self.mtp = models.model, models.mtp
         self.kv = cache_manager(self.model, num_blocks, config, config.spec_draft_n_max if self.mtp else 0)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len)
         self.policy = DraftPolicy(config.spec_draft_n_max if self.mtp else 0, config.spec_adaptive)
         self.runner = ModelRunner(self.model, self.kv, num_blocks, config.dtype, self.device, self.mtp, self.policy)
-        if self.mtp is not None and config.spec_adaptive and config.spec_draft_n_max > 0:
-            self.policy.costs = weights_of.policy.costs if weights_of is not None else measure_step_costs(
-                self.runner, min(64, config.max_num_seqs), config.max_num_batched_tokens, config.spec_draft_n_max)
+        if models is not None:
+            self.policy.costs = models.step_costs
+        elif self.mtp is not None and config.spec_adaptive and config.spec_draft_n_max > 0:
+            self.policy.costs = measure_step_costs(self.runner, min(64, config.max_num_seqs),
+                                                   config.max_num_batched_tokens, config.spec_draft_n_max)
+        self.models = LoadedModels(self.model, self.mtp, self.draft_vocab, self.policy.costs)
         self.eos_token_ids = frozenset(checkpoint.generation.eos_token_ids or mc.eos_token_ids)
         self.requests: dict[str, Request] = {}
         self.spec_stats = SpecStats()  # aggregate over finished requests
@@ -112,11 +131,6 @@ class LLMEngine:
         mode = "adaptive" if self.config.spec_adaptive else "fixed"
         return (f"MTP {len(self.mtp.layers)} layer(s), draft vocabulary {draft_vocab} of {vocab}, "
                 f"up to {self.policy.n_max} drafts per step ({mode})")
-
-    def twin(self) -> LLMEngine:
-        """Another engine on this one's weights, config and measured step costs, with its own KV cache,
-        scheduler, draft policy and requests: runs side by side with this one in benchmarks."""
-        return LLMEngine(self.checkpoint, self.config, weights_of=self)
 
     def _build_models(self, mtp_weights: dict, num_mtp: int) -> None:
         mc, config = self.model_config, self.config

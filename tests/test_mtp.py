@@ -12,11 +12,12 @@ import pytest
 import torch
 from engine_helpers import greedy, make_engine, price_drafting_cheaply
 from mtp_helpers import save_distilled_head, save_random_head
+from scipy.stats import chi2_contingency
 
+from mtpserve.bench.engine_runs import twin as twin_engine
 from mtpserve.engine.loader import load_checkpoint
 from mtpserve.engine.sampling_params import SamplingParams
 from mtpserve.engine.train.distill import distill
-from scipy.stats import chi2_contingency
 
 
 def prompts(n: int, seed: int = 0, vocab: int = 300) -> list[list[int]]:
@@ -100,7 +101,7 @@ def test_twin_shares_weights_not_state(tiny_qwen3_dir, trained_head):
     ps = prompts(24, seed=7)[:6]
     plain = greedy(make_engine(tiny_qwen3_dir, dtype=torch.float64, spec_draft_n_max=0), ps, 24)
     engine = make_engine(tiny_qwen3_dir, dtype=torch.float64, mtp_head=trained_head, spec_draft_n_max=3)
-    twin = engine.twin()
+    twin = twin_engine(engine)
     assert twin.model is engine.model and twin.mtp is engine.mtp and twin.policy.costs is engine.policy.costs
     assert twin.kv is not engine.kv and twin.policy is not engine.policy
     assert twin.runner.kv_caches[0][0].data_ptr() != engine.runner.kv_caches[0][0].data_ptr()
