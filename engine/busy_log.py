@@ -1,5 +1,6 @@
-"""The periodic progress line while the engine is busy: running/waiting, generation speed since the previous
-line, mean acceptance length and per-position acceptance. Counts only, never request content."""
+"""The periodic progress line while the engine is busy: running/waiting, generation speed since the
+previous line, mean acceptance length and per-position acceptance. Counts only, never request
+content."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ logger = logging.getLogger(__name__)
 
 
 class BusyLog:
-    """Fed from the engine thread after every step; logs at INFO at most every ``interval`` seconds."""
+    """Fed from the engine thread after every step; logs at INFO at most every ``interval``
+    seconds."""
 
     def __init__(self, interval: float = 5.0):
         self.interval = interval
@@ -38,12 +40,13 @@ class BusyLog:
             for i, count in enumerate(now_positions):
                 if i >= len(self.per_position):
                     self.per_position.append(0)
-                self.per_position[i] += count - (per_position[i] if i < len(per_position) else 0)
+                before = per_position[i] if i < len(per_position) else 0
+                self.per_position[i] += count - before
             if out.finished:
                 self.seen.pop(out.request_id, None)
             else:
-                self.seen[out.request_id] = (stats.num_steps, stats.num_drafts, stats.num_accepted_tokens,
-                                             now_positions)
+                self.seen[out.request_id] = (stats.num_steps, stats.num_drafts,
+                                             stats.num_accepted_tokens, now_positions)
 
     def forget(self, request_id: str) -> None:
         self.seen.pop(request_id, None)
@@ -51,12 +54,15 @@ class BusyLog:
     def line(self, running: int, waiting: int, elapsed: float) -> str:
         speed = self.tokens / elapsed if elapsed > 0 else 0.0
         mean_len = (self.steps + self.accepted) / self.steps if self.steps else 0.0
-        positions = ", ".join(f"{c / self.drafts:.2f}" for c in self.per_position) if self.drafts else ""
+        positions = ""
+        if self.drafts:
+            positions = ", ".join(f"{c / self.drafts:.2f}" for c in self.per_position)
         return (f"running {running}, waiting {waiting}, generation {speed:.1f} tok/s, "
                 f"mean acceptance length {mean_len:.2f}, acceptance per position [{positions}]")
 
     def maybe_log(self, running: int, waiting: int) -> bool:
-        """Log a line when ``interval`` has passed and there was work since the last one; True if logged."""
+        """Log a line when ``interval`` has passed and there was work since the last one; True if
+        logged."""
         now = time.perf_counter()
         elapsed = now - self.last_time
         if self.interval <= 0 or elapsed < self.interval:

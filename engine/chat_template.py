@@ -24,7 +24,8 @@ def _raise_exception(message):
 
 def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
     # HF's filter: no HTML escaping and non-ASCII kept, unlike jinja2's built-in tojson.
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
 
 
 def _strftime_now(fmt):
@@ -32,7 +33,8 @@ def _strftime_now(fmt):
 
 
 class _GenerationBlock(Extension):
-    """``{% generation %}...{% endgeneration %}`` (HF assistant-mask marker): renders its body as is."""
+    """``{% generation %}...{% endgeneration %}`` (HF assistant-mask marker): renders its body
+    as is."""
 
     tags = {"generation"}
 
@@ -62,9 +64,16 @@ def compile_template(template: str) -> jinja2.Template:
 
 
 def render_chat_template(
-    template: str, messages, *, add_generation_prompt: bool, bos_token: str | None, eos_token: str | None, **extra
+    template: str,
+    messages,
+    *,
+    add_generation_prompt: bool,
+    bos_token: str | None,
+    eos_token: str | None,
+    **extra,
 ) -> str:
-    """Render ``messages`` (passed to the template as is) like ``apply_chat_template(tokenize=False)``.
+    """Render ``messages`` (passed to the template as is) like
+    ``apply_chat_template(tokenize=False)``.
 
     Raises RequestError when the template rejects the conversation or cannot render it.
     """
@@ -82,4 +91,5 @@ def render_chat_template(
     except TemplateRaised as e:
         raise RequestError(str(e), param="messages") from None
     except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError) as e:
-        raise RequestError(f"chat template failed to render these messages: {e}", param="messages") from None
+        raise RequestError(f"chat template failed to render these messages: {e}",
+                           param="messages") from None

@@ -6,13 +6,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "glm4_moe", "qwen3_next", "qwen3_5_text",
-                           "qwen3_5_moe_text")
+SUPPORTED_ARCHITECTURES = (
+    "llama", "mistral", "qwen2", "qwen3", "glm4_moe", "qwen3_next",
+    "qwen3_5_text", "qwen3_5_moe_text",
+)
 
 
 @dataclass
 class ModelConfig:
-    """Architecture of a decoder (dense or MoE). Weight names follow the HF layout (``model.layers.{i}...``)."""
+    """Architecture of a decoder (dense or MoE). Weight names follow the HF layout
+    (``model.layers.{i}...``)."""
 
     architecture: str
     vocab_size: int
@@ -24,7 +27,7 @@ class ModelConfig:
     head_dim: int
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    # Normalized: None or a dict with "rope_type" in {"linear", "llama3", "yarn"} and that type's keys.
+    # Normalized: None or a dict with "rope_type" in {"linear", "llama3", "yarn"} and its keys.
     rope_scaling: dict | None = None
     partial_rotary_factor: float = 1.0
     max_position_embeddings: int = 2048
@@ -34,19 +37,24 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     num_nextn_predict_layers: int = 0
-    mtp_layout: str = "deepseek"  # "deepseek" (model.layers.{N+i}.*), "mimo" (model.mtp_layers.{i}.*), "qwen" (mtp.*)
+    # where the MTP weights live: "deepseek" (model.layers.{N+i}.*), "mimo" (model.mtp_layers.{i}.*)
+    # or "qwen" (mtp.*)
+    mtp_layout: str = "deepseek"
     # mixture of experts (GLM-4.5 / DeepSeek-V3 style); n_routed_experts == 0: dense MLPs only
     n_routed_experts: int = 0
     num_experts_per_tok: int = 0
     moe_intermediate_size: int = 0
     n_shared_experts: int = 0
-    n_group: int = 1  # group-limited routing: experts in n_group groups, tokens pick from topk_group of them
+    # group-limited routing: experts in n_group groups, tokens pick from topk_group of them
+    n_group: int = 1
     topk_group: int = 1
     norm_topk_prob: bool = True
     routed_scaling_factor: float = 1.0
     first_k_dense_replace: int = 0  # layers below this index keep a dense MLP
-    # hybrid models (Qwen3-Next, Qwen3.5): Gated DeltaNet layers between full-attention ones, Qwen-style MoE
-    layer_types: tuple[str, ...] = ()  # per layer "full_attention" or "linear_attention"; () = all full attention
+    # hybrid models (Qwen3-Next, Qwen3.5): Gated DeltaNet layers between full-attention ones,
+    # Qwen-style MoE. layer_types: per layer "full_attention" or "linear_attention"; () = all full
+    # attention
+    layer_types: tuple[str, ...] = ()
     linear_conv_kernel_dim: int = 4
     linear_num_key_heads: int = 0
     linear_num_value_heads: int = 0
@@ -61,8 +69,11 @@ class ModelConfig:
         return int(self.head_dim * self.partial_rotary_factor)
 
     def has_kv(self, layer_idx: int) -> bool:
-        """Whether layer ``layer_idx`` (MTP layers after the main ones included) attends over a paged KV cache."""
-        return layer_idx >= len(self.layer_types) or self.layer_types[layer_idx] == "full_attention"
+        """Whether layer ``layer_idx`` (MTP layers after the main ones included) attends over a
+        paged KV cache."""
+        if layer_idx >= len(self.layer_types):
+            return True
+        return self.layer_types[layer_idx] == "full_attention"
 
 
 @dataclass
@@ -84,11 +95,13 @@ class EngineConfig:
     kv_cache_memory_bytes: int = 512 * 1024 * 1024
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 512  # per-step token budget (chunked prefill)
-    max_model_len: int | None = None  # None: the model's max_position_embeddings, capped by the cache
+    # None: the model's max_position_embeddings, capped by the cache
+    max_model_len: int | None = None
     dtype: torch.dtype = torch.float32
     device: str = "cpu"
     # speculative decoding with the model's MTP layers
     spec_draft_n_max: int = 3  # 0 disables
     spec_adaptive: bool = True  # False: always draft spec_draft_n_max tokens
     mtp_head: str | None = None  # standalone head directory for a model without MTP layers
-    mtp_feedback: str = "pre_norm"  # hidden fed back between draft steps: block output, or post shared norm
+    # hidden fed back between draft steps: the block output ("pre_norm") or after the shared norm
+    mtp_feedback: str = "pre_norm"

@@ -19,7 +19,8 @@ class IncrementalDetokenizer:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def add(self, new_token_ids: list[int]) -> str:
-        """Append tokens; return the text they complete (possibly empty while a character is split)."""
+        """Append tokens; return the text they complete (possibly empty while a character is
+        split)."""
         self.token_ids.extend(new_token_ids)
         prefix = self._decode(self.token_ids[self.prefix_offset:self.read_offset])
         full = self._decode(self.token_ids[self.prefix_offset:])
@@ -32,8 +33,8 @@ class IncrementalDetokenizer:
         return delta
 
     def flush(self) -> str:
-        """At the end of the request: the text still held back, a character left incomplete as U+FFFD (as a
-        full decode of the tokens gives it)."""
+        """At the end of the request: the text still held back, a character left incomplete as
+        U+FFFD (as a full decode of the tokens gives it)."""
         prefix = self._decode(self.token_ids[self.prefix_offset:self.read_offset])
         full = self._decode(self.token_ids[self.prefix_offset:])
         delta = full[len(prefix):] if len(full) > len(prefix) else ""

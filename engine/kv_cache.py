@@ -30,6 +30,7 @@ class BlockPool:
             self.ref_cnt[b] = 1
         return blocks
 
+    # Not used yet: a prefix cache will share blocks between requests through it.
     def incref(self, block: int) -> None:
         if self.ref_cnt[block] == 0:
             raise ValueError(f"block {block} is free")
@@ -60,7 +61,8 @@ class KVCacheManager:
         return -(-num_tokens // self.block_size)
 
     def allocate_slots(self, request_id: str, num_tokens: int) -> bool:
-        """Make the request's block table cover ``num_tokens`` tokens. False (nothing changed) if full."""
+        """Make the request's block table cover ``num_tokens`` tokens. False (nothing changed) if
+        full."""
         table = self.block_tables.setdefault(request_id, [])
         missing = self.blocks_needed(num_tokens) - len(table)
         if missing <= 0:
@@ -89,11 +91,8 @@ class KVCacheManager:
             self.pool.free(table)
 
     def step_state(self, scheduled) -> None:
-        """Per-request state beyond KV blocks for a step: none here (hybrid models: ``HybridCacheManager``)."""
-
-    def slot(self, request_id: str, position: int) -> int:
-        table = self.block_tables[request_id]
-        return table[position // self.block_size] * self.block_size + position % self.block_size
+        """Per-request state beyond KV blocks for a step: none here (hybrid models:
+        ``HybridCacheManager``)."""
 
     @property
     def num_free_blocks(self) -> int:

@@ -10,6 +10,16 @@ from mtpserve.engine.errors import RequestError
 GREEDY_EPS = 1e-5
 
 
+def _is_int(value) -> bool:
+    """An int that is not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    """An int or float that is not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 16
@@ -38,11 +48,11 @@ class SamplingParams:
         for name in ("temperature", "top_p", "min_p", "repetition_penalty",
                      "presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if not _is_number(value) or not math.isfinite(value):
                 bad(name, f"{name} must be a finite number, got {value!r}")
         for name in ("max_tokens", "top_k"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
+            if not _is_int(value):
                 bad(name, f"{name} must be an integer, got {value!r}")
 
         if self.max_tokens < 1:
@@ -56,16 +66,17 @@ class SamplingParams:
         if not 0 <= self.min_p <= 1:
             bad("min_p", f"min_p must be in [0, 1], got {self.min_p}")
         if self.repetition_penalty <= 0:
-            bad("repetition_penalty", f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+            bad("repetition_penalty",
+                f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not -2 <= value <= 2:
                 bad(name, f"{name} must be in [-2, 2], got {value}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+        if self.seed is not None and not _is_int(self.seed):
             bad("seed", f"seed must be an integer, got {self.seed!r}")
         for token_id in self.stop_token_ids:
-            if isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0:
-                bad("stop_token_ids", f"stop_token_ids must be non-negative integers, got {token_id!r}")
-        if self.logprobs is not None and (
-                isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int) or self.logprobs < 0):
+            if not _is_int(token_id) or token_id < 0:
+                bad("stop_token_ids",
+                    f"stop_token_ids must be non-negative integers, got {token_id!r}")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < 0):
             bad("logprobs", f"logprobs must be a non-negative integer, got {self.logprobs!r}")

@@ -14,7 +14,9 @@ from mtpserve.engine.errors import ModelLoadError, RequestError
 
 log = logging.getLogger(__name__)
 
-TOKEN_CONTROL, TOKEN_USER_DEFINED = 3, 4  # GGUF token types (llama.cpp's llama_token_type)
+# GGUF token types (llama.cpp's llama_token_type)
+TOKEN_CONTROL = 3
+TOKEN_USER_DEFINED = 4
 
 
 class Tokenizer:
@@ -46,11 +48,14 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, path) -> "Tokenizer":
-        """Load an HF tokenizer directory (tokenizer.json + tokenizer_config.json [+ chat_template.jinja])."""
+        """Load an HF tokenizer directory (tokenizer.json + tokenizer_config.json [+
+        chat_template.jinja])."""
         path = Path(path)
         tokenizer_file = path / "tokenizer.json"
         if not tokenizer_file.is_file():
-            raise ModelLoadError(f"{path}: no tokenizer.json (only fast HF tokenizers are supported)")
+            raise ModelLoadError(
+                f"{path}: no tokenizer.json (only fast HF tokenizers are supported)"
+            )
         try:
             backend = tokenizers.Tokenizer.from_file(str(tokenizer_file))
         except Exception as e:  # noqa: BLE001 - any parse failure is a load error
@@ -84,10 +89,14 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self.backend.id_to_token(int(token_id))
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
-        """Render a conversation to a prompt string; RequestError if there is no template or it refuses."""
+    def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = True, **kwargs
+    ) -> str:
+        """Render a conversation to a prompt string; RequestError if there is no template or it
+        refuses."""
         if self.chat_template is None:
-            raise RequestError("this model has no chat template; send a raw prompt to /v1/completions instead")
+            raise RequestError("this model has no chat template; "
+                               "send a raw prompt to /v1/completions instead")
         return render_chat_template(
             self.chat_template,
             messages,
@@ -118,7 +127,8 @@ def _find_chat_template(path: Path, config: dict) -> str | None:
     jinja_file = path / "chat_template.jinja"
     if jinja_file.is_file():
         return jinja_file.read_text(encoding="utf-8")
-    template = _read_json(path / "chat_template.json").get("chat_template", config.get("chat_template"))
+    template_json = _read_json(path / "chat_template.json")
+    template = template_json.get("chat_template", config.get("chat_template"))
     if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default")
@@ -136,7 +146,9 @@ _QWEN2_SPLIT = (
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 _GPT2_PRE = {"gpt2", "default", "mpt", "olmo", "jais"}
-_DIGITS_THEN_GPT2_PRE = {"smollm", "starcoder", "refact", "codeshell", "command-r", "exaone", "minerva"}
+_DIGITS_THEN_GPT2_PRE = {
+    "smollm", "starcoder", "refact", "codeshell", "command-r", "exaone", "minerva",
+}
 _LLAMA3_PRE = {"llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx"}
 _QWEN2_PRE = {"qwen2", "deepseek-r1-qwen", "stablelm2"}
 
@@ -146,10 +158,15 @@ def _byte_level_pre_tokenizer(pre: str | None):
     if pre is None or pre in _GPT2_PRE:
         return gpt2
     if pre in _DIGITS_THEN_GPT2_PRE:  # every digit on its own, then the GPT-2 split
-        return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_DIGIT_SPLIT), behavior="isolated"), gpt2])
-    split = _LLAMA3_SPLIT if pre in _LLAMA3_PRE else _QWEN2_SPLIT if pre in _QWEN2_PRE else None
-    if split is None:
-        log.warning("unknown GGUF pre-tokenizer %r: using the GPT-2 split (tokenization may differ)", pre)
+        digits = pre_tokenizers.Split(Regex(_DIGIT_SPLIT), behavior="isolated")
+        return pre_tokenizers.Sequence([digits, gpt2])
+    if pre in _LLAMA3_PRE:
+        split = _LLAMA3_SPLIT
+    elif pre in _QWEN2_PRE:
+        split = _QWEN2_SPLIT
+    else:
+        log.warning("unknown GGUF pre-tokenizer %r: using the GPT-2 split "
+                    "(tokenization may differ)", pre)
         return gpt2
     return pre_tokenizers.Sequence(
         [
@@ -159,11 +176,19 @@ def _byte_level_pre_tokenizer(pre: str | None):
     )
 
 
-def _add_special(backend: tokenizers.Tokenizer, tokens: list[str], token_types: list[int] | None) -> None:
-    """Control tokens become special added tokens, user-defined ones plain added tokens (matched whole)."""
+def _add_special(
+    backend: tokenizers.Tokenizer, tokens: list[str], token_types: list[int] | None
+) -> None:
+    """Control tokens become special added tokens, user-defined ones plain added tokens (matched
+    whole)."""
     types = token_types or []
-    control = [AddedToken(t, normalized=False, special=True) for t, k in zip(tokens, types) if k == TOKEN_CONTROL]
-    user = [AddedToken(t, normalized=False, special=False) for t, k in zip(tokens, types) if k == TOKEN_USER_DEFINED]
+    control = []
+    user = []
+    for token, kind in zip(tokens, types):
+        if kind == TOKEN_CONTROL:
+            control.append(AddedToken(token, normalized=False, special=True))
+        elif kind == TOKEN_USER_DEFINED:
+            user.append(AddedToken(token, normalized=False, special=False))
     if control:
         backend.add_special_tokens(control)
     if user:
@@ -173,7 +198,8 @@ def _add_special(backend: tokenizers.Tokenizer, tokens: list[str], token_types: 
 def build_byte_level_bpe(
     tokens: list[str], merges: list[str], token_types: list[int] | None, pre: str | None
 ) -> tokenizers.Tokenizer:
-    """GPT-2 style byte-level BPE from a vocabulary (already in the byte alphabet) and ``"a b"`` merges."""
+    """GPT-2 style byte-level BPE from a vocabulary (already in the byte alphabet) and ``"a b"``
+    merges."""
     vocab = {token: i for i, token in enumerate(tokens)}
     pairs = [tuple(m.split(" ", 1)) for m in merges]
     bpe = models.BPE(vocab=vocab, merges=pairs, ignore_merges=pre in _LLAMA3_PRE)
@@ -192,7 +218,8 @@ def build_sentencepiece_bpe(
     unk_id: int | None,
     add_space_prefix: bool = True,
 ) -> tokenizers.Tokenizer:
-    """SentencePiece BPE (llama/mistral style, byte fallback); merges rebuilt from the token scores."""
+    """SentencePiece BPE (llama/mistral style, byte fallback); merges rebuilt from the token
+    scores."""
     vocab = {token: i for i, token in enumerate(tokens)}
     types = token_types or [1] * len(tokens)
     candidates = []
@@ -206,13 +233,15 @@ def build_sentencepiece_bpe(
     candidates.sort()
     merges = [(left, right) for _, _, _, left, right in candidates]
     unk = tokens[unk_id] if unk_id is not None else None
-    backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, byte_fallback=True,
-                                              fuse_unk=True))
+    bpe = models.BPE(vocab=vocab, merges=merges, unk_token=unk, byte_fallback=True, fuse_unk=True)
+    backend = tokenizers.Tokenizer(bpe)
     scheme = "first" if add_space_prefix else "never"
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme=scheme, split=False)
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme=scheme,
+                                                     split=False)
     steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
     if add_space_prefix:
         steps.append(decoders.Strip(" ", 1, 0))
     backend.decoder = decoders.Sequence(steps)
-    _add_special(backend, tokens, [TOKEN_CONTROL if k == 2 else k for k in types])  # unknown counts as control
+    types = [TOKEN_CONTROL if k == 2 else k for k in types]  # unknown (2) counts as control
+    _add_special(backend, tokens, types)
     return backend

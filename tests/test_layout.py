@@ -4,6 +4,8 @@ level or inside a function, absolute or relative."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -127,3 +129,12 @@ def test_no_cycle_between_packages():
     assert graph["cli"] >= {"engine", "server", "bench"}  # the walk sees the imports at all
     cycle = find_cycle(graph)
     assert cycle is None, f"import cycle between top-level packages: {' -> '.join(cycle)}"
+
+
+def test_public_api_is_lazy():
+    """``import mtpserve`` stays cheap (no torch); its exports resolve on first use."""
+    code = ("import sys, mtpserve\n"
+            "assert 'torch' not in sys.modules\n"
+            "for name in mtpserve.__all__:\n"
+            "    assert getattr(mtpserve, name).__name__ == name\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO.parent)
