@@ -216,17 +216,17 @@ class LLMEngine:
             result = self.runner.execute(out)
         except Exception:  # noqa: BLE001 (isolated: only this step's requests fail)
             return self._fail_step(out)
-        self.scheduler.update_from_output(out, result)
+        finished = self.scheduler.update_from_output(out, result)
         outputs = []
         for s in out.scheduled:
             req = s.request
             num_before = before[req.request_id]
             if len(req.output_token_ids) > num_before or req.status.finished:
                 outputs.append(RequestOutput.of(req, num_before))
-            if req.status.finished:
-                self.requests.pop(req.request_id, None)
-                self.runner.free(req.request_id)
-                self.spec_stats.merge(req.spec_stats)
+        for req in finished:
+            self.requests.pop(req.request_id, None)
+            self.runner.free(req.request_id)
+            self.spec_stats.merge(req.spec_stats)
         return outputs
 
     def _fail_step(self, out) -> list[RequestOutput]:

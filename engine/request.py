@@ -70,7 +70,7 @@ class Request:
             self.first_token_time = time.perf_counter()
 
     def timings(self) -> dict:
-        """The ``metrics.timings`` block of DESIGN.md (milliseconds and tokens per second)."""
+        """The ``metrics.timings`` block of a response (milliseconds and tokens per second)."""
         ms = lambda a, b: round((b - a) * 1000, 3) if a is not None and b is not None else 0.0  # noqa: E731
         prefill_ms = ms(self.first_scheduled_time, self.first_token_time)
         decode_ms = ms(self.first_token_time, self.finish_time)

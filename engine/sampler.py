@@ -72,8 +72,10 @@ class SamplingTensors:
 
 def _token_index(token_ids: list[list[int]], vocab_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Flattened (row, token) index pairs for a ragged batch of token lists (ids >= vocab dropped)."""
-    rows = [i for i, ids in enumerate(token_ids) for _ in ids]
-    flat = [t for ids in token_ids for t in ids]
+    rows, flat = [], []
+    for i, ids in enumerate(token_ids):
+        rows.extend([i] * len(ids))
+        flat.extend(ids)
     rows_t = torch.tensor(rows, dtype=torch.long, device=device)
     tokens_t = torch.tensor(flat, dtype=torch.long, device=device)
     keep = tokens_t < vocab_size

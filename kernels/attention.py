@@ -123,10 +123,13 @@ class TorchPagedAttention(AttentionBackend):
         self.short_index = self.short_valid = None
         if not self.whole_step:
             # query j of a sequence padded to max_q by repeating its last query (its output is dropped)
-            index = [start + min(j, q - 1) for _, start, q, _ in short for j in range(max_q)]
+            index, rows = [], []
+            for _, start, q, _ in short:
+                index.extend(start + min(j, q - 1) for j in range(max_q))
+                rows.extend(range(start, start + q))
             self.short_index = torch.tensor(index, device=device).view(len(short), max_q)
             self.short_valid = (torch.arange(max_q)[None, :] < torch.tensor(q_lens)[:, None]).to(device)
-            self.short_rows = torch.tensor([start + j for _, start, q, _ in short for j in range(q)], device=device)
+            self.short_rows = torch.tensor(rows, device=device)
         self.short_mask = None
         if max_q > 1 or any(n != max_len for n in seq_lens):
             # query j of a sequence sees keys up to position seq_len - q_len + j

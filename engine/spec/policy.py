@@ -163,9 +163,11 @@ class DraftPolicy:
             extra = _interp(row, num_tokens / batch_size) - plain + sum(draft_cost[r] for r in depth_rows)
             return plain + b * extra
 
-        candidates = sorted((rate ** j, -j, i) for i, (rate, n) in enumerate(zip(rates, limits))
-                            for j in range(1, n + 1))
-        candidates.reverse()  # most likely drafts first; a request's j-th draft after its (j-1)-th
+        candidates = []  # (expected acceptance of request i's j-th draft, -j, i)
+        for i, (rate, n) in enumerate(zip(rates, limits)):
+            for j in range(1, n + 1):
+                candidates.append((rate ** j, -j, i))
+        candidates.sort(reverse=True)  # most likely drafts first; a request's j-th draft after its (j-1)-th
         depth_rows = [0] * (max(limits, default=0) + 1)
         tokens, num_tokens = float(batch_size), batch_size
         best, best_count = SPEC_MARGIN * tokens / cost(num_tokens, depth_rows), 0

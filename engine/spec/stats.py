@@ -61,7 +61,7 @@ class SpecStats:
         return (self.num_accepted_tokens + self.num_steps) / self.num_steps if self.num_steps else 0.0
 
     def to_dict(self) -> dict:
-        """The "speculative" block of the response metrics (DESIGN.md), plus num_drafts."""
+        """The "speculative" block of a response's metrics, plus num_drafts."""
         return {
             "num_draft_tokens": self.num_draft_tokens,
             "num_accepted_tokens": self.num_accepted_tokens,
