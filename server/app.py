@@ -1,9 +1,10 @@
-"""The FastAPI app: its state, routes, middlewares and error handlers (routes.py; bodies: responses.py; errors:
-errors.py; auth and limits: pure ASGI middlewares of their own)."""
+"""The FastAPI app: its state, routes, middlewares and error handlers (routes.py; bodies:
+responses.py; errors: errors.py; auth and limits: pure ASGI middlewares of their own)."""
 
 from __future__ import annotations
 
 from fastapi import FastAPI
+
 from mtpserve import __version__
 from mtpserve.server.auth import APIKeyAuth
 from mtpserve.server.client_limit import ClientLimit
@@ -18,7 +19,8 @@ def build_app(engine_client, served_model_name: str, api_key: str | None = None,
               max_queue: int | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
               max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES, metrics_public: bool = False,
               max_concurrent_per_client: int | None = None, log_prompts: bool = False) -> FastAPI:
-    # the routes are given, not included: FastAPI keeps an included router as one entry of app.routes
+    # the routes are given, not included: FastAPI keeps an included router as one entry of
+    # app.routes
     app = FastAPI(title="mtpserve", version=__version__, responses=ERRORS, routes=router.routes)
     drop_validation_schema(app)
     app.state.client = engine_client
@@ -26,7 +28,8 @@ def build_app(engine_client, served_model_name: str, api_key: str | None = None,
     app.state.metrics = ServerMetrics(served_model_name)
     app.state.max_queue = max_queue
     app.state.log_prompts = log_prompts
-    # added innermost first: size limits, then the API key, then the per-client limit, then the routes
+    # added innermost first: size limits, then the API key, then the per-client limit, then
+    # the routes
     if max_concurrent_per_client is not None:
         app.add_middleware(ClientLimit, limit=max_concurrent_per_client)
     if api_key:

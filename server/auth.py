@@ -1,6 +1,6 @@
-"""API key check (pure ASGI): every route needs ``Authorization: Bearer KEY`` except the public paths
-(/health, and /metrics when made public). The comparison is constant-time over fixed-length digests, so neither
-the key's content nor its length shows in the answer time."""
+"""API key check (pure ASGI): every route needs ``Authorization: Bearer KEY`` except the public
+paths (/health, and /metrics when made public). The comparison is constant-time over fixed-length
+digests, so neither the key's content nor its length shows in the answer time."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Serve an app with uvicorn on loopback from a background thread (the stress command and the tests)."""
+"""Serve an app with uvicorn on loopback from a background thread (the stress command and the
+tests)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ def serve_in_background(app, host: str = "127.0.0.1", timeout: float = 30.0):
     sock.bind((host, 0))
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", http="h11"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn",
+                              daemon=True)
     thread.start()
     deadline = time.perf_counter() + timeout
     while not server.started and thread.is_alive() and time.perf_counter() < deadline:

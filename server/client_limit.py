@@ -1,6 +1,6 @@
-"""Per-client concurrency limit (pure ASGI): at most ``limit`` generation requests in flight per client address,
-a 429 in the OpenAI error envelope beyond. A request counts until its response has been sent in full (a stream
-until its last chunk) or its client has gone."""
+"""Per-client concurrency limit (pure ASGI): at most ``limit`` generation requests in flight per
+client address, a 429 in the OpenAI error envelope beyond. A request counts until its response has
+been sent in full (a stream until its last chunk) or its client has gone."""
 
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ class ClientLimit:
             return await self.app(scope, receive, send)
         client = (scope.get("client") or ("unknown",))[0]
         if self.active[client] >= self.limit:
-            response = error_response(429, f"too many concurrent requests from this client (limit {self.limit})",
-                                      code="too_many_concurrent_requests")
+            message = f"too many concurrent requests from this client (limit {self.limit})"
+            response = error_response(429, message, code="too_many_concurrent_requests")
             return await response(scope, receive, send)
         self.active[client] += 1
         try:

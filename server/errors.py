@@ -1,13 +1,15 @@
-"""The OpenAI error envelope, the engine's errors mapped to it by type, and the app's exception handlers."""
+"""The OpenAI error envelope, the engine's errors mapped to it by type, and the app's exception
+handlers."""
 
 from __future__ import annotations
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
 from mtpserve.engine.async_engine import StreamError
 from mtpserve.engine.errors import RequestError
-from starlette.exceptions import HTTPException
 
 ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error",
                503: "service_unavailable"}
@@ -16,7 +18,8 @@ ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 429: "rate_l
 class APIError(Exception):
     """An answer in the error envelope, raised from anywhere in a route."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 code: str | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
@@ -24,7 +27,8 @@ class APIError(Exception):
         self.code = code
 
 
-def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+def error_body(status: int, message: str, param: str | None = None,
+               code: str | None = None) -> dict:
     """The OpenAI error envelope."""
     kind = ERROR_TYPES.get(status)
     if kind is None:
@@ -34,12 +38,14 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
                    headers: dict | None = None) -> JSONResponse:
-    return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
+    body = error_body(status, message, param, code)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def request_error(exc: RequestError, prompt_field: str) -> APIError:
-    """An invalid request is a 400. The engine names a prompt too long for the context ``messages``; a route
-    whose prompt field has another name (``prompt`` for /v1/completions) passes it as ``prompt_field``."""
+    """An invalid request is a 400. The engine names a prompt too long for the context ``messages``;
+    a route whose prompt field has another name (``prompt`` for /v1/completions) passes it as
+    ``prompt_field``."""
     param = exc.param
     if param == "messages":
         param = prompt_field
@@ -57,7 +63,9 @@ def validation_message(exc: RequestValidationError, content_type: str) -> tuple[
     if err.get("type") == "json_invalid":
         return "the request body is not valid JSON", None
     if not loc and "json" not in content_type:
-        return f"the request body must be JSON sent as Content-Type: application/json, got {content_type!r}", None
+        message = ("the request body must be JSON sent as Content-Type: application/json, "
+                   f"got {content_type!r}")
+        return message, None
     return f"{param or 'body'}: {err.get('msg')}", param
 
 
@@ -66,7 +74,8 @@ async def api_error(_: Request, exc: APIError) -> JSONResponse:
 
 
 async def stream_failed(_: Request, exc: StreamError) -> JSONResponse:
-    """A request that ended in an error (or could not start: the engine is dead); its type carries the status."""
+    """A request that ended in an error (or could not start: the engine is dead); its type carries
+    the status."""
     return error_response(exc.status, str(exc), code=exc.code)
 
 
@@ -77,7 +86,8 @@ async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse
 
 
 async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
-    """Starlette's own errors: unknown paths, wrong methods (their Allow header kept), bodies too large."""
+    """Starlette's own errors: unknown paths, wrong methods (their Allow header kept), bodies too
+    large."""
     message = str(exc.detail)
     if exc.status_code == 404:
         message = "not found"

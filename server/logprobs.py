@@ -1,4 +1,5 @@
-"""OpenAI logprobs shapes from the engine's per-token (logprob, [(token_id, logprob)] top-n) entries."""
+"""OpenAI logprobs shapes from the engine's per-token (logprob, [(token_id, logprob)] top-n)
+entries."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ def token_text(tok, token_id: int) -> str:
 
 
 def chat_logprobs(tok, entries) -> dict:
-    """``choices[].logprobs`` of a chat completion: ``{"content": [{token, logprob, bytes, top_logprobs}]}``."""
+    """``choices[].logprobs`` of a chat completion:
+    ``{"content": [{token, logprob, bytes, top_logprobs}]}``."""
 
     def item(token_id, logprob):
         text = token_text(tok, token_id)
@@ -34,8 +36,8 @@ def completion_logprobs(tok, entries, offset: int = 0) -> tuple[dict, int]:
 
 
 class LogprobsFormatter:
-    """Formats the logprobs of each choice of one request: None when the request did not ask for them; a text
-    completion numbers its text offsets on from the choice's previous chunk."""
+    """Formats the logprobs of each choice of one request: None when the request did not ask for
+    them; a text completion numbers its text offsets on from the choice's previous chunk."""
 
     def __init__(self, tok, chat: bool, streams):
         self.tok = tok

@@ -1,14 +1,18 @@
-"""The OpenAPI document as the server really answers: every error is the OpenAI envelope (declared as the
-``default`` response of every route; FastAPI's 422 validation schema is dropped, validation errors are 400s),
-completions stream as text/event-stream and /metrics is text."""
+"""The OpenAPI document as the server really answers: every error is the OpenAI envelope (declared
+as the ``default`` response of every route; FastAPI's 422 validation schema is dropped, validation
+errors are 400s), completions stream as text/event-stream and /metrics is text."""
 
 from __future__ import annotations
 
 from mtpserve.server.protocol import ErrorResponse
 
 ERRORS = {"default": {"model": ErrorResponse, "description": "an error, in the OpenAI envelope"}}
-STREAMS = {200: {"content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}},
-                 "description": "a completion, or its stream of chunks when 'stream' is true"}}
+STREAMS = {
+    200: {
+        "content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}},
+        "description": "a completion, or its stream of chunks when 'stream' is true",
+    },
+}
 
 
 def drop_validation_schema(app) -> None:

@@ -1,5 +1,5 @@
-"""OpenAI request bodies (pydantic). Unknown fields are rejected; known but unsupported ones are declared
-so that ``unsupported_field`` can name them in a 400."""
+"""OpenAI request bodies (pydantic). Unknown fields are rejected; known but unsupported ones are
+declared so that ``unsupported_field`` can name them in a 400."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 
 
 def lone_surrogate(data) -> bool:
-    """Whether any string in a JSON value holds a lone UTF-16 surrogate (valid JSON, not valid text)."""
+    """Whether any string in a JSON value holds a lone UTF-16 surrogate (valid JSON, not valid
+    text)."""
     stack = [data]
     while stack:
         value = stack.pop()
@@ -27,7 +28,8 @@ def lone_surrogate(data) -> bool:
 
 
 class Strict(BaseModel):
-    """Unknown fields rejected, and no type coercion (no "5" or true for an integer, no 1 for a boolean)."""
+    """Unknown fields rejected, and no type coercion (no "5" or true for an integer, no 1 for a
+    boolean)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -35,7 +37,8 @@ class Strict(BaseModel):
     @classmethod
     def _text_is_unicode(cls, data):
         if lone_surrogate(data):
-            raise ValueError("strings must be valid Unicode (the body has a lone surrogate escape such as \\ud800)")
+            raise ValueError("strings must be valid Unicode "
+                             "(the body has a lone surrogate escape such as \\ud800)")
         return data
 
 
@@ -61,7 +64,8 @@ class Speculative(Strict):
     enabled: bool = True
     n_max: int | None = Field(default=None, ge=0)
 
-    def spec_n_max(self) -> int | None:
+    def effective_n_max(self) -> int | None:
+        """0 when drafting is disabled, else ``n_max`` (None: the engine decides)."""
         return 0 if not self.enabled else self.n_max
 
 
@@ -118,7 +122,8 @@ class ChatCompletionRequest(SamplingFields):
     response_format: Any = None
 
     def num_logprobs(self) -> int | None:
-        """SamplingParams.logprobs: None, or how many top alternatives (0: the chosen token only)."""
+        """SamplingParams.logprobs: None, or how many top alternatives (0: the chosen token
+        only)."""
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
@@ -152,32 +157,44 @@ class DetokenizeRequest(Strict):
     tokens: list[int]
 
 
-_UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "logit_bias",
-                "echo", "suffix", "best_of")
+_UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls",
+                "logit_bias", "echo", "suffix", "best_of")
 
 
 def unsupported_field(req: BaseModel) -> str | None:
     """The first field set to something we do not support, or None."""
     for name in _UNSUPPORTED:
         value = getattr(req, name, None)
-        if value is not None and value is not False and not (name == "best_of" and value == 1):
-            return name
+        if value is None or value is False:
+            continue
+        if name == "best_of" and value == 1:
+            continue
+        return name
     fmt = getattr(req, "response_format", None)
     if fmt is not None and fmt != {"type": "text"}:
         return "response_format"
     return None
 
 
+def is_text_part(part: dict) -> bool:
+    """``{"type": "text", "text": str}`` and nothing else."""
+    if part.get("type") != "text" or not isinstance(part.get("text"), str):
+        return False
+    return not set(part) - {"type", "text"}
+
+
 def message_dicts(messages: list[ChatMessage]) -> list[dict]:
-    """Messages for the chat template; text parts joined. ValueError naming the field for anything else."""
+    """Messages for the chat template; text parts joined. ValueError naming the field for anything
+    else."""
     out = []
     for i, m in enumerate(messages):
         content = m.content
         if isinstance(content, list):
             texts = []
             for part in content:
-                if part.get("type") != "text" or not isinstance(part.get("text"), str) or set(part) - {"type", "text"}:
-                    raise ValueError(f"messages[{i}].content: only text parts are supported, got {part.get('type')!r}")
+                if not is_text_part(part):
+                    raise ValueError(f"messages[{i}].content: only text parts are supported, "
+                                     f"got {part.get('type')!r}")
                 texts.append(part["text"])
             content = "".join(texts)
         role = "system" if m.role == "developer" else m.role

@@ -1,5 +1,5 @@
-"""Completion answers: the JSON body of a non-stream request and the SSE stream of chunks (the error envelope is
-errors.py's)."""
+"""Completion answers: the JSON body of a non-stream request and the SSE stream of chunks (the error
+envelope is errors.py's)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import logging
 import time
 
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+
 from mtpserve.engine.async_engine import StreamError, merged_deltas
 from mtpserve.server.errors import error_body
 from mtpserve.server.logprobs import LogprobsFormatter
@@ -33,11 +34,16 @@ def usage(streams, n: int) -> dict:
     """Token counts of the request; its ``n`` choices share one prompt, counted once per prompt."""
     prompt = sum(s.num_prompt_tokens for s in streams) // n
     completion = sum(s.num_tokens for s in streams)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
 
 
 def with_usage(out: dict, streams, n: int) -> dict:
-    """``out`` with the usage block; with one choice also the request's metrics (else each choice has its own)."""
+    """``out`` with the usage block; with one choice also the request's metrics (else each choice
+    has its own)."""
     out["usage"] = usage(streams, n)
     if len(streams) == 1:
         out["metrics"] = request_metrics(streams[0])
@@ -48,9 +54,15 @@ def sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
+def retrieve_exception(future) -> None:
+    """Read a finished future's exception so asyncio does not report it as never retrieved."""
+    if not future.cancelled():
+        future.exception()
+
+
 async def collect_all(streams, disconnected=None) -> list[str] | None:
-    """Every stream's full text; None when ``disconnected()`` (the client went away) returns first, and then
-    the streams are aborted, freeing their KV blocks."""
+    """Every stream's full text; None when ``disconnected()`` (the client went away) returns first,
+    and then the streams are aborted, freeing their KV blocks."""
     gathered = asyncio.ensure_future(asyncio.gather(*(s.collect() for s in streams)))
     watch = None
     if disconnected is not None:
@@ -58,12 +70,15 @@ async def collect_all(streams, disconnected=None) -> list[str] | None:
 
     def abandon() -> None:
         gathered.cancel()
-        gathered.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: nothing to report
+        gathered.add_done_callback(retrieve_exception)
         for s in streams:
             s.close()
 
+    waited = [gathered]
+    if watch is not None:
+        waited.append(watch)
     try:
-        await asyncio.wait([t for t in (gathered, watch) if t is not None], return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(waited, return_when=asyncio.FIRST_COMPLETED)
     except BaseException:
         abandon()
         raise
@@ -76,9 +91,13 @@ async def collect_all(streams, disconnected=None) -> list[str] | None:
     return gathered.result()
 
 
-def json_choice(i: int, stream, text: str, chat: bool, logprobs: LogprobsFormatter, own_metrics: bool) -> dict:
-    choice = {"index": i, "logprobs": logprobs.format(i, stream.take_logprobs()),
-              "finish_reason": stream.finish_reason}
+def json_choice(i: int, stream, text: str, chat: bool, logprobs: LogprobsFormatter,
+                own_metrics: bool) -> dict:
+    choice = {
+        "index": i,
+        "logprobs": logprobs.format(i, stream.take_logprobs()),
+        "finish_reason": stream.finish_reason,
+    }
     if chat:
         choice["message"] = {"role": "assistant", "content": text}
     else:
@@ -88,9 +107,11 @@ def json_choice(i: int, stream, text: str, chat: bool, logprobs: LogprobsFormatt
     return choice
 
 
-async def json_response(body, streams, rid: str, chat: bool, model_name: str, tok, disconnected=None) -> Response:
-    """The whole completion as one JSON body. ``disconnected``: an awaitable factory that returns when the client
-    has gone; the request is then aborted. A stream that ended in an error raises its StreamError."""
+async def json_response(body, streams, rid: str, chat: bool, model_name: str, tok,
+                        disconnected=None) -> Response:
+    """The whole completion as one JSON body. ``disconnected``: an awaitable factory that returns
+    when the client has gone; the request is then aborted. A stream that ended in an error raises
+    its StreamError."""
     kind = "chat.completion" if chat else "text_completion"
     out = head(rid, kind, model_name)  # created: when the request started
     texts = await collect_all(streams, disconnected)
@@ -105,7 +126,8 @@ async def json_response(body, streams, rid: str, chat: bool, model_name: str, to
 
 
 def chat_delta(text: str, first: bool) -> dict:
-    """The role comes in a chat choice's first chunk only; a chunk without text has an empty delta."""
+    """The role comes in a chat choice's first chunk only; a chunk without text has an empty
+    delta."""
     if first:
         return {"role": "assistant", "content": text}
     if text:
@@ -113,18 +135,21 @@ def chat_delta(text: str, first: bool) -> dict:
     return {}
 
 
-def chunk(head_fields: dict, chat: bool, i: int, text: str, logprobs=None, finish=None, first=False) -> dict:
+def chunk(head_fields: dict, chat: bool, i: int, text: str, logprobs=None, finish=None,
+          first=False) -> dict:
     if chat:
-        choice = {"index": i, "delta": chat_delta(text, first), "logprobs": logprobs, "finish_reason": finish}
+        choice = {"index": i, "delta": chat_delta(text, first), "logprobs": logprobs,
+                  "finish_reason": finish}
     else:
         choice = {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}
     return {**head_fields, "choices": [choice]}
 
 
-async def chunk_events(streams, head_fields: dict, chat: bool, logprobs: LogprobsFormatter, include_usage: bool,
-                       n: int):
-    """A role chunk per chat choice, the text deltas, a final chunk per choice (with its metrics), the usage chunk
-    when asked for, then [DONE]; a stream that ended in an error ends them all with an error chunk."""
+async def chunk_events(streams, head_fields: dict, chat: bool, logprobs: LogprobsFormatter,
+                       include_usage: bool, n: int):
+    """A role chunk per chat choice, the text deltas, a final chunk per choice (with its metrics),
+    the usage chunk when asked for, then [DONE]; a stream that ended in an error ends them all with
+    an error chunk."""
     if chat:
         for i in range(len(streams)):
             yield sse(chunk(head_fields, chat, i, "", first=True))
@@ -149,8 +174,8 @@ async def chunk_events(streams, head_fields: dict, chat: bool, logprobs: Logprob
 
 
 async def guarded(events, rid: str):
-    """``events``, closed when the client goes; a crash ends the stream with an error chunk and [DONE], so a
-    stream always ends with a finish reason or an error."""
+    """``events``, closed when the client goes; a crash ends the stream with an error chunk and
+    [DONE], so a stream always ends with a finish reason or an error."""
     try:
         async with contextlib.aclosing(events) as inner:
             async for event in inner:
@@ -162,9 +187,12 @@ async def guarded(events, rid: str):
 
 
 def sse_response(body, streams, rid: str, chat: bool, model_name: str, tok) -> StreamingResponse:
-    """The completion as an SSE stream of chunks (the client going away is noticed by the stream itself)."""
+    """The completion as an SSE stream of chunks (the client going away is noticed by the stream
+    itself)."""
     kind = "chat.completion.chunk" if chat else "text_completion"
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     logprobs = LogprobsFormatter(tok, chat, streams)
-    events = chunk_events(streams, head(rid, kind, model_name), chat, logprobs, include_usage, body.n)
-    return StreamingResponse(guarded(events, rid), media_type="text/event-stream", headers=SSE_HEADERS)
+    head_fields = head(rid, kind, model_name)
+    events = chunk_events(streams, head_fields, chat, logprobs, include_usage, body.n)
+    return StreamingResponse(guarded(events, rid), media_type="text/event-stream",
+                             headers=SSE_HEADERS)

@@ -1,5 +1,6 @@
-"""The OpenAI routes, /health, /version, /tokenize, /detokenize and /metrics. Each handler reaches the engine client,
-the served model name, the limits and the metrics through ``request.app.state`` (set by ``build_app``)."""
+"""The OpenAI routes, /health, /version, /tokenize, /detokenize and /metrics. Each handler reaches
+the engine client, the served model name, the limits and the metrics through ``request.app.state``
+(set by ``build_app``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import uuid
 
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
+
 from mtpserve import __version__
 from mtpserve.engine.async_engine import StreamError
 from mtpserve.engine.errors import RequestError
@@ -24,7 +26,8 @@ from mtpserve.server.protocol import (
 )
 from mtpserve.server.responses import json_response, sse_response
 
-prompt_log = logging.getLogger("mtpserve.server.prompts")  # request content: only with --log-prompts
+# request content: only with --log-prompts
+prompt_log = logging.getLogger("mtpserve.server.prompts")
 
 router = APIRouter(responses=ERRORS)  # every route's default answer: an error in the envelope
 
@@ -32,16 +35,18 @@ router = APIRouter(responses=ERRORS)  # every route's default answer: an error i
 def check_model(state, name: str | None) -> None:
     served = state.served_model_name
     if name is not None and name != served:
-        raise APIError(404, f"the model {name!r} does not exist; this server serves {served!r}", "model",
-                       "model_not_found")
+        message = f"the model {name!r} does not exist; this server serves {served!r}"
+        raise APIError(404, message, "model", "model_not_found")
 
 
 def check_body(state, body) -> None:
-    """What the request models cannot say: the model, fields accepted but not supported, top_logprobs alone."""
+    """What the request models cannot say: the model, fields accepted but not supported,
+    top_logprobs alone."""
     check_model(state, body.model)
     field = unsupported_field(body)
     if field:
-        raise APIError(400, f"{field!r} is not supported by this server", field, "unsupported_field")
+        message = f"{field!r} is not supported by this server"
+        raise APIError(400, message, field, "unsupported_field")
     if getattr(body, "top_logprobs", None) is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs set to true", "top_logprobs")
 
@@ -67,21 +72,30 @@ def sampling_params(body, defaults, max_tokens: int, seed_offset: int) -> Sampli
     if body.seed is not None:
         seed = body.seed + seed_offset
     return SamplingParams(
-        max_tokens=max_tokens, temperature=pick("temperature", 1.0), top_p=pick("top_p", 1.0),
-        top_k=pick("top_k", 0), min_p=pick("min_p", 0.0), seed=seed,
-        repetition_penalty=pick("repetition_penalty", 1.0), presence_penalty=pick("presence_penalty", 0.0),
-        frequency_penalty=pick("frequency_penalty", 0.0), ignore_eos=body.ignore_eos, stop=body.stop_list(),
-        logprobs=body.num_logprobs())
+        max_tokens=max_tokens,
+        temperature=pick("temperature", 1.0),
+        top_p=pick("top_p", 1.0),
+        top_k=pick("top_k", 0),
+        min_p=pick("min_p", 0.0),
+        seed=seed,
+        repetition_penalty=pick("repetition_penalty", 1.0),
+        presence_penalty=pick("presence_penalty", 0.0),
+        frequency_penalty=pick("frequency_penalty", 0.0),
+        ignore_eos=body.ignore_eos,
+        stop=body.stop_list(),
+        logprobs=body.num_logprobs(),
+    )
 
 
-def spec_limit(body, engine) -> int | None:
-    """The request's speculative n_max, never beyond the engine's own (its lookahead is sized for that)."""
+def draft_limit(body, engine) -> int | None:
+    """The request's most drafts per step (``speculative.n_max``), never beyond the engine's own
+    (its lookahead is sized for that); None: the engine decides."""
     if not body.speculative:
         return None
-    spec_n_max = body.speculative.spec_n_max()
-    if spec_n_max is None:
+    n_max = body.speculative.effective_n_max()
+    if n_max is None:
         return None
-    return min(spec_n_max, engine.config.spec_draft_n_max)
+    return min(n_max, engine.config.spec_draft_n_max)
 
 
 def token_limit(engine, ids: list[int], max_tokens: int | None) -> int:
@@ -93,19 +107,21 @@ def token_limit(engine, ids: list[int], max_tokens: int | None) -> int:
 
 async def start_all(state, body, prompts: list[list[int]], max_tokens: int | None, rid: str,
                     prompt_field: str) -> list:
-    """Start ``body.n`` choices per prompt, named ``rid-0``, ``rid-1``, ...; when one cannot start, those started
-    are closed. ``prompt_field``: the body's name for the prompt, for the error's ``param``."""
+    """Start ``body.n`` choices per prompt, named ``rid-0``, ``rid-1``, ...; when one cannot start,
+    those started are closed. ``prompt_field``: the body's name for the prompt, for the error's
+    ``param``."""
     check_queue(state)
     client = state.client
     engine = client.engine
-    spec_n_max = spec_limit(body, engine)
+    n_max = draft_limit(body, engine)
     streams = []
     try:
         for p, ids in enumerate(prompts):
             limit = token_limit(engine, ids, max_tokens)
             for j in range(body.n):
                 params = sampling_params(body, engine.checkpoint.generation, limit, j)
-                stream = await client.start(f"{rid}-{p * body.n + j}", ids, params, spec_n_max, state.metrics)
+                choice_id = f"{rid}-{p * body.n + j}"
+                stream = await client.start(choice_id, ids, params, n_max, state.metrics)
                 streams.append(stream)
                 state.metrics.on_prompt(len(ids))
     except (RequestError, StreamError) as e:
@@ -140,7 +156,8 @@ def log_prompt(state, rid: str, prompt) -> None:
 
 
 def disconnect_waiter(request: Request):
-    """A coroutine factory that returns once the client has disconnected (the body is already read)."""
+    """A coroutine factory that returns once the client has disconnected (the body is already
+    read)."""
     async def wait() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
@@ -148,12 +165,14 @@ def disconnect_waiter(request: Request):
 
 
 async def answer(request: Request, body, streams, rid: str, chat: bool):
-    """The SSE stream when ``body.stream``, else the JSON body (a request whose client goes away is aborted)."""
+    """The SSE stream when ``body.stream``, else the JSON body (a request whose client goes away is
+    aborted)."""
     state = request.app.state
     tok = state.client.tokenizer
     if body.stream:
         return sse_response(body, streams, rid, chat, state.served_model_name, tok)
-    return await json_response(body, streams, rid, chat, state.served_model_name, tok, disconnect_waiter(request))
+    disconnected = disconnect_waiter(request)
+    return await json_response(body, streams, rid, chat, state.served_model_name, tok, disconnected)
 
 
 @router.post("/v1/chat/completions", responses=STREAMS)
@@ -165,7 +184,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     ids = tok.encode(text, add_special_tokens=False)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     log_prompt(state, rid, text)
-    streams = await start_all(state, body, [ids], body.max_completion_tokens or body.max_tokens, rid, "messages")
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    streams = await start_all(state, body, [ids], max_tokens, rid, "messages")
     return await answer(request, body, streams, rid, True)
 
 
