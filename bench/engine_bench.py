@@ -24,8 +24,8 @@ SECTIONS = ("pp", "decode", "concurrency", "hf")
 
 
 def skip_hf_without_transformers(sections: list[str]) -> dict | None:
-    """Drop the "hf" section when transformers is not installed; what the results say in its
-    place."""
+    """Drop the "hf" section when transformers is not installed;
+    what the results say in its place."""
     if "hf" in sections and importlib.util.find_spec("transformers") is None:
         sections.remove("hf")
         return {"skipped": "transformers is not installed"}
@@ -41,47 +41,72 @@ def head_label(path: str | None) -> str | None:
 
 def describe_mtp(engine, args) -> dict:
     if engine.mtp is None:
-        return {"available": False, "description": "no MTP head (the model has no MTP layers and no --mtp-head "
-                                                   "was given): MTP off only"}
+        description = ("no MTP head (the model has no MTP layers and no --mtp-head was given): "
+                       "MTP off only")
+        return {"available": False, "description": description}
     layers = len(engine.mtp.layers)
     head = head_label(engine.config.mtp_head)
     source = f"head {head}" if head else "the model's own layers"
-    return {"available": True, "num_layers": layers, "description": f"{layers} MTP layer(s) from {source}"}
+    description = f"{layers} MTP layer(s) from {source}"
+    return {"available": True, "num_layers": layers, "description": description}
 
 
 def plan(args, mtp_available: bool, num_prompts: int) -> tuple[dict, int]:
     """The modes of each section, and how many runs they make (for the progress bar)."""
-    on = mtp_available
-    modes = {"pp": {"mtp_off": OFF, **({"mtp_on": fixed(1)} if on else {})},
-             "decode": [OFF] + ([fixed(k) for k in args.k] + [adaptive(max(args.k))] if on else []),
-             "concurrency": [OFF] + ([fixed(args.sweep_k), adaptive(max(args.k))] if on else [])}
-    runs = {"pp": len(args.prompt_lengths) * len(modes["pp"]),
-            "decode": len(args.temperatures) * num_prompts * len(modes["decode"]),
-            "concurrency": len(args.concurrency) * len(modes["concurrency"]),
+    pp_modes = {"mtp_off": OFF}
+    decode_modes = [OFF]
+    sweep_modes = [OFF]
+    if mtp_available:
+        pp_modes["mtp_on"] = fixed(1)
+        decode_modes += [fixed(k) for k in args.k] + [adaptive(max(args.k))]
+        sweep_modes += [fixed(args.sweep_k), adaptive(max(args.k))]
+    modes = {"pp": pp_modes, "decode": decode_modes, "concurrency": sweep_modes}
+    runs = {"pp": len(args.prompt_lengths) * len(pp_modes),
+            "decode": len(args.temperatures) * num_prompts * len(decode_modes),
+            "concurrency": len(args.concurrency) * len(sweep_modes),
             "hf": 2 * (num_prompts + len(args.prompt_lengths))}
-    twins = len(modes["concurrency"]) - 1 if "concurrency" in args.sections else 0  # each warmed up once
-    return modes, len(modes["decode"]) + twins + args.repeats * sum(runs[s] for s in args.sections)
+    twins = 0
+    if "concurrency" in args.sections:
+        twins = len(sweep_modes) - 1  # each warmed up once
+    measured = args.repeats * sum(runs[s] for s in args.sections)
+    return modes, len(decode_modes) + twins + measured
 
 
 def metadata(args, engine, prompts) -> dict:
-    return {"model": args.model, "mtp_head": head_label(engine.config.mtp_head), "dtype": args.dtype,
-            "device": str(engine.device),
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "mtpserve": __version__,
-            "python": platform.python_version(), "machine": platform.machine(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "prompts": args.prompts or "built-in eval set", "num_prompts": len(prompts),
-            "kinds": sorted({p.kind for p in prompts}), "repeats": args.repeats, "k": args.k,
-            "temperatures": args.temperatures, "sweep_k": args.sweep_k, "sweep_tokens": args.sweep_tokens,
-            "sweep_rounds": args.sweep_rounds,
-            "ignore_eos": args.ignore_eos, "quick": args.quick, "sections": args.sections}
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return {
+        "model": args.model,
+        "mtp_head": head_label(engine.config.mtp_head),
+        "dtype": args.dtype,
+        "device": str(engine.device),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "mtpserve": __version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "date": now.isoformat(timespec="seconds"),
+        "prompts": args.prompts or "built-in eval set",
+        "num_prompts": len(prompts),
+        "kinds": sorted({p.kind for p in prompts}),
+        "repeats": args.repeats,
+        "k": args.k,
+        "temperatures": args.temperatures,
+        "sweep_k": args.sweep_k,
+        "sweep_tokens": args.sweep_tokens,
+        "sweep_rounds": args.sweep_rounds,
+        "ignore_eos": args.ignore_eos,
+        "quick": args.quick,
+        "sections": args.sections,
+    }
 
 
 def measure(args, engine, prompts, hf_skipped: dict | None) -> dict:
-    """Every section of ``args.sections`` on ``engine`` (options as resolved by cli/bench.py): the
-    results."""
+    """Every section of ``args.sections`` on ``engine``
+    (options as resolved by cli/bench.py): the results."""
     mtp = describe_mtp(engine, args)
     modes, planned = plan(args, mtp["available"], len(prompts))
-    progress = tqdm(total=planned, desc="mtpserve bench", unit="run", file=sys.stderr, dynamic_ncols=True)
+    progress = tqdm(total=planned, desc="mtpserve bench", unit="run", file=sys.stderr,
+                    dynamic_ncols=True)
     runs = engine_runs.EngineRuns(engine, progress)
     warm_up_ids = prompts[0].token_ids(engine.tokenizer)
     runs.warm_up(warm_up_ids, modes["decode"])
@@ -90,20 +115,25 @@ def measure(args, engine, prompts, hf_skipped: dict | None) -> dict:
                "memory": {"kv_bytes_per_token": engine_runs.kv_bytes_per_token(engine),
                           "after_load": engine_runs.peak_memory(device)}}
     if "pp" in args.sections:
-        results["prompt_processing"] = runs.prompt_processing(args.prompt_lengths, modes["pp"], args.repeats)
+        results["prompt_processing"] = runs.prompt_processing(args.prompt_lengths, modes["pp"],
+                                                              args.repeats)
     if "decode" in args.sections:
         seed = None if args.unseeded else args.seed
-        results["decode"] = {f"{t:g}": runs.decode(prompts, modes["decode"], t, args.repeats, seed, args.ignore_eos)
-                             for t in args.temperatures}
-    results["memory"].update(engine_runs.peak_memory(device))  # before the twins and transformers' copy
+        results["decode"] = {}
+        for t in args.temperatures:
+            rows = runs.decode(prompts, modes["decode"], t, args.repeats, seed, args.ignore_eos)
+            results["decode"][f"{t:g}"] = rows
+    # before the twins and transformers' copy
+    results["memory"].update(engine_runs.peak_memory(device))
     if "concurrency" in args.sections:
         sweep = [(modes["concurrency"][0], runs)]
         for mode in modes["concurrency"][1:]:
             twin = engine_runs.EngineRuns(engine_runs.twin(engine), progress)
             twin.warm_up(warm_up_ids, [mode])
             sweep.append((mode, twin))
-        results["concurrency"] = engine_runs.concurrency(sweep, prompts, args.concurrency, args.sweep_tokens,
-                                                         args.repeats, args.sweep_rounds)
+        results["concurrency"] = engine_runs.concurrency(sweep, prompts, args.concurrency,
+                                                         args.sweep_tokens, args.repeats,
+                                                         args.sweep_rounds)
     if "hf" in args.sections:
         hf = load_hf(args.model, engine.config.dtype, device)
         results["hf"] = compare(runs, hf, prompts, args.prompt_lengths, args.repeats)

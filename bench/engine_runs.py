@@ -36,8 +36,9 @@ OFF = Mode("off", 0)
 
 
 def twin(engine: LLMEngine) -> LLMEngine:
-    """Another engine on ``engine``'s models, config and measured step costs, with its own KV cache, scheduler,
-    draft policy and requests: runs side by side with it (the concurrency sweep gives each mode one)."""
+    """Another engine on ``engine``'s models, config and measured step costs, with its own KV
+    cache, scheduler, draft policy and requests: runs side by side with it (the concurrency sweep
+    gives each mode one)."""
     return LLMEngine(engine.checkpoint, engine.config, models=engine.models)
 
 
@@ -56,7 +57,7 @@ class DecodeRun:
     kind: str
     decoded: int  # tokens after the first
     seconds: float  # first token to last
-    spec: SpecStats
+    drafting: SpecStats
 
 
 def tok_s(runs: list[DecodeRun]) -> float:
@@ -67,7 +68,7 @@ def tok_s(runs: list[DecodeRun]) -> float:
 def merged_acceptance(runs: list[DecodeRun]) -> dict:
     merged = SpecStats()
     for r in runs:
-        merged.merge(r.spec)
+        merged.merge(r.drafting)
     return acceptance_of(merged)
 
 
@@ -96,8 +97,10 @@ class EngineRuns:
         engine = self.engine
         self._use(mode)
         start = time.perf_counter()
-        reqs = [engine.add_request(f"bench-{next(self._ids)}", ids, p, spec_n_max=mode.spec_n_max)
-                for ids, p in zip(prompts, params)]
+        reqs = []
+        for ids, p in zip(prompts, params):
+            request_id = f"bench-{next(self._ids)}"
+            reqs.append(engine.add_request(request_id, ids, p, spec_n_max=mode.spec_n_max))
         while any(not r.status.finished for r in reqs):
             engine.step()
         wall = time.perf_counter() - start
@@ -108,7 +111,8 @@ class EngineRuns:
         for mode in modes:
             self.run([ids], [SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)], mode)
 
-    def prompt_processing(self, lengths: list[int], modes: dict[str, Mode], repeats: int) -> list[dict]:
+    def prompt_processing(self, lengths: list[int], modes: dict[str, Mode],
+                          repeats: int) -> list[dict]:
         """Prompt tok/s per length and mode. Two tokens are asked for, so that with MTP on the
         prefill step runs the MTP layer over the prompt and drafts (a request that stops after one
         token skips it)."""
@@ -121,7 +125,9 @@ class EngineRuns:
                 for name, mode in modes.items():
                     (req,), _ = self.run([ids], params, mode)
                     runs[name].append(req.timings()["prompt_tokens_per_second"])
-            row = {"prompt_tokens": length, **{f"{name}_tok_s": mean_std(v) for name, v in runs.items()}}
+            row = {"prompt_tokens": length}
+            for name, speeds in runs.items():
+                row[f"{name}_tok_s"] = mean_std(speeds)
             if "mtp_on" in runs:
                 row["ratio"] = mean_std([a / b for a, b in zip(runs["mtp_on"], runs["mtp_off"])])
             out.append(row)
@@ -137,27 +143,38 @@ class EngineRuns:
         runs = []
         for rep in range(repeats):
             for i, (p, prompt_ids) in enumerate(zip(prompts, ids)):
+                request_seed = None if seed is None else seed + i
                 params = SamplingParams(max_tokens=p.max_tokens, temperature=temperature,
-                                        seed=None if seed is None else seed + i, ignore_eos=ignore_eos)
+                                        seed=request_seed, ignore_eos=ignore_eos)
                 for mode in modes:
                     (req,), _ = self.run([prompt_ids], [params], mode)
-                    runs.append(DecodeRun(mode.name, rep, p.kind, max(len(req.output_token_ids) - 1, 0),
-                                          req.timings()["decode_ms"] / 1000, req.spec_stats))
+                    decoded = max(len(req.output_token_ids) - 1, 0)
+                    seconds = req.timings()["decode_ms"] / 1000
+                    runs.append(DecodeRun(mode.name, rep, p.kind, decoded, seconds, req.spec_stats))
 
         def per_repeat(name) -> list[float]:
-            return [tok_s([r for r in runs if r.mode == name and r.repeat == rep]) for rep in range(repeats)]
+            speeds = []
+            for rep in range(repeats):
+                speeds.append(tok_s([r for r in runs if r.mode == name and r.repeat == rep]))
+            return speeds
 
         base = per_repeat(OFF.name)
         rows = []
         for mode in modes:
             mine = [r for r in runs if r.mode == mode.name]
             speeds = per_repeat(mode.name)
+            by_kind = {}
+            for kind, of_kind in group_by_kind(mine).items():
+                by_kind[kind] = {"tok_s": tok_s(of_kind), "acceptance": merged_acceptance(of_kind)}
             rows.append({
-                "mode": mode.name, "k": mode.spec_n_max, "adaptive": mode.adaptive, "tok_s": mean_std(speeds),
+                "mode": mode.name,
+                "k": mode.spec_n_max,
+                "adaptive": mode.adaptive,
+                "tok_s": mean_std(speeds),
                 "speedup": mean_std([a / b if b else 0.0 for a, b in zip(speeds, base)]),
-                "decoded_tokens": sum(r.decoded for r in mine), "acceptance": merged_acceptance(mine),
-                "by_kind": {kind: {"tok_s": tok_s(of_kind), "acceptance": merged_acceptance(of_kind)}
-                            for kind, of_kind in group_by_kind(mine).items()},
+                "decoded_tokens": sum(r.decoded for r in mine),
+                "acceptance": merged_acceptance(mine),
+                "by_kind": by_kind,
             })
         return rows
 
@@ -168,10 +185,10 @@ class EngineRuns:
 
 
 def spread_length(n: int, max_tokens: int) -> int:
-    """Output length of a sweep's n-th request: spread evenly over [max_tokens / 2, 3 * max_tokens /
-    2) by the golden-ratio sequence (mean ``max_tokens``), so that clients do not all finish, and
-    all send their next prompt, in the same step (as they would with one fixed length and plain
-    decoding)."""
+    """Output length of a sweep's n-th request: spread evenly over
+    [max_tokens / 2, 3 * max_tokens / 2) by the golden-ratio sequence (mean ``max_tokens``), so that
+    clients do not all finish, and all send their next prompt, in the same step (as they would with
+    one fixed length and plain decoding)."""
     return max(1, round(max_tokens * (0.5 + (n * 0.6180339887) % 1.0)))
 
 
@@ -185,13 +202,19 @@ class Clients:
     the engine by one step; ``tokens`` and ``seconds`` add up the output and the time of the steps,
     ``busy[request_id]`` the time of the steps a request was in."""
 
-    def __init__(self, runs: EngineRuns, prompts: list[list[int]], max_tokens: int, mode: Mode, num_streams: int,
-                 budget: int):
-        self.runs, self.prompts, self.max_tokens, self.mode = runs, prompts, max_tokens, mode
-        self.num_streams, self.budget = num_streams, budget
-        self.tokens, self.seconds = 0, 0.0
+    def __init__(self, runs: EngineRuns, prompts: list[list[int]], max_tokens: int, mode: Mode,
+                 num_streams: int, budget: int):
+        self.runs = runs
+        self.prompts = prompts
+        self.max_tokens = max_tokens
+        self.mode = mode
+        self.num_streams = num_streams
+        self.budget = budget
+        self.tokens = 0
+        self.seconds = 0.0
         self.busy: dict[str, float] = {}
-        self.sent_requests, self.done = [], []  # every request sent; those that finished (not aborted)
+        self.sent_requests = []  # every request sent
+        self.done = []  # those that finished (not aborted)
         self.sent = [0] * num_streams
         self.active = [self._send(i) for i in range(num_streams)]
 
@@ -199,10 +222,12 @@ class Clients:
         j = self.sent[client]
         self.sent[client] += 1
         runs = self.runs
-        params = SamplingParams(max_tokens=spread_length(j * self.num_streams + client, self.max_tokens),
-                                temperature=0, ignore_eos=True)
-        prompt = self.prompts[(client * len(self.prompts) // self.num_streams + j) % len(self.prompts)]
-        req = runs.engine.add_request(f"bench-{next(runs._ids)}", prompt, params, spec_n_max=self.mode.spec_n_max)
+        length = spread_length(j * self.num_streams + client, self.max_tokens)
+        params = SamplingParams(max_tokens=length, temperature=0, ignore_eos=True)
+        start = client * len(self.prompts) // self.num_streams
+        prompt = self.prompts[(start + j) % len(self.prompts)]
+        req = runs.engine.add_request(f"bench-{next(runs._ids)}", prompt, params,
+                                      spec_n_max=self.mode.spec_n_max)
         self.busy[req.request_id] = 0.0
         self.sent_requests.append(req)
         return req
@@ -231,7 +256,9 @@ class Clients:
         """Aggregate output tok/s, and the mean over finished requests of each one's output tokens
         over the time of the steps it was in (prompt included)."""
         out = [len(r.output_token_ids) for r in self.done]
-        per_stream = sum(n / self.busy[r.request_id] for n, r in zip(out, self.done)) / len(out) if out else 0.0
+        per_stream = 0.0
+        if out:
+            per_stream = sum(n / self.busy[r.request_id] for n, r in zip(out, self.done)) / len(out)
         return self.tokens / self.seconds, per_stream
 
 
@@ -247,8 +274,8 @@ def lockstep(clients: list[Clients]) -> None:
         turn += 1
 
 
-def concurrency(runs: list[tuple[Mode, EngineRuns]], prompts, levels: list[int], max_tokens: int, repeats: int,
-                rounds: int) -> list[dict]:
+def concurrency(runs: list[tuple[Mode, EngineRuns]], prompts, levels: list[int], max_tokens: int,
+                repeats: int, rounds: int) -> list[dict]:
     """N streams (``Clients``: requests of ``max_tokens`` tokens on average, for as many tokens as
     ``rounds`` requests per stream, or one request per prompt where that is more), every mode on its
     own engine (``twin``) and all of them run in lockstep. Per mode: aggregate output
@@ -259,7 +286,8 @@ def concurrency(runs: list[tuple[Mode, EngineRuns]], prompts, levels: list[int],
     ids = [p.token_ids(tok) for p in prompts]
     rows = []
     for n in levels:
-        measured = {mode.name: ([], [], []) for mode, _ in runs}  # aggregate, per stream, requests sent
+        # aggregate, per stream, requests sent
+        measured = {mode.name: ([], [], []) for mode, _ in runs}
         for _ in range(repeats):
             budget = max(n * rounds, len(ids)) * max_tokens
             clients = [r.clients(ids, max_tokens, mode, n, budget) for mode, r in runs]
@@ -274,12 +302,21 @@ def concurrency(runs: list[tuple[Mode, EngineRuns]], prompts, levels: list[int],
         for mode, mode_runs in runs:
             aggregate, per_stream, sent = measured[mode.name]
             output = sum(len(r.output_token_ids) for r in sent)
-            rows.append({"streams": n, "mode": mode.name, "aggregate_tok_s": mean_std(aggregate),
-                         "per_stream_tok_s": mean_std(per_stream),
-                         "vs_first": mean_std([a / b for a, b in zip(aggregate, base)]),
-                         "drafted_per_token": sum(r.spec_stats.num_draft_tokens for r in sent) / output,
-                         "accepted_per_token": sum(r.spec_stats.num_accepted_tokens for r in sent) / output,
-                         "policy_scale": mode_runs.engine.policy.fit.scale(n) if mode.adaptive else None})
+            drafted = sum(r.spec_stats.num_draft_tokens for r in sent)
+            accepted = sum(r.spec_stats.num_accepted_tokens for r in sent)
+            policy_scale = None
+            if mode.adaptive:
+                policy_scale = mode_runs.engine.policy.fit.scale(n)
+            rows.append({
+                "streams": n,
+                "mode": mode.name,
+                "aggregate_tok_s": mean_std(aggregate),
+                "per_stream_tok_s": mean_std(per_stream),
+                "vs_first": mean_std([a / b for a, b in zip(aggregate, base)]),
+                "drafted_per_token": drafted / output,
+                "accepted_per_token": accepted / output,
+                "policy_scale": policy_scale,
+            })
     return rows
 
 
@@ -292,7 +329,8 @@ def kv_bytes_per_token(engine) -> dict:
 
     def per_token(layers: int) -> int:
         with_kv = sum(mc.has_kv(i) for i in range(layers))
-        return kv_bytes_per_block(with_kv, 1, mc.num_key_value_heads, mc.head_dim, engine.config.dtype)
+        return kv_bytes_per_block(with_kv, 1, mc.num_key_value_heads, mc.head_dim,
+                                  engine.config.dtype)
 
     return {"without_mtp": per_token(mc.num_hidden_layers),
             "with_mtp": per_token(mc.num_hidden_layers + num_mtp) if num_mtp else None,
@@ -300,8 +338,9 @@ def kv_bytes_per_token(engine) -> dict:
 
 
 def peak_memory(device: str) -> dict:
-    """Peak resident set size of this process so far, and the CUDA allocator's peak on a CUDA
-    device."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    """Peak resident set size of this process so far,
+    and the CUDA allocator's peak on a CUDA device."""
+    rss_unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB elsewhere
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * rss_unit
     cuda = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
     return {"peak_rss_bytes": rss, "cuda_peak_bytes": cuda}

@@ -1,14 +1,17 @@
-"""A load generator for the reliability tests and ``mtpserve stress``: many concurrent streaming and non-streaming
-requests (chat and completions, mixed prompt lengths, greedy and sampled, MTP on and off, logprobs), a share of
-whose clients disconnect at random points. Each answer is checked as it arrives:
+"""A load generator for the reliability tests and ``mtpserve stress``: many concurrent streaming and
+non-streaming requests (chat and completions, mixed prompt lengths, greedy and sampled, MTP on and
+off, logprobs), a share of whose clients disconnect at random points. Each answer is checked as it
+arrives:
 
-- a stream is SSE: every event JSON, one finish reason per choice and nothing after it, then the usage chunk and
-  ``[DONE]`` (or an error chunk, counted as an error);
-- token accounting: with logprobs, the tokens across chunks / in the body equal ``usage.completion_tokens``, and
-  a choice that ends with ``length`` below the context limit has exactly ``max_tokens`` of them;
-- greedy text equals ``expected(job)`` when the caller gives one (an independent reference: a difference is an
-  error); without one it is compared with the first answer seen for the same prompt and length, and differences
-  are counted apart (``greedy_mismatches``), since float32 batches of other sizes may flip a near-tied argmax.
+- a stream is SSE: every event JSON, one finish reason per choice and nothing after it, then the
+  usage chunk and ``[DONE]`` (or an error chunk, counted as an error);
+- token accounting: with logprobs, the tokens across chunks / in the body equal
+  ``usage.completion_tokens``, and a choice that ends with ``length`` below the context limit has
+  exactly ``max_tokens`` of them;
+- greedy text equals ``expected(job)`` when the caller gives one (an independent reference: a
+  difference is an error); without one it is compared with the first answer seen for the same
+  prompt and length, and differences are counted apart (``greedy_mismatches``), since float32
+  batches of other sizes may flip a near-tied argmax.
 """
 
 from __future__ import annotations
@@ -22,9 +25,9 @@ from dataclasses import dataclass, field
 
 import httpx
 
-WORDS = ("the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "wizards", "judge",
-         "boxing", "at", "dawn;", "numbers", "0", "7", "42", "1000,", "def", "f(x):", "return", "x", "*", "2,",
-         "café", "naïve", "東京", "🙂", "\n")
+WORDS = ("the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven",
+         "wizards", "judge", "boxing", "at", "dawn;", "numbers", "0", "7", "42", "1000,", "def",
+         "f(x):", "return", "x", "*", "2,", "café", "naïve", "東京", "🙂", "\n")
 
 
 @dataclass
@@ -33,7 +36,8 @@ class Job:
     path: str
     body: dict
     prompt_key: int          # index into the prompt pool
-    abort_after: float | None = None  # stream: events read before disconnecting; non-stream: seconds
+    # stream: events read before disconnecting; non-stream: seconds
+    abort_after: float | None = None
 
     @property
     def greedy(self) -> bool:
@@ -52,11 +56,17 @@ class LoadReport:
     seconds: float = 0.0
 
     def as_dict(self) -> dict:
-        return {"requests": self.requests, "completed": self.completed, "aborted": self.aborted,
-                "errors": len(self.errors), "first_errors": self.errors[:5], "greedy_checked": self.greedy_checked,
-                "greedy_mismatches": self.greedy_mismatches,
-                "status_counts": {str(k): v for k, v in sorted(self.status_counts.items())},
-                "seconds": round(self.seconds, 1)}
+        return {
+            "requests": self.requests,
+            "completed": self.completed,
+            "aborted": self.aborted,
+            "errors": len(self.errors),
+            "first_errors": self.errors[:5],
+            "greedy_checked": self.greedy_checked,
+            "greedy_mismatches": self.greedy_mismatches,
+            "status_counts": {str(k): v for k, v in sorted(self.status_counts.items())},
+            "seconds": round(self.seconds, 1),
+        }
 
 
 def prompt_pool(count: int, seed: int = 0, max_words: int = 120) -> list[str]:
@@ -84,18 +94,23 @@ def rss_bytes() -> int | None:
 
 
 def engine_state(client) -> dict:
-    """What must all be zero once every request has ended: nothing left in the scheduler, the KV block pool,
-    the engine's request table or the client's output queues."""
+    """What must all be zero once every request has ended: nothing left in the scheduler, the KV
+    block pool, the engine's request table or the client's output queues."""
     engine = client.engine
     with client.lock:
-        return {"running": client.num_running(), "waiting": client.num_waiting(),
-                "used_blocks": engine.kv.pool.num_blocks - engine.kv.num_free_blocks,
-                "block_tables": len(engine.kv.block_tables), "live_requests": len(engine.requests),
-                "open_queues": len(client.queues)}
+        return {
+            "running": client.num_running(),
+            "waiting": client.num_waiting(),
+            "used_blocks": engine.kv.pool.num_blocks - engine.kv.num_free_blocks,
+            "block_tables": len(engine.kv.block_tables),
+            "live_requests": len(engine.requests),
+            "open_queues": len(client.queues),
+        }
 
 
 def wait_idle(client, timeout: float = 30.0) -> dict:
-    """Poll ``engine_state`` until it is all zero (aborts are processed asynchronously) or ``timeout``."""
+    """Poll ``engine_state`` until it is all zero
+    (aborts are processed asynchronously) or ``timeout``."""
     deadline = time.perf_counter() + timeout
     state = engine_state(client)
     while any(state.values()) and time.perf_counter() < deadline:
@@ -124,66 +139,89 @@ def make_jobs(prompts: list[str], count: int, seed: int = 0, abort_fraction: flo
         if rng.random() < 0.5:
             body.update(temperature=0, ignore_eos=True)
         else:
-            body.update(temperature=rng.uniform(0.5, 1.2), top_p=rng.choice([1.0, 0.9]), top_k=rng.choice([0, 20]),
-                        ignore_eos=rng.random() < 0.5)
+            body.update(temperature=rng.uniform(0.5, 1.2), top_p=rng.choice([1.0, 0.9]),
+                        top_k=rng.choice([0, 20]), ignore_eos=rng.random() < 0.5)
             if rng.random() < 0.5:
                 body["seed"] = rng.randrange(1 << 30)
         if rng.random() < 0.3:
             body["speculative"] = {"enabled": False}
         if rng.random() < 0.3:
-            body.update({"logprobs": True, "top_logprobs": rng.randint(0, 2)} if chat else
-                        {"logprobs": rng.randint(0, 2)})
+            if chat:
+                body["logprobs"] = True
+                body["top_logprobs"] = rng.randint(0, 2)
+            else:
+                body["logprobs"] = rng.randint(0, 2)
         abort = None
         if rng.random() < abort_fraction:
             abort = float(rng.randint(0, 6)) if body["stream"] else rng.uniform(0.0, 0.3)
-        jobs.append(Job(index, "/v1/chat/completions" if chat else "/v1/completions", body, key, abort))
+        path = "/v1/chat/completions" if chat else "/v1/completions"
+        jobs.append(Job(index, path, body, key, abort))
     return jobs
 
 
 def choice_text(choice: dict, chat: bool, stream: bool) -> str:
     if not chat:
         return choice.get("text") or ""
-    return (choice.get("delta") if stream else choice.get("message") or {}).get("content") or ""
+    if stream:
+        message = choice.get("delta")
+    else:
+        message = choice.get("message") or {}
+    return message.get("content") or ""
 
 
 def choice_tokens(choice: dict, chat: bool) -> int:
     lp = choice.get("logprobs")
     if not lp:
         return 0
-    return len(lp.get("content") or []) if chat else len(lp.get("tokens") or [])
+    if chat:
+        return len(lp.get("content") or [])
+    return len(lp.get("tokens") or [])
 
 
 class Checker:
     """Checks answers against the rules of the module docstring; ``expected(job) -> str | None``."""
 
     def __init__(self, report: LoadReport, max_model_len: int, expected=None):
-        self.report, self.max_model_len, self.expected = report, max_model_len, expected
+        self.report = report
+        self.max_model_len = max_model_len
+        self.expected = expected
         self.first_greedy: dict[tuple, str] = {}
 
     def fail(self, job: Job, message: str) -> None:
-        self.report.errors.append(f"job {job.index} ({job.path}, stream={job.body['stream']}): {message}")
+        self.report.errors.append(f"job {job.index} ({job.path}, "
+                                  f"stream={job.body['stream']}): {message}")
 
     def check(self, job: Job, texts: dict, finish: dict, tokens: dict, usage: dict | None) -> None:
-        n, chat, body = job.body.get("n", 1), job.path.endswith("chat/completions"), job.body
-        if sorted(finish) != list(range(n)) or any(r not in ("stop", "length") for r in finish.values()):
+        body = job.body
+        n = body.get("n", 1)
+        chat = job.path.endswith("chat/completions")
+        reasons_ok = all(r in ("stop", "length") for r in finish.values())
+        if sorted(finish) != list(range(n)) or not reasons_ok:
             return self.fail(job, f"finish reasons {finish}")
         if usage is None:
             return self.fail(job, "no usage")
         total = usage["completion_tokens"]
-        if total > n * body["max_tokens"]:
-            return self.fail(job, f"{total} completion tokens for max_tokens {body['max_tokens']} x {n}")
+        max_tokens = body["max_tokens"]
+        if total > n * max_tokens:
+            return self.fail(job, f"{total} completion tokens for max_tokens {max_tokens} x {n}")
         if "logprobs" in body and sum(tokens.values()) != total:
-            return self.fail(job, f"{sum(tokens.values())} tokens in the logprobs but usage says {total}")
-        bounded = usage["prompt_tokens"] + body["max_tokens"] < self.max_model_len
-        if bounded and all(r == "length" for r in finish.values()) and total != n * body["max_tokens"]:
-            return self.fail(job, f"finish 'length' after {total} tokens, max_tokens {body['max_tokens']} x {n}")
+            message = f"{sum(tokens.values())} tokens in the logprobs but usage says {total}"
+            return self.fail(job, message)
+        bounded = usage["prompt_tokens"] + max_tokens < self.max_model_len
+        all_length = all(r == "length" for r in finish.values())
+        if bounded and all_length and total != n * max_tokens:
+            message = f"finish 'length' after {total} tokens, max_tokens {max_tokens} x {n}"
+            return self.fail(job, message)
         if job.greedy:
             self.check_greedy(job, chat, texts)
         self.report.completed += 1
 
     def check_greedy(self, job: Job, chat: bool, texts: dict) -> None:
         key = (chat, job.prompt_key, job.body["max_tokens"])
-        want = self.expected(job) if self.expected else self.first_greedy.setdefault(key, texts[0])
+        if self.expected:
+            want = self.expected(job)
+        else:
+            want = self.first_greedy.setdefault(key, texts[0])
         if want is None:
             return
         self.report.greedy_checked += 1
@@ -194,28 +232,53 @@ class Checker:
                 self.fail(job, f"greedy text {texts} differs from {want!r}")
 
 
+def count_status(report: LoadReport, status: int) -> None:
+    report.status_counts[status] = report.status_counts.get(status, 0) + 1
+
+
 async def run_job(client: httpx.AsyncClient, job: Job, checker: Checker) -> None:
-    report, chat = checker.report, job.path.endswith("chat/completions")
+    if job.body["stream"]:
+        await run_stream_job(client, job, checker)
+    else:
+        await run_plain_job(client, job, checker)
+
+
+async def run_plain_job(client: httpx.AsyncClient, job: Job, checker: Checker) -> None:
+    """A non-stream request, abandoned after ``job.abort_after`` seconds when set."""
+    report = checker.report
+    chat = job.path.endswith("chat/completions")
     texts: dict[int, str] = {}
     finish: dict[int, str] = {}
     tokens: dict[int, int] = {}
-    if not job.body["stream"]:
-        try:
-            r = await asyncio.wait_for(client.post(job.path, json=job.body), job.abort_after)
-        except asyncio.TimeoutError:
-            report.aborted += 1
-            return
-        report.status_counts[r.status_code] = report.status_counts.get(r.status_code, 0) + 1
-        if r.status_code != 200:
-            return checker.fail(job, f"status {r.status_code}: {r.text[:200]}")
-        out = r.json()
-        for c in out["choices"]:
-            texts[c["index"]], finish[c["index"]] = choice_text(c, chat, False), c["finish_reason"]
-            tokens[c["index"]] = choice_tokens(c, chat)
-        return checker.check(job, texts, finish, tokens, out.get("usage"))
-    usage, events, done = None, 0, False
+    try:
+        r = await asyncio.wait_for(client.post(job.path, json=job.body), job.abort_after)
+    except asyncio.TimeoutError:
+        report.aborted += 1
+        return
+    count_status(report, r.status_code)
+    if r.status_code != 200:
+        return checker.fail(job, f"status {r.status_code}: {r.text[:200]}")
+    out = r.json()
+    for c in out["choices"]:
+        i = c["index"]
+        texts[i] = choice_text(c, chat, False)
+        finish[i] = c["finish_reason"]
+        tokens[i] = choice_tokens(c, chat)
+    checker.check(job, texts, finish, tokens, out.get("usage"))
+
+
+async def run_stream_job(client: httpx.AsyncClient, job: Job, checker: Checker) -> None:
+    """A stream request, disconnected after ``job.abort_after`` events when set."""
+    report = checker.report
+    chat = job.path.endswith("chat/completions")
+    texts: dict[int, str] = {}
+    finish: dict[int, str] = {}
+    tokens: dict[int, int] = {}
+    usage = None
+    events = 0
+    done = False
     async with client.stream("POST", job.path, json=job.body) as r:
-        report.status_counts[r.status_code] = report.status_counts.get(r.status_code, 0) + 1
+        count_status(report, r.status_code)
         if r.status_code != 200:
             return checker.fail(job, f"status {r.status_code}: {(await r.aread())[:200]!r}")
         async for line in r.aiter_lines():
@@ -226,7 +289,8 @@ async def run_job(client: httpx.AsyncClient, job: Job, checker: Checker) -> None
                 return  # leaving the block closes the connection mid-stream
             events += 1
             if done or not line.startswith("data: "):
-                return checker.fail(job, f"unexpected line {line[:100]!r}" + (" after [DONE]" if done else ""))
+                after = " after [DONE]" if done else ""
+                return checker.fail(job, f"unexpected line {line[:100]!r}{after}")
             if line == "data: [DONE]":
                 done = True
                 continue
@@ -250,7 +314,8 @@ async def run_job(client: httpx.AsyncClient, job: Job, checker: Checker) -> None
 
 async def run_load(base_url: str, jobs: list[Job], concurrency: int, checker: Checker,
                    headers: dict | None = None, deadline: float | None = None) -> LoadReport:
-    """Run the jobs with at most ``concurrency`` in flight (stopping early at ``deadline``, a perf_counter)."""
+    """Run the jobs with at most ``concurrency`` in flight
+    (stopping early at ``deadline``, a perf_counter)."""
     report = checker.report
     start = time.perf_counter()
     queue = list(reversed(jobs))
@@ -265,7 +330,8 @@ async def run_load(base_url: str, jobs: list[Job], concurrency: int, checker: Ch
             except (httpx.HTTPError, json.JSONDecodeError, KeyError, TypeError) as e:
                 checker.fail(job, f"{type(e).__name__}: {e}")
 
-    async with httpx.AsyncClient(base_url=base_url, timeout=120, limits=limits, headers=headers) as client:
+    client = httpx.AsyncClient(base_url=base_url, timeout=120, limits=limits, headers=headers)
+    async with client:
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
     report.seconds += time.perf_counter() - start
     return report

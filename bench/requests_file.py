@@ -9,8 +9,8 @@ from mtpserve.engine.errors import MtpserveError
 
 
 def read_requests(path: str, fields: set[str], check=None) -> list[dict]:
-    """The JSONL requests of ``path``: objects with one of "prompt" / "messages" and only ``fields``;
-    ``check(item)`` may return a further error message for a line."""
+    """The JSONL requests of ``path``: objects with one of "prompt" / "messages" and only
+    ``fields``; ``check(item)`` may return a further error message for a line."""
     try:
         lines = open(path, encoding="utf-8").read().splitlines()
     except OSError as e:
@@ -24,7 +24,8 @@ def read_requests(path: str, fields: set[str], check=None) -> list[dict]:
         except json.JSONDecodeError as e:
             raise MtpserveError(f"{path}:{n}: invalid JSON ({e.msg})") from None
         if not isinstance(item, dict) or ("prompt" in item) == ("messages" in item):
-            raise MtpserveError(f'{path}:{n}: each line needs exactly one of "prompt" or "messages"')
+            raise MtpserveError(f'{path}:{n}: each line needs exactly '
+                                'one of "prompt" or "messages"')
         unknown = set(item) - fields
         if unknown:
             raise MtpserveError(f"{path}:{n}: unsupported field(s) {sorted(unknown)}")

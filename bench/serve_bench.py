@@ -1,7 +1,7 @@
-"""The load behind ``mtpserve bench-serve`` (options in cli/bench_serve.py): streaming requests to any
-OpenAI-compatible server (/v1/chat/completions or /v1/completions) at one or more concurrency levels: TTFT, TPOT,
-ITL and end-to-end latency, output tok/s, request throughput and errors; with our server, the speculative counters
-of /metrics before and after each level."""
+"""The load behind ``mtpserve bench-serve`` (options in cli/bench_serve.py): streaming requests to
+any OpenAI-compatible server (/v1/chat/completions or /v1/completions) at one or more concurrency
+levels: TTFT, TPOT, ITL and end-to-end latency, output tok/s, request throughput and errors; with
+our server, the speculative counters of /metrics before and after each level."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from mtpserve.engine.errors import MtpserveError
 
 
 def request_body(args, prompt) -> dict:
-    body = {"model": args.model, "max_tokens": prompt.max_tokens, "temperature": args.temperature, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {"model": args.model, "max_tokens": prompt.max_tokens, "temperature": args.temperature,
+            "stream": True, "stream_options": {"include_usage": True}}
     if args.ignore_eos:
         body["ignore_eos"] = True
     if args.endpoint == "chat":
@@ -29,10 +29,11 @@ def request_body(args, prompt) -> dict:
 
 
 async def one_request(client, path: str, body: dict, chat: bool) -> dict:
-    """Stream one completion; times of each chunk that carried text, the completion tokens from the final usage
-    chunk (else the count of text chunks), or an error message."""
+    """Stream one completion; times of each chunk that carried text, the completion tokens from the
+    final usage chunk (else the count of text chunks), or an error message."""
     start = time.perf_counter()
-    arrivals, usage_tokens = [], None
+    arrivals = []
+    usage_tokens = None
     try:
         async with client.stream("POST", path, json=body) as r:
             if r.status_code != 200:
@@ -50,18 +51,24 @@ async def one_request(client, path: str, body: dict, chat: bool) -> dict:
                 if event.get("usage"):
                     usage_tokens = event["usage"].get("completion_tokens")
                 for choice in event.get("choices") or ():
-                    text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+                    if chat:
+                        text = (choice.get("delta") or {}).get("content")
+                    else:
+                        text = choice.get("text")
                     if text:
                         arrivals.append(time.perf_counter())
-    except (httpx.HTTPError, ValueError, AttributeError) as e:  # transport, timeouts, bad JSON: counted
+    except (httpx.HTTPError, ValueError, AttributeError) as e:
+        # transport, timeouts, bad JSON: counted
         return {"error": f"{type(e).__name__}: {e}"[:200]}
     end = time.perf_counter()
     if not arrivals:
         return {"error": "no text in the response"}
     tokens = usage_tokens if usage_tokens is not None else len(arrivals)
-    ttft, e2e = arrivals[0] - start, end - start
-    return {"ttft": ttft, "e2e": e2e, "tokens": tokens, "itl": [b - a for a, b in itertools.pairwise(arrivals)],
-            "tpot": (e2e - ttft) / (tokens - 1) if tokens > 1 else None}
+    ttft = arrivals[0] - start
+    e2e = end - start
+    itl = [b - a for a, b in itertools.pairwise(arrivals)]
+    tpot = (e2e - ttft) / (tokens - 1) if tokens > 1 else None
+    return {"ttft": ttft, "e2e": e2e, "tokens": tokens, "itl": itl, "tpot": tpot}
 
 
 async def scrape(client, url: str) -> dict | None:
@@ -90,15 +97,27 @@ async def run_level(client, args, prompts, concurrency: int) -> dict:
     errors = [r["error"] for r in results if "error" in r]
     tokens = sum(r["tokens"] for r in ok)
     ms = 1000.0
+    itl = []
+    for r in ok:
+        itl += [x * ms for x in r["itl"]]
+    speculative = None
+    if before is not None and after is not None:
+        speculative = spec_delta(before, after)
     return {
-        "concurrency": concurrency, "num_requests": len(bodies), "completed": len(ok), "errors": len(errors),
-        "error_samples": sorted(set(errors))[:5], "duration_s": duration, "total_output_tokens": tokens,
-        "output_tok_s": tokens / duration, "request_throughput": len(ok) / duration,
+        "concurrency": concurrency,
+        "num_requests": len(bodies),
+        "completed": len(ok),
+        "errors": len(errors),
+        "error_samples": sorted(set(errors))[:5],
+        "duration_s": duration,
+        "total_output_tokens": tokens,
+        "output_tok_s": tokens / duration,
+        "request_throughput": len(ok) / duration,
         "ttft_ms": summarize(r["ttft"] * ms for r in ok),
         "tpot_ms": summarize(r["tpot"] * ms for r in ok if r["tpot"] is not None),
-        "itl_ms": summarize(x * ms for r in ok for x in r["itl"]),
+        "itl_ms": summarize(itl),
         "e2e_ms": summarize(r["e2e"] * ms for r in ok),
-        "speculative": spec_delta(before, after) if before is not None and after is not None else None,
+        "speculative": speculative,
     }
 
 
@@ -107,28 +126,41 @@ async def default_model(client) -> str:
         r = await client.get("/v1/models")
         return r.json()["data"][0]["id"]
     except (httpx.HTTPError, ValueError, LookupError, TypeError) as e:
-        raise MtpserveError(f"cannot list the server's models ({type(e).__name__}: {e}); pass --model") from None
+        raise MtpserveError("cannot list the server's models "
+                            f"({type(e).__name__}: {e}); pass --model") from None
 
 
 async def bench(args, prompts) -> list[dict]:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limits = httpx.Limits(max_connections=max(args.concurrency) + 2)
-    async with httpx.AsyncClient(base_url=args.base_url, headers=headers, timeout=args.timeout, limits=limits) as c:
+    client = httpx.AsyncClient(base_url=args.base_url, headers=headers, timeout=args.timeout,
+                               limits=limits)
+    async with client:
         if args.model is None:
-            args.model = await default_model(c)
+            args.model = await default_model(client)
         levels = []
         for concurrency in args.concurrency:
-            levels.append(await run_level(c, args, prompts, concurrency))
-            print(f"concurrency {concurrency}: {levels[-1]['completed']} ok, {levels[-1]['errors']} errors, "
-                  f"{levels[-1]['output_tok_s']:.1f} output tok/s", file=sys.stderr)
+            level = await run_level(client, args, prompts, concurrency)
+            levels.append(level)
+            print(f"concurrency {concurrency}: {level['completed']} ok, {level['errors']} errors, "
+                  f"{level['output_tok_s']:.1f} output tok/s", file=sys.stderr)
         return levels
 
 
 def measure(args, prompts) -> dict:
-    """Every concurrency level of ``args`` (options as checked by cli/bench_serve.py): the results."""
+    """Every concurrency level of ``args``
+    (options as checked by cli/bench_serve.py): the results."""
     levels = asyncio.run(bench(args, prompts))
-    meta = {"base_url": args.base_url, "endpoint": args.endpoint, "model": args.model,
-            "num_requests": args.num_requests, "prompts": args.prompts or "built-in eval set",
-            "num_prompts": len(prompts), "temperature": args.temperature, "ignore_eos": args.ignore_eos,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    now = datetime.datetime.now(datetime.timezone.utc)
+    meta = {
+        "base_url": args.base_url,
+        "endpoint": args.endpoint,
+        "model": args.model,
+        "num_requests": args.num_requests,
+        "prompts": args.prompts or "built-in eval set",
+        "num_prompts": len(prompts),
+        "temperature": args.temperature,
+        "ignore_eos": args.ignore_eos,
+        "date": now.isoformat(timespec="seconds"),
+    }
     return {"meta": meta, "levels": levels}

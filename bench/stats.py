@@ -1,12 +1,14 @@
-"""Statistics of the benchmarks: percentiles and summaries of latency samples, and speculative-decoding
-acceptance from per-request stats or from the difference of two ``/metrics`` scrapes."""
+"""Statistics of the benchmarks: percentiles and summaries of latency samples, and
+speculative-decoding acceptance from per-request stats or from the difference of two ``/metrics``
+scrapes."""
 
 from __future__ import annotations
 
 import math
 
-from mtpserve.engine.errors import MtpserveError
 from prometheus_client.parser import text_string_to_metric_families
+
+from mtpserve.engine.errors import MtpserveError
 
 SPEC_COUNTERS = {
     "mtpserve_spec_drafts_total": "num_drafts",
@@ -47,9 +49,10 @@ def mean_std(values) -> dict:
 
 def acceptance(num_drafts: int, num_draft_tokens: int, num_accepted_tokens: int,
                accepted_per_position: list[int]) -> dict:
-    """Acceptance from speculation counts. ``mean_acceptance_length`` counts tokens per verify step that carried
-    drafts (1 + accepted / drafts, the bonus token included), ``per_position_rate[i]`` the share of those steps
-    whose draft at position i was accepted (non-increasing: a draft counts only when all before it did)."""
+    """Acceptance from speculation counts. ``mean_acceptance_length`` counts tokens per verify step
+    that carried drafts (1 + accepted / drafts, the bonus token included), ``per_position_rate[i]``
+    the share of those steps whose draft at position i was accepted (non-increasing: a draft counts
+    only when all before it did)."""
     return {
         "num_drafts": num_drafts,
         "num_draft_tokens": num_draft_tokens,
@@ -68,9 +71,9 @@ def acceptance_of(stats) -> dict:
 
 
 def spec_counters(exposition: str) -> dict | None:
-    """The ``mtpserve_spec_*`` counters of a Prometheus text exposition, summed over their other labels:
-    {"num_drafts", "num_draft_tokens", "num_accepted_tokens", "per_position": {position: count}};
-    None when the text has none of them (a server without our speculation metrics)."""
+    """The ``mtpserve_spec_*`` counters of a Prometheus text exposition, summed over their other
+    labels: {"num_drafts", "num_draft_tokens", "num_accepted_tokens", "per_position": {position:
+    count}}; None when the text has none of them (a server without our speculation metrics)."""
     counts = dict.fromkeys(SPEC_COUNTERS.values(), 0.0)
     per_position: dict[int, float] = {}
     found = False
@@ -95,5 +98,7 @@ def spec_delta(before: dict, after: dict) -> dict:
     per_position = [round(after["per_position"].get(p, 0.0) - before["per_position"].get(p, 0.0))
                     for p in range(positions[-1] + 1)] if positions else []
     if any(d < 0 for d in [diff(n) for n in SPEC_COUNTERS.values()] + per_position):
-        raise MtpserveError("speculation counters went down between scrapes (was the server restarted?)")
-    return acceptance(diff("num_drafts"), diff("num_draft_tokens"), diff("num_accepted_tokens"), per_position)
+        raise MtpserveError("speculation counters went down between "
+                            "scrapes (was the server restarted?)")
+    return acceptance(diff("num_drafts"), diff("num_draft_tokens"), diff("num_accepted_tokens"),
+                      per_position)

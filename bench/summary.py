@@ -1,4 +1,5 @@
-"""Markdown tables of benchmark results, ready to paste into docs/BENCHMARKS.md, and the output files."""
+"""Markdown tables of benchmark results, ready to
+paste into docs/BENCHMARKS.md, and the output files."""
 
 from __future__ import annotations
 
@@ -16,8 +17,11 @@ def pm(stat: dict, digits: int = 1) -> str:
 
 
 def table(header: list[str], rows: list[list]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-            *("| " + " | ".join(str(c) for c in row) + " |" for row in rows), ""]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        lines.append("| " + " | ".join(str(c) for c in row) + " |")
+    lines.append("")
+    return lines
 
 
 def mib(n) -> str:
@@ -35,54 +39,100 @@ def accepted(a: dict) -> list[str]:
     return [num(a["acceptance_rate"], 2), num(a["mean_acceptance_length"], 2)]
 
 
+def decode_section(temp: str, rows: list[dict]) -> list[str]:
+    lines = [f"## Single-stream decode, temperature {temp}", ""]
+    header = ["mode", "decode tok/s", "vs MTP off", "acceptance rate", "tokens per drafting step"]
+    cells = []
+    for row in rows:
+        speedup = f"{pm(row['speedup'], 2)}x"
+        cells.append([row["mode"], pm(row["tok_s"]), speedup, *accepted(row["acceptance"])])
+    lines += table(header, cells)
+    by_kind = []
+    for row in rows:
+        if row["k"] == 0:
+            continue
+        for kind, by in row["by_kind"].items():
+            per_position = rates(by["acceptance"]["per_position_rate"])
+            by_kind.append([row["mode"], kind, num(by["tok_s"]), *accepted(by["acceptance"]),
+                            per_position])
+    if by_kind:
+        lines += [f"Acceptance per prompt kind, temperature {temp} "
+                  "(per position: accepted / drafting steps)", ""]
+        lines += table(["mode", "kind", "decode tok/s", "acceptance rate",
+                        "tokens per drafting step", "per position"], by_kind)
+    return lines
+
+
+def prompt_processing_section(pp_rows: list[dict]) -> list[str]:
+    modes = [k[:-len("_tok_s")] for k in pp_rows[0] if k.endswith("_tok_s")]
+    header = ["prompt tokens"]
+    header += [f"{mode.replace('_', ' ')} tok/s" for mode in modes]
+    if "ratio" in pp_rows[0]:
+        header.append("on / off")
+    cells = []
+    for row in pp_rows:
+        cell = [row["prompt_tokens"]]
+        cell += [pm(row[f"{mode}_tok_s"], 0) for mode in modes]
+        if "ratio" in row:
+            cell.append(pm(row["ratio"], 3))
+        cells.append(cell)
+    return ["## Prompt processing", ""] + table(header, cells)
+
+
+def concurrency_section(rows: list[dict]) -> list[str]:
+    lines = ["## Concurrent streams", ""]
+    note = ("Every mode on its own engine (same weights), all stepped in lockstep; tok/s over "
+            "each mode's own step time. \"vs off\": aggregate tok/s over MTP off's, "
+            "per repeat.")
+    lines += [note, ""]
+    header = ["streams", "MTP", "aggregate tok/s", "vs off", "per-stream tok/s", "drafted / token",
+              "accepted / token"]
+    cells = []
+    for row in rows:
+        cells.append([row["streams"], row["mode"], pm(row["aggregate_tok_s"]),
+                      pm(row["vs_first"], 3), pm(row["per_stream_tok_s"]),
+                      f"{row['drafted_per_token']:.2f}", f"{row['accepted_per_token']:.2f}"])
+    return lines + table(header, cells)
+
+
+def memory_section(mem: dict) -> list[str]:
+    header = ["KV bytes / token (no MTP)", "KV bytes / token (with MTP layers)", "peak RSS",
+              "CUDA peak"]
+    kv = mem["kv_bytes_per_token"]
+    row = [kv["without_mtp"], kv["with_mtp"] or "-", mib(mem["peak_rss_bytes"]),
+           mib(mem["cuda_peak_bytes"])]
+    return ["## Memory", ""] + table(header, [row])
+
+
+def hf_section(hf: dict) -> list[str]:
+    if "decode_tok_s" not in hf:
+        return [f"Comparison with transformers skipped: {hf['skipped']}", ""]
+    d = hf["decode_tok_s"]
+    cells = [["decode tok/s", pm(d["mtpserve"]), pm(d["transformers"]), f"{pm(d['ratio'], 2)}x"]]
+    for p in hf["prompt_tok_s"]:
+        cells.append([f"prompt tok/s ({p['prompt_tokens']} tokens)", pm(p["mtpserve"], 0),
+                      pm(p["transformers"], 0), f"{pm(p['ratio'], 2)}x"])
+    lines = ["## Against transformers `generate` (no speculation on either side)", ""]
+    return lines + table(["", "mtpserve", "transformers", "ratio"], cells)
+
+
 def engine_summary(r: dict) -> str:
     m = r["meta"]
-    lines = [f"# mtpserve bench: {m['model']} ({m['dtype']}, {m['device']}, {m['threads']} threads)", "",
-             f"MTP: {r['mtp']['description']}. Prompts: {m['prompts']} ({m['num_prompts']}), repeats: {m['repeats']}.",
+    title = f"# mtpserve bench: {m['model']} ({m['dtype']}, {m['device']}, {m['threads']} threads)"
+    lines = [title,
+             "",
+             f"MTP: {r['mtp']['description']}. Prompts: {m['prompts']} ({m['num_prompts']}), "
+             f"repeats: {m['repeats']}.",
              ""]
     for temp, rows in (r.get("decode") or {}).items():
-        lines += [f"## Single-stream decode, temperature {temp}", ""]
-        lines += table(["mode", "decode tok/s", "vs MTP off", "acceptance rate", "tokens per drafting step"],
-                       [[row["mode"], pm(row["tok_s"]), f"{pm(row['speedup'], 2)}x", *accepted(row["acceptance"])]
-                        for row in rows])
-        by_kind = [[row["mode"], kind, num(by["tok_s"]), *accepted(by["acceptance"]),
-                    rates(by["acceptance"]["per_position_rate"])]
-                   for row in rows if row["k"] != 0 for kind, by in row["by_kind"].items()]
-        if by_kind:
-            lines += [f"Acceptance per prompt kind, temperature {temp} (per position: accepted / drafting steps)", ""]
-            lines += table(["mode", "kind", "decode tok/s", "acceptance rate", "tokens per drafting step",
-                            "per position"], by_kind)
+        lines += decode_section(temp, rows)
     if r.get("prompt_processing"):
-        modes = [k[:-len("_tok_s")] for k in r["prompt_processing"][0] if k.endswith("_tok_s")]
-        lines += ["## Prompt processing", ""]
-        lines += table(["prompt tokens", *(f"{mode.replace('_', ' ')} tok/s" for mode in modes)]
-                       + (["on / off"] if "ratio" in r["prompt_processing"][0] else []),
-                       [[row["prompt_tokens"], *(pm(row[f"{mode}_tok_s"], 0) for mode in modes)]
-                        + ([pm(row["ratio"], 3)] if "ratio" in row else []) for row in r["prompt_processing"]])
+        lines += prompt_processing_section(r["prompt_processing"])
     if r.get("concurrency"):
-        lines += ["## Concurrent streams", ""]
-        lines += [("Every mode on its own engine (same weights), all stepped in lockstep; tok/s over each mode's "
-                   "own step time. \"vs off\": aggregate tok/s over MTP off's, per repeat."), ""]
-        lines += table(["streams", "MTP", "aggregate tok/s", "vs off", "per-stream tok/s", "drafted / token",
-                        "accepted / token"],
-                       [[row["streams"], row["mode"], pm(row["aggregate_tok_s"]), pm(row["vs_first"], 3),
-                         pm(row["per_stream_tok_s"]), f"{row['drafted_per_token']:.2f}",
-                         f"{row['accepted_per_token']:.2f}"] for row in r["concurrency"]])
-    mem = r["memory"]
-    lines += ["## Memory", ""]
-    lines += table(["KV bytes / token (no MTP)", "KV bytes / token (with MTP layers)", "peak RSS", "CUDA peak"],
-                   [[mem["kv_bytes_per_token"]["without_mtp"], mem["kv_bytes_per_token"]["with_mtp"] or "-",
-                     mib(mem["peak_rss_bytes"]), mib(mem["cuda_peak_bytes"])]])
-    hf = r.get("hf")
-    if hf and "decode_tok_s" in hf:
-        d = hf["decode_tok_s"]
-        lines += ["## Against transformers `generate` (no speculation on either side)", ""]
-        lines += table(["", "mtpserve", "transformers", "ratio"],
-                       [["decode tok/s", pm(d["mtpserve"]), pm(d["transformers"]), f"{pm(d['ratio'], 2)}x"]]
-                       + [[f"prompt tok/s ({p['prompt_tokens']} tokens)", pm(p["mtpserve"], 0),
-                           pm(p["transformers"], 0), f"{pm(p['ratio'], 2)}x"] for p in hf["prompt_tok_s"]])
-    elif hf:
-        lines += [f"Comparison with transformers skipped: {hf['skipped']}", ""]
+        lines += concurrency_section(r["concurrency"])
+    lines += memory_section(r["memory"])
+    if r.get("hf"):
+        lines += hf_section(r["hf"])
     return "\n".join(lines)
 
 
@@ -94,17 +144,27 @@ def serve_summary(r: dict) -> str:
     m = r["meta"]
     lines = [f"# mtpserve bench-serve: {m['model']} at {m['base_url']} ({m['endpoint']})", "",
              "Latencies in ms (mean / p50 / p99).", ""]
-    lines += table(["concurrency", "requests", "errors", "TTFT", "TPOT", "ITL", "E2E", "output tok/s", "req/s"],
-                   [[lvl["concurrency"], lvl["completed"], lvl["errors"],
-                     *(" / ".join(latency_cells(lvl[key])) for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms")),
-                     num(lvl["output_tok_s"]), num(lvl["request_throughput"], 2)] for lvl in r["levels"]])
-    spec_rows = [[lvl["concurrency"], s["num_drafts"], s["num_draft_tokens"], s["num_accepted_tokens"],
-                  *accepted(s), rates(s["per_position_rate"])]
-                 for lvl in r["levels"] if (s := lvl.get("speculative"))]
-    if spec_rows:
+    header = ["concurrency", "requests", "errors", "TTFT", "TPOT", "ITL", "E2E", "output tok/s",
+              "req/s"]
+    cells = []
+    for lvl in r["levels"]:
+        latencies = []
+        for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
+            latencies.append(" / ".join(latency_cells(lvl[key])))
+        cells.append([lvl["concurrency"], lvl["completed"], lvl["errors"], *latencies,
+                      num(lvl["output_tok_s"]), num(lvl["request_throughput"], 2)])
+    lines += table(header, cells)
+    drafting_rows = []
+    for lvl in r["levels"]:
+        s = lvl.get("speculative")
+        if s:
+            drafting_rows.append([lvl["concurrency"], s["num_drafts"], s["num_draft_tokens"],
+                                  s["num_accepted_tokens"], *accepted(s),
+                                  rates(s["per_position_rate"])])
+    if drafting_rows:
         lines += ["Speculative decoding (server counters, before/after each level)", ""]
         lines += table(["concurrency", "drafts", "draft tokens", "accepted", "acceptance rate",
-                        "tokens per drafting step", "per position"], spec_rows)
+                        "tokens per drafting step", "per position"], drafting_rows)
     return "\n".join(lines)
 
 

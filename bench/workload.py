@@ -1,5 +1,5 @@
-"""What the benchmarks send: the built-in prompt set (held-out "eval" prompts of several kinds) or a user's JSONL
-file, and long prompts of a given token count for prompt processing."""
+"""What the benchmarks send: the built-in prompt set (held-out "eval" prompts of several kinds) or a
+user's JSONL file, and long prompts of a given token count for prompt processing."""
 
 from __future__ import annotations
 
@@ -23,7 +23,9 @@ class BenchPrompt:
     prompt: str | None = None  # raw text, no template
 
     def chat_messages(self) -> list[dict]:
-        return list(self.messages) if self.messages is not None else [{"role": "user", "content": self.prompt}]
+        if self.messages is not None:
+            return list(self.messages)
+        return [{"role": "user", "content": self.prompt}]
 
     @property
     def text(self) -> str:
@@ -32,43 +34,53 @@ class BenchPrompt:
 
     def token_ids(self, tokenizer) -> list[int]:
         if self.messages is not None:
-            return tokenizer.encode(tokenizer.apply_chat_template(list(self.messages)), add_special_tokens=False)
+            text = tokenizer.apply_chat_template(list(self.messages))
+            return tokenizer.encode(text, add_special_tokens=False)
         return tokenizer.encode(self.prompt)
 
 
 def check_line(item: dict) -> str | None:
-    kind, max_tokens, messages = item.get("kind"), item.get("max_tokens", 128), item.get("messages")
+    kind = item.get("kind")
+    max_tokens = item.get("max_tokens", 128)
+    messages = item.get("messages")
     if not isinstance(kind, str) or not kind:
         return '"kind" must be a non-empty string'
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         return '"max_tokens" must be a positive integer'
     if messages is None:
-        return None if isinstance(item["prompt"], str) else '"prompt" must be a string'
-    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) and "content" in m
-                                                                 for m in messages):
+        if not isinstance(item["prompt"], str):
+            return '"prompt" must be a string'
+        return None
+    is_list = isinstance(messages, list) and len(messages) > 0
+    if not is_list or not all(isinstance(m, dict) and "content" in m for m in messages):
         return '"messages" must be a list of {"role", "content"} objects'
     return None
 
 
 def read_prompts_file(path: str) -> list[BenchPrompt]:
-    """JSONL, one prompt a line: {"kind": ..., "prompt": ...} or {"kind": ..., "messages": [...]}, optional
-    "max_tokens" (default 128)."""
-    return [BenchPrompt(item["kind"], item.get("max_tokens", 128),
-                        tuple(item["messages"]) if "messages" in item else None, item.get("prompt"))
-            for item in read_requests(path, FILE_FIELDS, check_line)]
+    """JSONL, one prompt a line: {"kind": ..., "prompt": ...} or {"kind": ..., "messages": [...]},
+    optional "max_tokens" (default 128)."""
+    prompts = []
+    for item in read_requests(path, FILE_FIELDS, check_line):
+        messages = tuple(item["messages"]) if "messages" in item else None
+        prompts.append(BenchPrompt(item["kind"], item.get("max_tokens", 128), messages,
+                                   item.get("prompt")))
+    return prompts
 
 
 def load_prompts(path: str | None, kinds: list[str] | None, per_kind: int | None,
                  max_tokens: int | None = None) -> list[BenchPrompt]:
-    """The prompts of ``kinds`` (all when None), at most ``per_kind`` of each, from ``path`` or the built-in
-    eval set, kinds taking turns (so any first few mix them); ``max_tokens`` caps every prompt's own."""
+    """The prompts of ``kinds`` (all when None), at most ``per_kind`` of each, from ``path`` or the
+    built-in eval set, kinds taking turns (so any first few mix them); ``max_tokens`` caps every
+    prompt's own."""
     if path:
         prompts = read_prompts_file(path)
         known = sorted({p.kind for p in prompts})
     else:
         known = list(KINDS)
         chosen = [k for k in known if kinds is None or k in kinds]
-        prompts = [BenchPrompt(p.kind, p.max_tokens, tuple(p.messages)) for p in prompt_set("eval", chosen, per_kind)]
+        eval_set = prompt_set("eval", chosen, per_kind)
+        prompts = [BenchPrompt(p.kind, p.max_tokens, tuple(p.messages)) for p in eval_set]
     missing = sorted(set(kinds or ()) - set(known))
     if missing:
         raise MtpserveError(f"no prompts of kind(s) {missing}; available: {', '.join(known)}")
@@ -77,10 +89,23 @@ def load_prompts(path: str | None, kinds: list[str] | None, per_kind: int | None
         if kinds is None or p.kind in kinds:
             group = groups.setdefault(p.kind, [])
             if per_kind is None or len(group) < per_kind:
-                group.append(p if max_tokens is None else
-                             BenchPrompt(p.kind, min(p.max_tokens, max_tokens), p.messages, p.prompt))
-    turns = itertools.zip_longest(*groups.values())
-    return [p for turn in turns for p in turn if p is not None]
+                group.append(capped(p, max_tokens))
+    return take_turns(list(groups.values()))
+
+
+def capped(p: BenchPrompt, max_tokens: int | None) -> BenchPrompt:
+    """``p`` with its max_tokens capped at ``max_tokens`` (None: as it is)."""
+    if max_tokens is None:
+        return p
+    return BenchPrompt(p.kind, min(p.max_tokens, max_tokens), p.messages, p.prompt)
+
+
+def take_turns(groups: list[list]) -> list:
+    """The first of every group, then the second of every group, ...; short groups drop out."""
+    out = []
+    for turn in itertools.zip_longest(*groups):
+        out += [p for p in turn if p is not None]
+    return out
 
 
 def long_prompt_ids(tokenizer, num_tokens: int) -> list[int]:

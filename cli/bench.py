@@ -1,5 +1,5 @@
-"""``mtpserve bench``: the options of the offline engine benchmark (bench/engine_bench.py), the engine they
-describe, and the run: measure, then write results.json, summary.md and the plots."""
+"""``mtpserve bench``: the options of the offline engine benchmark (bench/engine_bench.py), the
+engine they describe, and the run: measure, then write results.json, summary.md and the plots."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from mtpserve.engine.loader import load_checkpoint
 
 FULL = {"per_kind": 2, "max_tokens": None, "repeats": 3, "prompt_lengths": [128, 512, 2048],
         "concurrency": [1, 2, 4, 8, 16], "sweep_tokens": 128, "sweep_rounds": 3}
-QUICK = {"per_kind": 1, "max_tokens": 16, "repeats": 1, "prompt_lengths": [32, 128], "concurrency": [1, 2, 4],
-         "sweep_tokens": 16, "sweep_rounds": 1}
+QUICK = {"per_kind": 1, "max_tokens": 16, "repeats": 1, "prompt_lengths": [32, 128],
+         "concurrency": [1, 2, 4], "sweep_tokens": 16, "sweep_rounds": 1}
 
 
 def number_list(kind):
@@ -28,7 +28,8 @@ def number_list(kind):
         try:
             return [kind(x) for x in text.split(",") if x.strip()]
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}s: {text!r}")
+            raise argparse.ArgumentTypeError("expected a comma-separated list "
+                                             f"of {kind.__name__}s: {text!r}")
 
     return parse
 
@@ -39,37 +40,50 @@ def name_list(text: str) -> list[str]:
 
 def add_args(p) -> None:
     b = p.add_argument_group("benchmark")
-    b.add_argument("--out", default="bench-results", help="directory for results.json, summary.md and the plots")
-    b.add_argument("--prompts", default=None, help='JSONL: {"kind": ..., "prompt": ...} or {"kind": ..., '
-                                                   '"messages": [...]} per line, optional "max_tokens" '
-                                                   "(default: the built-in held-out prompt set)")
-    b.add_argument("--kinds", type=name_list, default=None, help="prompt kinds to use (default: all)")
-    b.add_argument("--per-kind", type=int, default=None, help="prompts of each kind (default 2, --quick 1)")
-    b.add_argument("--max-tokens", type=int, default=None, help="cap on every prompt's max_tokens (--quick 16)")
-    b.add_argument("--ignore-eos", action="store_true", help="decode every prompt's max_tokens in full")
-    b.add_argument("--k", type=number_list(int), default=[1, 2, 3, 4], help="fixed draft lengths (default 1,2,3,4);"
-                   " the adaptive row drafts up to the largest")
+    b.add_argument("--out", default="bench-results",
+                   help="directory for results.json, summary.md and the plots")
+    b.add_argument("--prompts", default=None,
+                   help='JSONL: {"kind": ..., "prompt": ...} or {"kind": ..., '
+                        '"messages": [...]} per line, optional "max_tokens" '
+                        "(default: the built-in held-out prompt set)")
+    b.add_argument("--kinds", type=name_list, default=None,
+                   help="prompt kinds to use (default: all)")
+    b.add_argument("--per-kind", type=int, default=None,
+                   help="prompts of each kind (default 2, --quick 1)")
+    b.add_argument("--max-tokens", type=int, default=None,
+                   help="cap on every prompt's max_tokens (--quick 16)")
+    b.add_argument("--ignore-eos", action="store_true",
+                   help="decode every prompt's max_tokens in full")
+    b.add_argument("--k", type=number_list(int), default=[1, 2, 3, 4],
+                   help="fixed draft lengths (default 1,2,3,4); "
+                        "the adaptive row drafts up to the largest")
     b.add_argument("--temperatures", type=number_list(float), default=[0.0],
                    help="decode temperatures, e.g. 0,0.7 (default 0: greedy)")
-    b.add_argument("--repeats", type=int, default=None, help="runs of every measurement (default 3, --quick 1)")
+    b.add_argument("--repeats", type=int, default=None,
+                   help="runs of every measurement (default 3, --quick 1)")
     b.add_argument("--prompt-lengths", type=number_list(int), default=None,
                    help="prompt-processing lengths in tokens (default 128,512,2048)")
     b.add_argument("--concurrency", type=number_list(int), default=None,
                    help="concurrent streams of the sweep (default 1,2,4,8,16)")
-    b.add_argument("--sweep-k", type=int, default=3, help="fixed draft length in the concurrency sweep")
+    b.add_argument("--sweep-k", type=int, default=3,
+                   help="fixed draft length in the concurrency sweep")
     b.add_argument("--sweep-tokens", type=int, default=None,
-                   help="mean tokens per request in the sweep, spread over 0.5x to 1.5x (default 128)")
+                   help="mean tokens per request in the sweep, "
+                        "spread over 0.5x to 1.5x (default 128)")
     b.add_argument("--sweep-rounds", type=int, default=None,
-                   help="each sweep level runs until every mode has output this many times N x --sweep-tokens "
-                        "tokens, and at least one request's worth per prompt (default 3, --quick 1)")
+                   help="each sweep level runs until every mode has output this "
+                        "many times N x --sweep-tokens tokens, and at least one "
+                        "request's worth per prompt (default 3, --quick 1)")
     b.add_argument("--sections", type=name_list, default=list(SECTIONS),
                    help=f"what to measure, of {','.join(SECTIONS)} (memory is always reported)")
-    b.add_argument("--seed", type=int, default=0, help="sampling seed of the first prompt (sampled decode)")
+    b.add_argument("--seed", type=int, default=0,
+                   help="sampling seed of the first prompt (sampled decode)")
     b.add_argument("--unseeded", action="store_true",
-                   help="sampled decode without seeds: drafts are rejection-sampled instead of coupled to the "
-                        "seeded target noise (compare their acceptance)")
+                   help="sampled decode without seeds: drafts are rejection-sampled instead "
+                        "of coupled to the seeded target noise (compare their acceptance)")
     b.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
-    b.add_argument("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
+    b.add_argument("--no-plots", action="store_true",
+                   help="skip the PNG plots (no matplotlib needed)")
 
 
 def resolve(args) -> None:
@@ -93,18 +107,23 @@ def resolve(args) -> None:
     args.sections = list(dict.fromkeys(args.sections))
     unknown = set(args.sections) - set(SECTIONS)
     if unknown or not args.sections:
-        raise MtpserveError(f"--sections takes some of {', '.join(SECTIONS)}; got {', '.join(args.sections)}")
+        raise MtpserveError(f"--sections takes some of {', '.join(SECTIONS)}; "
+                            f"got {', '.join(args.sections)}")
     if max(args.concurrency) > args.max_num_seqs:
-        raise MtpserveError(f"--concurrency {max(args.concurrency)} exceeds --max-num-seqs {args.max_num_seqs}")
+        raise MtpserveError(f"--concurrency {max(args.concurrency)} "
+                            f"exceeds --max-num-seqs {args.max_num_seqs}")
 
 
 def build_engine(args) -> LLMEngine:
-    """One engine for every mode: MTP layers loaded with the largest k as cap, adaptive costs measured."""
-    spec = argparse.Namespace(**vars(args), no_spec=False, spec_draft_n_max=max(args.k), spec_adaptive="on")
-    engine = LLMEngine(load_checkpoint(args.model), engine_config_from_args(spec))
+    """One engine for every mode:
+    MTP layers loaded with the largest k as cap, adaptive costs measured."""
+    engine_args = argparse.Namespace(**vars(args), no_spec=False, spec_draft_n_max=max(args.k),
+                                     spec_adaptive="on")
+    engine = LLMEngine(load_checkpoint(args.model), engine_config_from_args(engine_args))
     too_long = [n for n in args.prompt_lengths if n + 2 > engine.max_model_len]
     if "pp" in args.sections and too_long:
-        raise MtpserveError(f"--prompt-lengths {too_long} do not fit this engine's context ({engine.max_model_len})")
+        raise MtpserveError(f"--prompt-lengths {too_long} do not fit this "
+                            f"engine's context ({engine.max_model_len})")
     return engine
 
 

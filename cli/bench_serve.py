@@ -1,5 +1,5 @@
-"""``mtpserve bench-serve``: the options of the HTTP load test (bench/serve_bench.py), their checks, and the run:
-measure, then write results.json and summary.md."""
+"""``mtpserve bench-serve``: the options of the HTTP load test (bench/serve_bench.py), their checks,
+and the run: measure, then write results.json and summary.md."""
 
 from __future__ import annotations
 
@@ -13,29 +13,38 @@ from mtpserve.engine.errors import MtpserveError
 
 
 def add_args(p) -> None:
-    p.add_argument("--base-url", required=True, help="server address, e.g. http://127.0.0.1:8000 (a trailing /v1 "
-                                                     "is accepted)")
+    p.add_argument("--base-url", required=True,
+                   help="server address, e.g. http://127.0.0.1:8000 (a trailing /v1 is accepted)")
     p.add_argument("--api-key", default=None, help="bearer token (default: $OPENAI_API_KEY)")
-    p.add_argument("--model", default=None, help="model name to request (default: the first of /v1/models)")
+    p.add_argument("--model", default=None,
+                   help="model name to request (default: the first of /v1/models)")
     p.add_argument("--endpoint", default="chat", choices=["chat", "completions"],
-                   help="chat: /v1/chat/completions with messages; completions: /v1/completions with the prompt "
-                        "text (a conversation sends its last message)")
-    p.add_argument("--concurrency", type=number_list(int), default=[1], help="requests in flight, e.g. 1,4,16")
+                   help="chat: /v1/chat/completions with messages; completions: /v1/completions "
+                        "with the prompt text (a conversation sends its last message)")
+    p.add_argument("--concurrency", type=number_list(int), default=[1],
+                   help="requests in flight, e.g. 1,4,16")
     p.add_argument("--num-requests", type=int, default=32, help="requests per concurrency level")
-    p.add_argument("--prompts", default=None, help="JSONL prompts as for mtpserve bench (default: built-in set)")
-    p.add_argument("--kinds", type=name_list, default=None, help="prompt kinds to use (default: all)")
-    p.add_argument("--per-kind", type=int, default=8, help="prompts of each kind, reused round-robin")
+    p.add_argument("--prompts", default=None,
+                   help="JSONL prompts as for mtpserve bench (default: built-in set)")
+    p.add_argument("--kinds", type=name_list, default=None,
+                   help="prompt kinds to use (default: all)")
+    p.add_argument("--per-kind", type=int, default=8,
+                   help="prompts of each kind, reused round-robin")
     p.add_argument("--max-tokens", type=int, default=None, help="cap on every prompt's max_tokens")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--ignore-eos", action="store_true",
-                   help="send ignore_eos (an extension of mtpserve, vLLM and llama.cpp) for fixed-length outputs")
-    p.add_argument("--metrics-url", default=None, help="Prometheus endpoint (default: BASE/metrics)")
+                   help="send ignore_eos (an extension of mtpserve, "
+                        "vLLM and llama.cpp) for fixed-length outputs")
+    p.add_argument("--metrics-url", default=None,
+                   help="Prometheus endpoint (default: BASE/metrics)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
-    p.add_argument("--out", default="bench-serve-results", help="directory for results.json and summary.md")
+    p.add_argument("--out", default="bench-serve-results",
+                   help="directory for results.json and summary.md")
 
 
 def check_args(args) -> None:
-    if args.num_requests < 1 or args.per_kind < 1 or not args.concurrency or min(args.concurrency) < 1:
+    counts_ok = args.num_requests >= 1 and args.per_kind >= 1
+    if not counts_ok or not args.concurrency or min(args.concurrency) < 1:
         raise MtpserveError("--num-requests, --per-kind and --concurrency must be at least 1")
     if args.max_tokens is not None and args.max_tokens < 1:
         raise MtpserveError("--max-tokens must be at least 1")

@@ -1,4 +1,5 @@
-"""The model and engine options shared by the commands that run an engine, and the engine they describe."""
+"""The model and engine options shared by the commands
+that run an engine, and the engine they describe."""
 
 from __future__ import annotations
 
@@ -14,12 +15,13 @@ from mtpserve.engine.loader.mtp_head import default_head_path
 
 
 def add_engine_args(p: argparse.ArgumentParser, speculation: bool = True) -> None:
-    """The model and engine options; ``speculation=False`` leaves out the draft-length switches (for commands
-    that set them themselves)."""
+    """The model and engine options; ``speculation=False`` leaves out the draft-length switches (for
+    commands that set them themselves)."""
     g = p.add_argument_group("model and engine")
     g.add_argument("--model", default="default",
                    help="GGUF file, HF model directory, or 'default' (SmolLM2-135M-Instruct GGUF)")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
+    g.add_argument("--dtype", default="float32",
+                   choices=["float32", "bfloat16", "float16", "float64"])
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--num-blocks", "--kv-cache-blocks", dest="num_blocks", type=int, default=None,
@@ -30,14 +32,19 @@ def add_engine_args(p: argparse.ArgumentParser, speculation: bool = True) -> Non
     g.add_argument("--max-model-len", type=int, default=None)
     s = p.add_argument_group("speculative decoding (MTP)")
     s.add_argument("--mtp-head", default=None,
-                   help="MTP head directory for a model without MTP layers (the default model uses its shipped head)")
+                   help="MTP head directory for a model without MTP "
+                        "layers (the default model uses its shipped head)")
     if speculation:
-        s.add_argument("--spec-draft-n-max", type=int, default=3, help="most draft tokens per step (0 disables)")
-        s.add_argument("--no-spec", action="store_true", help="plain decoding even when the model has MTP layers")
+        s.add_argument("--spec-draft-n-max", type=int, default=3,
+                       help="most draft tokens per step (0 disables)")
+        s.add_argument("--no-spec", action="store_true",
+                       help="plain decoding even when the model has MTP layers")
         s.add_argument("--spec-adaptive", default="on", choices=["on", "off"],
-                       help="on: draft length follows acceptance and batch size; off: always --spec-draft-n-max")
+                       help="on: draft length follows acceptance and "
+                            "batch size; off: always --spec-draft-n-max")
     s.add_argument("--mtp-feedback", default="pre_norm", choices=["pre_norm", "post_norm"],
-                   help="hidden state fed back between draft steps (MTP block output, or after its shared norm)")
+                   help="hidden state fed back between draft steps "
+                        "(MTP block output, or after its shared norm)")
 
 
 def resolve_device(device: str | None) -> str:
@@ -49,7 +56,8 @@ def resolve_device(device: str | None) -> str:
 
 
 def engine_config_from_args(args) -> EngineConfig:
-    """The EngineConfig of the engine options (validated). The default model gets its shipped MTP head."""
+    """The EngineConfig of the engine options (validated).
+    The default model gets its shipped MTP head."""
     if args.model == "default" and args.mtp_head is None:
         args.mtp_head = default_head_path()
     for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):

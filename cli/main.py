@@ -20,11 +20,14 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     """Options every command takes after its name."""
     g = p.add_argument_group("configuration")
     g.add_argument("--config", default=None,
-                   help="YAML file of options (see configs/); the environment and the command line win over it")
-    g.add_argument("--log-level", default=argparse.SUPPRESS, choices=LOG_LEVELS, help="default: warning")
+                   help="YAML file of options (see configs/); the "
+                        "environment and the command line win over it")
+    g.add_argument("--log-level", default=argparse.SUPPRESS, choices=LOG_LEVELS,
+                   help="default: warning")
 
 
-def add_command(sub, name: str, help_text: str, module, engine: bool = False, speculation: bool = True) -> None:
+def add_command(sub, name: str, help_text: str, module, engine: bool = False,
+                speculation: bool = True) -> None:
     """A subcommand: the common options, the engine options when it runs an engine, then its own."""
     p = sub.add_parser(name, help=help_text)
     add_common_args(p)
@@ -36,19 +39,22 @@ def add_command(sub, name: str, help_text: str, module, engine: bool = False, sp
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="mtpserve", description="MTP-first LLM inference server",
-                    epilog="Every option is also an environment variable MTPSERVE_<OPTION> and a key of the "
-                           "--config file; the command line wins over the environment, which wins over the file.")
+                    epilog="Every option is also an environment variable MTPSERVE_<OPTION> and a "
+                           "key of the --config file; the command line wins over the environment, "
+                           "which wins over the file.")
     parser.add_argument("--version", action="version", version=f"mtpserve {__version__}")
     parser.add_argument("--log-level", default="warning", choices=LOG_LEVELS)
     sub = parser.add_subparsers(dest="command", required=True)
     add_command(sub, "generate", "generate text offline with the engine", generate, engine=True)
     add_command(sub, "serve", "run the OpenAI-compatible HTTP server", serve, engine=True)
-    add_command(sub, "stress", "load, random disconnects and leak checks against this server on loopback",
+    add_command(sub, "stress",
+                "load, random disconnects and leak checks against this server on loopback",
                 stress, engine=True)
-    add_command(sub, "bench", "benchmark the engine offline: MTP off / fixed k / adaptive, plots", bench,
-                engine=True, speculation=False)
+    add_command(sub, "bench", "benchmark the engine offline: MTP off / fixed k / adaptive, plots",
+                bench, engine=True, speculation=False)
     add_command(sub, "bench-serve", "load-test an OpenAI-compatible server over HTTP", bench_serve)
-    add_command(sub, "train-head", "train an MTP head for a model that has none (self-distillation)", train_head)
+    add_command(sub, "train-head",
+                "train an MTP head for a model that has none (self-distillation)", train_head)
     return parser
 
 
@@ -61,7 +67,8 @@ def main(argv: list[str] | None = None, env=None) -> int:
     except OptionError as e:
         print(f"mtpserve: error: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args) or 0
     except MtpserveError as e:

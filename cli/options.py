@@ -1,14 +1,14 @@
-"""Where a command's options come from: the command line, ``MTPSERVE_*`` environment variables and a YAML
-file (``--config``). All three become command-line tokens for the same argparse parser, so they are checked
-with the same types and choices.
+"""Where a command's options come from: the command line, ``MTPSERVE_*`` environment variables and a
+YAML file (``--config``). All three become command-line tokens for the same argparse parser, so they
+are checked with the same types and choices.
 
-Precedence, highest first: the command line, then the environment, then the config file, then the built-in
-defaults. ``MTPSERVE_MAX_NUM_SEQS=16`` is ``--max-num-seqs 16`` and the YAML key ``max-num-seqs`` (or
-``max_num_seqs``) is the same option. A flag such as ``--no-spec`` takes true or false (also 1/0, yes/no,
-on/off). An empty variable counts as unset. ``MTPSERVE_CONFIG`` names the config file when ``--config`` does
-not. A variable that names an option of another command is left to that command (the container sets
-``MTPSERVE_PORT`` for ``serve``); one that names no option of any command is an error, and so is an unknown
-key in the config file.
+Precedence, highest first: the command line, then the environment, then the config file, then the
+built-in defaults. ``MTPSERVE_MAX_NUM_SEQS=16`` is ``--max-num-seqs 16`` and the YAML key
+``max-num-seqs`` (or ``max_num_seqs``) is the same option. A flag such as ``--no-spec`` takes true
+or false (also 1/0, yes/no, on/off). An empty variable counts as unset. ``MTPSERVE_CONFIG`` names
+the config file when ``--config`` does not. A variable that names an option of another command is
+left to that command (the container sets ``MTPSERVE_PORT`` for ``serve``); one that names no option
+of any command is an error, and so is an unknown key in the config file.
 """
 
 from __future__ import annotations
@@ -30,27 +30,34 @@ class OptionError(MtpserveError):
 
 
 class Parser(argparse.ArgumentParser):
-    """An argparse parser that raises OptionError (printed as one line by ``main``) instead of exiting."""
+    """An argparse parser that raises OptionError
+    (printed as one line by ``main``) instead of exiting."""
 
     def error(self, message: str):
         raise OptionError(message)
 
 
 class Yaml12Loader(yaml.SafeLoader):
-    """YAML 1.2 booleans: only true/false. Under YAML 1.1 ``spec-adaptive: on`` would read as True."""
+    """YAML 1.2 booleans: only true/false.
+    Under YAML 1.1 ``spec-adaptive: on`` would read as True."""
 
 
 Yaml12Loader.yaml_implicit_resolvers = {
     key: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
     for key, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
-Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool",
+                                   re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
                                    list("tTfF"))
 
 
 def option_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
     """The options of ``parser`` by destination name (help and version left out)."""
-    return {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "version")}
+    actions = {}
+    for action in parser._actions:
+        if action.option_strings and action.dest not in ("help", "version"):
+            actions[action.dest] = action
+    return actions
 
 
 def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -59,8 +66,8 @@ def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 
 
 def tokens(action: argparse.Action, value, source: str) -> list[str]:
-    """Command-line tokens that set ``action`` to ``value`` (a string, number or boolean from a file or
-    variable)."""
+    """Command-line tokens that set ``action`` to ``value``
+    (a string, number or boolean from a file or variable)."""
     option = next(s for s in action.option_strings if s.startswith("--"))
     if action.nargs == 0:
         text = str(value).lower()
@@ -91,13 +98,16 @@ def env_tokens(parser: argparse.ArgumentParser, command: str, env) -> list[tuple
         dest = variable[len(PREFIX):].lower()
         if dest not in known:
             option = "--" + dest.replace("_", "-")
-            raise OptionError(f"environment variable {variable}: no mtpserve command has an option {option}")
+            raise OptionError(f"environment variable {variable}: "
+                              f"no mtpserve command has an option {option}")
         if dest in own:
             out.append((variable, tokens(own[dest], value, f"environment variable {variable}")))
     return out
 
 
-def config_tokens(parser: argparse.ArgumentParser, command: str, path: str) -> list[tuple[str, list[str]]]:
+def config_tokens(
+    parser: argparse.ArgumentParser, command: str, path: str
+) -> list[tuple[str, list[str]]]:
     """(key, tokens) for each key of the YAML file at ``path``."""
     try:
         with open(path, encoding="utf-8") as f:
@@ -117,16 +127,20 @@ def config_tokens(parser: argparse.ArgumentParser, command: str, path: str) -> l
 
 
 def parse(parser: argparse.ArgumentParser, argv: list[str], env) -> argparse.Namespace:
-    """Parse ``argv`` with the environment and the config file applied below it (see the module docstring).
-    Each variable and key is checked on its own first, so an error names where the bad value came from."""
+    """Parse ``argv`` with the environment and the config file applied below it (see the module
+    docstring). Each variable and key is checked on its own first, so an error names where the bad
+    value came from."""
     args = parser.parse_args(argv)
     cut = argv.index(args.command)
-    before, after = argv[:cut + 1], argv[cut + 1:]
-    from_env = env_tokens(parser, args.command, env)
-    for variable, toks in from_env:
+    before = argv[:cut + 1]
+    after = argv[cut + 1:]
+    env_argv = []
+    for variable, toks in env_tokens(parser, args.command, env):
         _check(parser, before + toks + after, f"environment variable {variable}")
-    env_argv = [t for _, toks in from_env for t in toks]
-    config = parser.parse_args(before + env_argv + after).config if hasattr(args, "config") else None
+        env_argv += toks
+    config = None
+    if hasattr(args, "config"):
+        config = parser.parse_args(before + env_argv + after).config
     file_argv = []
     if config:
         for key, toks in config_tokens(parser, args.command, config):

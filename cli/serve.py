@@ -18,18 +18,26 @@ logger = logging.getLogger(__name__)
 
 def add_args(p) -> None:
     g = p.add_argument_group("server")
-    g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all interfaces)")
+    g.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (0.0.0.0 for all interfaces)")
     g.add_argument("--port", type=int, default=8000)
     g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
-    g.add_argument("--served-model-name", default=None, help="model id clients use (default: from --model)")
-    g.add_argument("--max-queue", type=int, default=None, help="answer 429 when this many requests are waiting")
-    g.add_argument("--max-body-bytes", type=int, default=1 << 20, help="answer 413 for larger request bodies")
-    g.add_argument("--max-header-bytes", type=int, default=16 << 10, help="answer 431 for larger request headers")
+    g.add_argument("--served-model-name", default=None,
+                   help="model id clients use (default: from --model)")
+    g.add_argument("--max-queue", type=int, default=None,
+                   help="answer 429 when this many requests are waiting")
+    g.add_argument("--max-body-bytes", type=int, default=1 << 20,
+                   help="answer 413 for larger request bodies")
+    g.add_argument("--max-header-bytes", type=int, default=16 << 10,
+                   help="answer 431 for larger request headers")
     g.add_argument("--max-concurrent-per-client", type=int, default=None,
-                   help="answer 429 to a client address with this many completions already in flight")
-    g.add_argument("--metrics-public", action="store_true", help="serve /metrics without the API key")
+                   help="answer 429 to a client address with "
+                        "this many completions already in flight")
+    g.add_argument("--metrics-public", action="store_true",
+                   help="serve /metrics without the API key")
     g.add_argument("--log-prompts", action="store_true",
-                   help="log each request's prompt text (INFO); without it no request content is logged")
+                   help="log each request's prompt text (INFO); "
+                        "without it no request content is logged")
     g.add_argument("--log-interval", type=float, default=5.0,
                    help="seconds between INFO progress lines while busy (0 disables)")
     g.add_argument("--shutdown-grace", type=float, default=10.0,
@@ -45,8 +53,8 @@ def served_name(args) -> str:
 
 
 class GracefulServer(uvicorn.Server):
-    """A uvicorn Server that, after a SIGTERM-initiated graceful shutdown, returns (exit 0) instead of
-    re-raising the signal as uvicorn does (which would end the process with -SIGTERM)."""
+    """A uvicorn Server that, after a SIGTERM-initiated graceful shutdown, returns (exit 0) instead
+    of re-raising the signal as uvicorn does (which would end the process with -SIGTERM)."""
 
     def handle_exit(self, sig, frame) -> None:
         super().handle_exit(sig, frame)
@@ -72,8 +80,8 @@ def check_args(args) -> None:
 def warn_if_exposed(host: str, api_key: str | None) -> bool:
     """Warn (and return True) when listening on every interface without an API key."""
     if host in ("0.0.0.0", "::", "") and not api_key:
-        logger.warning("listening on all interfaces (%s) without --api-key: anyone who can reach this port can "
-                       "use the model", host or "*")
+        logger.warning("listening on all interfaces (%s) without --api-key: "
+                       "anyone who can reach this port can use the model", host or "*")
         return True
     return False
 
@@ -87,14 +95,17 @@ def run(args) -> int:
     engine = engine_from_args(args)
     client = EngineClient(engine, log_interval=args.log_interval)
     name = served_name(args)
-    app = build_app(client, name, api_key=api_key, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
-                    max_header_bytes=args.max_header_bytes, metrics_public=args.metrics_public,
-                    max_concurrent_per_client=args.max_concurrent_per_client, log_prompts=args.log_prompts)
-    print(f"mtpserve: serving {name!r} ({args.model}) on http://{args.host}:{args.port}/v1 ; {engine.summary()}",
-          flush=True)
+    app = build_app(client, name, api_key=api_key, max_queue=args.max_queue,
+                    max_body_bytes=args.max_body_bytes, max_header_bytes=args.max_header_bytes,
+                    metrics_public=args.metrics_public,
+                    max_concurrent_per_client=args.max_concurrent_per_client,
+                    log_prompts=args.log_prompts)
+    print(f"mtpserve: serving {name!r} ({args.model}) on "
+          f"http://{args.host}:{args.port}/v1 ; {engine.summary()}", flush=True)
     try:
-        # h11, whose cap on the request head uvicorn lets us set: a head over it is refused by the parser; heads
-        # over --max-header-bytes but under the cap get the app's 431 in the error envelope
+        # h11, whose cap on the request head uvicorn lets us set: a head over it is refused by the
+        # parser; heads over --max-header-bytes but under the cap get the app's 431 in the error
+        # envelope
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                 timeout_graceful_shutdown=args.shutdown_grace, http="h11",
                                 h11_max_incomplete_event_size=args.max_header_bytes + (8 << 10))

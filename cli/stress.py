@@ -1,6 +1,7 @@
-"""``mtpserve stress``: the load generator (bench/loadgen.py) against this server on loopback, then the leak checks:
-no running or waiting request, every KV block free, nothing left in the engine's tables, and memory (RSS) before
-and after. A short warm-up round runs first, so the memory baseline is taken once allocations have settled."""
+"""``mtpserve stress``: the load generator (bench/loadgen.py) against this server on loopback, then
+the leak checks: no running or waiting request, every KV block free, nothing left in the engine's
+tables, and memory (RSS) before and after. A short warm-up round runs first, so the memory baseline
+is taken once allocations have settled."""
 
 from __future__ import annotations
 
@@ -21,13 +22,15 @@ CHAT_OVERHEAD = 32  # tokens a chat template may add around a prompt
 
 def add_args(p) -> None:
     g = p.add_argument_group("stress")
-    g.add_argument("--requests", type=int, default=1000, help="requests to send (with --duration: per round)")
+    g.add_argument("--requests", type=int, default=1000,
+                   help="requests to send (with --duration: per round)")
     g.add_argument("--duration", type=float, default=None,
                    help="seconds to keep going, round after round of --requests")
     g.add_argument("--concurrency", type=int, default=32, help="clients in flight at once")
     g.add_argument("--abort-fraction", type=float, default=0.2,
                    help="share of clients that disconnect at a random point")
-    g.add_argument("--max-tokens", type=int, default=64, help="largest max_tokens of a request (each draws 1..this)")
+    g.add_argument("--max-tokens", type=int, default=64,
+                   help="largest max_tokens of a request (each draws 1..this)")
     g.add_argument("--num-prompts", type=int, default=32, help="distinct prompts (1 to 120 words)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--json", action="store_true", help="print the report as one JSON object")
@@ -44,18 +47,22 @@ def check_args(args) -> None:
 
 
 def mib(value: int | None) -> float | None:
-    return None if value is None else round(value / 2**20, 1)
+    if value is None:
+        return None
+    return round(value / 2**20, 1)
 
 
 def run(args) -> int:
     check_args(args)
     engine = engine_from_args(args)
     client = EngineClient(engine, log_interval=0)
-    room = engine.max_model_len - args.max_tokens - CHAT_OVERHEAD  # so that every request fits the context
+    # so that every request fits the context
+    room = engine.max_model_len - args.max_tokens - CHAT_OVERHEAD
     if room < 8:
-        raise MtpserveError(f"--max-tokens {args.max_tokens} leaves no room for prompts in the model's context "
-                            f"({engine.max_model_len} tokens)")
-    prompts = [loadgen.fit_prompt(p, engine.tokenizer, room) for p in loadgen.prompt_pool(args.num_prompts, args.seed)]
+        raise MtpserveError(f"--max-tokens {args.max_tokens} leaves no room for prompts in the "
+                            f"model's context ({engine.max_model_len} tokens)")
+    pool = loadgen.prompt_pool(args.num_prompts, args.seed)
+    prompts = [loadgen.fit_prompt(p, engine.tokenizer, room) for p in pool]
     checker = loadgen.Checker(loadgen.LoadReport(), engine.max_model_len)
 
     def jobs(count: int, seed: int, start: int = 0) -> list:
@@ -64,25 +71,35 @@ def run(args) -> int:
     try:
         with serve_in_background(build_app(client, "stress")) as url:
             def load(batch, check, deadline=None):
-                asyncio.run(loadgen.run_load(url, batch, args.concurrency, check, deadline=deadline))
+                load_run = loadgen.run_load(url, batch, args.concurrency, check, deadline=deadline)
+                asyncio.run(load_run)
 
-            load(jobs(2 * args.concurrency, args.seed - 1), loadgen.Checker(loadgen.LoadReport(), engine.max_model_len))
+            warmup_checker = loadgen.Checker(loadgen.LoadReport(), engine.max_model_len)
+            load(jobs(2 * args.concurrency, args.seed - 1), warmup_checker)
             loadgen.wait_idle(client)
             gc.collect()
             rss_before = loadgen.rss_bytes()
-            deadline = None if args.duration is None else time.perf_counter() + args.duration
+            deadline = None
+            if args.duration is not None:
+                deadline = time.perf_counter() + args.duration
             rounds = 0
             while rounds == 0 or (deadline is not None and time.perf_counter() < deadline):
-                load(jobs(args.requests, args.seed + rounds, rounds * args.requests), checker, deadline)
+                batch = jobs(args.requests, args.seed + rounds, rounds * args.requests)
+                load(batch, checker, deadline)
                 rounds += 1
             state = loadgen.wait_idle(client)
             gc.collect()
             rss_after = loadgen.rss_bytes()
     finally:
         client.shutdown()
-    report = {**checker.report.as_dict(), "leaked_blocks": state["used_blocks"], "engine_state": state,
-              "preemptions": engine.scheduler.num_preemptions, "rss_mib_before": mib(rss_before),
-              "rss_mib_after": mib(rss_after)}
+    report = {
+        **checker.report.as_dict(),
+        "leaked_blocks": state["used_blocks"],
+        "engine_state": state,
+        "preemptions": engine.scheduler.num_preemptions,
+        "rss_mib_before": mib(rss_before),
+        "rss_mib_after": mib(rss_after),
+    }
     if args.json:
         print(json.dumps(report))
     else:

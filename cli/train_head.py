@@ -1,4 +1,5 @@
-"""``mtpserve train-head``: train an MTP head for a model that has none (see engine/train/trainer.py)."""
+"""``mtpserve train-head``: train an MTP head for a
+model that has none (see engine/train/trainer.py)."""
 
 from __future__ import annotations
 
@@ -14,16 +15,22 @@ from mtpserve.engine.train.trainer import HeadTrainer, TrainConfig
 def add_args(p) -> None:
     p.add_argument("--model", default="default",
                    help="GGUF file, HF model directory, or 'default' (SmolLM2-135M-Instruct GGUF)")
-    p.add_argument("--out", required=True, help="output directory (head, data, checkpoints); a rerun resumes")
-    p.add_argument("--num-layers", type=int, default=1, help="MTP layers (one is reused for every draft step)")
+    p.add_argument("--out", required=True,
+                   help="output directory (head, data, checkpoints); a rerun resumes")
+    p.add_argument("--num-layers", type=int, default=1,
+                   help="MTP layers (one is reused for every draft step)")
     p.add_argument("--depth", type=int, default=3, help="draft steps trained")
     p.add_argument("--draft-vocab", type=int, default=8192,
-                   help="draft vocabulary: the N most frequent answer tokens (0: the whole vocabulary)")
+                   help="draft vocabulary: the N most frequent "
+                        "answer tokens (0: the whole vocabulary)")
     p.add_argument("--train-per-kind", default="code=all,chat=all,json=all,math=500",
-                   help=f"training prompts per kind ({', '.join(KINDS)}): KIND=N or KIND=all, comma-separated")
-    p.add_argument("--eval-per-kind", type=int, default=16, help="held-out prompts per kind for evaluation")
+                   help=f"training prompts per kind ({', '.join(KINDS)}): "
+                        "KIND=N or KIND=all, comma-separated")
+    p.add_argument("--eval-per-kind", type=int, default=16,
+                   help="held-out prompts per kind for evaluation")
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--tokens-per-step", type=int, default=1024, help="tokens packed into one optimizer step")
+    p.add_argument("--tokens-per-step", type=int, default=1024,
+                   help="tokens packed into one optimizer step")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--eval-every", type=int, default=200, help="steps between evaluations")
     p.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
@@ -37,7 +44,8 @@ def parse_per_kind(text: str) -> dict:
     for item in filter(None, (x.strip() for x in text.split(","))):
         kind, sep, count = item.partition("=")
         if kind not in KINDS or not sep:
-            raise MtpserveError(f"--train-per-kind: expected KIND=N with KIND in {', '.join(KINDS)}, got {item!r}")
+            raise MtpserveError(f"--train-per-kind: expected KIND=N with KIND in "
+                                f"{', '.join(KINDS)}, got {item!r}")
         if count == "all":
             out[kind] = None
         elif count.isdigit():
@@ -48,19 +56,32 @@ def parse_per_kind(text: str) -> dict:
 
 
 def run(args) -> int:
-    for name in ("num_layers", "depth", "epochs", "tokens_per_step", "eval_every", "checkpoint_every",
-                 "max_num_seqs"):
+    positive = ("num_layers", "depth", "epochs", "tokens_per_step", "eval_every",
+                "checkpoint_every", "max_num_seqs")
+    for name in positive:
         if getattr(args, name) < 1:
             raise MtpserveError(f"--{name.replace('_', '-')} must be at least 1")
     if args.draft_vocab < 0 or args.eval_per_kind < 0 or args.lr <= 0:
         raise MtpserveError("--draft-vocab and --eval-per-kind must be >= 0, --lr positive")
     device = resolve_device(args.device)
-    cfg = TrainConfig(out=args.out, num_layers=args.num_layers, depth=args.depth, draft_vocab=args.draft_vocab,
-                      train_per_kind=parse_per_kind(args.train_per_kind), eval_per_kind=args.eval_per_kind,
-                      epochs=args.epochs, tokens_per_step=args.tokens_per_step, lr=args.lr,
-                      eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, seed=args.seed,
-                      device=device, max_num_seqs=args.max_num_seqs)
+    cfg = TrainConfig(
+        out=args.out,
+        num_layers=args.num_layers,
+        depth=args.depth,
+        draft_vocab=args.draft_vocab,
+        train_per_kind=parse_per_kind(args.train_per_kind),
+        eval_per_kind=args.eval_per_kind,
+        epochs=args.epochs,
+        tokens_per_step=args.tokens_per_step,
+        lr=args.lr,
+        eval_every=args.eval_every,
+        checkpoint_every=args.checkpoint_every,
+        seed=args.seed,
+        device=device,
+        max_num_seqs=args.max_num_seqs,
+    )
     report = HeadTrainer(load_checkpoint(args.model), cfg).run()
-    print(json.dumps({k: report[k] for k in ("steps", "train_sequences", "train_tokens", "draft_vocab_size",
-                                             "eval_before", "eval", "wall_seconds")}, indent=2))
+    shown = ("steps", "train_sequences", "train_tokens", "draft_vocab_size", "eval_before", "eval",
+             "wall_seconds")
+    print(json.dumps({k: report[k] for k in shown}, indent=2))
     return 0
