@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from engine_helpers import greedy, make_engine
+
 from mtpserve.engine.loader import load_checkpoint
 from mtpserve.engine.loader.mtp_head import save_mtp_head
 from mtpserve.engine.train.distill import distill

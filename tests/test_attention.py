@@ -37,8 +37,9 @@ def run_step(query_lens, context_lens, seed=0):
         for p in range(c):
             cache[0][table[p // BLOCK], p % BLOCK] = fk[p]
             cache[1][table[p // BLOCK], p % BLOCK] = fv[p]
-    slots = [table[p // BLOCK] * BLOCK + p % BLOCK
-             for table, c, n in zip(tables, context_lens, query_lens) for p in range(c, c + n)]
+    slots = []
+    for table, c, n in zip(tables, context_lens, query_lens):
+        slots += [table[p // BLOCK] * BLOCK + p % BLOCK for p in range(c, c + n)]
     width = max(blocks_per_seq)
     meta = AttentionMetadata(
         slot_mapping=torch.tensor(slots), block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables],

@@ -11,13 +11,14 @@ import pytest
 import yaml
 from engine_helpers import make_engine
 from mtp_helpers import save_distilled_head
-from mtpserve.bench.engine_runs import OFF, EngineRuns, lockstep, spread_length
-from mtpserve.bench.stats import mean_std, percentile, spec_counters, spec_delta, summarize
-from mtpserve.engine.errors import MtpserveError
-from mtpserve.engine.loader import load_checkpoint
-from mtpserve.cli.main import main
 from server_helpers import start_server, wait_healthy
 from test_server import free_port
+
+from mtpserve.bench.engine_runs import OFF, EngineRuns, lockstep, spread_length
+from mtpserve.bench.stats import mean_std, percentile, spec_counters, spec_delta, summarize
+from mtpserve.cli.main import main
+from mtpserve.engine.errors import MtpserveError
+from mtpserve.engine.loader import load_checkpoint
 
 PROMPTS = [
     {"kind": "code", "prompt": "def add(a, b):", "max_tokens": 24},

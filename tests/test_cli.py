@@ -7,8 +7,8 @@ import json
 import pytest
 from mtp_helpers import save_random_head
 
-from mtpserve.engine.loader import load_checkpoint
 from mtpserve.cli.main import main
+from mtpserve.engine.loader import load_checkpoint
 
 
 def run(capsys, *args) -> tuple[int, str, str]:

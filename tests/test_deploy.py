@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from mtpserve.cli import options
 from mtpserve.cli.main import build_parser
 

@@ -16,6 +16,9 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mtp_helpers import save_random_head
+from pydantic import ValidationError
+from starlette.testclient import TestClient
+
 from mtpserve.engine.async_engine import EngineClient
 from mtpserve.engine.config import EngineConfig, GenerationDefaults
 from mtpserve.engine.engine import LLMEngine
@@ -25,8 +28,6 @@ from mtpserve.engine.noise import RequestNoise, keys
 from mtpserve.server.app import build_app
 from mtpserve.server.protocol import ChatCompletionRequest, CompletionRequest
 from mtpserve.server.routes import sampling_params
-from pydantic import ValidationError
-from starlette.testclient import TestClient
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "15"))
 MAX_MODEL_LEN = 64
@@ -158,7 +159,8 @@ def test_big_body_methods_and_paths(http):
                   headers={"content-type": "application/json"})
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
     r = http.get("/v1/completions")
-    assert r.status_code == 405 and "POST" in r.headers["allow"] and r.json()["error"]["type"] == "invalid_request_error"
+    assert r.status_code == 405 and "POST" in r.headers["allow"]
+    assert r.json()["error"]["type"] == "invalid_request_error"
     assert_envelope(http.get("/nothing/here"))
     assert http.post("/v1/completions", json={"prompt": "a"}, headers={"content-type": "text/plain"}).json()[
         "error"]["message"].startswith("the request body must be JSON")

@@ -91,11 +91,13 @@ def write_model(path, arch="llama", qtype=Q.F32, extra_kv=(), extra_tensors=None
     for key, value in metadata:
         getattr(w, f"add_{key}")(value)
     shapes = {
-        "token_embd.weight": (len(tokens), HIDDEN), "output_norm.weight": (HIDDEN,), "output.weight": (len(tokens), HIDDEN),
+        "token_embd.weight": (len(tokens), HIDDEN), "output_norm.weight": (HIDDEN,),
+        "output.weight": (len(tokens), HIDDEN),
         "blk.0.attn_norm.weight": (HIDDEN,), "blk.0.ffn_norm.weight": (HIDDEN,),
         "blk.0.attn_q.weight": (HIDDEN, HIDDEN), "blk.0.attn_k.weight": (KV_HEADS * HEAD_DIM, HIDDEN),
         "blk.0.attn_v.weight": (KV_HEADS * HEAD_DIM, HIDDEN), "blk.0.attn_output.weight": (HIDDEN, HIDDEN),
-        "blk.0.ffn_gate.weight": (FFN, HIDDEN), "blk.0.ffn_up.weight": (FFN, HIDDEN), "blk.0.ffn_down.weight": (HIDDEN, FFN),
+        "blk.0.ffn_gate.weight": (FFN, HIDDEN), "blk.0.ffn_up.weight": (FFN, HIDDEN),
+        "blk.0.ffn_down.weight": (HIDDEN, FFN),
     }
     written = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
     written.update(extra_tensors or {})
@@ -117,7 +119,8 @@ def test_tiny_llama_roundtrip_and_unpermute(tmp_path):
     written = write_model(tmp_path / "m.gguf")
     ckpt = load_gguf(str(tmp_path / "m.gguf"))
     c = ckpt.config
-    assert (c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (HIDDEN, HEADS, KV_HEADS, HEAD_DIM)
+    shape = (c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim)
+    assert shape == (HIDDEN, HEADS, KV_HEADS, HEAD_DIM)
     assert not c.tie_word_embeddings and not c.attention_bias and not c.qk_norm
     w = ckpt.weights
     assert torch.equal(w["model.layers.0.self_attn.q_proj.weight"], torch.from_numpy(written["blk.0.attn_q.weight"]))
@@ -132,7 +135,8 @@ def test_qwen_layouts_are_not_permuted(tmp_path):
     written = write_model(tmp_path / "q2.gguf", arch="qwen2", extra_tensors=bias)
     ckpt = load_gguf(str(tmp_path / "q2.gguf"))
     assert ckpt.config.attention_bias and not ckpt.config.qk_norm
-    assert torch.equal(ckpt.weights["model.layers.0.self_attn.q_proj.weight"], torch.from_numpy(written["blk.0.attn_q.weight"]))
+    q_proj = ckpt.weights["model.layers.0.self_attn.q_proj.weight"]
+    assert torch.equal(q_proj, torch.from_numpy(written["blk.0.attn_q.weight"]))
     assert torch.equal(ckpt.weights["model.layers.0.self_attn.k_proj.bias"], torch.arange(128, dtype=torch.float32))
 
     norms = {f"blk.0.attn_{p}_norm.weight": np.ones(HEAD_DIM, np.float32) for p in "qk"}

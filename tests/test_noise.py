@@ -4,8 +4,7 @@ gives (chi-square / Kolmogorov-Smirnov from scipy), and what the keys depend on.
 import torch
 from scipy import stats
 
-from mtpserve.engine.noise import (ACCEPT, DRAFT, TOKEN, RequestNoise, exponentials, hashes, keys, mix32,
-                                   uniforms)
+from mtpserve.engine.noise import ACCEPT, DRAFT, TOKEN, RequestNoise, exponentials, hashes, keys, mix32, uniforms
 
 
 def test_tensor_hash_matches_python_reference():

@@ -18,9 +18,10 @@ import httpx
 import pytest
 import yaml
 from mtp_helpers import save_random_head
-from mtpserve.engine.loader import load_checkpoint
 from prometheus_client.parser import text_string_to_metric_families
 from test_server import free_port
+
+from mtpserve.engine.loader import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 PROM_DIR = REPO / "docker" / "prometheus"
@@ -34,11 +35,19 @@ METRIC = re.compile(r"\b(mtpserve_[a-z0-9_]+|up)\b")
 
 def dashboard_queries() -> list[tuple[str, str]]:
     board = json.loads(DASHBOARD.read_text())
-    return [(p["title"], t["expr"]) for p in board["panels"] for t in p.get("targets", [])]
+    queries = []
+    for panel in board["panels"]:
+        for target in panel.get("targets", []):
+            queries.append((panel["title"], target["expr"]))
+    return queries
 
 
 def alert_rules() -> list[dict]:
-    return [r for g in yaml.safe_load((PROM_DIR / "alerts.yml").read_text())["groups"] for r in g["rules"]]
+    groups = yaml.safe_load((PROM_DIR / "alerts.yml").read_text())["groups"]
+    rules = []
+    for group in groups:
+        rules += group["rules"]
+    return rules
 
 
 def substitute(expr: str) -> str:
@@ -52,7 +61,9 @@ def metric_names(expr: str) -> set[str]:
 
 @pytest.mark.skipif(PROMTOOL is None, reason="promtool is not installed (Debian package 'prometheus')")
 def test_promtool_checks_config_and_rules():
-    for args in (["check", "config", str(PROM_DIR / "prometheus.yml")], ["check", "rules", str(PROM_DIR / "alerts.yml")]):
+    checks = (["check", "config", str(PROM_DIR / "prometheus.yml")],
+              ["check", "rules", str(PROM_DIR / "alerts.yml")])
+    for args in checks:
         done = subprocess.run([PROMTOOL, *args], capture_output=True, text=True, check=False)
         assert done.returncode == 0, done.stdout + done.stderr
 

@@ -15,6 +15,11 @@ import pytest
 import torch
 from conftest import load_reference_model
 from engine_helpers import compute, greedy, make_engine, new_request, price_drafting_cheaply
+from test_glm4_moe import ATOL, check_model
+from test_model_parity import reference_logits
+from test_mtp import check_stats, prompts
+from tiny_qwen3_next import make_tiny_qwen3_next
+
 from mtpserve.engine.errors import ModelLoadError
 from mtpserve.engine.loader.hf import parse_hf_config
 from mtpserve.engine.models import model_class
@@ -22,10 +27,6 @@ from mtpserve.engine.models.qwen3_next import Qwen3NextForCausalLM, SparseMoE
 from mtpserve.engine.sampling_params import SamplingParams
 from mtpserve.engine.train.distill import distill
 from mtpserve.kernels.gated_delta import delta_rule_chunked, delta_rule_recurrent, l2_normalize
-from test_glm4_moe import ATOL, check_model
-from test_model_parity import reference_logits
-from test_mtp import check_stats, prompts
-from tiny_qwen3_next import make_tiny_qwen3_next
 
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -15,6 +15,8 @@ import pytest
 import torch
 from conftest import load_reference_model
 from mtp_helpers import save_random_head
+from test_server import scrape
+
 from mtpserve.bench.loadgen import Checker, LoadReport, make_jobs, prompt_pool, rss_bytes, run_load, wait_idle
 from mtpserve.engine.async_engine import EngineClient
 from mtpserve.engine.config import EngineConfig
@@ -23,7 +25,6 @@ from mtpserve.engine.loader import load_checkpoint
 from mtpserve.engine.request import Request
 from mtpserve.server.app import build_app
 from mtpserve.server.background import serve_in_background
-from test_server import scrape
 
 MODEL = "tiny"
 MAX_TOKENS = 32
@@ -204,8 +205,9 @@ def test_non_stream_disconnect_aborts(tiny_llama_dir, head, monkeypatch):
 def test_text_held_back_is_flushed_at_the_end(tiny_llama_dir):
     """A request that ends inside a character (or right after a stop-string candidate) loses no text: the pieces
     add up to the tokenizer's own decode of all the tokens, U+FFFD for the unfinished character included."""
-    from mtpserve.engine.detokenizer import IncrementalDetokenizer
     from tokenizers import Tokenizer
+
+    from mtpserve.engine.detokenizer import IncrementalDetokenizer
 
     reference = Tokenizer.from_file(f"{tiny_llama_dir}/tokenizer.json")
     tok = load_checkpoint(tiny_llama_dir).tokenizer

@@ -14,6 +14,9 @@ import httpx
 import pytest
 import yaml
 from mtp_helpers import save_random_head
+from server_helpers import start_server, wait_healthy
+from test_server import free_port, scrape
+
 from mtpserve.bench.loadgen import wait_idle
 from mtpserve.engine.async_engine import EngineClient
 from mtpserve.engine.config import EngineConfig
@@ -21,8 +24,6 @@ from mtpserve.engine.engine import LLMEngine
 from mtpserve.engine.loader import load_checkpoint
 from mtpserve.server.app import build_app
 from mtpserve.server.background import serve_in_background
-from server_helpers import start_server, wait_healthy
-from test_server import free_port, scrape
 
 MARKER_SEED = 990_001
 GREEDY = {"temperature": 0, "ignore_eos": True}

@@ -10,6 +10,7 @@ import time
 
 import httpx
 import pytest
+
 from mtpserve.cli.main import build_parser
 from mtpserve.cli.serve import warn_if_exposed
 from mtpserve.engine.async_engine import EngineClient
@@ -38,8 +39,12 @@ def asgi(app, host: str = "127.0.0.1") -> httpx.AsyncClient:
 
 
 def routes(app) -> list[tuple[str, str]]:
-    return sorted((method, r.path) for r in app.routes for method in getattr(r, "methods", ()) or ()
-                  if method != "HEAD")
+    pairs = []
+    for r in app.routes:
+        for method in getattr(r, "methods", ()) or ():
+            if method != "HEAD":
+                pairs.append((method, r.path))
+    return sorted(pairs)
 
 
 @pytest.mark.parametrize("metrics_public", [False, True])

@@ -12,12 +12,13 @@ import httpx
 import pytest
 import uvicorn
 from mtp_helpers import save_random_head
+from prometheus_client.parser import text_string_to_metric_families
+
+from mtpserve.engine.async_engine import EngineClient
 from mtpserve.engine.config import EngineConfig
 from mtpserve.engine.engine import LLMEngine
 from mtpserve.engine.loader import load_checkpoint
 from mtpserve.server.app import build_app
-from mtpserve.engine.async_engine import EngineClient
-from prometheus_client.parser import text_string_to_metric_families
 
 openai = pytest.importorskip("openai")
 MODEL = "tiny"
@@ -236,7 +237,10 @@ def test_metrics_count_tokens(http):
         r = http.post("/v1/completions", json={k: v for k, v in body.items() if v is not None})
         results.append(r.json()["usage"] if not stream else sse_events(r)[-2]["usage"])
     after = scrape(http)
-    delta = lambda name: after[name] - before.get(name, 0)
+
+    def delta(name):
+        return after[name] - before.get(name, 0)
+
     assert delta("mtpserve_generation_tokens_total") == sum(u["completion_tokens"] for u in results) == 18
     assert delta("mtpserve_prompt_tokens_total") == sum(u["prompt_tokens"] for u in results)
     assert delta("mtpserve_request_success_total,finished_reason=length") == 3

@@ -13,12 +13,13 @@ import time
 import httpx
 import pytest
 import yaml
+from server_helpers import start_server, wait_healthy
+from test_server import GREEDY, MODEL, base_url, client, free_port, http, scrape  # noqa: F401 (fixtures)
+
 from mtpserve.engine.busy_log import BusyLog
 from mtpserve.engine.engine import RequestOutput
 from mtpserve.engine.spec.stats import SpecStats
 from mtpserve.server.app import build_app
-from server_helpers import start_server, wait_healthy
-from test_server import GREEDY, MODEL, base_url, client, free_port, http, scrape  # noqa: F401 (fixtures)
 
 
 def test_body_limit_413(client, http):  # noqa: F811
@@ -189,12 +190,13 @@ def test_seeded_requests_repeat_exactly_whatever_the_drafting(tiny_qwen3_dir, tm
     import random
 
     from mtp_helpers import save_distilled_head
+    from starlette.testclient import TestClient
+    from test_mtp import prompts
+
     from mtpserve.engine.async_engine import EngineClient
     from mtpserve.engine.config import EngineConfig
     from mtpserve.engine.engine import LLMEngine
     from mtpserve.engine.loader import load_checkpoint
-    from starlette.testclient import TestClient
-    from test_mtp import prompts
 
     head, _ = save_distilled_head(tmp_path / "head", tiny_qwen3_dir, prompts(24, seed=7), 200)
     engine = LLMEngine(load_checkpoint(tiny_qwen3_dir), EngineConfig(num_blocks=64, block_size=16, mtp_head=head))

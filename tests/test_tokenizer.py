@@ -50,7 +50,10 @@ def llama_cpp_reference(hf, text):
     transformers encode each piece."""
     regex = pytest.importorskip("regex")
     pieces = [p for p in regex.split(r"(\p{N})", text) if p]
-    return [i for p in pieces for i in hf.encode(p, add_special_tokens=False)]
+    ids = []
+    for piece in pieces:
+        ids += hf.encode(piece, add_special_tokens=False)
+    return ids
 
 
 @pytest.mark.parametrize("text", TEXTS)
@@ -114,7 +117,8 @@ def test_template_features_match_transformers(hf):
         {"role": "user", "content": [{"type": "text", "text": "part one"}, {"type": "text", "text": "two"}]},
     ]
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"x": "日本"}}}]
-    want = hf.apply_chat_template(messages, chat_template=FEATURES, tools=tools, tokenize=False, add_generation_prompt=True)
+    want = hf.apply_chat_template(messages, chat_template=FEATURES, tools=tools, tokenize=False,
+                                  add_generation_prompt=True)
     got = render_chat_template(
         FEATURES, messages, add_generation_prompt=True, bos_token=hf.bos_token, eos_token=hf.eos_token, tools=tools
     )
@@ -156,7 +160,8 @@ def test_from_dir(tmp_path, ours):
 
     # A post-processor that already adds bos must not get a second one.
     backend = tokenizers.Tokenizer.from_str(ours.backend.to_str())
-    backend.post_processor = processors.TemplateProcessing(single="<|im_start|> $A", special_tokens=[("<|im_start|>", 1)])
+    backend.post_processor = processors.TemplateProcessing(single="<|im_start|> $A",
+                                                           special_tokens=[("<|im_start|>", 1)])
     backend.save(str(tmp_path / "tokenizer.json"))
     assert Tokenizer.from_dir(tmp_path).encode("Hello world") == [1, 19556, 905]
 
@@ -192,4 +197,5 @@ def test_sentencepiece_gguf_matches_transformers(tmp_path):
         ids = ours.encode(text)
         assert ids == hf.encode(text), text
         assert ours.decode(ids) == hf.decode(ids, skip_special_tokens=True)
-    assert ours.encode("hello")[0] == 1 and ours.decode(ours.encode("héllo"), skip_special_tokens=False) == "<s> héllo"
+    assert ours.encode("hello")[0] == 1
+    assert ours.decode(ours.encode("héllo"), skip_special_tokens=False) == "<s> héllo"

@@ -11,12 +11,12 @@ import torch
 from engine_helpers import greedy, make_engine
 from mtp_helpers import save_random_head
 
+from mtpserve.cli.train_head import parse_per_kind
 from mtpserve.engine.loader import load_checkpoint
 from mtpserve.engine.loader.mtp_head import load_mtp_head
 from mtpserve.engine.sampling_params import SamplingParams
 from mtpserve.engine.train.distill import base_hidden, chain_logits, pack
 from mtpserve.engine.train.trainer import HeadTrainer, TrainConfig
-from mtpserve.cli.train_head import parse_per_kind
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
