@@ -11,8 +11,8 @@ logger = logging.getLogger(__name__)
 
 
 class BusyLog:
-    """Fed from the engine thread after every step; logs at INFO at most every ``interval``
-    seconds."""
+    """Fed from the engine thread after every step;
+    logs at INFO at most every ``interval`` seconds."""
 
     def __init__(self, interval: float = 5.0):
         self.interval = interval
@@ -61,8 +61,8 @@ class BusyLog:
                 f"mean acceptance length {mean_len:.2f}, acceptance per position [{positions}]")
 
     def maybe_log(self, running: int, waiting: int) -> bool:
-        """Log a line when ``interval`` has passed and there was work since the last one; True if
-        logged."""
+        """Log a line when ``interval`` has passed and there
+        was work since the last one; True if logged."""
         now = time.perf_counter()
         elapsed = now - self.last_time
         if self.interval <= 0 or elapsed < self.interval:

@@ -33,8 +33,8 @@ def _strftime_now(fmt):
 
 
 class _GenerationBlock(Extension):
-    """``{% generation %}...{% endgeneration %}`` (HF assistant-mask marker): renders its body
-    as is."""
+    """``{% generation %}...{% endgeneration %}`` (HF assistant-mask marker):
+    renders its body as is."""
 
     tags = {"generation"}
 

@@ -14,8 +14,8 @@ SUPPORTED_ARCHITECTURES = (
 
 @dataclass
 class ModelConfig:
-    """Architecture of a decoder (dense or MoE). Weight names follow the HF layout
-    (``model.layers.{i}...``)."""
+    """Architecture of a decoder (dense or MoE).
+    Weight names follow the HF layout (``model.layers.{i}...``)."""
 
     architecture: str
     vocab_size: int
@@ -69,8 +69,8 @@ class ModelConfig:
         return int(self.head_dim * self.partial_rotary_factor)
 
     def has_kv(self, layer_idx: int) -> bool:
-        """Whether layer ``layer_idx`` (MTP layers after the main ones included) attends over a
-        paged KV cache."""
+        """Whether layer ``layer_idx`` (MTP layers after the main ones included)
+        attends over a paged KV cache."""
         if layer_idx >= len(self.layer_types):
             return True
         return self.layer_types[layer_idx] == "full_attention"

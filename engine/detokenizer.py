@@ -19,8 +19,8 @@ class IncrementalDetokenizer:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def add(self, new_token_ids: list[int]) -> str:
-        """Append tokens; return the text they complete (possibly empty while a character is
-        split)."""
+        """Append tokens; return the text they complete
+        (possibly empty while a character is split)."""
         self.token_ids.extend(new_token_ids)
         prefix = self._decode(self.token_ids[self.prefix_offset:self.read_offset])
         full = self._decode(self.token_ids[self.prefix_offset:])

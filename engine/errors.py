@@ -6,8 +6,8 @@ class MtpserveError(Exception):
 
 
 class ModelLoadError(MtpserveError):
-    """A model could not be loaded: missing/corrupt file, unsupported architecture or
-    quantization."""
+    """A model could not be loaded: missing/corrupt file,
+    unsupported architecture or quantization."""
 
 
 class RequestError(MtpserveError):

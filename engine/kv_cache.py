@@ -61,8 +61,8 @@ class KVCacheManager:
         return -(-num_tokens // self.block_size)
 
     def allocate_slots(self, request_id: str, num_tokens: int) -> bool:
-        """Make the request's block table cover ``num_tokens`` tokens. False (nothing changed) if
-        full."""
+        """Make the request's block table cover ``num_tokens`` tokens.
+        False (nothing changed) if full."""
         table = self.block_tables.setdefault(request_id, [])
         missing = self.blocks_needed(num_tokens) - len(table)
         if missing <= 0:
@@ -91,8 +91,8 @@ class KVCacheManager:
             self.pool.free(table)
 
     def step_state(self, scheduled) -> None:
-        """Per-request state beyond KV blocks for a step: none here (hybrid models:
-        ``HybridCacheManager``)."""
+        """Per-request state beyond KV blocks for a step:
+        none here (hybrid models: ``HybridCacheManager``)."""
 
     @property
     def num_free_blocks(self) -> int:

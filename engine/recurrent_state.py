@@ -67,8 +67,8 @@ class RecurrentStatePool:
         self.progress.pop(request_id, None)
 
     def step(self, scheduled) -> RecurrentStep:
-        """Per-step view for the scheduled requests (``ScheduledRequest``s); records where each one
-        will end."""
+        """Per-step view for the scheduled requests (``ScheduledRequest``s);
+        records where each one will end."""
         slots = []
         read = []
         drop = []

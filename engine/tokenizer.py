@@ -48,8 +48,8 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, path) -> "Tokenizer":
-        """Load an HF tokenizer directory (tokenizer.json + tokenizer_config.json [+
-        chat_template.jinja])."""
+        """Load an HF tokenizer directory
+        (tokenizer.json + tokenizer_config.json [+ chat_template.jinja])."""
         path = Path(path)
         tokenizer_file = path / "tokenizer.json"
         if not tokenizer_file.is_file():
@@ -92,8 +92,8 @@ class Tokenizer:
     def apply_chat_template(
         self, messages: list[dict], add_generation_prompt: bool = True, **kwargs
     ) -> str:
-        """Render a conversation to a prompt string; RequestError if there is no template or it
-        refuses."""
+        """Render a conversation to a prompt string;
+        RequestError if there is no template or it refuses."""
         if self.chat_template is None:
             raise RequestError("this model has no chat template; "
                                "send a raw prompt to /v1/completions instead")
@@ -179,8 +179,8 @@ def _byte_level_pre_tokenizer(pre: str | None):
 def _add_special(
     backend: tokenizers.Tokenizer, tokens: list[str], token_types: list[int] | None
 ) -> None:
-    """Control tokens become special added tokens, user-defined ones plain added tokens (matched
-    whole)."""
+    """Control tokens become special added tokens,
+    user-defined ones plain added tokens (matched whole)."""
     types = token_types or []
     control = []
     user = []
@@ -198,8 +198,8 @@ def _add_special(
 def build_byte_level_bpe(
     tokens: list[str], merges: list[str], token_types: list[int] | None, pre: str | None
 ) -> tokenizers.Tokenizer:
-    """GPT-2 style byte-level BPE from a vocabulary (already in the byte alphabet) and ``"a b"``
-    merges."""
+    """GPT-2 style byte-level BPE from a vocabulary
+    (already in the byte alphabet) and ``"a b"`` merges."""
     vocab = {token: i for i, token in enumerate(tokens)}
     pairs = [tuple(m.split(" ", 1)) for m in merges]
     bpe = models.BPE(vocab=vocab, merges=pairs, ignore_merges=pre in _LLAMA3_PRE)
@@ -218,8 +218,8 @@ def build_sentencepiece_bpe(
     unk_id: int | None,
     add_space_prefix: bool = True,
 ) -> tokenizers.Tokenizer:
-    """SentencePiece BPE (llama/mistral style, byte fallback); merges rebuilt from the token
-    scores."""
+    """SentencePiece BPE (llama/mistral style, byte fallback);
+    merges rebuilt from the token scores."""
     vocab = {token: i for i, token in enumerate(tokens)}
     types = token_types or [1] * len(tokens)
     candidates = []

@@ -36,7 +36,8 @@ def delta_rule_recurrent(q, k, v, g, beta, state):
     """q, k: [B, L, H, Dk], v: [B, L, H, Dv], g, beta: [B, L, H], state: [B, H, Dk, Dv].
 
     Returns (out [B, L, H, Dv], states [B, L, H, Dk, Dv]: the state after each token)."""
-    outs, states = [], []
+    outs = []
+    states = []
     for t in range(q.shape[1]):
         state = state * g[:, t].exp()[..., None, None]
         recalled = torch.einsum("bhkv,bhk->bhv", state, k[:, t])
@@ -52,9 +53,9 @@ def delta_rule_chunked(q, k, v, g, beta, state, chunk: int = 64):
 
     Within a chunk of length C with cumulative log decay ``c_i = g_1 + ... + g_i`` and entry state
     ``S0``, the state after token i is ``exp(c_i) S0 + sum_{j<=i} exp(c_i - c_j) k_j u_j^T`` where
-    the corrections ``u`` solve the unit lower-triangular system ``(I + A) U = beta V - beta exp(c)
-    K S0`` with ``A_ij = beta_i exp(c_i - c_j) k_i . k_j`` (j < i). Returns (out [B, L, H, Dv],
-    final state [B, H, Dk, Dv])."""
+    the corrections ``u`` solve the unit lower-triangular system
+    ``(I + A) U = beta V - beta exp(c) K S0`` with ``A_ij = beta_i exp(c_i - c_j) k_i . k_j``
+    (j < i). Returns (out [B, L, H, Dv], final state [B, H, Dk, Dv])."""
     length = q.shape[1]
     q, k, v, g, beta = (x.transpose(1, 2) for x in (q, k, v, g, beta))  # [B, H, L, ...]
     out = torch.empty_like(v)

@@ -1,5 +1,5 @@
-"""Rotary position embeddings: frequency tables (default, linear, llama3, yarn) and their
-application."""
+"""Rotary position embeddings:
+frequency tables (default, linear, llama3, yarn) and their application."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Serve an app with uvicorn on loopback from a background thread (the stress command and the
-tests)."""
+"""Serve an app with uvicorn on loopback from a
+background thread (the stress command and the tests)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""The OpenAI error envelope, the engine's errors mapped to it by type, and the app's exception
-handlers."""
+"""The OpenAI error envelope, the engine's errors mapped
+to it by type, and the app's exception handlers."""
 
 from __future__ import annotations
 
@@ -74,8 +74,8 @@ async def api_error(_: Request, exc: APIError) -> JSONResponse:
 
 
 async def stream_failed(_: Request, exc: StreamError) -> JSONResponse:
-    """A request that ended in an error (or could not start: the engine is dead); its type carries
-    the status."""
+    """A request that ended in an error (or could not start: the engine is dead);
+    its type carries the status."""
     return error_response(exc.status, str(exc), code=exc.code)
 
 
@@ -86,8 +86,8 @@ async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse
 
 
 async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
-    """Starlette's own errors: unknown paths, wrong methods (their Allow header kept), bodies too
-    large."""
+    """Starlette's own errors: unknown paths,
+    wrong methods (their Allow header kept), bodies too large."""
     message = str(exc.detail)
     if exc.status_code == 404:
         message = "not found"

@@ -1,5 +1,5 @@
-"""OpenAI logprobs shapes from the engine's per-token (logprob, [(token_id, logprob)] top-n)
-entries."""
+"""OpenAI logprobs shapes from the engine's per-token
+(logprob, [(token_id, logprob)] top-n) entries."""
 
 from __future__ import annotations
 

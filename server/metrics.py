@@ -65,16 +65,16 @@ class ServerMetrics:
         self.prompt_tokens.labels(self.model_name).inc(num_tokens)
 
     def on_tokens(self, count: int, gap_seconds: float | None) -> None:
-        """``count`` tokens reached a client, ``gap_seconds`` after the previous ones (None for the
-        first)."""
+        """``count`` tokens reached a client, ``gap_seconds``
+        after the previous ones (None for the first)."""
         self.generation_tokens.labels(self.model_name).inc(count)
         if gap_seconds is not None:
             for _ in range(count):
                 self.itl.labels(self.model_name).observe(gap_seconds / count)
 
     def on_finish(self, stream, finish_reason: str) -> None:
-        """A request ended; ``stream`` (a TextStream) holds its timings and statistics as of its
-        last output."""
+        """A request ended; ``stream`` (a TextStream) holds
+        its timings and statistics as of its last output."""
         m = self.model_name
         self.success.labels(m, finish_reason).inc()
         t = stream.timings

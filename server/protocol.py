@@ -11,8 +11,8 @@ SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 
 
 def lone_surrogate(data) -> bool:
-    """Whether any string in a JSON value holds a lone UTF-16 surrogate (valid JSON, not valid
-    text)."""
+    """Whether any string in a JSON value holds a lone
+    UTF-16 surrogate (valid JSON, not valid text)."""
     stack = [data]
     while stack:
         value = stack.pop()
@@ -28,8 +28,8 @@ def lone_surrogate(data) -> bool:
 
 
 class Strict(BaseModel):
-    """Unknown fields rejected, and no type coercion (no "5" or true for an integer, no 1 for a
-    boolean)."""
+    """Unknown fields rejected, and no type coercion
+    (no "5" or true for an integer, no 1 for a boolean)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -122,8 +122,8 @@ class ChatCompletionRequest(SamplingFields):
     response_format: Any = None
 
     def num_logprobs(self) -> int | None:
-        """SamplingParams.logprobs: None, or how many top alternatives (0: the chosen token
-        only)."""
+        """SamplingParams.logprobs:
+        None, or how many top alternatives (0: the chosen token only)."""
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
@@ -184,8 +184,8 @@ def is_text_part(part: dict) -> bool:
 
 
 def message_dicts(messages: list[ChatMessage]) -> list[dict]:
-    """Messages for the chat template; text parts joined. ValueError naming the field for anything
-    else."""
+    """Messages for the chat template; text parts joined.
+    ValueError naming the field for anything else."""
     out = []
     for i, m in enumerate(messages):
         content = m.content

@@ -1,5 +1,5 @@
-"""Completion answers: the JSON body of a non-stream request and the SSE stream of chunks (the error
-envelope is errors.py's)."""
+"""Completion answers: the JSON body of a non-stream request and
+the SSE stream of chunks (the error envelope is errors.py's)."""
 
 from __future__ import annotations
 
@@ -42,8 +42,8 @@ def usage(streams, n: int) -> dict:
 
 
 def with_usage(out: dict, streams, n: int) -> dict:
-    """``out`` with the usage block; with one choice also the request's metrics (else each choice
-    has its own)."""
+    """``out`` with the usage block; with one choice also
+    the request's metrics (else each choice has its own)."""
     out["usage"] = usage(streams, n)
     if len(streams) == 1:
         out["metrics"] = request_metrics(streams[0])
@@ -126,8 +126,8 @@ async def json_response(body, streams, rid: str, chat: bool, model_name: str, to
 
 
 def chat_delta(text: str, first: bool) -> dict:
-    """The role comes in a chat choice's first chunk only; a chunk without text has an empty
-    delta."""
+    """The role comes in a chat choice's first chunk only;
+    a chunk without text has an empty delta."""
     if first:
         return {"role": "assistant", "content": text}
     if text:
@@ -187,8 +187,8 @@ async def guarded(events, rid: str):
 
 
 def sse_response(body, streams, rid: str, chat: bool, model_name: str, tok) -> StreamingResponse:
-    """The completion as an SSE stream of chunks (the client going away is noticed by the stream
-    itself)."""
+    """The completion as an SSE stream of chunks
+    (the client going away is noticed by the stream itself)."""
     kind = "chat.completion.chunk" if chat else "text_completion"
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     logprobs = LogprobsFormatter(tok, chat, streams)

@@ -40,8 +40,8 @@ def check_model(state, name: str | None) -> None:
 
 
 def check_body(state, body) -> None:
-    """What the request models cannot say: the model, fields accepted but not supported,
-    top_logprobs alone."""
+    """What the request models cannot say:
+    the model, fields accepted but not supported, top_logprobs alone."""
     check_model(state, body.model)
     field = unsupported_field(body)
     if field:
@@ -156,8 +156,8 @@ def log_prompt(state, rid: str, prompt) -> None:
 
 
 def disconnect_waiter(request: Request):
-    """A coroutine factory that returns once the client has disconnected (the body is already
-    read)."""
+    """A coroutine factory that returns once the client
+    has disconnected (the body is already read)."""
     async def wait() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
@@ -165,8 +165,8 @@ def disconnect_waiter(request: Request):
 
 
 async def answer(request: Request, body, streams, rid: str, chat: bool):
-    """The SSE stream when ``body.stream``, else the JSON body (a request whose client goes away is
-    aborted)."""
+    """The SSE stream when ``body.stream``, else the JSON
+    body (a request whose client goes away is aborted)."""
     state = request.app.state
     tok = state.client.tokenizer
     if body.stream:

@@ -12,8 +12,8 @@ if TYPE_CHECKING:
 
 
 def load_checkpoint(model: str) -> "Checkpoint":
-    """Load ``model``: "default" (the bundled GGUF), a ``.gguf`` file, or a Hugging Face model
-    directory."""
+    """Load ``model``: "default" (the bundled GGUF),
+    a ``.gguf`` file, or a Hugging Face model directory."""
     if model == "default":
         from mtpserve.engine.loader.gguf import default_gguf_path, load_gguf
 

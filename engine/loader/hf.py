@@ -1,5 +1,5 @@
-"""Load a Hugging Face model directory: config.json, safetensors weights, tokenizer,
-generation_config.json."""
+"""Load a Hugging Face model directory: config.json,
+safetensors weights, tokenizer, generation_config.json."""
 
 from __future__ import annotations
 
@@ -128,8 +128,8 @@ def parse_rope(
 
 
 def moe_fields(cfg: dict, arch: str) -> dict:
-    """Mixture-of-experts keys of a glm4_moe config.json (transformers' defaults for absent keys);
-    {} otherwise."""
+    """Mixture-of-experts keys of a glm4_moe config.json
+    (transformers' defaults for absent keys); {} otherwise."""
     if arch != "glm4_moe":
         return {}
 
@@ -151,8 +151,8 @@ def moe_fields(cfg: dict, arch: str) -> dict:
 
 
 def default_partial_rotary(arch: str) -> float:
-    """transformers' partial_rotary_factor when a config leaves it out: 0.5 for glm4_moe, 0.25 for
-    the hybrids."""
+    """transformers' partial_rotary_factor when a config leaves it out:
+    0.5 for glm4_moe, 0.25 for the hybrids."""
     if arch == "glm4_moe":
         return 0.5
     if arch in HYBRID_ARCHITECTURES:
@@ -177,6 +177,18 @@ def mtp_layer_count(cfg: dict) -> int:
     return 0
 
 
+def check_supported(cfg: dict) -> None:
+    """ModelLoadError for quantized weights, an activation other than SiLU, MLP biases."""
+    if cfg.get("quantization_config"):
+        method = cfg["quantization_config"].get("quant_method", "unknown")
+        raise ModelLoadError(f"quantized checkpoints are not supported (quant_method '{method}')")
+    act = cfg.get("hidden_act", "silu")
+    if act != "silu":
+        raise ModelLoadError(f"unsupported hidden_act '{act}' (only silu)")
+    if cfg.get("mlp_bias"):
+        raise ModelLoadError("mlp_bias=true is not supported")
+
+
 def parse_hf_config(cfg: dict) -> ModelConfig:
     """Map a transformers config.json (llama, mistral, qwen2, qwen3, glm4_moe, mimo, qwen3_next,
     qwen3_5 and qwen3_5_moe, dense text or image-text) to a ModelConfig.
@@ -189,19 +201,13 @@ def parse_hf_config(cfg: dict) -> ModelConfig:
     arch = architecture_of(cfg)
     mtp_layout = "deepseek"
     if arch == "mimo":  # Qwen2 with MTP layers under model.mtp_layers.{i}
-        arch, mtp_layout = "qwen2", "mimo"
+        arch = "qwen2"
+        mtp_layout = "mimo"
     # Qwen3-Next / 3.5: MTP layers under mtp.*, partial rotary 0.25, q/k norm
     hybrid = arch in HYBRID_ARCHITECTURES
     if hybrid:
         mtp_layout = "qwen"
-    if cfg.get("quantization_config"):
-        method = cfg["quantization_config"].get("quant_method", "unknown")
-        raise ModelLoadError(f"quantized checkpoints are not supported (quant_method '{method}')")
-    act = cfg.get("hidden_act", "silu")
-    if act != "silu":
-        raise ModelLoadError(f"unsupported hidden_act '{act}' (only silu)")
-    if cfg.get("mlp_bias"):
-        raise ModelLoadError("mlp_bias=true is not supported")
+    check_supported(cfg)
     try:
         hidden = int(cfg["hidden_size"])
         heads = int(cfg["num_attention_heads"])
@@ -344,8 +350,8 @@ def check_weights(config: ModelConfig, weights: dict[str, torch.Tensor], path: s
 
 
 def load_hf_dir(path: str) -> "Checkpoint":
-    """Load a Hugging Face model directory; config and weight errors are reported before the
-    tokenizer loads."""
+    """Load a Hugging Face model directory;
+    config and weight errors are reported before the tokenizer loads."""
     path = str(path)
     if not os.path.isdir(path):
         raise ModelLoadError(f"model path not found: {path}")

@@ -54,8 +54,8 @@ def text_weights(weights: dict) -> dict:
 
 
 def layer_types(cfg: dict, num_layers: int) -> tuple[str, ...]:
-    """``layer_types`` as given, else every ``full_attention_interval``-th layer full attention (as
-    transformers)."""
+    """``layer_types`` as given, else every ``full_attention_interval``-th
+    layer full attention (as transformers)."""
     types = cfg.get("layer_types")
     if types is None:
         interval = cfg.get("full_attention_interval") or LINEAR_DEFAULTS["full_attention_interval"]

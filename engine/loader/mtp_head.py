@@ -100,8 +100,8 @@ def save_mtp_head(
     draft_vocab: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> None:
-    """Write a head directory; the config file goes last, so a directory with one holds a whole
-    head."""
+    """Write a head directory; the config file goes last,
+    so a directory with one holds a whole head."""
     from safetensors.torch import save_file
 
     os.makedirs(path, exist_ok=True)

@@ -38,8 +38,8 @@ class Glm4Attention(Attention):
 
 
 class RoutedExperts(nn.Module):
-    """Expert weights (per expert ``[in, out]``) and the routed sum
-    ``sum_j w_j expert_{id_j}(x)``."""
+    """Expert weights (per expert ``[in, out]``) and
+    the routed sum ``sum_j w_j expert_{id_j}(x)``."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
         super().__init__()
@@ -96,8 +96,8 @@ class MoE(RoutedExperts):
             self.shared_experts = MLP(replace(cfg, intermediate_size=shared_size))
 
     def _apply(self, fn, recurse=True):
-        """``.to(dtype)`` casts everything but the router, which keeps float32 (only its device
-        follows)."""
+        """``.to(dtype)`` casts everything but the router,
+        which keeps float32 (only its device follows)."""
         router = {"gate_weight": self.gate_weight.data, "gate_bias": self.gate_bias.data}
         super()._apply(fn, recurse)
         for name, value in router.items():
@@ -148,12 +148,12 @@ class Glm4MoeDecoderLayer(DecoderLayer):
 
 
 class Glm4MoeForCausalLM(LlamaForCausalLM):
-    """Same interface as LlamaForCausalLM; layers from ``first_k_dense_replace`` on (and MTP layers)
-    are MoE."""
+    """Same interface as LlamaForCausalLM;
+    layers from ``first_k_dense_replace`` on (and MTP layers) are MoE."""
 
     def make_layer(self, layer_idx: int) -> Glm4MoeDecoderLayer:
-        """Block ``layer_idx``; an MTP layer (index >= num_hidden_layers) always has experts, as in
-        transformers."""
+        """Block ``layer_idx``;
+        an MTP layer (index >= num_hidden_layers) always has experts, as in transformers."""
         cfg = self.config
         sparse = layer_idx >= cfg.first_k_dense_replace or layer_idx >= cfg.num_hidden_layers
         moe = cfg.n_routed_experts > 0 and sparse

@@ -175,8 +175,8 @@ class MTPModule(nn.Module):
         return layer, cached[1]
 
     def compute_logits(self, step: int, y: torch.Tensor) -> torch.Tensor:
-        """Draft logits over the whole vocabulary; -inf outside the draft vocabulary when there is
-        one."""
+        """Draft logits over the whole vocabulary;
+        -inf outside the draft vocabulary when there is one."""
         if self.draft_vocab is None:
             layer, head = self.head(step)
             return linear(layer.normed(y), head)

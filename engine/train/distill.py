@@ -133,8 +133,8 @@ def chain_logits(mtp, batch: dict, depth: int):
 
 
 def mtp_loss(mtp, batch: dict, depth: int) -> torch.Tensor | None:
-    """Mean over depths of the cross-entropy against the base model's own tokens (None: nothing to
-    count)."""
+    """Mean over depths of the cross-entropy against the
+    base model's own tokens (None: nothing to count)."""
     losses = []
     for s, logits in enumerate(chain_logits(mtp, batch, depth)):
         if batch["counted"][s].any():

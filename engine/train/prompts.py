@@ -191,8 +191,8 @@ def _candidates(kind: str, functions) -> list[tuple[str, str]]:
 def prompt_set(
     split: str = "eval", kinds=KINDS, per_kind: int | None = None, seed: int = 0
 ) -> list[Prompt]:
-    """Prompts of ``split`` ("train" or "eval"), ``per_kind`` of each kind (all when None), in a
-    fixed order."""
+    """Prompts of ``split`` ("train" or "eval"),
+    ``per_kind`` of each kind (all when None), in a fixed order."""
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', not {split!r}")
     functions = _functions()

@@ -206,7 +206,9 @@ class HeadTrainer:
 
     def evaluate(self, mtp, eval_batches) -> dict:
         was = [p.requires_grad for p in mtp.parameters()]
-        lengths, positions, weights = [], [], []
+        lengths = []
+        positions = []
+        weights = []
         for batch in eval_batches:
             length, per_position = acceptance_length(mtp, batch, self.cfg.depth)
             n = int(batch["counted"][0].sum())
@@ -224,6 +226,31 @@ class HeadTrainer:
         picked = [seqs[i] for i in batch]
         picked_hidden = [hidden[i] for i in batch]
         return pack(picked, picked_hidden, self.cfg.depth, vocab_map, self.device)
+
+    def optimizer(self, mtp, resumed: bool):
+        """(the head's weights, AdamW over them, the step to start from:
+        restored on a resumed run)."""
+        params = list(mtp.parameters())
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=0.0)
+        step = 0
+        if resumed:
+            state = torch.load(os.path.join(self.cfg.out, STATE), map_location=self.device)
+            opt.load_state_dict(state["optimizer"])
+            step = state["step"]
+        return params, opt, step
+
+    def train_step(self, mtp, opt, params, batch: dict) -> float | None:
+        """One optimizer step on ``batch``; its loss (None: nothing to count, no step)."""
+        loss = mtp_loss(mtp, batch, self.cfg.depth)
+        opt.zero_grad(set_to_none=True)
+        if loss is None:
+            return None
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        return float(loss.detach())
 
     def run(self) -> dict:
         cfg = self.cfg
@@ -246,15 +273,7 @@ class HeadTrainer:
         eval_batches = [self.pack_batch(eval_seqs, eval_h, b, vocab_map) for b in eval_plan]
         lengths = [len(s[0]) for s in seqs]
         plan = _epoch_plan(lengths, cfg.epochs, cfg.tokens_per_step, cfg.seed)
-        params = list(mtp.parameters())
-        for p in params:
-            p.requires_grad_(True)
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-        step = 0
-        if resumed:
-            state = torch.load(os.path.join(cfg.out, STATE), map_location=self.device)
-            opt.load_state_dict(state["optimizer"])
-            step = state["step"]
+        params, opt, step = self.optimizer(mtp, resumed)
         first = self.evaluate(mtp, eval_batches) if step == 0 else None
         bar = tqdm(total=len(plan), initial=step, desc="train head", unit="step",
                    file=sys.stderr, dynamic_ncols=True)
@@ -262,17 +281,11 @@ class HeadTrainer:
         running = None
         losses = []
         while step < len(plan):
-            b = plan[step]
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * _schedule(step, len(plan), cfg.warmup_steps)
-            batch = self.pack_batch(seqs, train_h, b, vocab_map)
-            loss = mtp_loss(mtp, batch, cfg.depth)
-            opt.zero_grad(set_to_none=True)
-            if loss is not None:
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                opt.step()
-                value = float(loss.detach())
+            batch = self.pack_batch(seqs, train_h, plan[step], vocab_map)
+            value = self.train_step(mtp, opt, params, batch)
+            if value is not None:
                 running = value if running is None else 0.95 * running + 0.05 * value
                 losses.append(value)
             step += 1
