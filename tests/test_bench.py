@@ -259,12 +259,12 @@ def test_bench_serve_live(live_server, prompts_file, tmp_path, endpoint):
         for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
             assert 0 <= lvl[key]["p50"] <= lvl[key]["p99"], key
         assert lvl["ttft_ms"]["mean"] < lvl["e2e_ms"]["mean"]
-        spec = lvl["speculative"]  # fixed k = 2 on the server
-        check_acceptance(spec, 2)
-        assert spec["num_draft_tokens"] > 0
+        drafting = lvl["speculative"]  # fixed k = 2 on the server
+        check_acceptance(drafting, 2)
+        assert drafting["num_draft_tokens"] > 0
         # each request emits its 8 tokens in drafting steps (accepted + 1 each) and plain steps: the prefill
         # step, and at most one last step where max_tokens leaves no room for a draft
-        assert 6 * 8 <= spec["num_accepted_tokens"] + spec["num_drafts"] <= 7 * 8
+        assert 6 * 8 <= drafting["num_accepted_tokens"] + drafting["num_drafts"] <= 7 * 8
     assert "| 4 | 8 | 0 |" in (out / "summary.md").read_text()
 
 
