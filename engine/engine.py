@@ -14,10 +14,10 @@ from mtpserve.engine.loader.checkpoint import Checkpoint
 from mtpserve.engine.loader.mtp_head import load_mtp_head, rename_gguf_nextn
 from mtpserve.engine.models import model_class
 from mtpserve.engine.models.mtp import DEEPSEEK_LAYOUT, MIMO_LAYOUT, QWEN_LAYOUT, build_mtp
+from mtpserve.engine.noise import RequestNoise
 from mtpserve.engine.recurrent_state import cache_manager
 from mtpserve.engine.request import Request, RequestStatus
 from mtpserve.engine.runner import ModelRunner, kv_bytes_per_block
-from mtpserve.engine.noise import RequestNoise
 from mtpserve.engine.sampling_params import SamplingParams
 from mtpserve.engine.scheduler import Scheduler
 from mtpserve.engine.spec.calibrate import measure_step_costs
@@ -29,12 +29,12 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class RequestOutput:
-    """What one step produced for one request, as values only: it crosses to the server's event loop while the
-    engine thread goes on with the live request."""
+    """What one step produced for one request, as values only: it crosses to the server's event loop
+    while the engine thread goes on with the live request."""
 
     request_id: str
     new_token_ids: tuple[int, ...]
-    new_logprobs: tuple  # per new token (logprob, top-n [(token, logprob)]) when the request asked for logprobs
+    new_logprobs: tuple  # per new token (logprob, top-n [(token, logprob)]), when asked for
     finish_reason: str | None  # set on the request's last output
     spec_stats: SpecStats  # a copy: the request's speculation statistics so far
     timings: dict  # the request's metrics.timings block so far
@@ -46,13 +46,15 @@ class RequestOutput:
     @classmethod
     def of(cls, req: Request, num_before: int) -> RequestOutput:
         """The output of ``req``'s tokens from index ``num_before`` on."""
-        return cls(req.request_id, tuple(req.output_token_ids[num_before:]), tuple(req.output_logprobs[num_before:]),
-                   req.finish_reason, req.spec_stats.copy(), req.timings())
+        new_token_ids = tuple(req.output_token_ids[num_before:])
+        new_logprobs = tuple(req.output_logprobs[num_before:])
+        return cls(req.request_id, new_token_ids, new_logprobs, req.finish_reason, req.spec_stats.copy(),
+                   req.timings())
 
 
 @dataclass
 class LoadedModels:
-    """What an engine loads and measures once; engines on the same checkpoint and config can share it."""
+    """What an engine loads and measures once; engines on one checkpoint and config can share it."""
 
     model: torch.nn.Module
     mtp: torch.nn.Module | None
@@ -69,12 +71,12 @@ class LoadedModels:
 class LLMEngine:
     def __init__(self, checkpoint: Checkpoint, config: EngineConfig | None = None,
                  models: LoadedModels | None = None):
-        """``models``: the loaded models and measured step costs of an engine on the same checkpoint and
-        config, to share instead of loading them again (``engine.models``)."""
+        """``models``: the loaded models and measured step costs of an engine on the same checkpoint
+        and config, to share instead of loading them again (``engine.models``)."""
         self.config = config = config or EngineConfig()
         self.checkpoint = checkpoint
         self.tokenizer = checkpoint.tokenizer
-        mc = self.model_config = checkpoint.config
+        self.model_config = checkpoint.config
         self.device = torch.device(config.device)
         self.draft_vocab = None  # a head's reduced draft vocabulary
         if models is None:
@@ -82,35 +84,49 @@ class LLMEngine:
         else:
             num_mtp = models.num_mtp_layers
             self.draft_vocab = models.draft_vocab
-        num_layers = sum(mc.has_kv(i) for i in range(mc.num_hidden_layers + num_mtp))  # with a paged KV cache
-        per_block = kv_bytes_per_block(num_layers, config.block_size, mc.num_key_value_heads, mc.head_dim, config.dtype)
-        num_blocks = config.num_blocks or max(1, config.kv_cache_memory_bytes // per_block)
-        self.num_blocks = num_blocks
-        self.kv_cache_bytes = num_blocks * per_block
-        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, num_blocks * config.block_size)
-        if self.max_model_len < (config.max_model_len or mc.max_position_embeddings) and models is None:
-            logger.warning("max_model_len is %d, below the %d asked for: the KV cache holds %d blocks of %d tokens; "
-                           "raise --kv-cache-memory or --num-blocks for longer contexts", self.max_model_len,
-                           config.max_model_len or mc.max_position_embeddings, num_blocks, config.block_size)
+        self._size_kv_cache(num_mtp, warn=models is None)
         if models is None:
             self._build_models(mtp_weights, num_mtp)
         else:
-            self.model, self.mtp = models.model, models.mtp
-        self.kv = cache_manager(self.model, num_blocks, config, config.spec_draft_n_max if self.mtp else 0)
-        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len)
-        self.policy = DraftPolicy(config.spec_draft_n_max if self.mtp else 0, config.spec_adaptive)
-        self.runner = ModelRunner(self.model, self.kv, num_blocks, config.dtype, self.device, self.mtp, self.policy)
+            self.model = models.model
+            self.mtp = models.mtp
+        num_spec = config.spec_draft_n_max if self.mtp else 0
+        self.kv = cache_manager(self.model, self.num_blocks, config, num_spec)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
+                                   self.max_model_len)
+        self.policy = DraftPolicy(num_spec, config.spec_adaptive)
+        self.runner = ModelRunner(self.model, self.kv, self.num_blocks, config.dtype, self.device,
+                                  self.mtp, self.policy)
         if models is not None:
             self.policy.costs = models.step_costs
-        elif self.mtp is not None and config.spec_adaptive and config.spec_draft_n_max > 0:
+        elif num_spec and config.spec_adaptive:
             self.policy.costs = measure_step_costs(self.runner, min(64, config.max_num_seqs),
-                                                   config.max_num_batched_tokens, config.spec_draft_n_max)
+                                                   config.max_num_batched_tokens, num_spec)
         self.models = LoadedModels(self.model, self.mtp, self.draft_vocab, self.policy.costs)
-        self.eos_token_ids = frozenset(checkpoint.generation.eos_token_ids or mc.eos_token_ids)
+        eos_token_ids = checkpoint.generation.eos_token_ids or self.model_config.eos_token_ids
+        self.eos_token_ids = frozenset(eos_token_ids)
         self.requests: dict[str, Request] = {}
         self.spec_stats = SpecStats()  # aggregate over finished requests
         self._ids = itertools.count()
         logger.info("%s", self.summary())
+
+    def _size_kv_cache(self, num_mtp: int, warn: bool) -> None:
+        """Blocks of the paged KV cache (every attention layer, MTP layers included) and the context
+        they allow; ``warn``: say so when the cache caps the context below what was asked for."""
+        mc, config = self.model_config, self.config
+        num_layers = 0
+        for i in range(mc.num_hidden_layers + num_mtp):
+            num_layers += mc.has_kv(i)
+        per_block = kv_bytes_per_block(num_layers, config.block_size, mc.num_key_value_heads,
+                                       mc.head_dim, config.dtype)
+        self.num_blocks = config.num_blocks or max(1, config.kv_cache_memory_bytes // per_block)
+        self.kv_cache_bytes = self.num_blocks * per_block
+        wanted = config.max_model_len or mc.max_position_embeddings
+        self.max_model_len = min(wanted, self.num_blocks * config.block_size)
+        if warn and self.max_model_len < wanted:
+            logger.warning("max_model_len is %d, below the %d asked for: the KV cache holds %d blocks of "
+                           "%d tokens; raise --kv-cache-memory or --num-blocks for longer contexts",
+                           self.max_model_len, wanted, self.num_blocks, config.block_size)
 
     def summary(self) -> str:
         """What the user got: context length, KV cache, dtype, weights, speculation."""
