@@ -1,5 +1,6 @@
-"""The engine client the HTTP layer talks to: the engine loop runs in a background thread and hands each
-request's outputs to its own asyncio queue; text comes back as deltas with stop strings applied."""
+"""The engine client the HTTP layer talks to: the engine loop runs in a background thread and
+hands each request's outputs to its own asyncio queue; text comes back as deltas with stop
+strings applied."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ logger = logging.getLogger(__name__)
 
 
 class StreamError(MtpserveError):
-    """A request ended in an error, not with a finish reason; ``status`` and ``code`` are the HTTP answer's."""
+    """A request ended in an error, not with a finish reason; ``status`` and ``code`` are the
+    HTTP answer's."""
 
     status, code = 500, "internal_error"
 
@@ -69,7 +71,9 @@ class EngineClient:
                 busy = self._step()
                 self.busy_log.maybe_log(self.num_running(), self.num_waiting())
                 if not busy:
-                    self.wake.wait(min(1.0, self.busy_log.interval) if self.busy_log.interval > 0 else 1.0)
+                    interval = self.busy_log.interval
+                    timeout = min(1.0, interval) if interval > 0 else 1.0
+                    self.wake.wait(timeout)
         except BaseException as e:
             logger.exception("engine loop failed")
             self.error = e
@@ -77,8 +81,8 @@ class EngineClient:
                 loop.call_soon_threadsafe(queue.put_nowait, e)
 
     def _step(self) -> bool:
-        """Apply pending aborts, run one engine step and hand its outputs to their queues (nothing of a finished
-        request is kept here once delivered); False when there was nothing to do."""
+        """Apply pending aborts, run one engine step and hand its outputs to their queues (nothing
+        of a finished request is kept here once delivered); False when there was nothing to do."""
         with self.lock:
             while self.aborts:
                 request_id = self.aborts.popleft()
@@ -96,39 +100,43 @@ class EngineClient:
     def _add(self, request_id, prompt_token_ids, params, spec_n_max) -> float:
         """Add the request; its arrival time (the engine's clock)."""
         with self.lock:
-            req = self.engine.add_request(request_id, prompt_token_ids, params, spec_n_max=spec_n_max)
+            req = self.engine.add_request(request_id, prompt_token_ids, params,
+                                          spec_n_max=spec_n_max)
             arrival_time = req.arrival_time
         self.wake.set()
         return arrival_time
 
-    async def start(self, request_id: str, prompt_token_ids: list[int], params, spec_n_max: int | None = None,
-                    metrics=None) -> TextStream:
+    async def start(self, request_id: str, prompt_token_ids: list[int], params,
+                    spec_n_max: int | None = None, metrics=None) -> TextStream:
         """Add a request (RequestError for an invalid one) and return the stream of its text."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         self.queues[request_id] = (loop, queue)
         try:
-            # checked after registering: a loop that dies from here on finds the queue and posts its error
+            # checked after registering: a loop that dies from here on finds the queue and posts
+            # its error
             if not self.healthy:
                 raise EngineDeadError("the engine is not running")
-            arrival_time = await loop.run_in_executor(None, self._add, request_id, prompt_token_ids, params,
-                                                      spec_n_max)
+            arrival_time = await loop.run_in_executor(None, self._add, request_id,
+                                                      prompt_token_ids, params, spec_n_max)
         except BaseException:
             self.queues.pop(request_id, None)
             raise
         return TextStream(self, request_id, prompt_token_ids, params, queue, arrival_time, metrics)
 
     def abort(self, request_id: str) -> None:
-        """Abort from any thread without waiting for the step in progress; the engine frees its blocks."""
+        """Abort from any thread without waiting for the step in progress; the engine frees
+        its blocks."""
         self.queues.pop(request_id, None)
         self.aborts.append(request_id)
         self.wake.set()
 
 
 class TextStream:
-    """Text deltas of one request. Stop strings are matched on the decoded text and never emitted: the last
-    ``len(longest stop) - 1`` characters are held back until they cannot start a stop string. It sees the
-    request only through the value records (RequestOutput) the engine thread posts."""
+    """Text deltas of one request. Stop strings are matched on the decoded text and never
+    emitted: the last ``len(longest stop) - 1`` characters are held back until they cannot start a
+    stop string. It sees the request only through the value records (RequestOutput) the engine
+    thread posts."""
 
     def __init__(self, client: EngineClient, request_id: str, prompt_token_ids: list[int], params,
                  queue: asyncio.Queue, arrival_time: float, metrics=None):
@@ -157,12 +165,14 @@ class TextStream:
     def _observe(self, count: int) -> None:
         now = time.perf_counter()
         if self.metrics is not None and count:
-            self.metrics.on_tokens(count, None if self.last_token_time is None else now - self.last_token_time)
+            gap = None if self.last_token_time is None else now - self.last_token_time
+            self.metrics.on_tokens(count, gap)
         if count:
             self.last_token_time = now
 
     async def deltas(self):
-        """Yield text deltas (maybe empty) until the request finishes; then ``finish_reason`` is set."""
+        """Yield text deltas (maybe empty) until the request finishes; then
+        ``finish_reason`` is set."""
         hold = max((len(s) for s in self.stop), default=1) - 1
         try:
             while self.finish_reason is None:
@@ -219,8 +229,8 @@ class TextStream:
 
 
 async def merged_deltas(streams):
-    """(choice index, text, None, logprob entries) per delta and (index, None, finish_reason or exception, [])
-    at each end."""
+    """(choice index, text, None, logprob entries) per delta and (index, None, finish_reason or
+    exception, []) at each end."""
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(i, s):

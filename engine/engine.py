@@ -48,8 +48,8 @@ class RequestOutput:
         """The output of ``req``'s tokens from index ``num_before`` on."""
         new_token_ids = tuple(req.output_token_ids[num_before:])
         new_logprobs = tuple(req.output_logprobs[num_before:])
-        return cls(req.request_id, new_token_ids, new_logprobs, req.finish_reason, req.spec_stats.copy(),
-                   req.timings())
+        return cls(req.request_id, new_token_ids, new_logprobs, req.finish_reason,
+                   req.spec_stats.copy(), req.timings())
 
 
 @dataclass
@@ -124,8 +124,9 @@ class LLMEngine:
         wanted = config.max_model_len or mc.max_position_embeddings
         self.max_model_len = min(wanted, self.num_blocks * config.block_size)
         if warn and self.max_model_len < wanted:
-            logger.warning("max_model_len is %d, below the %d asked for: the KV cache holds %d blocks of "
-                           "%d tokens; raise --kv-cache-memory or --num-blocks for longer contexts",
+            logger.warning("max_model_len is %d, below the %d asked for: the KV cache holds "
+                           "%d blocks of %d tokens; raise --kv-cache-memory or --num-blocks "
+                           "for longer contexts",
                            self.max_model_len, wanted, self.num_blocks, config.block_size)
 
     def summary(self) -> str:
@@ -137,7 +138,8 @@ class LLMEngine:
             weights += ", dequantized"
         kv = (f"KV cache {self.kv_cache_bytes / 2**20:.0f} MiB ({self.num_blocks} blocks of "
               f"{config.block_size} tokens)")
-        return f"max_model_len {self.max_model_len}, {kv}, dtype {dtype}, weights {weights}, {self._mtp_summary()}"
+        return (f"max_model_len {self.max_model_len}, {kv}, dtype {dtype}, weights {weights}, "
+                f"{self._mtp_summary()}")
 
     def _mtp_summary(self) -> str:
         if self.mtp is None:
@@ -150,20 +152,24 @@ class LLMEngine:
 
     def _build_models(self, mtp_weights: dict, num_mtp: int) -> None:
         mc, config = self.model_config, self.config
-        max_positions = max(self.max_model_len, mc.max_position_embeddings) + config.spec_draft_n_max + 2
+        longest = max(self.max_model_len, mc.max_position_embeddings)
+        max_positions = longest + config.spec_draft_n_max + 2
         model = model_class(mc.architecture)(mc, max_positions=max_positions)
         model.load_weights(self.checkpoint.weights)
         self.model = model.to_runtime(config.dtype, self.device).eval()
         self.mtp = None
-        if num_mtp and mc.mtp_layout == "mimo" and not config.mtp_head:  # feeds back final_layernorm's output
-            self.mtp = build_mtp(self.model, mtp_weights, num_mtp, MIMO_LAYOUT, lambda i: f"model.mtp_layers.{i}.",
-                                 "post_norm")
-        elif num_mtp and mc.mtp_layout == "qwen" and not config.mtp_head:  # feeds back mtp.norm's output
-            self.mtp = build_mtp(self.model, mtp_weights, num_mtp, QWEN_LAYOUT, lambda i: "mtp.", "post_norm")
+        if num_mtp and mc.mtp_layout == "mimo" and not config.mtp_head:
+            # feeds back final_layernorm's output
+            self.mtp = build_mtp(self.model, mtp_weights, num_mtp, MIMO_LAYOUT,
+                                 lambda i: f"model.mtp_layers.{i}.", "post_norm")
+        elif num_mtp and mc.mtp_layout == "qwen" and not config.mtp_head:
+            # feeds back mtp.norm's output
+            self.mtp = build_mtp(self.model, mtp_weights, num_mtp, QWEN_LAYOUT,
+                                 lambda i: "mtp.", "post_norm")
         elif num_mtp:
             self.mtp = build_mtp(self.model, mtp_weights, num_mtp, DEEPSEEK_LAYOUT,
-                                 lambda i: f"model.layers.{mc.num_hidden_layers + i}.", config.mtp_feedback,
-                                 self.draft_vocab)
+                                 lambda i: f"model.layers.{mc.num_hidden_layers + i}.",
+                                 config.mtp_feedback, self.draft_vocab)
         if self.mtp is not None:
             self.mtp.to(device=self.device, dtype=config.dtype).eval()
 
@@ -182,7 +188,8 @@ class LLMEngine:
         rename_gguf_nextn(weights)
         num = mc.num_nextn_predict_layers
         if num == 0:
-            logger.info("MTP: the model has no MTP layers; plain decoding (train one with mtpserve train-head)")
+            logger.info("MTP: the model has no MTP layers; plain decoding "
+                        "(train one with mtpserve train-head)")
             return {}, 0
         if cfg.spec_draft_n_max == 0:
             logger.info("MTP: speculation disabled; plain decoding")
@@ -198,8 +205,9 @@ class LLMEngine:
             raise RequestError("the prompt is empty", param="prompt")
         if len(prompt_token_ids) >= self.max_model_len:
             raise RequestError(
-                f"the prompt has {len(prompt_token_ids)} tokens but this model's context (max_model_len) is "
-                f"{self.max_model_len}, which must also hold at least one generated token",
+                f"the prompt has {len(prompt_token_ids)} tokens but this model's context "
+                f"(max_model_len) is {self.max_model_len}, which must also hold at least one "
+                f"generated token",
                 code="context_length_exceeded", param="messages")
         vocab = self.model_config.vocab_size
         if any(not 0 <= t < vocab for t in prompt_token_ids):
@@ -246,9 +254,11 @@ class LLMEngine:
         return outputs
 
     def _fail_step(self, out) -> list[RequestOutput]:
-        """The model step raised: finish its requests with FINISHED_ERROR (blocks freed); the others go on."""
+        """The model step raised: finish its requests with FINISHED_ERROR (blocks freed); the
+        others go on."""
         ids = [s.request.request_id for s in out.scheduled]
-        logger.exception("model step failed; failing its %d request(s): %s", len(ids), ", ".join(ids))
+        logger.exception("model step failed; failing its %d request(s): %s",
+                         len(ids), ", ".join(ids))
         outputs = []
         for s in out.scheduled:
             self.scheduler.finish(s.request, RequestStatus.FINISHED_ERROR)
@@ -257,11 +267,13 @@ class LLMEngine:
             outputs.append(RequestOutput.of(s.request, len(s.request.output_token_ids)))
         return outputs
 
-    def generate(self, prompts: list[list[int]], params: list[SamplingParams] | SamplingParams) -> list[Request]:
+    def generate(self, prompts: list[list[int]],
+                 params: list[SamplingParams] | SamplingParams) -> list[Request]:
         """Run the given prompts to completion (batched); returns the finished requests in order."""
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
-        reqs = [self.add_request(f"generate-{next(self._ids)}", p, sp) for p, sp in zip(prompts, params)]
+        reqs = [self.add_request(f"generate-{next(self._ids)}", p, sp)
+                for p, sp in zip(prompts, params)]
         while any(not r.status.finished for r in reqs):
             self.step()
         return reqs

@@ -55,7 +55,8 @@ def keys(seed: int, position: int, stream: int) -> tuple[int, int]:
 
 
 def hashes(key_pairs: list[tuple[int, int]], token_ids: torch.Tensor) -> torch.Tensor:
-    """[B, n] int64 in [0, 2**32): the hash of each row's keys with each token id (token_ids: [n])."""
+    """[B, n] int64 in [0, 2**32): the hash of each row's keys with each token id
+    (token_ids: [n])."""
     k = torch.tensor(key_pairs, dtype=torch.int64, device=token_ids.device).reshape(-1, 2)
     h = _mix32(token_ids.to(torch.int64)[None, :] ^ k[:, :1])
     return _mix32(h ^ k[:, 1:])

@@ -71,17 +71,21 @@ class Request:
 
     def timings(self) -> dict:
         """The ``metrics.timings`` block of a response (milliseconds and tokens per second)."""
-        ms = lambda a, b: round((b - a) * 1000, 3) if a is not None and b is not None else 0.0  # noqa: E731
+        def ms(a, b):
+            return round((b - a) * 1000, 3) if a is not None and b is not None else 0.0
+
         prefill_ms = ms(self.first_scheduled_time, self.first_token_time)
         decode_ms = ms(self.first_token_time, self.finish_time)
         decoded = max(len(self.output_token_ids) - 1, 0)
+        prompt_tps = round(self.num_prompt_tokens / (prefill_ms / 1000), 3) if prefill_ms else 0.0
+        decode_tps = round(decoded / (decode_ms / 1000), 3) if decode_ms and decoded else 0.0
         return {
             "queue_ms": ms(self.arrival_time, self.first_scheduled_time),
             "prefill_ms": prefill_ms,
             "ttft_ms": ms(self.arrival_time, self.first_token_time),
             "decode_ms": decode_ms,
-            "prompt_tokens_per_second": round(self.num_prompt_tokens / (prefill_ms / 1000), 3) if prefill_ms else 0.0,
-            "decode_tokens_per_second": round(decoded / (decode_ms / 1000), 3) if decode_ms and decoded else 0.0,
+            "prompt_tokens_per_second": prompt_tps,
+            "decode_tokens_per_second": decode_tps,
         }
 
 

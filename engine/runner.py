@@ -1,5 +1,5 @@
-"""Model runner: owns the KV tensors, turns a SchedulerOutput into model inputs, runs the main model,
-verifies drafts / samples, and lets the MTP proposer draft for the next step."""
+"""Model runner: owns the KV tensors, turns a SchedulerOutput into model inputs, runs the main
+model, verifies drafts / samples, and lets the MTP proposer draft for the next step."""
 
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ def kv_bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head
 
 
 class ModelRunner:
-    def __init__(self, model, kv: KVCacheManager, num_blocks: int, dtype: torch.dtype, device: torch.device,
-                 mtp=None, policy=None):
+    def __init__(self, model, kv: KVCacheManager, num_blocks: int, dtype: torch.dtype,
+                 device: torch.device, mtp=None, policy=None):
         cfg = model.config
         self.model = model
         self.kv = kv
@@ -32,11 +32,13 @@ class ModelRunner:
         self.block_size = kv.block_size
         shape = (num_blocks, kv.block_size, cfg.num_key_value_heads, cfg.head_dim)
         num_mtp = len(mtp.layers) if mtp is not None else 0
-        self.kv_caches = [tuple(torch.zeros(shape, dtype=dtype, device=device) for _ in "kv") if cfg.has_kv(i)
-                          else None for i in range(cfg.num_hidden_layers + num_mtp)]
+        self.kv_caches = [tuple(torch.zeros(shape, dtype=dtype, device=device) for _ in "kv")
+                          if cfg.has_kv(i) else None
+                          for i in range(cfg.num_hidden_layers + num_mtp)]
         self.attn = TorchPagedAttention()
         self.vocab_size = cfg.vocab_size
-        self.proposer = (MTPProposer(mtp, kv, self.kv_caches[cfg.num_hidden_layers:], cfg.vocab_size, device)
+        mtp_caches = self.kv_caches[cfg.num_hidden_layers:]
+        self.proposer = (MTPProposer(mtp, kv, mtp_caches, cfg.vocab_size, device)
                          if mtp is not None else None)
         self.policy = policy  # DraftPolicy: drafts per request for the next step
 
@@ -45,8 +47,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepResult:
-        """Run one step: verify/sample for every request that reached its end, then draft. The draft policy is
-        fed here too: the acceptance of the drafts just verified, and the step's time."""
+        """Run one step: verify/sample for every request that reached its end, then draft. The
+        draft policy is fed here too: the acceptance of the drafts just verified, and the
+        step's time."""
         start_time = time.perf_counter()
         batch = self.prepare(out)
         self.attn.prepare(batch.attn)
@@ -74,7 +77,8 @@ class ModelRunner:
         for s, tokens in zip(scheduled, new):
             result.new_token_ids[s.request.request_id] = tokens
             if self.policy is not None:
-                self.policy.observe_acceptance(s.request.request_id, s.num_spec_tokens, len(tokens) - 1)
+                self.policy.observe_acceptance(s.request.request_id, s.num_spec_tokens,
+                                               len(tokens) - 1)
         if any(p.logprobs is not None for p in sampling.params):
             self._logprobs(logits, scheduled, sampling, new, result)
 
@@ -89,7 +93,8 @@ class ModelRunner:
 
     @staticmethod
     def _logprobs(logits, scheduled, sampling: SamplingBatch, new, result: StepResult) -> None:
-        """Logprobs of each emitted token from its own target row (row j of a request's k + 1 rows)."""
+        """Logprobs of each emitted token from its own target row (row j of a
+        request's k + 1 rows)."""
         rows, row_tokens, row_params, owners = [], [], [], []
         for i, (s, p, tokens) in enumerate(zip(scheduled, sampling.params, new)):
             if p.logprobs is None:
@@ -112,7 +117,8 @@ class ModelRunner:
             if req.spec_n_max == 0:
                 continue
             known = s.num_new_tokens - s.num_spec_tokens
-            if s.samples:  # a request that finishes with these tokens drafts too; its drafts are dropped
+            # a request that finishes with these tokens drafts too; its drafts are dropped
+            if s.samples:
                 new = result.new_token_ids[req.request_id]
                 next_tokens = req.all_token_ids[start + 1:start + known] + new
                 history = req.output_token_ids + new
@@ -130,7 +136,9 @@ class ModelRunner:
 
     def _observe_step(self, out: SchedulerOutput, result: StepResult, seconds: float) -> None:
         """A pure decode step (no prompt chunk) prices speculation for the policy's fit."""
-        if self.policy is None or any(s.num_new_tokens - s.num_spec_tokens != 1 for s in out.scheduled):
+        if self.policy is None:
+            return
+        if any(s.num_new_tokens - s.num_spec_tokens != 1 for s in out.scheduled):
             return
         next_drafts = [len(d) for d in result.spec_token_ids.values()]
         self.policy.observe(len(out.scheduled), out.num_tokens, next_drafts, seconds)

@@ -16,7 +16,8 @@ from mtpserve.engine.sampling_params import SamplingParams
 
 @dataclass
 class SamplingTensors:
-    """Per-row sampling settings for one step. The do_* flags say whether any row *may* need a stage."""
+    """Per-row sampling settings for one step. The do_* flags say whether any row *may*
+    need a stage."""
     temperature: torch.Tensor         # [B] float32
     top_p: torch.Tensor               # [B] float32
     top_k: torch.Tensor               # [B] long, vocab size when disabled
@@ -70,8 +71,10 @@ class SamplingTensors:
         return SamplingTensors(**fields, **flags)
 
 
-def _token_index(token_ids: list[list[int]], vocab_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flattened (row, token) index pairs for a ragged batch of token lists (ids >= vocab dropped)."""
+def _token_index(token_ids: list[list[int]], vocab_size: int,
+                 device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flattened (row, token) index pairs for a ragged batch of token lists (ids >=
+    vocab dropped)."""
     rows, flat = [], []
     for i, ids in enumerate(token_ids):
         rows.extend([i] * len(ids))
@@ -87,7 +90,8 @@ def apply_penalties(logits: torch.Tensor, tensors: SamplingTensors,
                     output_token_ids: list[list[int]]) -> torch.Tensor:
     """Repetition penalty over prompt + output tokens (HF: positive logits divided, negative
     multiplied), then logit -= frequency * count + presence * (count > 0) over output tokens.
-    Returns a new float32 tensor (the input is never modified); the input itself if nothing applies."""
+    Returns a new float32 tensor (the input is never modified); the input itself if
+    nothing applies."""
     if not (tensors.do_repetition or tensors.do_presence_frequency):
         return logits
     batch, vocab = logits.shape
@@ -155,8 +159,8 @@ def sample_from_probs(probs: torch.Tensor, noises: list[RequestNoise], positions
 
 def choose_tokens(penalized: torch.Tensor, tensors: SamplingTensors, params: list[SamplingParams],
                   noises: list[RequestNoise], positions: list[int]) -> torch.Tensor:
-    """[B] long. Greedy rows: argmax of the penalized logits. Sampled rows: the race over processed_probs,
-    keyed on the row's request noise at output position positions[row]."""
+    """[B] long. Greedy rows: argmax of the penalized logits. Sampled rows: the race over
+    processed_probs, keyed on the row's request noise at output position positions[row]."""
     token_ids = penalized.argmax(dim=-1)
     sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
     if sampled_rows:
@@ -175,8 +179,8 @@ class SamplerOutput:
 
 
 class Sampler:
-    """Greedy rows: argmax of the penalized logits. Sampled rows: a draw from processed_probs, keyed on
-    the request's noise at its next output position."""
+    """Greedy rows: argmax of the penalized logits. Sampled rows: a draw from processed_probs,
+    keyed on the request's noise at its next output position."""
 
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
                  prompt_token_ids: list[list[int]], output_token_ids: list[list[int]],
@@ -215,22 +219,24 @@ def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, params: list[S
 
 @dataclass
 class SamplingBatch:
-    """The requests that sample in a step and their logits rows, built once per step: request i owns rows
-    ``start_loc[i]:start_loc[i + 1]``, one per draft it verifies plus one (k_i + 1 rows)."""
+    """The requests that sample in a step and their logits rows, built once per step: request i
+    owns rows ``start_loc[i]:start_loc[i + 1]``, one per draft it verifies plus one
+    (k_i + 1 rows)."""
 
     params: list[SamplingParams]            # [S]
     prompt_token_ids: list[list[int]]       # [S]
     output_token_ids: list[list[int]]       # [S]
     noises: list[RequestNoise]              # [S]
     draft_token_ids: list[list[int]]        # [S] k_i drafts each (empty: plain sampling)
-    draft_probs: list[torch.Tensor | None]  # [S] [k_i, V] q of unseeded sampled requests' drafts, else None
+    # [S] [k_i, V] q of unseeded sampled requests' drafts, else None
+    draft_probs: list[torch.Tensor | None]
     start_loc: list[int]                    # [S + 1] cumulative k_i + 1
     row_tensors: SamplingTensors            # [L] the settings of each logits row's request
 
     @classmethod
     def build(cls, params: list[SamplingParams], prompt_token_ids: list[list[int]],
-              output_token_ids: list[list[int]], noises: list[RequestNoise], vocab_size: int, device,
-              draft_token_ids: list[list[int]] | None = None,
+              output_token_ids: list[list[int]], noises: list[RequestNoise], vocab_size: int,
+              device, draft_token_ids: list[list[int]] | None = None,
               draft_probs: list[torch.Tensor | None] | None = None) -> SamplingBatch:
         if draft_token_ids is None:
             draft_token_ids = [[] for _ in params]
@@ -243,8 +249,8 @@ class SamplingBatch:
         tensors = SamplingTensors.from_params(params, vocab_size, device)
         if len(owners) != len(params):
             tensors = tensors.select(torch.tensor(owners, dtype=torch.long, device=device))
-        return cls(params, prompt_token_ids, output_token_ids, noises, draft_token_ids, draft_probs, start_loc,
-                   tensors)
+        return cls(params, prompt_token_ids, output_token_ids, noises, draft_token_ids, draft_probs,
+                   start_loc, tensors)
 
     @property
     def num_drafts(self) -> list[int]:

@@ -36,7 +36,8 @@ class StepResult:
 
     new_token_ids: dict[str, list[int]] = field(default_factory=dict)
     spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
-    logprobs: dict[str, list] = field(default_factory=dict)  # per new token (logprob, top-n), when asked
+    # per new token (logprob, top-n), when asked
+    logprobs: dict[str, list] = field(default_factory=dict)
 
 
 @dataclass
@@ -50,7 +51,8 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int):
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_model_len: int):
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -73,8 +75,9 @@ class Scheduler:
             req = self.running[i]
             known = req.num_tokens - req.num_computed_tokens
             # drafts ride along a decode step, within the budget and the context
-            k = min(len(req.spec_token_ids), budget - 1, self.max_model_len - req.num_tokens,
-                    req.sampling_params.max_tokens - len(req.output_token_ids) - 1) if known == 1 else 0
+            k = (min(len(req.spec_token_ids), budget - 1, self.max_model_len - req.num_tokens,
+                     req.sampling_params.max_tokens - len(req.output_token_ids) - 1)
+                 if known == 1 else 0)
             n = min(known + k, budget)
             while not self.kv.allocate_slots(req.request_id, req.num_computed_tokens + n):
                 victim = self.running.pop()
@@ -86,7 +89,8 @@ class Scheduler:
                 out.scheduled.append(ScheduledRequest(req, n, k))
                 budget -= n
                 i += 1
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
+        while (self.waiting and budget > 0 and len(self.running) < self.max_num_seqs
+               and not out.preempted):
             req = self.waiting[0]
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             if not self.kv.allocate_slots(req.request_id, req.num_computed_tokens + n):

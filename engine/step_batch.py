@@ -1,6 +1,6 @@
-"""One step's inputs, built once from the scheduler's output. The model, verification, logprobs and the
-MTP proposer read their offsets from it instead of walking the batch again, and its tensors are what a
-captured CUDA graph would keep as static buffers."""
+"""One step's inputs, built once from the scheduler's output. The model, verification, logprobs and
+the MTP proposer read their offsets from it instead of walking the batch again, and its tensors are
+what a captured CUDA graph would keep as static buffers."""
 
 from __future__ import annotations
 
@@ -17,11 +17,15 @@ from mtpserve.kernels.attention import AttentionMetadata, build_metadata
 @dataclass
 class StepBatch:
     scheduled: list[ScheduledRequest]  # [B]
-    input_ids: torch.Tensor            # [T] int64, request i's tokens at token_starts[i]:token_starts[i + 1]
+    # [T] int64, request i's tokens at token_starts[i]:token_starts[i + 1]
+    input_ids: torch.Tensor
     positions: torch.Tensor            # [T] int64
-    attn: AttentionMetadata            # paged-attention metadata (and the recurrent-state view, hybrid models)
-    sampling: list[int]                # [S] indices into scheduled of the requests that sample this step
-    logits_indices: torch.Tensor       # [L] rows of the hidden states whose logits are computed: k_i + 1 each
+    # paged-attention metadata (and the recurrent-state view, hybrid models)
+    attn: AttentionMetadata
+    # [S] indices into scheduled of the requests that sample this step
+    sampling: list[int]
+    # [L] rows of the hidden states whose logits are computed: k_i + 1 each
+    logits_indices: torch.Tensor
     sampling_batch: SamplingBatch | None  # the S requests' settings, drafts and logits rows
 
     @property
@@ -46,22 +50,24 @@ class StepBatch:
                                          recurrent=kv.step_state(out.scheduled))
         sampling = [i for i, s in enumerate(out.scheduled) if s.samples]
         logits_rows = []
-        for i in sampling:  # the last verified token and the drafts: the request's last k + 1 tokens
+        # the last verified token and the drafts: the request's last k + 1 tokens
+        for i in sampling:
             end = attn.query_start_loc_host[i + 1]
             logits_rows.extend(range(end - out.scheduled[i].num_spec_tokens - 1, end))
         ids = torch.tensor(input_ids, dtype=torch.long, device=device)
         logits_indices = torch.tensor(logits_rows, dtype=torch.long, device=device)
         sampling_batch = None
         if sampling:
-            sampling_batch = _sampling_batch([out.scheduled[i] for i in sampling], vocab_size, device,
-                                             draft_probs_of)
+            sampled = [out.scheduled[i] for i in sampling]
+            sampling_batch = _sampling_batch(sampled, vocab_size, device, draft_probs_of)
         return cls(out.scheduled, ids, positions, attn, sampling, logits_indices, sampling_batch)
 
 
-def _sampling_batch(scheduled: list[ScheduledRequest], vocab_size: int, device, draft_probs_of) -> SamplingBatch:
+def _sampling_batch(scheduled: list[ScheduledRequest], vocab_size: int, device,
+                    draft_probs_of) -> SamplingBatch:
     reqs = [s.request for s in scheduled]
     return SamplingBatch.build(
-        [r.sampling_params for r in reqs], [r.prompt_token_ids for r in reqs], [r.output_token_ids for r in reqs],
-        [r.noise for r in reqs], vocab_size, device,
+        [r.sampling_params for r in reqs], [r.prompt_token_ids for r in reqs],
+        [r.output_token_ids for r in reqs], [r.noise for r in reqs], vocab_size, device,
         draft_token_ids=[s.request.spec_token_ids[:s.num_spec_tokens] for s in scheduled],
         draft_probs=[draft_probs_of(s) for s in scheduled])

@@ -22,7 +22,8 @@ class AttentionMetadata:
     seq_lens_host: list[int]  # host copy of seq_lens
     block_size: int
     recurrent: object | None = None  # linear-attention state slots of the sequences (hybrid models)
-    query_start_loc_host: list[int] | None = None  # host copy of query_start_loc (None: walk query_lens)
+    # host copy of query_start_loc (None: walk query_lens)
+    query_start_loc_host: list[int] | None = None
 
     def token_starts(self) -> list[int]:
         """[B + 1] where each sequence's tokens start in the flattened step."""
@@ -34,11 +35,13 @@ class AttentionMetadata:
         return starts
 
 
-def build_metadata(tables: list[list[int]], starts: list[int], query_lens: list[int], block_size: int,
-                   device, recurrent=None) -> tuple[AttentionMetadata, torch.Tensor]:
-    """The metadata of a step in which sequence i computes ``query_lens[i]`` new tokens from position
-    ``starts[i]`` on, over its block table ``tables[i]``, and the [T] positions of those tokens. The one place
-    the slot formula lives: slot = block_tables[seq, pos // block_size] * block_size + pos % block_size."""
+def build_metadata(tables: list[list[int]], starts: list[int], query_lens: list[int],
+                   block_size: int, device,
+                   recurrent=None) -> tuple[AttentionMetadata, torch.Tensor]:
+    """The metadata of a step in which sequence i computes ``query_lens[i]`` new tokens from
+    position ``starts[i]`` on, over its block table ``tables[i]``, and the [T] positions of those
+    tokens. The one place the slot formula lives:
+    slot = block_tables[seq, pos // block_size] * block_size + pos % block_size."""
     width = max(len(t) for t in tables)
     block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
     positions, rows, token_starts, seq_lens = [], [], [0], []
@@ -48,21 +51,23 @@ def build_metadata(tables: list[list[int]], starts: list[int], query_lens: list[
         token_starts.append(token_starts[-1] + n)
         seq_lens.append(start + n)
     pos = torch.tensor(positions, dtype=torch.long)
-    slot_mapping = block_tables[torch.tensor(rows, dtype=torch.long), pos // block_size].long() * block_size
+    row_index = torch.tensor(rows, dtype=torch.long)
+    slot_mapping = block_tables[row_index, pos // block_size].long() * block_size
     slot_mapping += pos % block_size
     meta = AttentionMetadata(
         slot_mapping=slot_mapping.to(device), block_tables=block_tables.to(device),
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
         query_start_loc=torch.tensor(token_starts, dtype=torch.int32, device=device),
-        query_lens=list(query_lens), seq_lens_host=seq_lens, block_size=block_size, recurrent=recurrent,
-        query_start_loc_host=token_starts)
+        query_lens=list(query_lens), seq_lens_host=seq_lens, block_size=block_size,
+        recurrent=recurrent, query_start_loc_host=token_starts)
     return meta, pos.to(device)
 
 
 class AttentionBackend:
     """Interface: ``prepare`` once per step, ``forward`` once per layer."""
 
-    meta: AttentionMetadata | None = None  # the step's metadata (None: no paged cache, e.g. DenseCausalAttention)
+    # the step's metadata (None: no paged cache, e.g. DenseCausalAttention)
+    meta: AttentionMetadata | None = None
 
     def prepare(self, metadata: AttentionMetadata) -> None:
         raise NotImplementedError
@@ -85,15 +90,16 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: tuple[torch.Tensor, tor
     flat_v.index_copy_(0, slot_mapping, v.to(flat_v.dtype))
 
 
-SHORT_QUERY = 16  # sequences with at most this many new tokens are attended together in one batched call
+# sequences with at most this many new tokens are attended together in one batched call
+SHORT_QUERY = 16
 
 
 class TorchPagedAttention(AttentionBackend):
     """Reference backend: gathers K/V through the block table and calls SDPA."""
 
     def prepare(self, metadata: AttentionMetadata) -> None:
-        """Sequences with few new tokens (decodes, verify rows) are attended in one batched call, their queries
-        padded to the longest; prompt chunks one sequence at a time."""
+        """Sequences with few new tokens (decodes, verify rows) are attended in one batched call,
+        their queries padded to the longest; prompt chunks one sequence at a time."""
         self.meta = metadata
         self.block_tables = metadata.block_tables.long()
         short, self.long = [], []
@@ -116,26 +122,34 @@ class TorchPagedAttention(AttentionBackend):
         seq_lens = [n for _, _, _, n in short]
         max_q, max_len = max(q_lens), max(seq_lens)
         sequences = [i for i, *_ in short]
-        rows = self.block_tables if all_short else self.block_tables[torch.tensor(sequences, device=device)]
+        if all_short:
+            rows = self.block_tables
+        else:
+            rows = self.block_tables[torch.tensor(sequences, device=device)]
         self.short_blocks = rows[:, :-(-max_len // bs)]
         self.short_len = max_len
         self.whole_step = all_short and max_q == 1  # q is already [G, ...]: no gather, no scatter
         self.short_index = self.short_valid = None
         if not self.whole_step:
-            # query j of a sequence padded to max_q by repeating its last query (its output is dropped)
+            # query j of a sequence padded to max_q by repeating its last query
+            # (its output is dropped)
             index, rows = [], []
             for _, start, q, _ in short:
                 index.extend(start + min(j, q - 1) for j in range(max_q))
                 rows.extend(range(start, start + q))
             self.short_index = torch.tensor(index, device=device).view(len(short), max_q)
-            self.short_valid = (torch.arange(max_q)[None, :] < torch.tensor(q_lens)[:, None]).to(device)
+            q_len_col = torch.tensor(q_lens)[:, None]
+            self.short_valid = (torch.arange(max_q)[None, :] < q_len_col).to(device)
             self.short_rows = torch.tensor(rows, device=device)
         self.short_mask = None
         if max_q > 1 or any(n != max_len for n in seq_lens):
             # query j of a sequence sees keys up to position seq_len - q_len + j
-            last = torch.tensor([[n - q + min(j, q - 1) for j in range(max_q)] for q, n in zip(q_lens, seq_lens)],
-                                device=device)
-            self.short_mask = (torch.arange(max_len, device=device)[None, None, :] <= last[:, :, None]).unsqueeze(1)
+            last_rows = []
+            for q, n in zip(q_lens, seq_lens):
+                last_rows.append([n - q + min(j, q - 1) for j in range(max_q)])
+            last = torch.tensor(last_rows, device=device)
+            key_pos = torch.arange(max_len, device=device)[None, None, :]
+            self.short_mask = (key_pos <= last[:, :, None]).unsqueeze(1)
 
     def _gather(self, cache: torch.Tensor, blocks: torch.Tensor, length: int) -> torch.Tensor:
         """cache[blocks] -> [..., length, kv_heads, head_dim]."""
@@ -147,8 +161,9 @@ class TorchPagedAttention(AttentionBackend):
         queries = q.unsqueeze(1) if self.whole_step else q[self.short_index]
         keys = self._gather(k_cache, self.short_blocks, self.short_len).transpose(1, 2)
         vals = self._gather(v_cache, self.short_blocks, self.short_len).transpose(1, 2)
-        out = F.scaled_dot_product_attention(queries.transpose(1, 2), keys.to(q.dtype), vals.to(q.dtype),
-                                             attn_mask=self.short_mask, scale=scale, enable_gqa=gqa)
+        out = F.scaled_dot_product_attention(queries.transpose(1, 2), keys.to(q.dtype),
+                                             vals.to(q.dtype), attn_mask=self.short_mask,
+                                             scale=scale, enable_gqa=gqa)
         return out.transpose(1, 2)
 
     def forward(self, q, k, v, kv_cache, scale):
@@ -160,7 +175,8 @@ class TorchPagedAttention(AttentionBackend):
             return self._attend_short(q, k_cache, v_cache, scale, gqa).squeeze(1)
         out = q.new_empty(*q.shape[:2], v_cache.shape[-1])
         if self.short:
-            out[self.short_rows] = self._attend_short(q, k_cache, v_cache, scale, gqa)[self.short_valid]
+            short_out = self._attend_short(q, k_cache, v_cache, scale, gqa)
+            out[self.short_rows] = short_out[self.short_valid]
         bs = meta.block_size
         for i, start, q_len, seq_len in self.long:
             blocks = self.block_tables[i, : -(-seq_len // bs)]
@@ -168,8 +184,8 @@ class TorchPagedAttention(AttentionBackend):
             vals = self._gather(v_cache, blocks, seq_len).transpose(0, 1).unsqueeze(0)
             qi = q[start:start + q_len].transpose(0, 1).unsqueeze(0)
             mask = self._causal_mask(q_len, seq_len, q.device)
-            oi = F.scaled_dot_product_attention(qi, keys.to(q.dtype), vals.to(q.dtype), attn_mask=mask,
-                                                scale=scale, enable_gqa=gqa)
+            oi = F.scaled_dot_product_attention(qi, keys.to(q.dtype), vals.to(q.dtype),
+                                                attn_mask=mask, scale=scale, enable_gqa=gqa)
             out[start:start + q_len] = oi.squeeze(0).transpose(0, 1)
         return out
 
@@ -190,6 +206,7 @@ class DenseCausalAttention(AttentionBackend):
 
     def forward(self, q, k, v, kv_cache, scale):
         gqa = q.shape[1] != k.shape[1]
-        out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                             is_causal=True, scale=scale, enable_gqa=gqa)
+        out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1),
+                                             v.transpose(0, 1), is_causal=True, scale=scale,
+                                             enable_gqa=gqa)
         return out.transpose(0, 1)

@@ -24,7 +24,8 @@ CONTEXT = 128  # tokens of context each measured sequence attends to
 
 
 def _metadata(runner, rows: int, query_len: int, device) -> tuple[AttentionMetadata, torch.Tensor]:
-    """``rows`` sequences of CONTEXT cached tokens and ``query_len`` new ones, on consecutive blocks."""
+    """``rows`` sequences of CONTEXT cached tokens and ``query_len`` new ones, on
+    consecutive blocks."""
     bs = runner.block_size
     blocks_per_seq = -(-(CONTEXT + query_len) // bs)
     tables = [list(range(r * blocks_per_seq, (r + 1) * blocks_per_seq)) for r in range(rows)]
@@ -42,13 +43,14 @@ def _best_time(fn) -> float:
 
 
 def _fits(runner, rows: int, query_len: int) -> bool:
-    return rows * (CONTEXT + query_len + runner.block_size) <= runner.kv.pool.num_blocks * runner.block_size
+    capacity = runner.kv.pool.num_blocks * runner.block_size
+    return rows * (CONTEXT + query_len + runner.block_size) <= capacity
 
 
 @torch.inference_mode()
 def measure_step_costs(runner, max_batch: int, max_tokens: int, n_max: int) -> StepCosts:
-    """Verify steps of up to ``max_batch`` requests and ``max_tokens`` tokens, with 0, 1 and ``n_max`` drafts
-    each; draft steps of up to ``max_batch`` requests."""
+    """Verify steps of up to ``max_batch`` requests and ``max_tokens`` tokens, with 0, 1 and
+    ``n_max`` drafts each; draft steps of up to ``max_batch`` requests."""
     model, proposer, device = runner.model, runner.proposer, runner.device
     costs = StepCosts(main={}, draft={})
     greedy = SamplingParams(temperature=0)
@@ -61,7 +63,8 @@ def measure_step_costs(runner, max_batch: int, max_tokens: int, n_max: int) -> S
             meta, pos = _metadata(runner, b, q, device)
             ids = torch.zeros(b * q, dtype=torch.long, device=device)
             batch = SamplingBatch.build([greedy] * b, [[0]] * b, [[]] * b, [RequestNoise(0)] * b,
-                                        model.config.vocab_size, device, draft_token_ids=[[0] * (q - 1)] * b)
+                                        model.config.vocab_size, device,
+                                        draft_token_ids=[[0] * (q - 1)] * b)
 
             def verify_step():
                 runner.attn.prepare(meta)
@@ -74,7 +77,8 @@ def measure_step_costs(runner, max_batch: int, max_tokens: int, n_max: int) -> S
 
         def draft_step():
             proposer.attn.prepare(meta)
-            proposer.mtp.compute_logits(1, proposer.mtp(1, ids, hidden, pos + 1, proposer.kv_caches, proposer.attn))
+            y = proposer.mtp(1, ids, hidden, pos + 1, proposer.kv_caches, proposer.attn)
+            proposer.mtp.compute_logits(1, y)
 
         costs.draft[b] = _best_time(draft_step)
         b *= 2

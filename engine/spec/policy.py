@@ -1,20 +1,20 @@
 """Adaptive draft length, chosen for the whole batch.
 
 Each request keeps a decayed count of accepted vs. tried drafts, giving a per-token acceptance
-estimate ``a``; its j-th draft is accepted with probability about ``a^j``. A step over ``B`` requests
-that verify ``n`` tokens in all, with ``r_j`` requests drafting a j-th token, costs
-``C = T(B, n) + sum_j D(r_j)``, where ``T`` is the measured time of a verify step (main model, logits
-and verification; ``n = B`` is plain decoding) and ``D(r)`` that of one draft step over ``r``
+estimate ``a``; its j-th draft is accepted with probability about ``a^j``. A step over ``B``
+requests that verify ``n`` tokens in all, with ``r_j`` requests drafting a j-th token, costs
+``C = T(B, n) + sum_j D(r_j)``, where ``T`` is the measured time of a verify step (main model,
+logits and verification; ``n = B`` is plain decoding) and ``D(r)`` that of one draft step over ``r``
 requests, both measured when the engine starts (``calibrate.py``).
 
-The policy starts from plain decoding (``B`` tokens per ``T(B, B)``) and adds drafts across the batch
-in order of their expected acceptance ``a_i^j``, keeping the number of drafts that gives the most
-tokens per second ``(B + sum of a_i^j) / C``, provided that beats plain decoding by ``SPEC_MARGIN``
-(drafting has costs no step shows: requests that draft well finish early and leave a smaller, less
-efficient batch behind). So a batch too large for verification to pay off drafts nothing, a request
-whose drafts keep missing drafts less than its neighbours, and one step never pays the verify and
-draft overhead for a few unlikely drafts. ``StepFit`` reprices speculation from the steps actually
-run, so the plan follows this machine, not only its start-up timings.
+The policy starts from plain decoding (``B`` tokens per ``T(B, B)``) and adds drafts across the
+batch in order of their expected acceptance ``a_i^j``, keeping the number of drafts that gives the
+most tokens per second ``(B + sum of a_i^j) / C``, provided that beats plain decoding by
+``SPEC_MARGIN`` (drafting has costs no step shows: requests that draft well finish early and leave a
+smaller, less efficient batch behind). So a batch too large for verification to pay off drafts
+nothing, a request whose drafts keep missing drafts less than its neighbours, and one step never
+pays the verify and draft overhead for a few unlikely drafts. ``StepFit`` reprices speculation from
+the steps actually run, so the plan follows this machine, not only its start-up timings.
 
 A request that has drafted nothing for ``PROBE_EVERY`` steps drafts one token (a probe) if drafting
 would pay for it at an acceptance of ``PROBE_RATE``, so its estimate follows the text even while the
@@ -34,14 +34,16 @@ PRIOR_ACCEPTED, PRIOR_TRIED = 1.0, 2.0  # a = 0.5 before any observation
 PROBE_EVERY = 8
 PROBE_MAX = 128
 PROBE_RATE = 0.9  # a probe is due only where drafting would pay at this acceptance
-SPEC_MARGIN = 1.1  # drafting is planned only when it is expected this much faster than plain decoding
+# drafting is planned only when it is expected this much faster than plain decoding
+SPEC_MARGIN = 1.1
 FIT_DECAY = 0.98  # StepFit: weight of a measured step after 1, 2, ... newer ones
 FIT_PRIOR = 2.0  # StepFit: the calibration counts as this many steps ...
 PRIOR_X2 = 0.25  # ... each with speculation priced at half a plain step (x = 0.5)
 
 
 def _interp(table: dict[int, float], x: float) -> float:
-    """Piecewise linear in x (the last piece extended beyond the largest key), clamped below the smallest."""
+    """Piecewise linear in x (the last piece extended beyond the largest key), clamped below
+    the smallest."""
     keys = sorted(table)
     if x <= keys[0]:
         return table[keys[0]]
@@ -54,8 +56,8 @@ def _interp(table: dict[int, float], x: float) -> float:
 
 @dataclass
 class StepCosts:
-    """Measured seconds: ``main[(b, q)]`` for a step of b requests with q tokens each (main model, logits,
-    sampling or verification), ``draft[b]`` for one draft step over b requests."""
+    """Measured seconds: ``main[(b, q)]`` for a step of b requests with q tokens each (main model,
+    logits, sampling or verification), ``draft[b]`` for one draft step over b requests."""
 
     main: dict[tuple[int, int], float] = field(default_factory=lambda: {(1, 1): 1.0})
     draft: dict[int, float] = field(default_factory=lambda: {1: 0.0})
@@ -98,18 +100,20 @@ class AcceptanceEstimate:
 class StepFit:
     """Corrects the start-up price of speculation with the steps the engine actually runs.
 
-    Per batch-size bucket (1, 2, 3-4, 5-8, ...) it fits ``measured = P + b * X`` over pure decode steps, where
-    ``P = T(B, B)`` is the calibrated plain step and ``X`` the calibrated price of the step's speculation (its
-    extra verified tokens and its draft steps). ``b`` starts at 1 and follows exponentially weighted least
-    squares, drawn towards 1 by ``FIT_PRIOR`` virtual steps. Step times depend on the machine, not on the
-    text, so every drafting step informs the fit, probes included, and whatever the calibration missed
-    (verify and sampling overhead, longer contexts, the MTP pass over positions skipped while not drafting)
-    is priced in. ``P`` itself is not refitted: a running batch that drafts has no plain steps to fit it
-    with, and any slowdown of the whole step lands on ``b``, which errs towards drafting less.
+    Per batch-size bucket (1, 2, 3-4, 5-8, ...) it fits ``measured = P + b * X`` over pure decode
+    steps, where ``P = T(B, B)`` is the calibrated plain step and ``X`` the calibrated price of the
+    step's speculation (its extra verified tokens and its draft steps). ``b`` starts at 1 and
+    follows exponentially weighted least squares, drawn towards 1 by ``FIT_PRIOR`` virtual steps.
+    Step times depend on the machine, not on the text, so every drafting step informs the fit,
+    probes included, and whatever the calibration missed (verify and sampling overhead, longer
+    contexts, the MTP pass over positions skipped while not drafting) is priced in. ``P`` itself is
+    not refitted: a running batch that drafts has no plain steps to fit it with, and any slowdown of
+    the whole step lands on ``b``, which errs towards drafting less.
     """
 
     def __init__(self):
-        self.sums: dict[int, list[float]] = {}  # bucket -> weighted sums of x * (y - 1) and x^2 (y, x over P)
+        # bucket -> weighted sums of x * (y - 1) and x^2 (y, x over P)
+        self.sums: dict[int, list[float]] = {}
 
     def observe(self, batch_size: int, plain: float, extra: float, seconds: float) -> None:
         s = self.sums.setdefault(batch_size.bit_length(), [0.0, 0.0])
@@ -118,7 +122,8 @@ class StepFit:
         s[1] = FIT_DECAY * s[1] + x * x
 
     def scale(self, batch_size: int) -> float:
-        """``b`` for a batch of ``batch_size``: what speculation costs, over what the calibration says."""
+        """``b`` for a batch of ``batch_size``: what speculation costs, over what the
+        calibration says."""
         s = self.sums.get(batch_size.bit_length())
         if s is None:
             return 1.0
@@ -149,8 +154,8 @@ class DraftPolicy:
         self.estimates.pop(request_id, None)
 
     def allocate(self, rates: list[float], limits: list[int], batch_size: int) -> list[int]:
-        """Drafts per request that maximise the batch's expected tokens per second; ``batch_size`` counts
-        every request in the step, those that cannot draft included."""
+        """Drafts per request that maximise the batch's expected tokens per second; ``batch_size``
+        counts every request in the step, those that cannot draft included."""
         row = self.costs.at_batch(batch_size)
         plain = _interp(row, 1.0)
         b = self.fit.scale(batch_size)
@@ -160,14 +165,16 @@ class DraftPolicy:
             for r in depth_rows:
                 if r not in draft_cost:
                     draft_cost[r] = self.costs.draft_step(r)
-            extra = _interp(row, num_tokens / batch_size) - plain + sum(draft_cost[r] for r in depth_rows)
+            drafting = sum(draft_cost[r] for r in depth_rows)
+            extra = _interp(row, num_tokens / batch_size) - plain + drafting
             return plain + b * extra
 
         candidates = []  # (expected acceptance of request i's j-th draft, -j, i)
         for i, (rate, n) in enumerate(zip(rates, limits)):
             for j in range(1, n + 1):
                 candidates.append((rate ** j, -j, i))
-        candidates.sort(reverse=True)  # most likely drafts first; a request's j-th draft after its (j-1)-th
+        # most likely drafts first; a request's j-th draft after its (j-1)-th
+        candidates.sort(reverse=True)
         depth_rows = [0] * (max(limits, default=0) + 1)
         tokens, num_tokens = float(batch_size), batch_size
         best, best_count = SPEC_MARGIN * tokens / cost(num_tokens, depth_rows), 0
@@ -200,20 +207,23 @@ class DraftPolicy:
             if est.steps_without_drafts >= est.probe_wait:
                 due.append(i)
         if due:  # probe where drafting would pay if the text turned predictable
-            hopeful = self.allocate([PROBE_RATE if i in due else a for i, a in enumerate(rates)], limits, batch_size)
+            probe_rates = [PROBE_RATE if i in due else a for i, a in enumerate(rates)]
+            hopeful = self.allocate(probe_rates, limits, batch_size)
             for i in due:
                 if hopeful[i]:
                     estimates[i].steps_without_drafts = 0
                     drafts[i] = 1
         return drafts
 
-    def observe(self, batch_size: int, num_tokens: int, next_drafts: list[int], seconds: float) -> None:
-        """A pure decode step over ``num_tokens`` tokens (drafts included) took ``seconds``, drafting
-        ``next_drafts`` tokens per request for the next step included."""
+    def observe(self, batch_size: int, num_tokens: int, next_drafts: list[int],
+                seconds: float) -> None:
+        """A pure decode step over ``num_tokens`` tokens (drafts included) took ``seconds``,
+        drafting ``next_drafts`` tokens per request for the next step included."""
         if not (self.adaptive and self.n_max) or seconds <= 0:
             return
         row = self.costs.at_batch(batch_size)
         plain = _interp(row, 1.0)
         drafting = sum(self.costs.draft_step(sum(k >= j for k in next_drafts))
                        for j in range(1, max(next_drafts, default=0) + 1))
-        self.fit.observe(batch_size, plain, _interp(row, num_tokens / batch_size) - plain + drafting, seconds)
+        extra = _interp(row, num_tokens / batch_size) - plain + drafting
+        self.fit.observe(batch_size, plain, extra, seconds)

@@ -12,8 +12,9 @@ A request that drafts nothing this step (the policy chose k = 0, or a prompt chu
 MTP layer: its (hidden, next token) pairs wait in ``pending`` and are computed in one pass the next
 time it drafts, so speculation that is backed off costs nothing per step.
 
-Per-request state lives in the proposer's own tables, keyed by request id (``pending``, ``last_rows``,
-``draft_probs``); ``free`` drops it when a request finishes, is aborted or is preempted.
+Per-request state lives in the proposer's own tables, keyed by request id (``pending``,
+``last_rows``, ``draft_probs``); ``free`` drops it when a request finishes, is aborted or
+is preempted.
 """
 
 from __future__ import annotations
@@ -25,7 +26,12 @@ import torch
 from mtpserve.engine.kv_cache import KVCacheManager
 from mtpserve.engine.noise import DRAFT, TOKEN
 from mtpserve.engine.request import Request
-from mtpserve.engine.sampler import SamplingTensors, apply_penalties, processed_probs, sample_from_probs
+from mtpserve.engine.sampler import (
+    SamplingTensors,
+    apply_penalties,
+    processed_probs,
+    sample_from_probs,
+)
 from mtpserve.kernels.attention import TorchPagedAttention, build_metadata
 
 
@@ -40,7 +46,8 @@ class DraftInput:
 
 
 class MTPProposer:
-    def __init__(self, mtp, kv: KVCacheManager, kv_caches: list, vocab_size: int, device: torch.device):
+    def __init__(self, mtp, kv: KVCacheManager, kv_caches: list, vocab_size: int,
+                 device: torch.device):
         self.mtp = mtp
         self.kv = kv
         self.kv_caches = kv_caches
@@ -48,8 +55,10 @@ class MTPProposer:
         self.device = device
         self.attn = TorchPagedAttention()
         self.pending: dict[str, list[DraftInput]] = {}  # MTP inputs deferred while not drafting
-        self.last_rows: dict[str, list] = {}  # per chained MTP layer j: y_j at the last filled position
-        self.draft_probs: dict[str, torch.Tensor] = {}  # [k, V] q of the drafts to verify (unseeded sampling)
+        # per chained MTP layer j: y_j at the last filled position
+        self.last_rows: dict[str, list] = {}
+        # [k, V] q of the drafts to verify (unseeded sampling)
+        self.draft_probs: dict[str, torch.Tensor] = {}
 
     def free(self, request_id: str) -> None:
         self.pending.pop(request_id, None)
@@ -57,10 +66,11 @@ class MTPProposer:
         self.draft_probs.pop(request_id, None)
 
     def _run(self, step, reqs, token_ids, hidden, starts: list[int], lengths: list[int]):
-        """MTP layer ``step`` over ``lengths[i]`` tokens of request i, KV slots from position ``starts[i]`` on;
-        the pair at slot p is rotated as position p + 1 (the token it reads)."""
+        """MTP layer ``step`` over ``lengths[i]`` tokens of request i, KV slots from position
+        ``starts[i]`` on; the pair at slot p is rotated as position p + 1 (the token it reads)."""
         tables = [self.kv.block_tables[r.request_id] for r in reqs]
-        meta, slot_positions = build_metadata(tables, starts, lengths, self.kv.block_size, self.device)
+        meta, slot_positions = build_metadata(tables, starts, lengths, self.kv.block_size,
+                                              self.device)
         self.attn.prepare(meta)
         ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
         return self.mtp(step, ids, hidden, slot_positions + 1, self.kv_caches, self.attn)
@@ -71,10 +81,12 @@ class MTPProposer:
         logits = self.mtp.compute_logits(step, y_last).float()
         params = [it.request.sampling_params for it in items]
         histories = [it.history + d for it, d in zip(items, drafts)]
-        logits = apply_penalties(logits, t, [it.request.prompt_token_ids for it in items], histories)
+        prompts = [it.request.prompt_token_ids for it in items]
+        logits = apply_penalties(logits, t, prompts, histories)
         tokens = logits.argmax(-1)
         for seeded in (True, False):
-            sampled = [i for i, p in enumerate(params) if not p.greedy and items[i].request.noise.seeded == seeded]
+            sampled = [i for i, p in enumerate(params)
+                       if not p.greedy and items[i].request.noise.seeded == seeded]
             if not sampled:
                 continue
             idx = torch.tensor(sampled, device=self.device)
@@ -88,7 +100,8 @@ class MTPProposer:
         return tokens.tolist()
 
     def _defer_or_merge(self, items: list[DraftInput]) -> list[DraftInput]:
-        """Park the inputs of requests that draft nothing; prepend parked inputs to those that draft."""
+        """Park the inputs of requests that draft nothing; prepend parked inputs to those
+        that draft."""
         run = []
         for it in items:
             pending = self.pending.setdefault(it.request.request_id, [])
@@ -107,9 +120,10 @@ class MTPProposer:
         return run
 
     def _chain(self, items, reqs, tokens, starts, lengths, y, ends):
-        """Later MTP layers: layer j at position p reads (y_{j-1}[p-1], t[p+1]). Fill their KV over the same
-        positions, with each request's y_{j-1} row before ``start`` kept from its previous pass (zeros at 0).
-        Returns the output of layer 0 (the first draft step continues from there)."""
+        """Later MTP layers: layer j at position p reads (y_{j-1}[p-1], t[p+1]). Fill their KV over
+        the same positions, with each request's y_{j-1} row before ``start`` kept from its previous
+        pass (zeros at 0). Returns the output of layer 0 (the first draft step continues
+        from there)."""
         first = y
         for j in range(1, len(self.mtp.layers)):
             rows, start = [], 0
@@ -126,7 +140,8 @@ class MTPProposer:
 
     @torch.inference_mode()
     def propose(self, items: list[DraftInput]) -> dict[str, list[int]]:
-        """Drafts per request id; the q of unseeded sampled requests' drafts go to ``draft_probs``."""
+        """Drafts per request id; the q of unseeded sampled requests' drafts go
+        to ``draft_probs``."""
         for it in items:
             self.draft_probs.pop(it.request.request_id, None)
         items = self._defer_or_merge(items)
@@ -148,7 +163,8 @@ class MTPProposer:
         y = self._run(0, reqs, tokens, torch.cat([it.hidden for it in items]), starts, lengths)
         ends = torch.tensor(lengths, device=self.device).cumsum(0) - 1
         y = self._chain(items, reqs, tokens, starts, lengths, y, ends)
-        tensors = SamplingTensors.from_params([r.sampling_params for r in reqs], self.vocab_size, self.device)
+        req_params = [r.sampling_params for r in reqs]
+        tensors = SamplingTensors.from_params(req_params, self.vocab_size, self.device)
         active = list(range(len(items)))
         drafts: list[list[int]] = [[] for _ in items]
         probs: list[list[torch.Tensor]] = [[] for _ in items]
@@ -156,8 +172,9 @@ class MTPProposer:
         step = 0
         while active:
             rows = torch.tensor(active, dtype=torch.long, device=self.device)
-            chosen = self._choose(step, [items[i] for i in active], tensors.select(rows), y_last[active],
-                                  [drafts[i] for i in active], [probs[i] for i in active])
+            chosen = self._choose(step, [items[i] for i in active], tensors.select(rows),
+                                  y_last[active], [drafts[i] for i in active],
+                                  [probs[i] for i in active])
             for i, tok in zip(active, chosen):
                 drafts[i].append(tok)
             still = [i for i in active if len(drafts[i]) < items[i].num_drafts]

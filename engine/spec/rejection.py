@@ -21,10 +21,10 @@ on drafting, batching or preemption, and is distributed exactly as plain samplin
 
 Unseeded sampled requests use lossless rejection sampling. With p the target's processed
 probabilities of row j and q the draft probabilities d_j was drawn from (on a noise stream of its
-own), d_j is accepted if u < min(1, p[d_j] / q[d_j]) with u a float64 uniform; the recovered token is
-drawn from normalize(max(p - q, 0)) (from p if that is all zero) and the bonus token from p of row k.
-Each emitted token is distributed exactly as plain sampling from p, whatever q is (a reduced draft
-vocabulary, where q is zero outside a subset, included).
+own), d_j is accepted if u < min(1, p[d_j] / q[d_j]) with u a float64 uniform; the recovered token
+is drawn from normalize(max(p - q, 0)) (from p if that is all zero) and the bonus token from p of
+row k. Each emitted token is distributed exactly as plain sampling from p, whatever q is (a reduced
+draft vocabulary, where q is zero outside a subset, included).
 
 Penalties follow the emitted history: row j is penalized as if d_1..d_j had already been output.
 All randomness is counter-based (`engine/noise.py`), keyed on the request and the output position
@@ -37,19 +37,26 @@ from __future__ import annotations
 import torch
 
 from mtpserve.engine.noise import ACCEPT, RequestNoise, uniforms
-from mtpserve.engine.sampler import SamplingBatch, apply_penalties, choose_tokens, processed_probs, sample_from_probs
+from mtpserve.engine.sampler import (
+    SamplingBatch,
+    apply_penalties,
+    choose_tokens,
+    processed_probs,
+    sample_from_probs,
+)
 
 
 def verify(target_logits: torch.Tensor, batch: SamplingBatch) -> list[list[int]]:
-    """Per request: the accepted drafts followed by one recovered or bonus token (one sampled token for a
-    request without drafts, exactly as plain sampling gives it).
+    """Per request: the accepted drafts followed by one recovered or bonus token (one sampled token
+    for a request without drafts, exactly as plain sampling gives it).
 
     target_logits: [L, V] raw main-model logits of the batch's rows (request i owns rows
         batch.start_loc[i]:batch.start_loc[i + 1]); row j of a request is keyed on output position
         len(output_token_ids) + j.
     """
     if target_logits.shape[0] != batch.start_loc[-1]:
-        raise ValueError(f"expected {batch.start_loc[-1]} target rows, got {target_logits.shape[0]}")
+        raise ValueError(f"expected {batch.start_loc[-1]} target rows, "
+                         f"got {target_logits.shape[0]}")
     device = target_logits.device
     num_drafts = batch.num_drafts
     logits = _penalized(target_logits.float(), batch)
@@ -74,13 +81,15 @@ def verify(target_logits: torch.Tensor, batch: SamplingBatch) -> list[list[int]]
         targets = choose_tokens(logits[index], tensors, row_params, row_noises, positions).tolist()
         position = 0
         for i in matched:
-            results[i] = _greedy_accept(batch.draft_token_ids[i], targets[position:position + num_drafts[i] + 1])
+            best = targets[position:position + num_drafts[i] + 1]
+            results[i] = _greedy_accept(batch.draft_token_ids[i], best)
             position += num_drafts[i] + 1
     if rejection:
         index = batch.rows_of(rejection, device)
         probs = processed_probs(logits[index], batch.row_tensors.select(index))
         _rejection_sample(probs, [batch.draft_token_ids[i] for i in rejection],
-                          [batch.draft_probs[i] for i in rejection], [batch.noises[i] for i in rejection],
+                          [batch.draft_probs[i] for i in rejection],
+                          [batch.noises[i] for i in rejection],
                           [len(batch.output_token_ids[i]) for i in rejection], rejection, results)
     return results
 
@@ -91,7 +100,8 @@ def _penalized(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     if not (tensors.do_repetition or tensors.do_presence_frequency):
         return logits
     row_prompts, row_outputs = [], []
-    for prompt, output, drafts in zip(batch.prompt_token_ids, batch.output_token_ids, batch.draft_token_ids):
+    rows = zip(batch.prompt_token_ids, batch.output_token_ids, batch.draft_token_ids)
+    for prompt, output, drafts in rows:
         for j in range(len(drafts) + 1):
             row_prompts.append(prompt)
             row_outputs.append(output + drafts[:j])
@@ -99,7 +109,8 @@ def _penalized(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
 
 
 def _greedy_accept(drafts: list[int], best: list[int]) -> list[int]:
-    """Accepted drafts (while best[j] == drafts[j]) plus best at the first mismatch or the bonus row."""
+    """Accepted drafts (while best[j] == drafts[j]) plus best at the first mismatch or the
+    bonus row."""
     accepted = 0
     while accepted < len(drafts) and best[accepted] == drafts[accepted]:
         accepted += 1
@@ -109,11 +120,13 @@ def _greedy_accept(drafts: list[int], best: list[int]) -> list[int]:
 def _rejection_sample(probs: torch.Tensor, drafts: list[list[int]], draft_probs: list[torch.Tensor],
                       noises: list[RequestNoise], num_outputs: list[int], owners: list[int],
                       results: list[list[int]]) -> None:
-    """probs: [sum (k + 1), V] processed target rows of the sampled requests, in order; num_outputs[n]:
-    request n's output length, the output position of its first row. Writes results[owners[n]]."""
+    """probs: [sum (k + 1), V] processed target rows of the sampled requests, in order;
+    num_outputs[n]: request n's output length, the output position of its first row.
+    Writes results[owners[n]]."""
     device = probs.device
     starts, draft_rows, flat_drafts, draft_noises, draft_positions = [0], [], [], [], []
-    for n, d in enumerate(drafts):  # one entry per draft: its row in probs, token, noise and output position
+    # one entry per draft: its row in probs, token, noise and output position
+    for n, d in enumerate(drafts):
         draft_rows.extend(range(starts[n], starts[n] + len(d)))
         flat_drafts.extend(d)
         draft_noises.extend([noises[n]] * len(d))

@@ -17,7 +17,8 @@ class SpecStats:
     accepted_per_position: list[int] = field(default_factory=list)
 
     def observe(self, num_draft_tokens: int, num_accepted: int) -> None:
-        """Record one step that verified `num_draft_tokens` drafts and accepted the first `num_accepted`."""
+        """Record one step that verified `num_draft_tokens` drafts and accepted the
+        first `num_accepted`."""
         if not 0 <= num_accepted <= num_draft_tokens:
             raise ValueError(f"accepted {num_accepted} of {num_draft_tokens} draft tokens")
         self.num_steps += 1
@@ -31,8 +32,8 @@ class SpecStats:
             self.accepted_per_position[position] += 1
 
     def copy(self) -> SpecStats:
-        return SpecStats(self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens, self.num_steps,
-                         list(self.accepted_per_position))
+        return SpecStats(self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens,
+                         self.num_steps, list(self.accepted_per_position))
 
     def merge(self, other: SpecStats) -> None:
         """Add `other`'s counts into this one."""
@@ -58,7 +59,9 @@ class SpecStats:
     def mean_acceptance_length(self) -> float:
         """Tokens emitted per step, accepted drafts plus the one recovered or bonus token:
         (num_accepted_tokens + num_steps) / num_steps (0 without steps). 1.0 means no speedup."""
-        return (self.num_accepted_tokens + self.num_steps) / self.num_steps if self.num_steps else 0.0
+        if not self.num_steps:
+            return 0.0
+        return (self.num_accepted_tokens + self.num_steps) / self.num_steps
 
     def to_dict(self) -> dict:
         """The "speculative" block of a response's metrics, plus num_drafts."""
