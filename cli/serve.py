@@ -92,8 +92,8 @@ def run(args) -> int:
     warn_if_exposed(args.host, api_key)
     if args.log_prompts:  # its own level, so the flag alone is enough at the default --log-level
         logging.getLogger("mtpserve.server.prompts").setLevel(logging.INFO)
-    engine = engine_from_args(args)
-    client = EngineClient(engine, log_interval=args.log_interval)
+    client = EngineClient(build=lambda: engine_from_args(args), log_interval=args.log_interval)
+    engine = client.engine
     name = served_name(args)
     app = build_app(client, name, api_key=api_key, max_queue=args.max_queue,
                     max_body_bytes=args.max_body_bytes, max_header_bytes=args.max_header_bytes,

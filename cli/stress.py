@@ -54,8 +54,8 @@ def mib(value: int | None) -> float | None:
 
 def run(args) -> int:
     check_args(args)
-    engine = engine_from_args(args)
-    client = EngineClient(engine, log_interval=0)
+    client = EngineClient(build=lambda: engine_from_args(args), log_interval=0)
+    engine = client.engine
     # so that every request fits the context
     room = engine.max_model_len - args.max_tokens - CHAT_OVERHEAD
     if room < 8:

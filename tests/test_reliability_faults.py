@@ -165,3 +165,34 @@ def test_restart_after_kill_needs_no_cleanup(tiny_llama_dir, tmp_path):
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_engine_is_built_on_the_thread_that_steps_it(tiny_llama_dir):
+    """Every torch op of the server's engine runs on one thread (see EngineClient): it is built there,
+    it serves requests, and an error while building is raised to the caller."""
+    from mtpserve.engine.errors import ModelLoadError
+    from mtpserve.engine.sampling_params import SamplingParams
+
+    built_on = []
+
+    def build():
+        built_on.append(threading.current_thread())
+        return LLMEngine(load_checkpoint(tiny_llama_dir), EngineConfig(num_blocks=16, block_size=16))
+
+    client = EngineClient(build=build, log_interval=0)
+    try:
+        assert built_on == [client.thread] and client.engine is not None
+
+        async def one():
+            stream = await client.start("r", [1, 2, 3], SamplingParams(temperature=0, max_tokens=4,
+                                                                       ignore_eos=True))
+            await stream.collect()
+            return stream.num_tokens
+
+        assert asyncio.run(one()) == 4
+    finally:
+        client.shutdown()
+    with pytest.raises(ModelLoadError, match="not found"):
+        EngineClient(build=lambda: load_checkpoint("/nonexistent/model"), log_interval=0)
+    with pytest.raises(ValueError):
+        EngineClient()
