@@ -12,6 +12,7 @@ from mtpserve.engine.engine import LLMEngine
 from mtpserve.engine.errors import MtpserveError
 from mtpserve.engine.loader import load_checkpoint
 from mtpserve.engine.loader.mtp_head import default_head_path
+from mtpserve.engine.models.quantize import QUANTIZATIONS
 
 
 def add_engine_args(p: argparse.ArgumentParser, speculation: bool = True) -> None:
@@ -20,8 +21,17 @@ def add_engine_args(p: argparse.ArgumentParser, speculation: bool = True) -> Non
     g = p.add_argument_group("model and engine")
     g.add_argument("--model", default="default",
                    help="GGUF file, HF model directory, or 'default' (SmolLM2-135M-Instruct GGUF)")
-    g.add_argument("--dtype", default="float32",
-                   choices=["float32", "bfloat16", "float16", "float64"])
+    g.add_argument("--dtype", default="auto",
+                   choices=["auto", "float32", "bfloat16", "float16", "float64"],
+                   help="activation dtype; auto: bfloat16 with quantized weights or on CUDA, "
+                        "else float32")
+    g.add_argument("--quantization", default="auto", choices=["auto", *QUANTIZATIONS],
+                   help="weight-only quantization of the projections; auto: a GGUF file's "
+                        "weights as stored (int4 for float ones such as the MTP head) unless "
+                        "--dtype is float32 or float64, none for other checkpoints; none: float "
+                        "weights, the exact reference path")
+    g.add_argument("--quantization-group-size", type=int, default=32, choices=[32, 64, 128, 256],
+                   help="inputs per int4 scale when rounding float weights")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--num-blocks", "--kv-cache-blocks", dest="num_blocks", type=int, default=None,
@@ -68,15 +78,41 @@ def engine_config_from_args(args) -> EngineConfig:
     if args.kv_cache_memory <= 0:
         raise MtpserveError("--kv-cache-memory must be positive")
     device = resolve_device(args.device)
+    quantization = resolve_quantization(args.model, args.quantization, args.dtype)
+    dtype = resolve_dtype(args.dtype, quantization, device)
     draft_n_max = 0 if args.no_spec else args.spec_draft_n_max
     return EngineConfig(
         block_size=args.block_size, num_blocks=args.num_blocks,
         kv_cache_memory_bytes=int(args.kv_cache_memory * 2**30), max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-        dtype=getattr(torch, args.dtype), device=device,
+        dtype=dtype, device=device, quantization=quantization,
+        quantization_group_size=args.quantization_group_size,
         spec_draft_n_max=draft_n_max, spec_adaptive=args.spec_adaptive == "on",
         mtp_head=args.mtp_head, mtp_feedback=args.mtp_feedback)
 
 
+def resolve_quantization(model: str, quantization: str, dtype: str) -> str:
+    """``--quantization auto``: a GGUF file runs from its stored codes (activations bf16) unless a
+    float32/float64 dtype asks for the exact path; other checkpoints keep their float weights."""
+    if quantization != "auto":
+        return quantization
+    is_gguf = model == "default" or str(model).lower().endswith(".gguf")
+    if is_gguf and dtype not in ("float32", "float64"):
+        return "int4"
+    return "none"
+
+
+def resolve_dtype(dtype: str, quantization: str, device: str) -> torch.dtype:
+    """``--dtype auto``: bfloat16 where it is fastest (the quantized kernels' input, and CUDA);
+    float32 for float weights on a CPU, where float32 matmuls beat bfloat16 ones."""
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if quantization != "none" or device.startswith("cuda"):
+        return torch.bfloat16
+    return torch.float32
+
+
 def engine_from_args(args) -> LLMEngine:
-    return LLMEngine(load_checkpoint(args.model), engine_config_from_args(args))
+    config = engine_config_from_args(args)
+    checkpoint = load_checkpoint(args.model, quantized=config.quantization != "none")
+    return LLMEngine(checkpoint, config)

@@ -99,6 +99,11 @@ class EngineConfig:
     max_model_len: int | None = None
     dtype: torch.dtype = torch.float32
     device: str = "cpu"
+    # weight-only quantization of the projections: "none" (float; the exact reference path),
+    # "int4" (groups of quantization_group_size inputs) or "int8" (per output row). Weights a GGUF
+    # file stores quantized (Q4_0, Q4_1, Q4_K, Q8_0) run as stored unless "none".
+    quantization: str = "none"
+    quantization_group_size: int = 32
     # speculative decoding with the model's MTP layers
     spec_draft_n_max: int = 3  # 0 disables
     spec_adaptive: bool = True  # False: always draft spec_draft_n_max tokens

@@ -14,6 +14,7 @@ from mtpserve.engine.loader.checkpoint import Checkpoint
 from mtpserve.engine.loader.mtp_head import load_mtp_head, rename_gguf_nextn
 from mtpserve.engine.models import model_class
 from mtpserve.engine.models.mtp import DEEPSEEK_LAYOUT, MIMO_LAYOUT, QWEN_LAYOUT, build_mtp
+from mtpserve.engine.models.quantize import prepare_weights
 from mtpserve.engine.noise import RequestNoise
 from mtpserve.engine.recurrent_state import cache_manager
 from mtpserve.engine.request import Request, RequestStatus
@@ -134,8 +135,10 @@ class LLMEngine:
         config = self.config
         dtype = str(config.dtype).removeprefix("torch.")
         weights = self.checkpoint.weight_format or "unknown format"
-        if config.dtype == torch.float32 and weights.startswith("GGUF"):
+        if config.quantization == "none" and weights.startswith("GGUF"):
             weights += ", dequantized"
+        elif config.quantization != "none":
+            weights += f", projections {config.quantization} (as stored where quantized), heads int8"
         kv = (f"KV cache {self.kv_cache_bytes / 2**20:.0f} MiB ({self.num_blocks} blocks of "
               f"{config.block_size} tokens)")
         return (f"max_model_len {self.max_model_len}, {kv}, dtype {dtype}, weights {weights}, "
@@ -156,6 +159,7 @@ class LLMEngine:
         max_positions = longest + config.spec_draft_n_max + 2
         model = model_class(mc.architecture)(mc, max_positions=max_positions)
         model.load_weights(self.checkpoint.weights)
+        prepare_weights(model, config.quantization, config.quantization_group_size, self.device)
         self.model = model.to_runtime(config.dtype, self.device).eval()
         self.mtp = None
         if num_mtp and mc.mtp_layout == "mimo" and not config.mtp_head:
@@ -171,6 +175,8 @@ class LLMEngine:
                                  lambda i: f"model.layers.{mc.num_hidden_layers + i}.",
                                  config.mtp_feedback, self.draft_vocab)
         if self.mtp is not None:
+            prepare_weights(self.mtp, config.quantization, config.quantization_group_size,
+                            self.device)
             self.mtp.to(device=self.device, dtype=config.dtype).eval()
 
     def _mtp_weights(self) -> tuple[dict, int]:

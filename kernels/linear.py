@@ -12,6 +12,8 @@ Measured on a 2-core CPU (PyTorch 2.13, MKL, float32, SmolLM2 shapes):
 
 import torch
 
+from mtpserve.kernels.quant import PACKED
+
 # Up to this many rows the split-reduction path wins; beyond it one big matmul is as fast.
 SPLIT_K_MAX_ROWS = 32
 # Below this many weight elements a matmul is too small to be worth splitting across threads.
@@ -21,7 +23,12 @@ SPLIT_K_MIN_WEIGHT = 1 << 18
 def linear(
     x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """x: [..., in], weight_t: [in, out], bias: [out] -> [..., out]."""
+    """x: [..., in], weight_t: [in, out] (or a packed quantized weight), bias: [out] -> [..., out]."""
+    if isinstance(weight_t, PACKED):
+        out = weight_t(x)
+        if bias is not None:
+            out = out + bias
+        return out
     in_features, out_features = weight_t.shape
     rows = x.numel() // in_features
     parts = torch.get_num_threads()

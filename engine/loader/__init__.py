@@ -11,13 +11,13 @@ if TYPE_CHECKING:
     from mtpserve.engine.loader.checkpoint import Checkpoint
 
 
-def load_checkpoint(model: str) -> "Checkpoint":
-    """Load ``model``: "default" (the bundled GGUF),
-    a ``.gguf`` file, or a Hugging Face model directory."""
+def load_checkpoint(model: str, quantized: bool = False) -> "Checkpoint":
+    """Load ``model``: "default" (the bundled GGUF), a ``.gguf`` file, or a Hugging Face model
+    directory. ``quantized``: a GGUF file's quantized matrices stay quantized."""
     if model == "default":
         from mtpserve.engine.loader.gguf import default_gguf_path, load_gguf
 
-        return load_gguf(default_gguf_path())
+        return load_gguf(default_gguf_path(), quantized)
     path = os.path.expanduser(str(model))
     if not os.path.exists(path):
         raise ModelLoadError(f"model path not found: {model}")
@@ -28,7 +28,7 @@ def load_checkpoint(model: str) -> "Checkpoint":
     if path.lower().endswith(".gguf"):
         from mtpserve.engine.loader.gguf import load_gguf
 
-        return load_gguf(path)
+        return load_gguf(path, quantized)
     raise ModelLoadError(
         f"cannot load {model}: expected a .gguf file or a Hugging Face model directory"
     )

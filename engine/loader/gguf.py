@@ -1,5 +1,7 @@
-"""Load a GGUF file (llama.cpp format):
-config, dequantized float32 weights under HF names, tokenizer."""
+"""Load a GGUF file (llama.cpp format): config, weights under HF names, tokenizer.
+
+Weights are float32, or with ``quantized=True`` the types ``gguf_quant`` reads stay codes and
+scales (``QuantizedWeight``)."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import torch
 from mtpserve.engine.config import GenerationDefaults, ModelConfig
 from mtpserve.engine.errors import ModelLoadError
 from mtpserve.engine.loader.checkpoint import Checkpoint, most_common
+from mtpserve.engine.loader.gguf_quant import read_quantized
 from mtpserve.engine.tokenizer import Tokenizer, build_byte_level_bpe, build_sentencepiece_bpe
 
 log = logging.getLogger(__name__)
@@ -57,8 +60,9 @@ def default_gguf_path() -> str:
     return str(files[0])
 
 
-def load_gguf(path: str) -> Checkpoint:
-    """Read a GGUF file; every problem with the file is reported as ModelLoadError."""
+def load_gguf(path: str, quantized: bool = False) -> Checkpoint:
+    """Read a GGUF file; every problem with the file is reported as ModelLoadError. ``quantized``:
+    keep Q4_0 / Q4_1 / Q4_K / Q8_0 matrices as codes instead of dequantizing them."""
     path, reader, meta = _open(path)
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_GGUF_ARCHITECTURES:
@@ -70,7 +74,7 @@ def load_gguf(path: str) -> Checkpoint:
     except (TypeError, ValueError, ZeroDivisionError) as e:
         raise ModelLoadError(f"{path}: invalid model metadata ({e})") from None
     tokenizer = _tokenizer(meta, path)
-    weights = _weights(reader, config, path)
+    weights = _weights(reader, config, path, quantized)
     if not config.vocab_size:
         config.vocab_size = weights["model.embed_tokens.weight"].shape[0]
     matrix_types = [t.tensor_type.name for t in reader.tensors if len(t.shape) > 1]
@@ -262,15 +266,29 @@ def dequantize_tensor(tensor, path: str = "") -> torch.Tensor:
     return torch.from_numpy(np.array(array, dtype=np.float32, order="C", copy=copy))
 
 
-def unpermute_rotary(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Undo llama.cpp's per-head row interleave of Q/K
-    (GGUF rotary is pairwise, HF's is rotate_half)."""
-    rows, rest = weight.shape[0], weight.shape[1:]
-    grouped = weight.reshape(num_heads, rows // num_heads // 2, 2, *rest)
-    return grouped.transpose(1, 2).reshape(weight.shape).contiguous()
+def unpermute_rotary(weight, num_heads: int):
+    """Undo llama.cpp's per-head row interleave of Q/K (GGUF rotary is pairwise, HF's is
+    rotate_half): a row permutation, of a float tensor or a QuantizedWeight."""
+    rows = weight.shape[0]
+    order = torch.arange(rows).reshape(num_heads, rows // num_heads // 2, 2)
+    order = order.transpose(1, 2).reshape(rows)
+    if isinstance(weight, torch.Tensor):
+        return weight[order].contiguous()
+    return weight.index_rows(order)
 
 
-def _weights(reader, config: ModelConfig, path: str) -> dict[str, torch.Tensor]:
+def _read(tensor, path: str, quantized: bool):
+    if quantized:
+        try:
+            weight = read_quantized(tensor)
+        except ValueError as e:  # wrong byte count for the type
+            raise ModelLoadError(f"{path}: tensor '{tensor.name}' is corrupt ({e})") from None
+        if weight is not None:
+            return weight
+    return dequantize_tensor(tensor, path)
+
+
+def _weights(reader, config: ModelConfig, path: str, quantized: bool) -> dict:
     weights: dict[str, torch.Tensor] = {}
     for tensor in reader.tensors:
         name = hf_name(tensor.name)
@@ -280,7 +298,7 @@ def _weights(reader, config: ModelConfig, path: str) -> dict[str, torch.Tensor]:
         if tensor.name == "rope_freqs.weight":
             log.warning("%s: per-dimension rope factors (rope_freqs, llama3 scaling) "
                         "are kept but not applied", path)
-        value = dequantize_tensor(tensor, path)
+        value = _read(tensor, path, quantized)
         if config.architecture == "llama":
             if name.endswith("self_attn.q_proj.weight") or name.endswith("self_attn.q_proj.bias"):
                 value = unpermute_rotary(value, config.num_attention_heads)

@@ -14,6 +14,7 @@ from mtpserve.engine.config import ModelConfig
 from mtpserve.engine.errors import ModelLoadError
 from mtpserve.kernels.attention import AttentionBackend
 from mtpserve.kernels.linear import linear
+from mtpserve.kernels.quant import Int8Linear, QuantizedWeight
 from mtpserve.kernels.rmsnorm import rms_norm
 from mtpserve.kernels.rotary import apply_rotary, rope_cos_sin
 
@@ -23,6 +24,8 @@ def _param(*shape) -> nn.Parameter:
 
 
 class Attention(nn.Module):
+    LINEAR_WEIGHTS = ("qkv_weight", "o_weight")
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.num_heads = cfg.num_attention_heads
@@ -58,6 +61,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    LINEAR_WEIGHTS = ("gate_up_weight", "down_weight")
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.gate_up_weight = _param(cfg.hidden_size, 2 * cfg.intermediate_size)  # [in, out]
@@ -70,9 +75,8 @@ class MLP(nn.Module):
     def load(self, w: dict[str, torch.Tensor], prefix: str) -> None:
         gate = _take(w, prefix + "gate_proj.weight")
         up = _take(w, prefix + "up_proj.weight")
-        gate_up = torch.cat([gate, up])
-        _copy(self.gate_up_weight, gate_up.t())
-        _copy(self.down_weight, _take(w, prefix + "down_proj.weight").t())
+        _set_linear(self, "gate_up_weight", [gate, up])
+        _set_linear(self, "down_weight", [_take(w, prefix + "down_proj.weight")])
 
     def export(self, prefix: str) -> dict[str, torch.Tensor]:
         gate, up = self.gate_up_weight.t().chunk(2)
@@ -101,10 +105,10 @@ class DecoderLayer(nn.Module):
         a = self.self_attn
         _copy(self.input_norm, g("input_layernorm.weight"))
         _copy(self.post_attention_norm, g("post_attention_layernorm.weight"))
-        _copy(a.qkv_weight, torch.cat([g(f"self_attn.{p}_proj.weight") for p in "qkv"]).t())
+        _set_linear(a, "qkv_weight", [g(f"self_attn.{p}_proj.weight") for p in "qkv"])
         if a.qkv_bias is not None:
             _copy(a.qkv_bias, torch.cat([g(f"self_attn.{p}_proj.bias") for p in "qkv"]))
-        _copy(a.o_weight, g("self_attn.o_proj.weight").t())
+        _set_linear(a, "o_weight", [g("self_attn.o_proj.weight")])
         if a.o_bias is not None:
             _copy(a.o_bias, g("self_attn.o_proj.bias"))
         if a.q_norm is not None:
@@ -139,14 +143,45 @@ def _take(w: dict, name: str) -> torch.Tensor:
     return w[name]
 
 
-def _copy(param: nn.Parameter, value: torch.Tensor) -> None:
+def _copy(param: nn.Parameter, value) -> None:
+    """``param.data = value`` (dequantized if it arrived quantized), shapes checked."""
+    if isinstance(value, QuantizedWeight):
+        value = value.dequantize()
     if tuple(param.shape) != tuple(value.shape):
         raise ModelLoadError(f"weight shape {tuple(value.shape)} does not match "
                              f"expected {tuple(param.shape)}")
     param.data = value.to(param.dtype).contiguous()
 
 
+def _set_linear(module: nn.Module, name: str, parts: list) -> None:
+    """Fill the projection ``module.<name>`` (an ``[in, out]`` parameter) from ``[out, in]`` row
+    blocks, fused in order. Blocks that all arrived quantized alike stay so, as a QuantizedWeight
+    in the parameter's place; mixed ones (llama.cpp's Q4_K_M) are fused as float."""
+    param = getattr(module, name)
+    expected = tuple(reversed(param.shape))
+    if all(isinstance(p, QuantizedWeight) for p in parts) and _same_format(parts):
+        weight = QuantizedWeight.cat(parts)
+        if weight.shape != expected:
+            raise ModelLoadError(f"weight shape {weight.shape} does not match expected {expected}")
+        delattr(module, name)  # a parameter's name takes no module otherwise
+        setattr(module, name, weight)
+        return
+    floats = []
+    for part in parts:
+        if isinstance(part, QuantizedWeight):
+            part = part.dequantize()
+        floats.append(part)
+    _copy(param, torch.cat(floats).t())
+
+
+def _same_format(parts: list[QuantizedWeight]) -> bool:
+    first = parts[0]
+    return all((p.bits, p.group_size) == (first.bits, first.group_size) for p in parts)
+
+
 class LlamaForCausalLM(nn.Module):
+    HEAD_WEIGHTS = ("lm_head",)
+
     def __init__(self, cfg: ModelConfig, max_positions: int | None = None):
         super().__init__()
         self.config = cfg
@@ -174,10 +209,10 @@ class LlamaForCausalLM(nn.Module):
     def load_weights(self, w: dict[str, torch.Tensor]) -> None:
         embed = _take(w, "model.embed_tokens.weight")
         if self.config.tie_word_embeddings:
-            _copy(self.lm_head, embed.t())
+            _set_linear(self, "lm_head", [embed])
         else:
             _copy(self.embed_tokens, embed)
-            _copy(self.lm_head, _take(w, "lm_head.weight").t())
+            _set_linear(self, "lm_head", [_take(w, "lm_head.weight")])
         for i, layer in enumerate(self.layers):
             layer.load(w, f"model.layers.{i}.")
         _copy(self.norm, _take(w, "model.norm.weight"))
@@ -189,6 +224,8 @@ class LlamaForCausalLM(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.embed_tokens is not None:
             return F.embedding(input_ids, self.embed_tokens)
+        if isinstance(self.lm_head, Int8Linear):
+            return self.lm_head.embedding(input_ids, self.norm.dtype)
         return self.lm_head.index_select(1, input_ids).t()
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list,

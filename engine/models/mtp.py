@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 from mtpserve.engine.errors import ModelLoadError
-from mtpserve.engine.models.llama import _copy, _param, _take
+from mtpserve.engine.models.llama import _copy, _param, _set_linear, _take
 from mtpserve.kernels.linear import linear
+from mtpserve.kernels.quant import Int8Linear
 from mtpserve.kernels.rmsnorm import rms_norm
 
 
@@ -66,6 +67,9 @@ QWEN_LAYOUT = MTPLayout(
 
 
 class MTPLayer(nn.Module):
+    LINEAR_WEIGHTS = ("eh_proj",)
+    HEAD_WEIGHTS = ("head",)
+
     def __init__(self, block: nn.Module, hidden_size: int, vocab_size: int, eps: float,
                  layout: MTPLayout, feedback: str = "pre_norm"):
         super().__init__()
@@ -88,11 +92,11 @@ class MTPLayer(nn.Module):
         lay = self.layout
         _copy(self.enorm, _take(w, prefix + lay.enorm) + lay.norm_offset)
         _copy(self.hnorm, _take(w, prefix + lay.hnorm) + lay.norm_offset)
-        _copy(self.eh_proj, _take(w, prefix + lay.eh_proj).t())
+        _set_linear(self, "eh_proj", [_take(w, prefix + lay.eh_proj)])
         _copy(self.shared_norm, _take(w, prefix + lay.shared_norm) + lay.norm_offset)
         if lay.head and prefix + lay.head in w:
             self.head = _param(self.hidden_size, self.vocab_size)
-            _copy(self.head, w[prefix + lay.head].t())
+            _set_linear(self, "head", [w[prefix + lay.head]])
         if lay.embed and prefix + lay.embed in w:
             self.embed_tokens = _param(self.vocab_size, self.hidden_size)
             _copy(self.embed_tokens, w[prefix + lay.embed])
@@ -140,7 +144,7 @@ class MTPModule(nn.Module):
         self.layers = nn.ModuleList(layers)
         # reduced draft vocabulary: token ids the head may draft (None: all); q is 0 outside it
         self.register_buffer("draft_vocab", draft_vocab)
-        self._draft_heads: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._draft_heads: dict[int, tuple] = {}  # step -> (head, restricted head, dtype)
 
     def embed(self, layer: MTPLayer, input_ids: torch.Tensor) -> torch.Tensor:
         if layer.embed_tokens is not None:
@@ -169,8 +173,8 @@ class MTPModule(nn.Module):
         layer, head = self.head(step)
         key = min(step, len(self.layers) - 1)
         cached = self._draft_heads.get(key)
-        if cached is None or cached[0] is not head or cached[1].dtype != head.dtype:
-            cached = (head, head[:, self.draft_vocab].contiguous())
+        if cached is None or cached[0] is not head or cached[2] != _dtype(head):
+            cached = (head, _restrict(head, self.draft_vocab), _dtype(head))
             self._draft_heads[key] = cached
         return layer, cached[1]
 
@@ -184,6 +188,18 @@ class MTPModule(nn.Module):
         sub = linear(layer.normed(y), head)
         logits = sub.new_full((*sub.shape[:-1], self.model[0].config.vocab_size), float("-inf"))
         return logits.index_copy_(-1, self.draft_vocab, sub)
+
+
+def _restrict(head, vocab: torch.Tensor):
+    """``head`` ([H, V], or a quantized one) over the outputs ``vocab`` only."""
+    if isinstance(head, Int8Linear):
+        return head.rows(vocab)
+    return head[:, vocab].contiguous()
+
+
+def _dtype(head) -> torch.dtype | None:
+    """A float head's dtype, which ``.to()`` changes in place (None for a quantized one)."""
+    return getattr(head, "dtype", None)
 
 
 def build_mtp(

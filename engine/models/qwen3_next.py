@@ -81,6 +81,8 @@ class GatedAttention(Attention):
 
 
 class GatedDeltaNet(nn.Module):
+    LINEAR_WEIGHTS = ("in_proj", "out_proj")
+
     def __init__(self, cfg: ModelConfig, state_index: int):
         super().__init__()
         self.state_index = state_index  # this layer's place in the engine's recurrent state tensors

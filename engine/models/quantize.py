@@ -1,0 +1,62 @@
+"""Which weights of a loaded model run quantized, and in what form (before ``.to(device, dtype)``).
+
+Modules name their projection weights in ``LINEAR_WEIGHTS`` (``[in, out]`` float parameters, or
+``QuantizedWeight`` as a GGUF file stores them) and their vocabulary heads in ``HEAD_WEIGHTS``.
+Routers, norms, convolutions and stacked MoE experts stay float.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mtpserve.kernels.quant import Int8Linear, QuantizedWeight, pack, quantize
+
+QUANTIZATIONS = ("none", "int4", "int8")
+
+
+def prepare_weights(model: nn.Module, quantization: str, group_size: int,
+                    device: torch.device) -> None:
+    """``quantization``: "none" keeps every weight float, dequantizing stored codes (the exact
+    reference path); "int4" / "int8" pack the projections, rounding float ones at load and keeping
+    stored codes as they are. Vocabulary heads are 8 bits per row whenever quantized: they are also
+    read row by row, as the tied embedding and as a reduced draft head."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, not {quantization!r}")
+    for module in list(model.modules()):
+        for name in getattr(module, "LINEAR_WEIGHTS", ()):
+            _prepare(module, name, quantization, group_size, device, head=False)
+        for name in getattr(module, "HEAD_WEIGHTS", ()):
+            _prepare(module, name, quantization, group_size, device, head=True)
+
+
+def _prepare(module: nn.Module, name: str, quantization: str, group_size: int,
+             device: torch.device, head: bool) -> None:
+    value = getattr(module, name)
+    if value is None:
+        return
+    if quantization == "none":
+        if isinstance(value, QuantizedWeight):
+            _replace(module, name, nn.Parameter(value.dequantize().t().contiguous(),
+                                                requires_grad=False))
+        return
+    if isinstance(value, nn.Parameter):
+        value = quantize(value.t(), _bits(quantization, head, value.shape[0], group_size),
+                         group_size)
+    if head:
+        _replace(module, name, Int8Linear.of(value, device))
+    else:
+        _replace(module, name, pack(value, device))
+
+
+def _replace(module: nn.Module, name: str, value) -> None:
+    """``module.<name> = value`` across kinds (a parameter's name takes no module otherwise)."""
+    delattr(module, name)
+    setattr(module, name, value)
+
+
+def _bits(quantization: str, head: bool, in_features: int, group_size: int) -> int:
+    """8 for heads, for int8, and where the input is not whole groups (the int4 kernel's need)."""
+    if head or quantization == "int8" or in_features % group_size:
+        return 8
+    return 4
