@@ -1,7 +1,7 @@
 """The offline engine benchmark behind ``mtpserve bench`` (options in cli/bench.py). Prompt
 processing and single-stream decode with MTP off, fixed k and adaptive, acceptance per draft
-position and prompt kind, a concurrency sweep, memory, and HF transformers on the same model and
-prompts."""
+position and prompt kind, the verify-cost curve, a concurrency sweep, memory, HF transformers on
+the same model and prompts, and llama.cpp's llama-bench on the same GGUF file."""
 
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ import torch
 from tqdm import tqdm
 
 from mtpserve import __version__
-from mtpserve.bench import engine_runs
+from mtpserve.bench import engine_runs, llama_cpp, verify_cost
 from mtpserve.bench.engine_runs import OFF, adaptive, fixed
 from mtpserve.bench.hf_compare import compare, load_hf
 from mtpserve.engine.loader.mtp_head import default_head_path
 
-SECTIONS = ("pp", "decode", "concurrency", "hf")
+SECTIONS = ("pp", "decode", "verify", "concurrency", "hf", "llamacpp")
 
 
 def skip_hf_without_transformers(sections: list[str]) -> dict | None:
@@ -30,6 +30,19 @@ def skip_hf_without_transformers(sections: list[str]) -> dict | None:
         sections.remove("hf")
         return {"skipped": "transformers is not installed"}
     return None
+
+
+def skip_sections(args) -> dict[str, dict]:
+    """Drop the peer sections that cannot run here (no transformers, no llama-bench or no GGUF
+    file); per section dropped, what the results say in its place."""
+    skipped = {}
+    hf = skip_hf_without_transformers(args.sections)
+    if hf:
+        skipped["hf"] = hf
+    llamacpp = llama_cpp.skip_without_llama_bench(args.sections, args.llama_bench, args.model)
+    if llamacpp:
+        skipped["llamacpp"] = llamacpp
+    return skipped
 
 
 def head_label(path: str | None) -> str | None:
@@ -64,7 +77,9 @@ def plan(args, mtp_available: bool, num_prompts: int) -> tuple[dict, int]:
     runs = {"pp": len(args.prompt_lengths) * len(pp_modes),
             "decode": len(args.temperatures) * num_prompts * len(decode_modes),
             "concurrency": len(args.concurrency) * len(sweep_modes),
-            "hf": 2 * (num_prompts + len(args.prompt_lengths))}
+            "hf": 2 * (num_prompts + len(args.prompt_lengths)),
+            "verify": 1,
+            "llamacpp": llama_cpp.plan_runs(len(args.prompt_lengths))}
     twins = 0
     if "concurrency" in args.sections:
         twins = len(sweep_modes) - 1  # each warmed up once
@@ -100,9 +115,9 @@ def metadata(args, engine, prompts) -> dict:
     }
 
 
-def measure(args, engine, prompts, hf_skipped: dict | None) -> dict:
-    """Every section of ``args.sections`` on ``engine``
-    (options as resolved by cli/bench.py): the results."""
+def measure(args, engine, prompts, skipped: dict[str, dict]) -> dict:
+    """Every section of ``args.sections`` on ``engine`` (options as resolved by cli/bench.py): the
+    results; ``skipped``: those of the sections dropped (``skip_sections``)."""
     mtp = describe_mtp(engine, args)
     modes, planned = plan(args, mtp["available"], len(prompts))
     progress = tqdm(total=planned, desc="mtpserve bench", unit="run", file=sys.stderr,
@@ -123,6 +138,8 @@ def measure(args, engine, prompts, hf_skipped: dict | None) -> dict:
         for t in args.temperatures:
             rows = runs.decode(prompts, modes["decode"], t, args.repeats, seed, args.ignore_eos)
             results["decode"][f"{t:g}"] = rows
+    if "verify" in args.sections:
+        results["verify"] = verify_cost.measure(engine, max(args.k), args.repeats, progress)
     # before the twins and transformers' copy
     results["memory"].update(engine_runs.peak_memory(device))
     if "concurrency" in args.sections:
@@ -137,7 +154,17 @@ def measure(args, engine, prompts, hf_skipped: dict | None) -> dict:
     if "hf" in args.sections:
         hf = load_hf(args.model, engine.config.dtype, device)
         results["hf"] = compare(runs, hf, prompts, args.prompt_lengths, args.repeats)
-    elif hf_skipped:
-        results["hf"] = hf_skipped
+    if "llamacpp" in args.sections:
+        results["llamacpp"] = llama_cpp_results(args, runs, prompts)
+    results.update(skipped)
     progress.close()
     return results
+
+
+def llama_cpp_results(args, runs, prompts) -> dict:
+    """The llama.cpp section, or why it failed (the other sections' results are kept)."""
+    try:
+        return llama_cpp.compare(runs, args.llama_bench, args.model, prompts, args.prompt_lengths,
+                                 args.repeats)
+    except llama_cpp.LlamaBenchError as e:
+        return {"failed": str(e)}

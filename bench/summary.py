@@ -116,6 +116,37 @@ def hf_section(hf: dict) -> list[str]:
     return lines + table(["", "mtpserve", "transformers", "ratio"], cells)
 
 
+def verify_section(v: dict) -> list[str]:
+    lines = ["## Verify cost", "",
+             f"One request, {v['context']} tokens of context: a main-model step over 1 to "
+             f"{v['k_max'] + 1} query rows (the last token and up to {v['k_max']} drafts), over a "
+             "one-row step; forward alone, and with the logits of every row.", ""]
+    header = ["rows", "forward ms", "forward / 1 row", "with logits ms", "with logits / 1 row"]
+    cells = []
+    for row in v["rows"]:
+        cells.append([row["rows"], pm(row["forward_ms"], 2), pm(row["forward_ratio"], 2),
+                      pm(row["step_ms"], 2), pm(row["step_ratio"], 2)])
+    return lines + table(header, cells)
+
+
+def llama_cpp_section(r: dict) -> list[str]:
+    if "skipped" in r:
+        return [f"Comparison with llama.cpp skipped: {r['skipped']}", ""]
+    if "failed" in r:
+        return [f"Comparison with llama.cpp failed: {r['failed']}", ""]
+    d = r["decode_tok_s"]
+    cells = [[f"decode tok/s ({d['tokens']} tokens after {d['depth']})", pm(d["mtpserve"]),
+              pm(d["llama_cpp"]), f"{pm(d['ratio'], 2)}x"]]
+    for p in r["prompt_tok_s"]:
+        cells.append([f"prompt tok/s ({p['prompt_tokens']} tokens)", pm(p["mtpserve"], 0),
+                      pm(p["llama_cpp"], 0), f"{pm(p['ratio'], 2)}x"])
+    lines = ["## Against llama.cpp `llama-bench` (same GGUF file, no speculation on either side)",
+             "",
+             f"llama.cpp build {r['build']}, backends {r['backends']}, {r['threads']} threads; "
+             "runs alternating with ours.", ""]
+    return lines + table(["", "mtpserve", "llama.cpp", "ours / llama.cpp"], cells)
+
+
 def engine_summary(r: dict) -> str:
     m = r["meta"]
     title = f"# mtpserve bench: {m['model']} ({m['dtype']}, {m['device']}, {m['threads']} threads)"
@@ -128,11 +159,15 @@ def engine_summary(r: dict) -> str:
         lines += decode_section(temp, rows)
     if r.get("prompt_processing"):
         lines += prompt_processing_section(r["prompt_processing"])
+    if r.get("verify"):
+        lines += verify_section(r["verify"])
     if r.get("concurrency"):
         lines += concurrency_section(r["concurrency"])
     lines += memory_section(r["memory"])
     if r.get("hf"):
         lines += hf_section(r["hf"])
+    if r.get("llamacpp"):
+        lines += llama_cpp_section(r["llamacpp"])
     return "\n".join(lines)
 
 

@@ -7,7 +7,7 @@ import argparse
 import os
 import sys
 
-from mtpserve.bench import engine_bench, plots
+from mtpserve.bench import engine_bench, llama_cpp, plots
 from mtpserve.bench.engine_bench import SECTIONS
 from mtpserve.bench.summary import engine_summary, write_report
 from mtpserve.bench.workload import load_prompts
@@ -76,6 +76,10 @@ def add_args(p) -> None:
                         "request's worth per prompt (default 3, --quick 1)")
     b.add_argument("--sections", type=name_list, default=list(SECTIONS),
                    help=f"what to measure, of {','.join(SECTIONS)} (memory is always reported)")
+    b.add_argument("--llama-bench", default=None, metavar="PATH",
+                   help="llama.cpp's llama-bench for the llamacpp section (default: on PATH or "
+                        "under .llama.cpp/bin/, where `make llama-cpp` builds it; the section is "
+                        "skipped without one)")
     b.add_argument("--seed", type=int, default=0,
                    help="sampling seed of the first prompt (sampled decode)")
     b.add_argument("--unseeded", action="store_true",
@@ -109,9 +113,21 @@ def resolve(args) -> None:
     if unknown or not args.sections:
         raise MtpserveError(f"--sections takes some of {', '.join(SECTIONS)}; "
                             f"got {', '.join(args.sections)}")
+    resolve_llama_bench(args)
     if max(args.concurrency) > args.max_num_seqs:
         raise MtpserveError(f"--concurrency {max(args.concurrency)} "
                             f"exceeds --max-num-seqs {args.max_num_seqs}")
+
+
+def resolve_llama_bench(args) -> None:
+    """``--llama-bench`` as given (it must be an executable), else the one found, else None."""
+    if args.llama_bench is None:
+        args.llama_bench = llama_cpp.find_llama_bench()
+        return
+    path = os.path.expanduser(args.llama_bench)
+    if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+        raise MtpserveError(f"--llama-bench {args.llama_bench}: no such executable")
+    args.llama_bench = path
 
 
 def build_engine(args) -> LLMEngine:
@@ -121,7 +137,7 @@ def build_engine(args) -> LLMEngine:
                                      spec_adaptive="on")
     engine = LLMEngine(load_checkpoint(args.model), engine_config_from_args(engine_args))
     too_long = [n for n in args.prompt_lengths if n + 2 > engine.max_model_len]
-    if "pp" in args.sections and too_long:
+    if {"pp", "llamacpp"} & set(args.sections) and too_long:
         raise MtpserveError(f"--prompt-lengths {too_long} do not fit this "
                             f"engine's context ({engine.max_model_len})")
     return engine
@@ -131,10 +147,10 @@ def run(args) -> int:
     resolve(args)
     if not args.no_plots:
         plots.load_pyplot()  # fail before the runs, not after them
-    hf_skipped = engine_bench.skip_hf_without_transformers(args.sections)
+    skipped = engine_bench.skip_sections(args)
     prompts = load_prompts(args.prompts, args.kinds, args.per_kind, args.max_tokens)
     engine = build_engine(args)
-    results = engine_bench.measure(args, engine, prompts, hf_skipped)
+    results = engine_bench.measure(args, engine, prompts, skipped)
     write_report(args.out, results, engine_summary(results))
     written = [] if args.no_plots else plots.write_plots(results, args.out)
     names = ["results.json", "summary.md"] + [os.path.basename(path) for path in written]
