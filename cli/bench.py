@@ -11,10 +11,9 @@ from mtpserve.bench import engine_bench, llama_cpp, plots
 from mtpserve.bench.engine_bench import SECTIONS
 from mtpserve.bench.summary import engine_summary, write_report
 from mtpserve.bench.workload import load_prompts
-from mtpserve.cli.engine_args import engine_config_from_args
+from mtpserve.cli.engine_args import engine_from_args
 from mtpserve.engine.engine import LLMEngine
 from mtpserve.engine.errors import MtpserveError
-from mtpserve.engine.loader import load_checkpoint
 
 FULL = {"per_kind": 2, "max_tokens": None, "repeats": 3, "prompt_lengths": [128, 512, 2048],
         "concurrency": [1, 2, 4, 8, 16], "sweep_tokens": 128, "sweep_rounds": 3}
@@ -135,7 +134,7 @@ def build_engine(args) -> LLMEngine:
     MTP layers loaded with the largest k as cap, adaptive costs measured."""
     engine_args = argparse.Namespace(**vars(args), no_spec=False, spec_draft_n_max=max(args.k),
                                      spec_adaptive="on")
-    engine = LLMEngine(load_checkpoint(args.model), engine_config_from_args(engine_args))
+    engine = engine_from_args(engine_args)
     too_long = [n for n in args.prompt_lengths if n + 2 > engine.max_model_len]
     if {"pp", "llamacpp"} & set(args.sections) and too_long:
         raise MtpserveError(f"--prompt-lengths {too_long} do not fit this "

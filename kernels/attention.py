@@ -78,12 +78,13 @@ class AttentionBackend:
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
-             slot_mapping: torch.Tensor) -> None:
-    """k, v: [T, kv_heads, head_dim]; slot_mapping: [T] (-1 entries skipped)."""
+             slot_mapping: torch.Tensor, has_skips: bool = True) -> None:
+    """k, v: [T, kv_heads, head_dim]; slot_mapping: [T] (-1 entries skipped). ``has_skips=False``
+    promises there is no -1 (known once per step), sparing each layer a device-to-host read."""
     k_cache, v_cache = kv_cache
     flat_k = k_cache.view(-1, *k_cache.shape[2:])
     flat_v = v_cache.view(-1, *v_cache.shape[2:])
-    if bool((slot_mapping < 0).any()):
+    if has_skips and bool((slot_mapping < 0).any()):
         keep = slot_mapping >= 0
         k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
     flat_k.index_copy_(0, slot_mapping, k.to(flat_k.dtype))
@@ -101,6 +102,7 @@ class TorchPagedAttention(AttentionBackend):
         """Sequences with few new tokens (decodes, verify rows) are attended in one batched call,
         their queries padded to the longest; prompt chunks one sequence at a time."""
         self.meta = metadata
+        self.has_skips = bool((metadata.slot_mapping < 0).any())
         self.block_tables = metadata.block_tables.long()
         short, self.long = [], []
         starts = metadata.token_starts()
@@ -168,7 +170,7 @@ class TorchPagedAttention(AttentionBackend):
 
     def forward(self, q, k, v, kv_cache, scale):
         meta = self.meta
-        write_kv(k, v, kv_cache, meta.slot_mapping)
+        write_kv(k, v, kv_cache, meta.slot_mapping, self.has_skips)
         k_cache, v_cache = kv_cache
         gqa = q.shape[1] != k_cache.shape[2]
         if self.short and self.whole_step:

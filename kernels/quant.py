@@ -75,7 +75,7 @@ class QuantizedWeight(nn.Module):
 def quantize(weight: torch.Tensor, bits: int, group_size: int) -> QuantizedWeight:
     """Round a float ``[out, in]`` weight: 4 bits asymmetric per group (min/max), 8 bits symmetric
     per output row (``group_size`` is then the row)."""
-    weight = weight.detach().float()
+    weight = weight.detach().float().contiguous()
     out_features, in_features = weight.shape
     if bits == 8:
         scales = weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127
@@ -118,14 +118,14 @@ class Int4Linear(nn.Module):
                              scales_and_zeros.contiguous().to(device, COMPUTE_DTYPE))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE)
+        rows = _rows(x)
         if rows.device.type == "cpu":
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, self.group_size,
                                                              self.scales_and_zeros)
         else:
             out = torch.ops.aten._weight_int4pack_mm(rows, self.packed, self.group_size,
                                                      self.scales_and_zeros)
-        return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        return _like(out, x)
 
     def _apply(self, fn, recurse=True):
         """Moves follow ``fn``; the dtype of the scales stays the kernel's."""
@@ -154,12 +154,12 @@ class Int8Linear(nn.Module):
         return cls(single.codes.to(device), single.scales[:, 0].to(device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE)
+        rows = _rows(x)
         if rows.device.type == "cpu":
             out = torch._weight_int8pack_mm(rows, self.codes, self.scales)
         else:
             out = (rows @ self.codes.to(COMPUTE_DTYPE).t()) * self.scales
-        return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        return _like(out, x)
 
     def rows(self, index: torch.Tensor) -> Int8Linear:
         """The projection onto the outputs ``index`` only."""
@@ -173,6 +173,39 @@ class Int8Linear(nn.Module):
         super()._apply(fn, recurse)
         self.scales = self.scales.to(COMPUTE_DTYPE)
         return self
+
+
+class Fp16Linear(nn.Module):
+    """A weight held in float16 for FBGEMM's CPU GEMM (``quantized.linear_dynamic_fp16``): float32
+    activations, float32 accumulation, no activation rounding, so each row's output does not
+    depend on the other rows of the batch."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.packed = torch.ops.quantized.linear_prepack_fp16(weight.float().contiguous(), None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x
+        if x.dim() != 2:
+            rows = x.reshape(-1, x.shape[-1])
+        out = torch.ops.quantized.linear_dynamic_fp16(rows.float(), self.packed)
+        return _like(out, x)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """The kernels' input: ``x`` as bf16 rows ``[M, in]``."""
+    if x.dim() != 2:
+        x = x.reshape(-1, x.shape[-1])
+    return x.to(COMPUTE_DTYPE)
+
+
+def _like(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The kernels' ``[M, out]`` output in ``x``'s dtype and leading shape."""
+    out = out.to(x.dtype)
+    if x.dim() != 2:
+        out = out.view(*x.shape[:-1], out.shape[-1])
+    return out
 
 
 def inner_k_tiles(in_features: int) -> int:
@@ -190,4 +223,4 @@ def pack(weight: QuantizedWeight, device: torch.device) -> nn.Module:
     return Int8Linear.of(weight, device)
 
 
-PACKED = (Int4Linear, Int8Linear)
+PACKED = (Int4Linear, Int8Linear, Fp16Linear)

@@ -1,11 +1,18 @@
 """RMSNorm (PyTorch reference)."""
 
 import torch
+import torch.nn.functional as F
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x: [..., D], weight: [D]. Computed in float32 (or wider), returned in x's dtype."""
+    """x: [..., D], weight: [D]. Computed in float32 (or wider), returned in x's dtype.
+
+    Half-precision inputs are normalized in float32 and rounded before the weight multiplies them,
+    as transformers does; float32 and float64 take PyTorch's fused kernel (one op, the same
+    values)."""
     dtype = x.dtype
-    xf = x.float() if dtype in (torch.float16, torch.bfloat16) else x
+    if dtype not in (torch.float16, torch.bfloat16):
+        return F.rms_norm(x, weight.shape, weight, eps)
+    xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(dtype)

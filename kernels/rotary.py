@@ -76,14 +76,23 @@ def rope_cos_sin(rotary_dim: int, base: float, max_positions: int, scaling: dict
     return freqs.cos() * attention_factor, freqs.sin() * attention_factor
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half (NeoX/HF) rotary on the first 2*cos.shape[-1] dims.
+def signed_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The half tables of ``rope_cos_sin`` widened for ``apply_rotary``: ``[cos, cos]`` and
+    ``[-sin, sin]``, ``[max_positions, rotary_dim]``."""
+    return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
 
-    x: [T, heads, head_dim]; cos, sin: [T, rotary_dim // 2] (already gathered by position).
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half (NeoX/HF) rotary on the first ``cos.shape[-1]`` dims, in four ops:
+    ``x * cos + swap_halves(x) * sin`` with the ``signed_tables`` rows of the tokens' positions.
+
+    x: [T, heads, head_dim]; cos, sin: [T, rotary_dim].
     """
-    half = cos.shape[-1]
-    rot, rest = x[..., : 2 * half], x[..., 2 * half:]
-    x1, x2 = rot[..., :half], rot[..., half:]
-    c, s = cos.unsqueeze(1), sin.unsqueeze(1)
-    out = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
-    return torch.cat((out, rest), dim=-1) if rest.numel() else out
+    rotary_dim = cos.shape[-1]
+    half = rotary_dim // 2
+    rot = x[..., :rotary_dim]
+    swapped = torch.cat((rot[..., half:], rot[..., :half]), dim=-1)
+    out = rot * cos.unsqueeze(1) + swapped * sin.unsqueeze(1)
+    if rotary_dim == x.shape[-1]:
+        return out
+    return torch.cat((out, x[..., rotary_dim:]), dim=-1)

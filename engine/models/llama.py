@@ -16,7 +16,7 @@ from mtpserve.kernels.attention import AttentionBackend
 from mtpserve.kernels.linear import linear
 from mtpserve.kernels.quant import Int8Linear, QuantizedWeight
 from mtpserve.kernels.rmsnorm import rms_norm
-from mtpserve.kernels.rotary import apply_rotary, rope_cos_sin
+from mtpserve.kernels.rotary import apply_rotary, rope_cos_sin, signed_tables
 
 
 def _param(*shape) -> nn.Parameter:
@@ -47,17 +47,24 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, kv_cache, attn: AttentionBackend):
         t = x.shape[0]
         qkv = linear(x, self.qkv_weight, self.qkv_bias)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(t, self.num_heads, self.head_dim)
-        k = k.view(t, self.num_kv_heads, self.head_dim)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q = rms_norm(q, self.q_norm, self.eps)
-            k = rms_norm(k, self.k_norm, self.eps)
-        q = apply_rotary(q, cos, sin)
-        k = apply_rotary(k, cos, sin)
+        q, k, v = self.rotated_qkv(qkv, cos, sin)
         out = attn.forward(q, k, v, kv_cache, self.scale)
         return linear(out.reshape(t, self.q_size), self.o_weight, self.o_bias)
+
+
+    def rotated_qkv(self, qkv: torch.Tensor, cos, sin):
+        """q, k (normed, rotated) and v of a fused projection [T, q + 2 kv]; without q/k norms,
+        q and k are rotated in one pass."""
+        t = qkv.shape[0]
+        v = qkv[:, self.q_size + self.kv_size:].view(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = qkv[:, :self.q_size + self.kv_size].split([self.q_size, self.kv_size], dim=-1)
+            q = rms_norm(q.view(t, self.num_heads, self.head_dim), self.q_norm, self.eps)
+            k = rms_norm(k.view(t, self.num_kv_heads, self.head_dim), self.k_norm, self.eps)
+            return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+        qk = qkv[:, :self.q_size + self.kv_size].unflatten(-1, (-1, self.head_dim))
+        qk = apply_rotary(qk, cos, sin)
+        return qk[:, :self.num_heads], qk[:, self.num_heads:], v
 
 
 class MLP(nn.Module):
@@ -199,8 +206,9 @@ class LlamaForCausalLM(nn.Module):
                                     cfg.max_position_embeddings)
         except ValueError as e:
             raise ModelLoadError(str(e)) from None
-        self.register_buffer("cos", cos.float(), persistent=False)
-        self.register_buffer("sin", sin.float(), persistent=False)
+        cos, sin = signed_tables(cos.float(), sin.float())
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
 
     def make_layer(self, layer_idx: int) -> DecoderLayer:
         """A decoder block of this family (also the block inside an MTP layer)."""

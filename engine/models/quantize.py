@@ -10,17 +10,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mtpserve.kernels.quant import Int8Linear, QuantizedWeight, pack, quantize
+from mtpserve.kernels.quant import Fp16Linear, Int8Linear, QuantizedWeight, pack, quantize
 
-QUANTIZATIONS = ("none", "int4", "int8")
+QUANTIZATIONS = ("none", "int4", "int8", "fp16")
 
 
 def prepare_weights(model: nn.Module, quantization: str, group_size: int,
                     device: torch.device) -> None:
     """``quantization``: "none" keeps every weight float, dequantizing stored codes (the exact
-    reference path); "int4" / "int8" pack the projections, rounding float ones at load and keeping
-    stored codes as they are. Vocabulary heads are 8 bits per row whenever quantized: they are also
-    read row by row, as the tied embedding and as a reduced draft head."""
+    reference path); "int4" packs the projections in 4 bits (groups), keeping 4-bit codes a file
+    stores as they are; "int8" packs them in 8 bits per output row, rounding stored codes again.
+    Vocabulary heads are 8 bits per row whenever quantized: they are also read row by row, as the
+    tied embedding and as a reduced draft head."""
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, not {quantization!r}")
     for module in list(model.modules()):
@@ -40,10 +41,15 @@ def _prepare(module: nn.Module, name: str, quantization: str, group_size: int,
             _replace(module, name, nn.Parameter(value.dequantize().t().contiguous(),
                                                 requires_grad=False))
         return
+    if quantization == "fp16" and not head:
+        if isinstance(value, QuantizedWeight):
+            value = value.dequantize().t()
+        _replace(module, name, Fp16Linear(value.t()))
+        return
     if isinstance(value, nn.Parameter):
         value = quantize(value.t(), _bits(quantization, head, value.shape[0], group_size),
                          group_size)
-    if head:
+    if head or quantization == "int8":
         _replace(module, name, Int8Linear.of(value, device))
     else:
         _replace(module, name, pack(value, device))

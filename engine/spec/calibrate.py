@@ -73,7 +73,7 @@ def measure_step_costs(runner, max_batch: int, max_tokens: int, n_max: int) -> S
             costs.main[b, q] = _best_time(verify_step)
         meta, pos = _metadata(runner, b, 1, device)
         ids = torch.zeros(b, dtype=torch.long, device=device)
-        hidden = torch.zeros(b, model.config.hidden_size, device=device, dtype=model.lm_head.dtype)
+        hidden = torch.zeros(b, model.config.hidden_size, device=device, dtype=model.norm.dtype)
 
         def draft_step():
             proposer.attn.prepare(meta)

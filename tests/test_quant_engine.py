@@ -1,0 +1,164 @@
+"""The engine on quantized weights: the real SmolLM2 from its stored Q4_1 / Q8_0 codes against the
+float32 path with dequantized weights (the exact reference), MTP lossless on quantized weights, and a
+Hugging Face checkpoint quantized at load against its float logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mtpserve.bench.quality import chunk_logits, compare_nll, held_out_chunks
+from mtpserve.engine.config import EngineConfig
+from mtpserve.engine.engine import LLMEngine
+from mtpserve.engine.loader import load_checkpoint
+from mtpserve.engine.loader.gguf import default_gguf_path, load_gguf
+from mtpserve.engine.loader.mtp_head import default_head_path
+from mtpserve.engine.sampling_params import SamplingParams
+from mtpserve.kernels.quant import Fp16Linear, Int4Linear, Int8Linear, quantize
+
+CHATS = [
+    "Write a Python function that reverses a list.",
+    "What is the capital of France? Answer in one sentence.",
+    "Give me three tips for better sleep.",
+]
+SMALL_CACHE = 64 * 2**20
+
+
+@pytest.fixture(scope="module")
+def quantized_checkpoint():
+    return load_gguf(default_gguf_path(), quantized=True)
+
+
+@pytest.fixture(scope="module")
+def quantized(quantized_checkpoint):
+    config = EngineConfig(kv_cache_memory_bytes=SMALL_CACHE, quantization="int4", spec_draft_n_max=0)
+    return LLMEngine(quantized_checkpoint, config)
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2_checkpoint):
+    config = EngineConfig(kv_cache_memory_bytes=SMALL_CACHE, spec_draft_n_max=0)
+    return LLMEngine(smollm2_checkpoint, config)
+
+
+def test_the_stored_codes_run_packed(quantized):
+    layer = quantized.model.layers[0]
+    assert isinstance(layer.self_attn.qkv_weight, Int4Linear)  # Q4_1, as stored
+    assert isinstance(layer.mlp.down_weight, Int4Linear)
+    assert isinstance(quantized.model.lm_head, Int8Linear)  # the tied Q8_0 embedding
+    assert "int4" in quantized.summary()
+
+
+def test_quantized_nll_on_held_out_text_is_within_one_percent_of_float(quantized, reference):
+    """Stated tolerance: mean NLL within 1% of the float32 dequantized path over 1,024 tokens, and
+    the top-1 prediction the same at 90% of positions or more (bf16 rounding of scales and inputs
+    flips some near-ties)."""
+    chunks = held_out_chunks(quantized.tokenizer, 1024)
+    result = compare_nll(quantized.model, reference.model, chunks)
+    assert result["tokens"] >= 1000
+    assert abs(result["nll_ratio"] - 1) < 0.01, result
+    assert result["top1_agreement"] >= 0.9, result
+
+
+def test_quantized_logits_are_close_to_float(quantized, reference):
+    """Per position, the quantized logits stay within a few percent of the float ones' spread."""
+    ids = quantized.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 4)
+    ours = chunk_logits(quantized.model, ids)
+    ref = chunk_logits(reference.model, ids)
+    error = (ours - ref).abs().amax(-1)
+    spread = ref.std(-1)
+    assert (error < 0.5 * spread).all()
+    assert ((ours.softmax(-1) - ref.softmax(-1)).abs().sum(-1) < 0.2).all()
+
+
+def chat_prompts(engine) -> list[list[int]]:
+    tok = engine.tokenizer
+    prompts = []
+    for chat in CHATS:
+        text = tok.apply_chat_template([{"role": "user", "content": chat}])
+        prompts.append(tok.encode(text, add_special_tokens=False))
+    return prompts
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None
+
+
+def test_mtp_is_lossless_on_quantized_weights(quantized_checkpoint, quantized):
+    """Greedy output with the shipped head drafting 3 tokens a step (its eh_proj and block packed in
+    int4, its draft head int8 rows) equals plain decoding on the same quantized weights.
+
+    Near-tie rule: the int8 lm_head returns bf16 logits (8 significant bits), so two candidates
+    closer than one bf16 step are a tie that a 1-row and a 4-row step may break differently. Where
+    the outputs part, the plain path's top two logits must be within one bf16 step of each other
+    (2**-7 of their magnitude); before that, every token must be equal."""
+    config = EngineConfig(kv_cache_memory_bytes=SMALL_CACHE, quantization="int4",
+                          mtp_head=default_head_path(), spec_draft_n_max=3, spec_adaptive=False)
+    drafting = LLMEngine(quantized_checkpoint, config)
+    assert isinstance(drafting.mtp.layers[0].eh_proj, Int4Linear)
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    prompts = chat_prompts(quantized)
+    plain = quantized.generate(prompts, params)
+    drafted = drafting.generate(prompts, params)
+    num_equal = 0
+    for prompt, a, b in zip(prompts, plain, drafted):
+        i = first_difference(a.output_token_ids, b.output_token_ids)
+        if i is None:
+            num_equal += 1
+            continue
+        logits = chunk_logits(quantized.model, prompt + a.output_token_ids[:i])[-1]
+        top = logits.topk(2).values
+        assert top[0] - top[1] <= top[0].abs() * 2**-7, (i, top)
+    assert num_equal >= 2
+    assert drafting.spec_stats.num_accepted_tokens > 0
+
+
+def round_like(engine: LLMEngine, quantization: str) -> None:
+    """Give a float engine's projections the values the quantized engine's codes stand for."""
+    for module in engine.model.modules():
+        for name in getattr(module, "LINEAR_WEIGHTS", ()):
+            param = getattr(module, name)
+            if quantization == "fp16":
+                param.data = param.data.half().float()
+            else:
+                bits = 4 if quantization == "int4" else 8
+                group = 32 if bits == 4 else param.shape[0]
+                param.data = quantize(param.data.t(), bits, group).dequantize().t().contiguous()
+    head = engine.model.lm_head
+    head.data = quantize(head.data.t(), 8, head.shape[0]).dequantize().t().contiguous()
+
+
+@pytest.mark.parametrize("quantization, kind", [("int4", Int4Linear), ("int8", Int8Linear),
+                                                ("fp16", Fp16Linear)])
+def test_a_float_checkpoint_is_quantized_at_load(tiny_llama_dir, quantization, kind):
+    """The engine quantized at load against a float engine whose weights hold the same rounded
+    values: what remains is the kernels' bf16 inputs and scales (fp16: float32 throughout)."""
+    checkpoint = load_checkpoint(tiny_llama_dir)
+    float_engine = LLMEngine(checkpoint, EngineConfig(num_blocks=32, spec_draft_n_max=0))
+    round_like(float_engine, quantization)
+    config = EngineConfig(num_blocks=32, spec_draft_n_max=0, quantization=quantization)
+    engine = LLMEngine(checkpoint, config)
+    assert isinstance(engine.model.layers[0].mlp.gate_up_weight, kind)
+    ids = list(range(3, 40))
+    ours = chunk_logits(engine.model, ids)
+    ref = chunk_logits(float_engine.model, ids)
+    assert (ours - ref).norm() < 0.02 * ref.norm()
+    out = engine.generate([ids], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    assert len(out[0].output_token_ids) == 8
+
+
+def test_unknown_quantization_is_refused(tiny_llama_dir):
+    with pytest.raises(ValueError, match="quantization must be one of"):
+        LLMEngine(load_checkpoint(tiny_llama_dir), EngineConfig(quantization="int3", num_blocks=8))
+
+
+def test_the_float_reference_path_dequantizes_stored_codes(quantized_checkpoint, reference):
+    """quantization "none" on a checkpoint read as codes gives the float32 path's exact weights."""
+    engine = LLMEngine(quantized_checkpoint, EngineConfig(num_blocks=8, spec_draft_n_max=0))
+    ours = engine.model.layers[3].mlp.gate_up_weight
+    theirs = reference.model.layers[3].mlp.gate_up_weight
+    assert isinstance(ours, torch.nn.Parameter)
+    assert torch.equal(ours, theirs)
