@@ -15,12 +15,12 @@ import torch
 from tqdm import tqdm
 
 from mtpserve import __version__
-from mtpserve.bench import engine_runs, llama_cpp, verify_cost
+from mtpserve.bench import engine_runs, llama_cpp, quality, verify_cost
 from mtpserve.bench.engine_runs import OFF, adaptive, fixed
 from mtpserve.bench.hf_compare import compare, load_hf
 from mtpserve.engine.loader.mtp_head import default_head_path
 
-SECTIONS = ("pp", "decode", "verify", "concurrency", "hf", "llamacpp")
+SECTIONS = ("pp", "decode", "verify", "quality", "concurrency", "hf", "llamacpp")
 
 
 def skip_hf_without_transformers(sections: list[str]) -> dict | None:
@@ -79,6 +79,7 @@ def plan(args, mtp_available: bool, num_prompts: int) -> tuple[dict, int]:
             "concurrency": len(args.concurrency) * len(sweep_modes),
             "hf": 2 * (num_prompts + len(args.prompt_lengths)),
             "verify": 1,
+            "quality": 1,
             "llamacpp": llama_cpp.plan_runs(len(args.prompt_lengths))}
     twins = 0
     if "concurrency" in args.sections:
@@ -92,7 +93,8 @@ def metadata(args, engine, prompts) -> dict:
     return {
         "model": args.model,
         "mtp_head": head_label(engine.config.mtp_head),
-        "dtype": args.dtype,
+        "dtype": str(engine.config.dtype).removeprefix("torch."),
+        "quantization": engine.config.quantization,
         "device": str(engine.device),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -140,8 +142,11 @@ def measure(args, engine, prompts, skipped: dict[str, dict]) -> dict:
             results["decode"][f"{t:g}"] = rows
     if "verify" in args.sections:
         results["verify"] = verify_cost.measure(engine, max(args.k), args.repeats, progress)
-    # before the twins and transformers' copy
+    # before the twins, the float reference and transformers' copy
     results["memory"].update(engine_runs.peak_memory(device))
+    if "quality" in args.sections:
+        results["quality"] = quality.measure(engine, prompts, args.max_tokens)
+        progress.update(1)
     if "concurrency" in args.sections:
         sweep = [(modes["concurrency"][0], runs)]
         for mode in modes["concurrency"][1:]:

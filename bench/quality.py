@@ -8,13 +8,17 @@ fixed for a given constraints.txt and never part of an MTP head's training data.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 
 import torch
 
+from mtpserve.engine.engine import LLMEngine
+from mtpserve.engine.loader import load_checkpoint
 from mtpserve.engine.sampling_params import SamplingParams
 from mtpserve.kernels.attention import DenseCausalAttention
 
+NLL_TOKENS = 4096
 TEXT_PACKAGES = ("fastapi", "tqdm", "httpx", "starlette", "uvicorn", "tokenizers", "numpy")
 CHUNK_TOKENS = 512
 
@@ -95,3 +99,20 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
             break
         n += 1
     return n
+
+
+def measure(engine, prompts, max_tokens: int) -> dict:
+    """The quality section of ``mtpserve bench``: ``engine`` against a float32 engine with
+    dequantized weights on the same checkpoint (nothing to compare when it is that already)."""
+    config = engine.config
+    if config.quantization == "none" and config.dtype in (torch.float32, torch.float64):
+        return {"skipped": "the engine runs the float32 reference path itself"}
+    reference_config = dataclasses.replace(config, dtype=torch.float32, quantization="none",
+                                           spec_draft_n_max=0, num_blocks=None)
+    reference = LLMEngine(load_checkpoint(engine.checkpoint.source), reference_config)
+    chunks = held_out_chunks(engine.tokenizer, NLL_TOKENS)
+    result = {"engine": f"{config.quantization} weights, {str(config.dtype).removeprefix('torch.')}"}
+    result["nll"] = compare_nll(engine.model, reference.model, chunks)
+    prompt_ids = [p.token_ids(engine.tokenizer) for p in prompts]
+    result["greedy"] = compare_greedy(engine, reference, prompt_ids, max_tokens)
+    return result

@@ -129,6 +129,23 @@ def verify_section(v: dict) -> list[str]:
     return lines + table(header, cells)
 
 
+def quality_section(q: dict) -> list[str]:
+    if "skipped" in q:
+        return [f"Quality comparison skipped: {q['skipped']}", ""]
+    n = q["nll"]
+    g = q["greedy"]
+    lines = ["## Quality against the float32 path with dequantized weights", "",
+             f"This engine: {q['engine']}. Mean next-token NLL over {n['tokens']} tokens of "
+             "held-out text (package descriptions), and greedy continuations of the bench "
+             "prompts.", ""]
+    cells = [[f"{n['nll']:.4f}", f"{n['reference_nll']:.4f}", f"{n['nll_ratio']:.4f}",
+              f"{n['top1_agreement']:.3f}", f"{g['equal']} of {g['prompts']}",
+              f"{g['mean_common_prefix']:.1f} of {g['max_tokens']}"]]
+    header = ["NLL", "reference NLL", "ratio", "top-1 agreement", "greedy equal",
+              "mean common prefix"]
+    return lines + table(header, cells)
+
+
 def llama_cpp_section(r: dict) -> list[str]:
     if "skipped" in r:
         return [f"Comparison with llama.cpp skipped: {r['skipped']}", ""]
@@ -149,7 +166,9 @@ def llama_cpp_section(r: dict) -> list[str]:
 
 def engine_summary(r: dict) -> str:
     m = r["meta"]
-    title = f"# mtpserve bench: {m['model']} ({m['dtype']}, {m['device']}, {m['threads']} threads)"
+    weights = m.get("quantization", "none")
+    title = (f"# mtpserve bench: {m['model']} ({m['dtype']}, weights {weights}, {m['device']}, "
+             f"{m['threads']} threads)")
     lines = [title,
              "",
              f"MTP: {r['mtp']['description']}. Prompts: {m['prompts']} ({m['num_prompts']}), "
@@ -161,6 +180,8 @@ def engine_summary(r: dict) -> str:
         lines += prompt_processing_section(r["prompt_processing"])
     if r.get("verify"):
         lines += verify_section(r["verify"])
+    if r.get("quality"):
+        lines += quality_section(r["quality"])
     if r.get("concurrency"):
         lines += concurrency_section(r["concurrency"])
     lines += memory_section(r["memory"])

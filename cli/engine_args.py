@@ -23,13 +23,13 @@ def add_engine_args(p: argparse.ArgumentParser, speculation: bool = True) -> Non
                    help="GGUF file, HF model directory, or 'default' (SmolLM2-135M-Instruct GGUF)")
     g.add_argument("--dtype", default="auto",
                    choices=["auto", "float32", "bfloat16", "float16", "float64"],
-                   help="activation dtype; auto: bfloat16 with quantized weights or on CUDA, "
-                        "else float32")
+                   help="activation dtype; auto: bfloat16 on CUDA, and with quantized weights "
+                        "on CPUs with native bf16; else float32")
     g.add_argument("--quantization", default="auto", choices=["auto", *QUANTIZATIONS],
                    help="weight-only quantization of the projections; auto: a GGUF file's "
-                        "weights as stored (int4 for float ones such as the MTP head) unless "
-                        "--dtype is float32 or float64, none for other checkpoints; none: float "
-                        "weights, the exact reference path")
+                        "weights as stored (int4 for float ones such as the MTP head), none for "
+                        "other checkpoints; none: float weights, the exact reference path; fp16: "
+                        "float16 weights (FBGEMM, CPU)")
     g.add_argument("--quantization-group-size", type=int, default=32, choices=[32, 64, 128, 256],
                    help="inputs per int4 scale when rounding float weights")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -78,7 +78,7 @@ def engine_config_from_args(args) -> EngineConfig:
     if args.kv_cache_memory <= 0:
         raise MtpserveError("--kv-cache-memory must be positive")
     device = resolve_device(args.device)
-    quantization = resolve_quantization(args.model, args.quantization, args.dtype)
+    quantization = resolve_quantization(args.model, args.quantization)
     dtype = resolve_dtype(args.dtype, quantization, device)
     draft_n_max = 0 if args.no_spec else args.spec_draft_n_max
     return EngineConfig(
@@ -91,23 +91,26 @@ def engine_config_from_args(args) -> EngineConfig:
         mtp_head=args.mtp_head, mtp_feedback=args.mtp_feedback)
 
 
-def resolve_quantization(model: str, quantization: str, dtype: str) -> str:
-    """``--quantization auto``: a GGUF file runs from its stored codes (activations bf16) unless a
-    float32/float64 dtype asks for the exact path; other checkpoints keep their float weights."""
+def resolve_quantization(model: str, quantization: str) -> str:
+    """``--quantization auto``: a GGUF file runs from its stored codes; other checkpoints keep
+    their float weights."""
     if quantization != "auto":
         return quantization
-    is_gguf = model == "default" or str(model).lower().endswith(".gguf")
-    if is_gguf and dtype not in ("float32", "float64"):
+    if model == "default" or str(model).lower().endswith(".gguf"):
         return "int4"
     return "none"
 
 
 def resolve_dtype(dtype: str, quantization: str, device: str) -> torch.dtype:
-    """``--dtype auto``: bfloat16 where it is fastest (the quantized kernels' input, and CUDA);
-    float32 for float weights on a CPU, where float32 matmuls beat bfloat16 ones."""
+    """``--dtype auto``: bfloat16 on CUDA, and on CPUs with native bf16 when the weights are
+    quantized (the kernels read bf16); float32 elsewhere. On a CPU without bf16 instructions
+    (AVX2 only) every bfloat16 op is emulated: float32 activations are faster there, the quantized
+    kernels casting their inputs (docs/BENCHMARKS.md)."""
     if dtype != "auto":
         return getattr(torch, dtype)
-    if quantization != "none" or device.startswith("cuda"):
+    if device.startswith("cuda"):
+        return torch.bfloat16
+    if quantization != "none" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return torch.bfloat16
     return torch.float32
 

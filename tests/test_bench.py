@@ -275,3 +275,18 @@ def test_bench_serve_counts_errors(live_server, prompts_file, tmp_path):
     (lvl,) = json.loads((out / "results.json").read_text())["levels"]
     assert (lvl["completed"], lvl["errors"]) == (0, 3)
     assert "404" in lvl["error_samples"][0]
+
+
+def test_bench_quality_of_a_quantized_engine(tiny_llama_dir, prompts_file, tmp_path):
+    """The quality section compares the engine's weights with the float32 dequantized path."""
+    out = tmp_path / "out"
+    assert main(["bench", "--model", tiny_llama_dir, "--prompts", prompts_file, "--quick", "--sections", "quality",
+                 "--quantization", "int8", "--max-tokens", "8", "--no-plots", "--out", str(out)]) == 0
+    r = json.loads((out / "results.json").read_text())
+    q = r["quality"]
+    assert r["meta"]["quantization"] == "int8" and q["engine"] == "int8 weights, float32"
+    assert q["nll"]["tokens"] > 1000 and q["nll"]["reference_nll"] > 0
+    assert abs(q["nll"]["nll_ratio"] - q["nll"]["nll"] / q["nll"]["reference_nll"]) < 1e-9
+    assert 0 < q["nll"]["top1_agreement"] <= 1
+    assert 0 <= q["greedy"]["equal"] <= q["greedy"]["prompts"] == r["meta"]["num_prompts"]
+    assert "## Quality against the float32 path" in (out / "summary.md").read_text()

@@ -24,6 +24,8 @@ def prepare_weights(model: nn.Module, quantization: str, group_size: int,
     tied embedding and as a reduced draft head."""
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, not {quantization!r}")
+    if quantization == "fp16" and device.type != "cpu":
+        raise ValueError("fp16 weights run on FBGEMM, a CPU library; on CUDA use --dtype float16")
     for module in list(model.modules()):
         for name in getattr(module, "LINEAR_WEIGHTS", ()):
             _prepare(module, name, quantization, group_size, device, head=False)
