@@ -26,10 +26,10 @@ def add_engine_args(p: argparse.ArgumentParser, speculation: bool = True) -> Non
                    help="activation dtype; auto: bfloat16 on CUDA, and with quantized weights "
                         "on CPUs with native bf16; else float32")
     g.add_argument("--quantization", default="auto", choices=["auto", *QUANTIZATIONS],
-                   help="weight-only quantization of the projections; auto: a GGUF file's "
-                        "weights as stored (int4 for float ones such as the MTP head), none for "
-                        "other checkpoints; none: float weights, the exact reference path; fp16: "
-                        "float16 weights (FBGEMM, CPU)")
+                   help="weight-only quantization of the projections; none: float weights, "
+                        "the exact reference path; int4 (a GGUF file's 4-bit codes as stored), "
+                        "int8, fp16 (FBGEMM, CPU); auto: for a GGUF file on CPU, int4 with native "
+                        "bf16, else fp16; none otherwise")
     g.add_argument("--quantization-group-size", type=int, default=32, choices=[32, 64, 128, 256],
                    help="inputs per int4 scale when rounding float weights")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -78,7 +78,7 @@ def engine_config_from_args(args) -> EngineConfig:
     if args.kv_cache_memory <= 0:
         raise MtpserveError("--kv-cache-memory must be positive")
     device = resolve_device(args.device)
-    quantization = resolve_quantization(args.model, args.quantization)
+    quantization = resolve_quantization(args.model, args.quantization, device)
     dtype = resolve_dtype(args.dtype, quantization, device)
     draft_n_max = 0 if args.no_spec else args.spec_draft_n_max
     return EngineConfig(
@@ -91,14 +91,24 @@ def engine_config_from_args(args) -> EngineConfig:
         mtp_head=args.mtp_head, mtp_feedback=args.mtp_feedback)
 
 
-def resolve_quantization(model: str, quantization: str) -> str:
-    """``--quantization auto``: a GGUF file runs from its stored codes; other checkpoints keep
-    their float weights."""
+def resolve_quantization(model: str, quantization: str, device: str) -> str:
+    """``--quantization auto``, the fastest weights measured that keep quality (docs/BENCHMARKS.md):
+    a GGUF file runs from its stored codes (int4) on CPUs with native bf16, and from float16
+    weights (FBGEMM) on CPUs without, where PyTorch's int4 kernel is no faster at one row and
+    slower for verify rows and prompts. CUDA and other checkpoints keep float weights."""
     if quantization != "auto":
         return quantization
-    if model == "default" or str(model).lower().endswith(".gguf"):
+    is_gguf = model == "default" or str(model).lower().endswith(".gguf")
+    if not is_gguf or device.startswith("cuda"):
+        return "none"
+    if native_bf16():
         return "int4"
-    return "none"
+    return "fp16"
+
+
+def native_bf16() -> bool:
+    """Whether this CPU has bf16 instructions (AVX512-BF16, AMX): oneDNN's own check."""
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def resolve_dtype(dtype: str, quantization: str, device: str) -> torch.dtype:
@@ -110,7 +120,7 @@ def resolve_dtype(dtype: str, quantization: str, device: str) -> torch.dtype:
         return getattr(torch, dtype)
     if device.startswith("cuda"):
         return torch.bfloat16
-    if quantization != "none" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if quantization in ("int4", "int8") and native_bf16():
         return torch.bfloat16
     return torch.float32
 

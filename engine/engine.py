@@ -14,7 +14,7 @@ from mtpserve.engine.loader.checkpoint import Checkpoint
 from mtpserve.engine.loader.mtp_head import load_mtp_head, rename_gguf_nextn
 from mtpserve.engine.models import model_class
 from mtpserve.engine.models.mtp import DEEPSEEK_LAYOUT, MIMO_LAYOUT, QWEN_LAYOUT, build_mtp
-from mtpserve.engine.models.quantize import prepare_weights
+from mtpserve.engine.models.quantize import WEIGHT_FORMS, prepare_weights
 from mtpserve.engine.noise import RequestNoise
 from mtpserve.engine.recurrent_state import cache_manager
 from mtpserve.engine.request import Request, RequestStatus
@@ -138,7 +138,7 @@ class LLMEngine:
         if config.quantization == "none" and weights.startswith("GGUF"):
             weights += ", dequantized"
         elif config.quantization != "none":
-            weights += f", projections {config.quantization} (as stored where quantized), heads int8"
+            weights += f", projections {WEIGHT_FORMS[config.quantization]}, heads int8 per row"
         kv = (f"KV cache {self.kv_cache_bytes / 2**20:.0f} MiB ({self.num_blocks} blocks of "
               f"{config.block_size} tokens)")
         return (f"max_model_len {self.max_model_len}, {kv}, dtype {dtype}, weights {weights}, "

@@ -162,3 +162,24 @@ def test_the_float_reference_path_dequantizes_stored_codes(quantized_checkpoint,
     theirs = reference.model.layers[3].mlp.gate_up_weight
     assert isinstance(ours, torch.nn.Parameter)
     assert torch.equal(ours, theirs)
+
+
+def test_auto_weights_follow_the_device():
+    from mtpserve.cli.engine_args import native_bf16, resolve_dtype, resolve_quantization
+
+    on_cpu = resolve_quantization("default", "auto", "cpu")
+    assert on_cpu == ("int4" if native_bf16() else "fp16")
+    assert resolve_quantization("model.GGUF", "auto", "cuda") == "none"
+    assert resolve_quantization("some/hf-dir", "auto", "cpu") == "none"
+    assert resolve_quantization("some/hf-dir", "int8", "cpu") == "int8"
+    assert resolve_dtype("auto", on_cpu, "cpu") == (torch.bfloat16 if native_bf16() else torch.float32)
+    assert resolve_dtype("auto", "none", "cuda") == torch.bfloat16
+    assert resolve_dtype("float64", "int4", "cpu") == torch.float64
+
+
+def test_fp16_weights_are_refused_on_cuda(tiny_llama_dir):
+    from mtpserve.engine.models.quantize import prepare_weights
+
+    engine = LLMEngine(load_checkpoint(tiny_llama_dir), EngineConfig(num_blocks=8, spec_draft_n_max=0))
+    with pytest.raises(ValueError, match="CPU library"):
+        prepare_weights(engine.model, "fp16", 32, torch.device("cuda"))

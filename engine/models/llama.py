@@ -51,7 +51,6 @@ class Attention(nn.Module):
         out = attn.forward(q, k, v, kv_cache, self.scale)
         return linear(out.reshape(t, self.q_size), self.o_weight, self.o_bias)
 
-
     def rotated_qkv(self, qkv: torch.Tensor, cos, sin):
         """q, k (normed, rotated) and v of a fused projection [T, q + 2 kv]; without q/k norms,
         q and k are rotated in one pass."""

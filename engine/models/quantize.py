@@ -13,6 +13,9 @@ from torch import nn
 from mtpserve.kernels.quant import Fp16Linear, Int8Linear, QuantizedWeight, pack, quantize
 
 QUANTIZATIONS = ("none", "int4", "int8", "fp16")
+# how the engine's start-up line names each
+WEIGHT_FORMS = {"int4": "int4 (4-bit codes as stored)", "int8": "int8 per row",
+                "fp16": "float16 (FBGEMM)"}
 
 
 def prepare_weights(model: nn.Module, quantization: str, group_size: int,
