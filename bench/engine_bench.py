@@ -145,7 +145,7 @@ def measure(args, engine, prompts, skipped: dict[str, dict]) -> dict:
     # before the twins, the float reference and transformers' copy
     results["memory"].update(engine_runs.peak_memory(device))
     if "quality" in args.sections:
-        results["quality"] = quality.measure(engine, prompts, args.max_tokens)
+        results["quality"] = quality.measure(engine, prompts)
         progress.update(1)
     if "concurrency" in args.sections:
         sweep = [(modes["concurrency"][0], runs)]

@@ -77,10 +77,12 @@ def compare_nll(model, reference, chunks: list[list[int]]) -> dict:
             "nll_ratio": nll / ref_nll, "top1_agreement": same / total}
 
 
-def compare_greedy(engine, reference, prompts: list[list[int]], max_tokens: int) -> dict:
-    """Greedy continuations of ``prompts``: how many equal the reference's, and how many leading
-    tokens agree on average."""
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+def compare_greedy(engine, reference, prompts: list[list[int]], max_tokens: list[int]) -> dict:
+    """Greedy continuations of ``prompts`` (``max_tokens`` each, EOS ignored): how many equal the
+    reference's, and how many leading tokens agree on average."""
+    params = []
+    for n in max_tokens:
+        params.append(SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
     ours = engine.generate(prompts, params)
     theirs = reference.generate(prompts, params)
     equal = 0
@@ -88,8 +90,9 @@ def compare_greedy(engine, reference, prompts: list[list[int]], max_tokens: int)
     for a, b in zip(ours, theirs):
         equal += a.output_token_ids == b.output_token_ids
         common += _common_prefix(a.output_token_ids, b.output_token_ids)
-    return {"prompts": len(prompts), "max_tokens": max_tokens, "equal": equal,
-            "mean_common_prefix": common / len(prompts)}
+    return {"prompts": len(prompts), "tokens": sum(max_tokens), "equal": equal,
+            "mean_common_prefix": common / len(prompts),
+            "mean_tokens": sum(max_tokens) / len(prompts)}
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -101,7 +104,7 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def measure(engine, prompts, max_tokens: int) -> dict:
+def measure(engine, prompts) -> dict:
     """The quality section of ``mtpserve bench``: ``engine`` against a float32 engine with
     dequantized weights on the same checkpoint (nothing to compare when it is that already)."""
     config = engine.config
@@ -114,5 +117,6 @@ def measure(engine, prompts, max_tokens: int) -> dict:
     result = {"engine": f"{config.quantization} weights, {str(config.dtype).removeprefix('torch.')}"}
     result["nll"] = compare_nll(engine.model, reference.model, chunks)
     prompt_ids = [p.token_ids(engine.tokenizer) for p in prompts]
+    max_tokens = [p.max_tokens for p in prompts]
     result["greedy"] = compare_greedy(engine, reference, prompt_ids, max_tokens)
     return result

@@ -140,7 +140,7 @@ def quality_section(q: dict) -> list[str]:
              "prompts.", ""]
     cells = [[f"{n['nll']:.4f}", f"{n['reference_nll']:.4f}", f"{n['nll_ratio']:.4f}",
               f"{n['top1_agreement']:.3f}", f"{g['equal']} of {g['prompts']}",
-              f"{g['mean_common_prefix']:.1f} of {g['max_tokens']}"]]
+              f"{g['mean_common_prefix']:.1f} of {g['mean_tokens']:.0f}"]]
     header = ["NLL", "reference NLL", "ratio", "top-1 agreement", "greedy equal",
               "mean common prefix"]
     return lines + table(header, cells)
