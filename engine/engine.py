@@ -138,7 +138,7 @@ class LLMEngine:
         if config.quantization == "none" and weights.startswith("GGUF"):
             weights += ", dequantized"
         elif config.quantization != "none":
-            weights += f", projections {WEIGHT_FORMS[config.quantization]}, heads int8 per row"
+            weights += f", projections {WEIGHT_FORMS[config.quantization]}"
         kv = (f"KV cache {self.kv_cache_bytes / 2**20:.0f} MiB ({self.num_blocks} blocks of "
               f"{config.block_size} tokens)")
         return (f"max_model_len {self.max_model_len}, {kv}, dtype {dtype}, weights {weights}, "

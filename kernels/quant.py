@@ -193,6 +193,21 @@ class Fp16Linear(nn.Module):
         return _like(out, x)
 
 
+class Fp16Head(Fp16Linear):
+    """A vocabulary head in float16: FBGEMM's GEMM for the logits, and the float16 rows kept
+    readable for the tied embedding and a reduced draft head (as ``Int8Linear``'s are)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__(weight)
+        self.register_buffer("rows16", weight.half().contiguous())
+
+    def rows(self, index: torch.Tensor) -> Fp16Head:
+        return Fp16Head(self.rows16[index].float())
+
+    def embedding(self, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.rows16[index].to(dtype)
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """The kernels' input: ``x`` as bf16 rows ``[M, in]``."""
     if x.dim() != 2:
@@ -224,3 +239,5 @@ def pack(weight: QuantizedWeight, device: torch.device) -> nn.Module:
 
 
 PACKED = (Int4Linear, Int8Linear, Fp16Linear)
+# heads whose rows can be read: ``rows(index)`` and ``embedding(index, dtype)``
+ROW_HEADS = (Int8Linear, Fp16Head)

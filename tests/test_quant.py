@@ -16,6 +16,7 @@ from mtpserve.engine.loader.gguf_quant import read_quantized
 from mtpserve.kernels.linear import linear
 from mtpserve.kernels.quant import (
     COMPUTE_DTYPE,
+    Fp16Head,
     Int4Linear,
     Int8Linear,
     QuantizedWeight,
@@ -162,3 +163,14 @@ def test_module_casts_keep_the_kernels_dtype():
     holder.to(torch.float32)
     assert layer.scales_and_zeros.dtype == COMPUTE_DTYPE
     assert linear(torch.randn(2, IN, dtype=torch.float64), layer).dtype == torch.float64
+
+
+def test_fp16_head_rows_are_its_float16_weights():
+    weight = torch.randn(OUT, IN)
+    head = Fp16Head(weight)
+    x = torch.randn(3, IN)
+    want = x.double() @ weight.half().double().t()
+    torch.testing.assert_close(linear(x, head).double(), want, rtol=1e-5, atol=1e-4)
+    ids = torch.tensor([7, 1, 90])
+    assert torch.equal(head.embedding(ids, torch.float32), weight.half().float()[ids])
+    torch.testing.assert_close(linear(x, head.rows(ids)), linear(x, head)[:, ids])

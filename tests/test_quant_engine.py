@@ -4,6 +4,8 @@ Hugging Face checkpoint quantized at load against its float logits."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -87,18 +89,23 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
     return None
 
 
-def test_mtp_is_lossless_on_quantized_weights(quantized_checkpoint, quantized):
-    """Greedy output with the shipped head drafting 3 tokens a step (its eh_proj and block packed in
-    int4, its draft head int8 rows) equals plain decoding on the same quantized weights.
+@pytest.mark.parametrize("quantization", ["int4", "fp16"])
+def test_mtp_is_lossless_on_quantized_weights(quantized_checkpoint, quantization):
+    """Greedy output with the shipped head drafting 3 tokens a step (its eh_proj and block packed
+    like the model's, its draft head rows of the packed head) equals plain decoding on the same
+    weights.
 
-    Near-tie rule: the int8 lm_head returns bf16 logits (8 significant bits), so two candidates
-    closer than one bf16 step are a tie that a 1-row and a 4-row step may break differently. Where
-    the outputs part, the plain path's top two logits must be within one bf16 step of each other
-    (2**-7 of their magnitude); before that, every token must be equal."""
-    config = EngineConfig(kv_cache_memory_bytes=SMALL_CACHE, quantization="int4",
+    Near-tie rule: the int4 kernels and the int8 head round inputs and logits to bf16 (8
+    significant bits), so two candidates closer than one bf16 step are a tie that a 1-row and a
+    4-row step may break differently. Where the outputs part, the plain path's top two logits must
+    be within one bf16 step of each other (2**-7 of their magnitude); before that, every token must
+    be equal."""
+    config = EngineConfig(kv_cache_memory_bytes=SMALL_CACHE, quantization=quantization,
                           mtp_head=default_head_path(), spec_draft_n_max=3, spec_adaptive=False)
     drafting = LLMEngine(quantized_checkpoint, config)
-    assert isinstance(drafting.mtp.layers[0].eh_proj, Int4Linear)
+    kind = {"int4": Int4Linear, "fp16": Fp16Linear}[quantization]
+    assert isinstance(drafting.mtp.layers[0].eh_proj, kind)
+    quantized = LLMEngine(quantized_checkpoint, replace(config, spec_draft_n_max=0, mtp_head=None))
     params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
     prompts = chat_prompts(quantized)
     plain = quantized.generate(prompts, params)
@@ -128,7 +135,10 @@ def round_like(engine: LLMEngine, quantization: str) -> None:
                 group = 32 if bits == 4 else param.shape[0]
                 param.data = quantize(param.data.t(), bits, group).dequantize().t().contiguous()
     head = engine.model.lm_head
-    head.data = quantize(head.data.t(), 8, head.shape[0]).dequantize().t().contiguous()
+    if quantization == "fp16":
+        head.data = head.data.half().float()
+    else:
+        head.data = quantize(head.data.t(), 8, head.shape[0]).dequantize().t().contiguous()
 
 
 @pytest.mark.parametrize("quantization, kind", [("int4", Int4Linear), ("int8", Int8Linear),

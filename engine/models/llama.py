@@ -14,7 +14,7 @@ from mtpserve.engine.config import ModelConfig
 from mtpserve.engine.errors import ModelLoadError
 from mtpserve.kernels.attention import AttentionBackend
 from mtpserve.kernels.linear import linear
-from mtpserve.kernels.quant import Int8Linear, QuantizedWeight
+from mtpserve.kernels.quant import ROW_HEADS, QuantizedWeight
 from mtpserve.kernels.rmsnorm import rms_norm
 from mtpserve.kernels.rotary import apply_rotary, rope_cos_sin, signed_tables
 
@@ -231,7 +231,7 @@ class LlamaForCausalLM(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.embed_tokens is not None:
             return F.embedding(input_ids, self.embed_tokens)
-        if isinstance(self.lm_head, Int8Linear):
+        if isinstance(self.lm_head, ROW_HEADS):
             return self.lm_head.embedding(input_ids, self.norm.dtype)
         return self.lm_head.index_select(1, input_ids).t()
 

@@ -24,7 +24,7 @@ from torch import nn
 from mtpserve.engine.errors import ModelLoadError
 from mtpserve.engine.models.llama import _copy, _param, _set_linear, _take
 from mtpserve.kernels.linear import linear
-from mtpserve.kernels.quant import Int8Linear
+from mtpserve.kernels.quant import ROW_HEADS
 from mtpserve.kernels.rmsnorm import rms_norm
 
 
@@ -192,7 +192,7 @@ class MTPModule(nn.Module):
 
 def _restrict(head, vocab: torch.Tensor):
     """``head`` ([H, V], or a quantized one) over the outputs ``vocab`` only."""
-    if isinstance(head, Int8Linear):
+    if isinstance(head, ROW_HEADS):
         return head.rows(vocab)
     return head[:, vocab].contiguous()
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mtpserve.kernels.quant import Fp16Linear, Int8Linear, QuantizedWeight, pack, quantize
+from mtpserve.kernels.quant import Fp16Head, Fp16Linear, Int8Linear, QuantizedWeight, pack, quantize
 
 QUANTIZATIONS = ("none", "int4", "int8", "fp16")
 # how the engine's start-up line names each
-WEIGHT_FORMS = {"int4": "int4 (4-bit codes as stored)", "int8": "int8 per row",
-                "fp16": "float16 (FBGEMM)"}
+WEIGHT_FORMS = {"int4": "int4 (4-bit codes as stored), heads int8 per row",
+                "int8": "int8 per row, heads too", "fp16": "float16 (FBGEMM), heads too"}
 
 
 def prepare_weights(model: nn.Module, quantization: str, group_size: int,
@@ -23,8 +23,9 @@ def prepare_weights(model: nn.Module, quantization: str, group_size: int,
     """``quantization``: "none" keeps every weight float, dequantizing stored codes (the exact
     reference path); "int4" packs the projections in 4 bits (groups), keeping 4-bit codes a file
     stores as they are; "int8" packs them in 8 bits per output row, rounding stored codes again.
-    Vocabulary heads are 8 bits per row whenever quantized: they are also read row by row, as the
-    tied embedding and as a reduced draft head."""
+    "fp16" holds every projection in float16 for FBGEMM. Vocabulary heads are float16 with "fp16"
+    and 8 bits per row otherwise: they are also read row by row, as the tied embedding and as a
+    reduced draft head."""
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, not {quantization!r}")
     if quantization == "fp16" and device.type != "cpu":
@@ -46,10 +47,13 @@ def _prepare(module: nn.Module, name: str, quantization: str, group_size: int,
             _replace(module, name, nn.Parameter(value.dequantize().t().contiguous(),
                                                 requires_grad=False))
         return
-    if quantization == "fp16" and not head:
+    if quantization == "fp16":
         if isinstance(value, QuantizedWeight):
             value = value.dequantize().t()
-        _replace(module, name, Fp16Linear(value.t()))
+        if head:
+            _replace(module, name, Fp16Head(value.t()))
+        else:
+            _replace(module, name, Fp16Linear(value.t()))
         return
     if isinstance(value, nn.Parameter):
         value = quantize(value.t(), _bits(quantization, head, value.shape[0], group_size),
