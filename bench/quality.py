@@ -23,15 +23,15 @@ TEXT_PACKAGES = ("fastapi", "tqdm", "httpx", "starlette", "uvicorn", "tokenizers
 CHUNK_TOKENS = 512
 
 
-def held_out_chunks(tokenizer, num_tokens: int) -> list[list[int]]:
-    """About ``num_tokens`` tokens of held-out text in chunks of CHUNK_TOKENS."""
+def held_out_chunks(tokenizer, num_tokens: int, chunk_tokens: int = CHUNK_TOKENS) -> list[list[int]]:
+    """About ``num_tokens`` tokens of held-out text in chunks of ``chunk_tokens``."""
     chunks = []
     total = 0
     for name in TEXT_PACKAGES:
         text = importlib.metadata.distribution(name).metadata.get_payload() or ""
         ids = tokenizer.encode(text, add_special_tokens=False)
-        for start in range(0, len(ids) - 64, CHUNK_TOKENS):
-            chunk = ids[start:start + CHUNK_TOKENS]
+        for start in range(0, len(ids) - 64, chunk_tokens):
+            chunk = ids[start:start + chunk_tokens]
             chunks.append(chunk)
             total += len(chunk)
             if total >= num_tokens:
@@ -113,7 +113,8 @@ def measure(engine, prompts) -> dict:
     reference_config = dataclasses.replace(config, dtype=torch.float32, quantization="none",
                                            spec_draft_n_max=0, num_blocks=None)
     reference = LLMEngine(load_checkpoint(engine.checkpoint.source), reference_config)
-    chunks = held_out_chunks(engine.tokenizer, NLL_TOKENS)
+    chunk_tokens = min(CHUNK_TOKENS, engine.max_model_len)
+    chunks = held_out_chunks(engine.tokenizer, NLL_TOKENS, chunk_tokens)
     result = {"engine": f"{config.quantization} weights, {str(config.dtype).removeprefix('torch.')}"}
     result["nll"] = compare_nll(engine.model, reference.model, chunks)
     prompt_ids = [p.token_ids(engine.tokenizer) for p in prompts]
