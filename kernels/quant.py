@@ -1,4 +1,4 @@
-"""Weight-only quantized projections: the weight stays as integer codes, activations are bf16.
+"""Weight-only quantized projections: integer codes (or float16), packed for a kernel.
 
 Two forms of the same weight:
 
@@ -6,14 +6,15 @@ Two forms of the same weight:
   for 4 bits, a zero) per group of ``group_size`` inputs: ``value = code * scale + zero``. Rows can
   be concatenated and reordered (the q/k/v and gate/up fusions, llama.cpp's rotary row order) and
   it dequantizes exactly to float32.
-- ``Int4Linear`` / ``Int8Linear``: the runtime form, packed for one device's kernel. ``linear()``
-  calls them in place of a float ``[in, out]`` weight.
+- ``Int4Linear`` / ``Int8Linear`` / ``Fp16Linear``: the runtime form, packed for one device's
+  kernel. ``linear()`` calls them in place of a float ``[in, out]`` weight.
 
-Kernels (PyTorch's own, measured against torchao's wrappers of the same ops in docs/BENCHMARKS.md):
-4 bits, groups of 32..256 with a bf16 scale and zero per group, through
-``aten._weight_int4pack_mm_for_cpu`` (CPU) and ``aten._weight_int4pack_mm`` (CUDA); 8 bits, one
-scale per output row, through ``aten._weight_int8pack_mm`` (CPU). Both read bf16 activations: with
-float32 ones the int4 CPU kernel takes a slow path, so inputs are cast and outputs cast back.
+Kernels, PyTorch's own (compared in docs/BENCHMARKS.md): 4 bits, groups of 32..256 with a bf16
+scale and zero per group, through ``aten._weight_int4pack_mm_for_cpu`` (CPU) and
+``aten._weight_int4pack_mm`` (CUDA); 8 bits, one scale per output row, through
+``aten._weight_int8pack_mm`` (CPU); float16 weights through FBGEMM (CPU). The int4 and int8 kernels
+read bf16 activations (with float32 ones the int4 CPU kernel takes a slow path), so inputs are cast
+and outputs cast back. torchao's weight-only layouts call the same aten kernels on CPU.
 """
 
 from __future__ import annotations
@@ -177,8 +178,9 @@ class Int8Linear(nn.Module):
 
 class Fp16Linear(nn.Module):
     """A weight held in float16 for FBGEMM's CPU GEMM (``quantized.linear_dynamic_fp16``): float32
-    activations, float32 accumulation, no activation rounding, so each row's output does not
-    depend on the other rows of the batch."""
+    activations and sums, no activation rounding, so a row's output depends on the other rows of
+    the batch only through the order of float32 sums, as with a float32 matmul (FBGEMM's dynamic
+    int8 GEMM, faster still, rounds all rows of a call with one scale: not used)."""
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
