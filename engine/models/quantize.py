@@ -48,12 +48,7 @@ def _prepare(module: nn.Module, name: str, quantization: str, group_size: int,
                                                 requires_grad=False))
         return
     if quantization == "fp16":
-        if isinstance(value, QuantizedWeight):
-            value = value.dequantize().t()
-        if head:
-            _replace(module, name, Fp16Head(value.t()))
-        else:
-            _replace(module, name, Fp16Linear(value.t()))
+        _replace(module, name, _fp16(value, head))
         return
     if isinstance(value, nn.Parameter):
         value = quantize(value.t(), _bits(quantization, head, value.shape[0], group_size),
@@ -62,6 +57,17 @@ def _prepare(module: nn.Module, name: str, quantization: str, group_size: int,
         _replace(module, name, Int8Linear.of(value, device))
     else:
         _replace(module, name, pack(value, device))
+
+
+def _fp16(value, head: bool) -> Fp16Linear:
+    """``value`` (an ``[in, out]`` parameter or a QuantizedWeight) in float16 for FBGEMM."""
+    if isinstance(value, QuantizedWeight):
+        weight = value.dequantize()
+    else:
+        weight = value.t()
+    if head:
+        return Fp16Head(weight)
+    return Fp16Linear(weight)
 
 
 def _replace(module: nn.Module, name: str, value) -> None:
