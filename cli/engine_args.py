@@ -79,6 +79,9 @@ def engine_config_from_args(args) -> EngineConfig:
         raise MtpserveError("--kv-cache-memory must be positive")
     device = resolve_device(args.device)
     quantization = resolve_quantization(args.model, args.quantization, device)
+    if quantization == "fp16" and device.startswith("cuda"):
+        raise MtpserveError("--quantization fp16 runs on FBGEMM, a CPU library; on CUDA use "
+                            "--dtype float16")
     dtype = resolve_dtype(args.dtype, quantization, device)
     draft_n_max = 0 if args.no_spec else args.spec_draft_n_max
     return EngineConfig(
