@@ -12,35 +12,16 @@ given back at the end), and the row counts take turns within every repeat so tha
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from mtpserve.bench.stats import mean_std
 from mtpserve.bench.workload import long_prompt_ids
 from mtpserve.engine.errors import MtpserveError
+from mtpserve.engine.spec.calibrate import REPEATS, best_time
 from mtpserve.kernels.attention import build_metadata
 
 CONTEXT = 100  # prompt tokens prefilled before the timed steps
-BEST_OF = 3  # timed calls per measurement (after one untimed): the fastest counts
 REQUEST_ID = "bench-verify-cost"
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def best_time(fn, device: torch.device) -> float:
-    fn()
-    times = []
-    for _ in range(BEST_OF):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def forward(runner, ids: torch.Tensor, table: list[int], start: int):
@@ -107,4 +88,4 @@ def measure(engine, k_max: int, repeats: int, progress=None) -> dict:
                 progress.update()
     finally:
         engine.kv.free(REQUEST_ID)
-    return {"context": context, "k_max": k_max, "best_of": BEST_OF, "rows": ratio_rows(times)}
+    return {"context": context, "k_max": k_max, "best_of": REPEATS, "rows": ratio_rows(times)}

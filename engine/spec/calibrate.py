@@ -32,14 +32,23 @@ def _metadata(runner, rows: int, query_len: int, device) -> tuple[AttentionMetad
     return build_metadata(tables, [CONTEXT] * rows, [query_len] * rows, bs, device)
 
 
-def _best_time(fn) -> float:
+def best_time(fn, device: torch.device) -> float:
+    """The fastest of REPEATS timed calls of ``fn`` (after one untimed call); on CUDA the clock
+    waits for the device, so a step's kernels are counted, not only their launches."""
     fn()
     times = []
     for _ in range(REPEATS):
+        _sync(device)
         start = time.perf_counter()
         fn()
+        _sync(device)
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _fits(runner, rows: int, query_len: int) -> bool:
@@ -70,7 +79,7 @@ def measure_step_costs(runner, max_batch: int, max_tokens: int, n_max: int) -> S
                 runner.attn.prepare(meta)
                 verify(model.compute_logits(model(ids, pos, runner.kv_caches, runner.attn)), batch)
 
-            costs.main[b, q] = _best_time(verify_step)
+            costs.main[b, q] = best_time(verify_step, device)
         meta, pos = _metadata(runner, b, 1, device)
         ids = torch.zeros(b, dtype=torch.long, device=device)
         hidden = torch.zeros(b, model.config.hidden_size, device=device, dtype=model.norm.dtype)
@@ -80,6 +89,6 @@ def measure_step_costs(runner, max_batch: int, max_tokens: int, n_max: int) -> S
             y = proposer.mtp(1, ids, hidden, pos + 1, proposer.kv_caches, proposer.attn)
             proposer.mtp.compute_logits(1, y)
 
-        costs.draft[b] = _best_time(draft_step)
+        costs.draft[b] = best_time(draft_step, device)
         b *= 2
     return costs
