@@ -14,7 +14,6 @@ import importlib.metadata
 import torch
 
 from mtpserve.engine.engine import LLMEngine
-from mtpserve.engine.loader import load_checkpoint
 from mtpserve.engine.sampling_params import SamplingParams
 from mtpserve.kernels.attention import DenseCausalAttention
 
@@ -111,8 +110,9 @@ def measure(engine, prompts) -> dict:
     if config.quantization == "none" and config.dtype in (torch.float32, torch.float64):
         return {"skipped": "the engine runs the float32 reference path itself"}
     reference_config = dataclasses.replace(config, dtype=torch.float32, quantization="none",
-                                           spec_draft_n_max=0, num_blocks=None)
-    reference = LLMEngine(load_checkpoint(engine.checkpoint.source), reference_config)
+                                           spec_draft_n_max=0, mtp_head=None, num_blocks=None)
+    # the same checkpoint: stored codes dequantize exactly on the "none" path
+    reference = LLMEngine(engine.checkpoint, reference_config)
     chunk_tokens = min(CHUNK_TOKENS, engine.max_model_len)
     chunks = held_out_chunks(engine.tokenizer, NLL_TOKENS, chunk_tokens)
     result = {"engine": f"{config.quantization} weights, {str(config.dtype).removeprefix('torch.')}"}
