@@ -100,8 +100,8 @@ class EngineConfig:
     dtype: torch.dtype = torch.float32
     device: str = "cpu"
     # weight-only quantization of the projections: "none" (float; the exact reference path),
-    # "int4" (groups of quantization_group_size inputs) or "int8" (per output row). Weights a GGUF
-    # file stores quantized (Q4_0, Q4_1, Q4_K, Q8_0) run as stored unless "none".
+    # "int4" (groups of quantization_group_size inputs; a GGUF file's 4-bit codes as stored),
+    # "int8" (per output row) or "fp16" (float16 for FBGEMM, CPU); see models/quantize.py
     quantization: str = "none"
     quantization_group_size: int = 32
     # speculative decoding with the model's MTP layers

@@ -188,10 +188,7 @@ class Fp16Linear(nn.Module):
         self.packed = torch.ops.quantized.linear_prepack_fp16(weight.float().contiguous(), None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x
-        if x.dim() != 2:
-            rows = x.reshape(-1, x.shape[-1])
-        out = torch.ops.quantized.linear_dynamic_fp16(rows.float(), self.packed)
+        out = torch.ops.quantized.linear_dynamic_fp16(_rows(x, torch.float32), self.packed)
         return _like(out, x)
 
 
@@ -210,11 +207,11 @@ class Fp16Head(Fp16Linear):
         return self.rows16[index].to(dtype)
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """The kernels' input: ``x`` as bf16 rows ``[M, in]``."""
+def _rows(x: torch.Tensor, dtype: torch.dtype = COMPUTE_DTYPE) -> torch.Tensor:
+    """A kernel's input: ``x`` as rows ``[M, in]`` of ``dtype``."""
     if x.dim() != 2:
         x = x.reshape(-1, x.shape[-1])
-    return x.to(COMPUTE_DTYPE)
+    return x.to(dtype)
 
 
 def _like(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
