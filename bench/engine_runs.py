@@ -111,6 +111,13 @@ class EngineRuns:
         for mode in modes:
             self.run([ids], [SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)], mode)
 
+    def prompt_tok_s(self, ids: list[int]) -> float:
+        """Prompt tok/s of ``ids`` without speculation, in a request that stops at its first
+        token (what the peers' prompt-processing numbers measure)."""
+        params = [SamplingParams(max_tokens=1, temperature=0)]
+        (req,), _ = self.run([ids], params, OFF)
+        return req.timings()["prompt_tokens_per_second"]
+
     def prompt_processing(self, lengths: list[int], modes: dict[str, Mode],
                           repeats: int) -> list[dict]:
         """Prompt tok/s per length and mode. Two tokens are asked for, so that with MTP on the

@@ -10,7 +10,7 @@ import time
 import torch
 
 from mtpserve.bench.engine_runs import OFF
-from mtpserve.bench.stats import mean_std
+from mtpserve.bench.stats import side_by_side
 from mtpserve.bench.workload import long_prompt_ids
 from mtpserve.engine.loader.gguf import default_gguf_path
 from mtpserve.engine.sampling_params import SamplingParams
@@ -73,20 +73,14 @@ def compare(runs, hf, prompts, lengths: list[int], repeats: int) -> dict:
         ours_dec.append(ours_tokens / ours_seconds)
         hf_dec.append(hf_tokens / hf_seconds)
         for n, ids in long_ids.items():
-            (req,), _ = runs.run([ids], [SamplingParams(max_tokens=1, temperature=0)], OFF)
-            ours_pp[n].append(req.timings()["prompt_tokens_per_second"])
+            ours_pp[n].append(runs.prompt_tok_s(ids))
             hf_pp[n].append(n / generate_seconds(hf, ids, 1))
             runs.progress.update()
     prompt_rows = []
     for n in lengths:
-        prompt_rows.append({
-            "prompt_tokens": n,
-            "mtpserve": mean_std(ours_pp[n]),
-            "transformers": mean_std(hf_pp[n]),
-            "ratio": mean_std([a / b for a, b in zip(ours_pp[n], hf_pp[n])]),
-        })
+        prompt_rows.append({"prompt_tokens": n,
+                            **side_by_side(ours_pp[n], hf_pp[n], "transformers")})
     return {
-        "decode_tok_s": {"mtpserve": mean_std(ours_dec), "transformers": mean_std(hf_dec),
-                         "ratio": mean_std([a / b for a, b in zip(ours_dec, hf_dec)])},
+        "decode_tok_s": side_by_side(ours_dec, hf_dec, "transformers"),
         "prompt_tok_s": prompt_rows,
     }

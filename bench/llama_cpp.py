@@ -19,7 +19,7 @@ import subprocess
 import torch
 
 from mtpserve.bench.engine_runs import OFF
-from mtpserve.bench.stats import mean_std
+from mtpserve.bench.stats import side_by_side
 from mtpserve.bench.workload import long_prompt_ids
 from mtpserve.engine.errors import MtpserveError
 from mtpserve.engine.loader.gguf import default_gguf_path
@@ -150,23 +150,12 @@ def typical_request(prompts, tokenizer) -> tuple[int, int]:
     return statistics.median_low(lengths), statistics.median_low(max_tokens)
 
 
-def our_prompt_tok_s(runs, ids: list[int]) -> float:
-    params = SamplingParams(max_tokens=1, temperature=0)
-    (req,), _ = runs.run([ids], [params], OFF)
-    return req.timings()["prompt_tokens_per_second"]
-
-
 def our_decode_tok_s(runs, ids: list[int], tokens: int) -> float:
     """tok/s of ``tokens`` decode steps after the prompt ``ids`` (the first token, from the
     prompt's step, not counted), as llama-bench's ``-n tokens -d len(ids)``."""
     params = SamplingParams(max_tokens=tokens + 1, temperature=0, ignore_eos=True)
     (req,), _ = runs.run([ids], [params], OFF)
     return req.timings()["decode_tokens_per_second"]
-
-
-def side_by_side(ours: list[float], theirs: list[float]) -> dict:
-    ratios = [a / b for a, b in zip(ours, theirs)]
-    return {"mtpserve": mean_std(ours), "llama_cpp": mean_std(theirs), "ratio": mean_std(ratios)}
 
 
 def plan_runs(num_lengths: int) -> int:
@@ -196,7 +185,7 @@ def compare(runs, binary: str, model: str, prompts, lengths: list[int], repeats:
         for test in tests:
             theirs_pp[test["n_prompt"]].append(test["tok_s"])
         for n, ids in long_ids.items():
-            ours_pp[n].append(our_prompt_tok_s(runs, ids))
+            ours_pp[n].append(runs.prompt_tok_s(ids))
         tests = run_llama_bench(binary, gguf, threads, decode_flags(tokens, depth))
         runs.progress.update()
         theirs_dec.append(tests[0]["tok_s"])
@@ -204,7 +193,7 @@ def compare(runs, binary: str, model: str, prompts, lengths: list[int], repeats:
     about = tests[0]
     prompt_rows = []
     for n in lengths:
-        prompt_rows.append({"prompt_tokens": n, **side_by_side(ours_pp[n], theirs_pp[n])})
+        prompt_rows.append({"prompt_tokens": n, **side_by_side(ours_pp[n], theirs_pp[n], "llama_cpp")})
     return {
         "llama_bench": binary,
         "build": about["build"],
@@ -213,6 +202,6 @@ def compare(runs, binary: str, model: str, prompts, lengths: list[int], repeats:
         "model_type": about["model_type"],
         "gguf": gguf,
         "threads": threads,
-        "decode_tok_s": {"depth": depth, "tokens": tokens, **side_by_side(ours_dec, theirs_dec)},
+        "decode_tok_s": {"depth": depth, "tokens": tokens, **side_by_side(ours_dec, theirs_dec, "llama_cpp")},
         "prompt_tok_s": prompt_rows,
     }

@@ -47,6 +47,12 @@ def mean_std(values) -> dict:
     return {"mean": mean, "std": std, "runs": xs}
 
 
+def side_by_side(ours: list[float], theirs: list[float], name: str) -> dict:
+    """Paired runs of ours and a peer ``name``: each side's mean and spread, and of their ratio."""
+    ratios = [a / b for a, b in zip(ours, theirs)]
+    return {"mtpserve": mean_std(ours), name: mean_std(theirs), "ratio": mean_std(ratios)}
+
+
 def acceptance(num_drafts: int, num_draft_tokens: int, num_accepted_tokens: int,
                accepted_per_position: list[int]) -> dict:
     """Acceptance from speculation counts. ``mean_acceptance_length`` counts tokens per verify step
