@@ -40,7 +40,7 @@ bench: install-bench
 # .llama.cpp/bin/ from the llama.cpp vendored in the llama-cpp-python sdist. Source and build stay under
 # .llama.cpp/src/ (the binaries find their shared libraries there: run it again after moving the checkout).
 # LLAMA_CPP_FLAGS: portable x86-64 with AVX2/FMA/F16C, no -march=native (a native build dies with SIGILL on
-# virtual machines whose CPUID differs from what they run; so does AVX-512 on the dev VMs, which hide it).
+# virtual machines whose CPUID differs from what they run; so does an AVX-512 build on a CPU without it).
 # Override it for other CPUs, e.g. with AVX-512:
 # make llama-cpp LLAMA_CPP_FLAGS='$(LLAMA_CPP_BASE_FLAGS) -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON'
 LLAMA_CPP_PYTHON_VERSION := 0.3.36
