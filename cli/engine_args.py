@@ -40,6 +40,9 @@ def add_engine_args(p: argparse.ArgumentParser, speculation: bool = True) -> Non
     g.add_argument("--max-num-seqs", type=int, default=32)
     g.add_argument("--max-num-batched-tokens", type=int, default=512)
     g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--no-prefix-caching", action="store_true",
+                   help="every request computes its whole prompt (default: reuse the KV blocks "
+                        "of earlier requests' shared prefixes)")
     s = p.add_argument_group("speculative decoding (MTP)")
     s.add_argument("--mtp-head", default=None,
                    help="MTP head directory for a model without MTP "
@@ -88,6 +91,7 @@ def engine_config_from_args(args) -> EngineConfig:
         block_size=args.block_size, num_blocks=args.num_blocks,
         kv_cache_memory_bytes=int(args.kv_cache_memory * 2**30), max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+        enable_prefix_caching=not args.no_prefix_caching,
         dtype=dtype, device=device, quantization=quantization,
         quantization_group_size=args.quantization_group_size,
         spec_draft_n_max=draft_n_max, spec_adaptive=args.spec_adaptive == "on",

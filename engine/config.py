@@ -95,6 +95,8 @@ class EngineConfig:
     kv_cache_memory_bytes: int = 512 * 1024 * 1024
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 512  # per-step token budget (chunked prefill)
+    # reuse the KV blocks of earlier requests' shared prefixes (kv_cache.py); off for hybrid models
+    enable_prefix_caching: bool = True
     # None: the model's max_position_embeddings, capped by the cache
     max_model_len: int | None = None
     dtype: torch.dtype = torch.float32
