@@ -7,13 +7,13 @@ import time
 
 import torch
 
+from mtpserve.engine.attention_backend import make_attention_backend
 from mtpserve.engine.kv_cache import KVCacheManager
 from mtpserve.engine.sampler import SamplingBatch, token_logprobs
 from mtpserve.engine.scheduler import SchedulerOutput, StepResult
 from mtpserve.engine.spec.proposer import DraftInput, MTPProposer
 from mtpserve.engine.spec.rejection import verify
 from mtpserve.engine.step_batch import StepBatch
-from mtpserve.kernels.attention import TorchPagedAttention
 
 
 def kv_bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
@@ -24,7 +24,8 @@ def kv_bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head
 
 class ModelRunner:
     def __init__(self, model, kv: KVCacheManager, num_blocks: int, dtype: torch.dtype,
-                 device: torch.device, mtp=None, policy=None):
+                 device: torch.device, mtp=None, policy=None, attention: str = "torch"):
+        """``attention``: the resolved attention backend, "torch" or "triton"."""
         cfg = model.config
         self.model = model
         self.kv = kv
@@ -35,11 +36,13 @@ class ModelRunner:
         self.kv_caches = [tuple(torch.zeros(shape, dtype=dtype, device=device) for _ in "kv")
                           if cfg.has_kv(i) else None
                           for i in range(cfg.num_hidden_layers + num_mtp)]
-        self.attn = TorchPagedAttention()
+        self.attn = make_attention_backend(attention)
         self.vocab_size = cfg.vocab_size
         mtp_caches = self.kv_caches[cfg.num_hidden_layers:]
-        self.proposer = (MTPProposer(mtp, kv, mtp_caches, cfg.vocab_size, device)
-                         if mtp is not None else None)
+        self.proposer = None
+        if mtp is not None:  # the draft steps attend through a backend of the same kind
+            self.proposer = MTPProposer(mtp, kv, mtp_caches, cfg.vocab_size, device,
+                                        make_attention_backend(attention))
         self.policy = policy  # DraftPolicy: drafts per request for the next step
 
     def prepare(self, out: SchedulerOutput) -> StepBatch:

@@ -32,7 +32,7 @@ from mtpserve.engine.sampler import (
     processed_probs,
     sample_from_probs,
 )
-from mtpserve.kernels.attention import TorchPagedAttention, build_metadata
+from mtpserve.kernels.attention import AttentionBackend, build_metadata
 
 
 @dataclass
@@ -47,13 +47,14 @@ class DraftInput:
 
 class MTPProposer:
     def __init__(self, mtp, kv: KVCacheManager, kv_caches: list, vocab_size: int,
-                 device: torch.device):
+                 device: torch.device, attn: AttentionBackend):
+        """``attn``: the draft steps' paged attention, of the main model's kind."""
         self.mtp = mtp
         self.kv = kv
         self.kv_caches = kv_caches
         self.vocab_size = vocab_size
         self.device = device
-        self.attn = TorchPagedAttention()
+        self.attn = attn
         self.pending: dict[str, list[DraftInput]] = {}  # MTP inputs deferred while not drafting
         # per chained MTP layer j: y_j at the last filled position
         self.last_rows: dict[str, list] = {}
