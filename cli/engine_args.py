@@ -7,6 +7,7 @@ import argparse
 
 import torch
 
+from mtpserve.engine.attention_backend import ATTENTION_BACKENDS
 from mtpserve.engine.config import EngineConfig
 from mtpserve.engine.engine import LLMEngine
 from mtpserve.engine.errors import MtpserveError
@@ -40,6 +41,9 @@ def add_engine_args(p: argparse.ArgumentParser, speculation: bool = True) -> Non
     g.add_argument("--max-num-seqs", type=int, default=32)
     g.add_argument("--max-num-batched-tokens", type=int, default=512)
     g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS,
+                   help="paged attention kernels; auto: triton on CUDA, the torch reference "
+                        "(gather + SDPA) on CPU")
     g.add_argument("--no-prefix-caching", action="store_true",
                    help="every request computes its whole prompt (default: reuse the KV blocks "
                         "of earlier requests' shared prefixes)")
@@ -95,7 +99,8 @@ def engine_config_from_args(args) -> EngineConfig:
         dtype=dtype, device=device, quantization=quantization,
         quantization_group_size=args.quantization_group_size,
         spec_draft_n_max=draft_n_max, spec_adaptive=args.spec_adaptive == "on",
-        mtp_head=args.mtp_head, mtp_feedback=args.mtp_feedback)
+        mtp_head=args.mtp_head, mtp_feedback=args.mtp_feedback,
+        attention_backend=args.attention_backend)
 
 
 def resolve_quantization(model: str, quantization: str, device: str) -> str:

@@ -112,3 +112,6 @@ class EngineConfig:
     mtp_head: str | None = None  # standalone head directory for a model without MTP layers
     # hidden fed back between draft steps: the block output ("pre_norm") or after the shared norm
     mtp_feedback: str = "pre_norm"
+    # paged attention: "auto" (Triton kernels on CUDA, the torch reference on CPU), "torch" or
+    # "triton" (engine/attention_backend.py)
+    attention_backend: str = "auto"

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mtpserve.engine.attention_backend import resolve_attention_backend
 from mtpserve.engine.config import EngineConfig
 from mtpserve.engine.errors import MtpserveError, RequestError
 from mtpserve.engine.loader.checkpoint import Checkpoint
@@ -79,6 +80,8 @@ class LLMEngine:
         self.tokenizer = checkpoint.tokenizer
         self.model_config = checkpoint.config
         self.device = torch.device(config.device)
+        self.attention_backend = resolve_attention_backend(config.attention_backend,
+                                                           self.device, config.dtype)
         self.draft_vocab = None  # a head's reduced draft vocabulary
         if models is None:
             mtp_weights, num_mtp = self._mtp_weights()
@@ -97,7 +100,7 @@ class LLMEngine:
                                    self.max_model_len)
         self.policy = DraftPolicy(num_spec, config.spec_adaptive)
         self.runner = ModelRunner(self.model, self.kv, self.num_blocks, config.dtype, self.device,
-                                  self.mtp, self.policy)
+                                  self.mtp, self.policy, self.attention_backend)
         if models is not None:
             self.policy.costs = models.step_costs
         elif num_spec and config.spec_adaptive:
@@ -131,7 +134,8 @@ class LLMEngine:
                            self.max_model_len, wanted, self.num_blocks, config.block_size)
 
     def summary(self) -> str:
-        """What the user got: context length, KV cache, dtype, weights, speculation."""
+        """What the user got: context length, KV cache, dtype, weights, attention backend,
+        speculation."""
         config = self.config
         dtype = str(config.dtype).removeprefix("torch.")
         weights = self.checkpoint.weight_format or "unknown format"
@@ -142,6 +146,7 @@ class LLMEngine:
         kv = (f"KV cache {self.kv_cache_bytes / 2**20:.0f} MiB ({self.num_blocks} blocks of "
               f"{config.block_size} tokens)")
         return (f"max_model_len {self.max_model_len}, {kv}, dtype {dtype}, weights {weights}, "
+                f"attention {self.attention_backend}, "
                 f"{self._mtp_summary()}")
 
     def _mtp_summary(self) -> str:
