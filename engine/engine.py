@@ -17,7 +17,8 @@ from mtpserve.engine.models import model_class
 from mtpserve.engine.models.mtp import DEEPSEEK_LAYOUT, MIMO_LAYOUT, QWEN_LAYOUT, build_mtp
 from mtpserve.engine.models.quantize import WEIGHT_FORMS, prepare_weights
 from mtpserve.engine.noise import RequestNoise
-from mtpserve.engine.recurrent_state import cache_manager
+from mtpserve.engine.prefix_cache import engine_salt
+from mtpserve.engine.recurrent_state import HybridCacheManager, cache_manager
 from mtpserve.engine.request import Request, RequestStatus
 from mtpserve.engine.runner import ModelRunner, kv_bytes_per_block
 from mtpserve.engine.sampling_params import SamplingParams
@@ -40,6 +41,7 @@ class RequestOutput:
     finish_reason: str | None  # set on the request's last output
     spec_stats: SpecStats  # a copy: the request's speculation statistics so far
     timings: dict  # the request's metrics.timings block so far
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache
 
     @property
     def finished(self) -> bool:
@@ -51,7 +53,7 @@ class RequestOutput:
         new_token_ids = tuple(req.output_token_ids[num_before:])
         new_logprobs = tuple(req.output_logprobs[num_before:])
         return cls(req.request_id, new_token_ids, new_logprobs, req.finish_reason,
-                   req.spec_stats.copy(), req.timings())
+                   req.spec_stats.copy(), req.timings(), req.num_cached_tokens)
 
 
 @dataclass
@@ -96,11 +98,13 @@ class LLMEngine:
             self.mtp = models.mtp
         num_spec = config.spec_draft_n_max if self.mtp else 0
         self.kv = cache_manager(self.model, self.num_blocks, config, num_spec)
+        self.prefix_caching = self._enable_prefix_caching()
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.max_model_len)
         self.policy = DraftPolicy(num_spec, config.spec_adaptive)
         self.runner = ModelRunner(self.model, self.kv, self.num_blocks, config.dtype, self.device,
                                   self.mtp, self.policy, self.attention_backend)
+        self._capture_graphs(num_spec)
         if models is not None:
             self.policy.costs = models.step_costs
         elif num_spec and config.spec_adaptive:
@@ -133,6 +137,37 @@ class LLMEngine:
                            "for longer contexts",
                            self.max_model_len, wanted, self.num_blocks, config.block_size)
 
+    def _enable_prefix_caching(self) -> str:
+        """Turn the prefix cache on unless asked not to or the model keeps state that cached
+        blocks do not hold; returns what the start-up line says about it."""
+        config = self.config
+        if not config.enable_prefix_caching:
+            return "prefix caching off"
+        if isinstance(self.kv, HybridCacheManager):
+            logger.info("prefix caching off: the linear-attention layers' recurrent state is "
+                        "per request, and cached blocks do not hold it")
+            return "prefix caching off (hybrid model)"
+        if self.mtp is not None and len(self.mtp.layers) > 1:
+            logger.info("prefix caching off: chained MTP layers read the previous layer's output "
+                        "at the position before, which cached blocks do not hold")
+            return "prefix caching off (chained MTP layers)"
+        salt = engine_salt(self.checkpoint.source, self.checkpoint.weight_format,
+                           self.model_config, config.quantization, config.quantization_group_size,
+                           config.dtype, config.block_size, config.mtp_head, config.mtp_feedback)
+        self.kv.enable_prefix_caching(salt, draft_kv=self.mtp is not None)
+        return "prefix caching on"
+
+    def _capture_graphs(self, num_spec: int) -> None:
+        """CUDA graphs for decode and verify steps where the device, the model and the attention
+        backend allow them (engine/cuda_graph.py)."""
+        if self.device.type != "cuda" or self.config.enforce_eager:
+            return
+        if not self.model.CUDA_GRAPHS or not self.runner.attn.capturable:
+            logger.info("CUDA graphs: off, this model or attention backend runs eagerly")
+            return
+        max_blocks = self.kv.blocks_needed(self.max_model_len + num_spec + 1)
+        self.runner.capture_graphs(self.config.max_num_seqs, num_spec + 1, max_blocks)
+
     def summary(self) -> str:
         """What the user got: context length, KV cache, dtype, weights, attention backend,
         speculation."""
@@ -146,8 +181,14 @@ class LLMEngine:
         kv = (f"KV cache {self.kv_cache_bytes / 2**20:.0f} MiB ({self.num_blocks} blocks of "
               f"{config.block_size} tokens)")
         return (f"max_model_len {self.max_model_len}, {kv}, dtype {dtype}, weights {weights}, "
-                f"attention {self.attention_backend}, "
-                f"{self._mtp_summary()}")
+                f"attention {self.attention_backend}, {self._graphs_summary()}"
+                f"{self.prefix_caching}, {self._mtp_summary()}")
+
+    def _graphs_summary(self) -> str:
+        graphs = self.runner.graphs
+        if graphs is None:
+            return ""
+        return f"CUDA graphs {len(graphs.graphs)} (captured in {graphs.capture_seconds:.1f} s), "
 
     def _mtp_summary(self) -> str:
         if self.mtp is None:

@@ -47,6 +47,10 @@ class Request:
     spec_token_ids: list[int] = field(default_factory=list)
     spec_n_max: int | None = None  # None: the engine's --spec-draft-n-max; 0: no speculation
     spec_stats: SpecStats = field(default_factory=SpecStats)
+    # prefix caching: hashes of the hashable blocks of all_token_ids (kv_cache.py), and the prompt
+    # tokens found in the cache when the request was first scheduled
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_cached_tokens: int = 0
 
     def __post_init__(self):
         self.all_token_ids = list(self.prompt_token_ids) + list(self.output_token_ids)

@@ -2,8 +2,10 @@
 
 Every request has ``num_tokens`` (prompt + output) and ``num_computed_tokens`` (already in the KV
 cache). Each step the scheduler hands out a token budget: running requests first (decode, or the
-next chunk of a long prompt), then waiting ones. When the cache runs out, the most recently
-admitted running request is preempted: its blocks are freed and it is recomputed later.
+next chunk of a long prompt), then waiting ones. A waiting request starts after the longest prefix of
+its blocks found in the prefix cache (``kv_cache.py``). When the cache runs out, the most recently
+admitted running request is preempted: its blocks are freed and it is recomputed later, from
+whatever of its blocks the prefix cache still holds.
 """
 
 from __future__ import annotations
@@ -89,20 +91,33 @@ class Scheduler:
                 out.scheduled.append(ScheduledRequest(req, n, k))
                 budget -= n
                 i += 1
-        while (self.waiting and budget > 0 and len(self.running) < self.max_num_seqs
+        i = 0
+        while (i < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs
                and not out.preempted):
-            req = self.waiting[0]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            if not self.kv.allocate_slots(req.request_id, req.num_computed_tokens + n):
+            req = self.waiting[i]
+            cached = self.kv.cached_prefix(req)
+            if self.kv.waits_for_prefix(req, len(cached)):
+                i += 1  # another request is computing its next block; admit it after that
+                continue
+            num_cached = len(cached) * self.kv.block_size
+            n = min(req.num_tokens - num_cached, budget)
+            if not self.kv.admit(req, cached, num_cached + n):
                 break
-            self.waiting.popleft()
-            req.status = RequestStatus.RUNNING
-            if req.first_scheduled_time is None:
-                req.first_scheduled_time = time.perf_counter()
-            self.running.append(req)
+            del self.waiting[i]
+            self._start(req, num_cached)
             out.scheduled.append(ScheduledRequest(req, n))
             budget -= n
         return out
+
+    def _start(self, req: Request, num_cached: int) -> None:
+        """A waiting request is admitted with its first ``num_cached`` tokens found in the
+        prefix cache."""
+        req.status = RequestStatus.RUNNING
+        req.num_computed_tokens = num_cached
+        if req.first_scheduled_time is None:
+            req.first_scheduled_time = time.perf_counter()
+            req.num_cached_tokens = num_cached
+        self.running.append(req)
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req.request_id)
@@ -135,7 +150,9 @@ class Scheduler:
                     self.finish(req, status)
                     finished.append(req)
                     break
-            if not req.status.finished:  # release lookahead blocks beyond the next step's needs
+            if not req.status.finished:
+                self.kv.cache_blocks(req)
+                # release lookahead blocks beyond the next step's needs
                 self.kv.trim(req.request_id, req.num_tokens + len(req.spec_token_ids))
         return finished
 
@@ -147,6 +164,8 @@ class Scheduler:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
+        if status != RequestStatus.FINISHED_ERROR:  # a failed step's KV is not trusted
+            self.kv.cache_blocks(req)
         req.status = status
         req.finish_time = time.perf_counter()
         self.kv.free(req.request_id)

@@ -12,6 +12,10 @@ A request that drafts nothing this step (the policy chose k = 0, or a prompt chu
 MTP layer: its (hidden, next token) pairs wait in ``pending`` and are computed in one pass the next
 time it drafts, so speculation that is backed off costs nothing per step.
 
+After a prefix-cache hit the MTP KV of the cached positions is already in the shared blocks (a block
+is cached only once its MTP KV is filled, and its hash covers the token its last MTP entry read), so
+the first pass starts at the request's first computed position like any other.
+
 Per-request state lives in the proposer's own tables, keyed by request id (``pending``,
 ``last_rows``, ``draft_probs``); ``free`` drops it when a request finishes, is aborted or
 is preempted.
@@ -162,6 +166,8 @@ class MTPProposer:
         for it in items:
             tokens.extend(it.next_tokens)
         y = self._run(0, reqs, tokens, torch.cat([it.hidden for it in items]), starts, lengths)
+        for it in items:  # verified positions only: the prefix cache may now keep these blocks
+            self.kv.mark_draft_kv(it.request.request_id, it.start + len(it.next_tokens))
         ends = torch.tensor(lengths, device=self.device).cumsum(0) - 1
         y = self._chain(items, reqs, tokens, starts, lengths, y, ends)
         req_params = [r.sampling_params for r in reqs]
