@@ -44,6 +44,9 @@ def add_engine_args(p: argparse.ArgumentParser, speculation: bool = True) -> Non
     g.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS,
                    help="paged attention kernels; auto: triton on CUDA, the torch reference "
                         "(gather + SDPA) on CPU")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="CUDA: run every step eagerly instead of replaying CUDA graphs "
+                        "captured at start-up for decode and verify steps")
     g.add_argument("--no-prefix-caching", action="store_true",
                    help="every request computes its whole prompt (default: reuse the KV blocks "
                         "of earlier requests' shared prefixes)")
@@ -100,7 +103,7 @@ def engine_config_from_args(args) -> EngineConfig:
         quantization_group_size=args.quantization_group_size,
         spec_draft_n_max=draft_n_max, spec_adaptive=args.spec_adaptive == "on",
         mtp_head=args.mtp_head, mtp_feedback=args.mtp_feedback,
-        attention_backend=args.attention_backend)
+        attention_backend=args.attention_backend, enforce_eager=args.enforce_eager)
 
 
 def resolve_quantization(model: str, quantization: str, device: str) -> str:

@@ -115,3 +115,5 @@ class EngineConfig:
     # paged attention: "auto" (Triton kernels on CUDA, the torch reference on CPU), "torch" or
     # "triton" (engine/attention_backend.py)
     attention_backend: str = "auto"
+    # True: no CUDA graphs (every step runs eagerly); on CPU there are none anyway
+    enforce_eager: bool = False

@@ -8,6 +8,7 @@ import time
 import torch
 
 from mtpserve.engine.attention_backend import make_attention_backend
+from mtpserve.engine.cuda_graph import CUDAGraphs
 from mtpserve.engine.kv_cache import KVCacheManager
 from mtpserve.engine.sampler import SamplingBatch, token_logprobs
 from mtpserve.engine.scheduler import SchedulerOutput, StepResult
@@ -44,6 +45,7 @@ class ModelRunner:
             self.proposer = MTPProposer(mtp, kv, mtp_caches, cfg.vocab_size, device,
                                         make_attention_backend(attention))
         self.policy = policy  # DraftPolicy: drafts per request for the next step
+        self.graphs: CUDAGraphs | None = None  # captured forwards (capture_graphs)
 
     def prepare(self, out: SchedulerOutput) -> StepBatch:
         return StepBatch.build(out, self.kv, self.vocab_size, self.device, self._draft_probs)
@@ -55,8 +57,7 @@ class ModelRunner:
         step's time."""
         start_time = time.perf_counter()
         batch = self.prepare(out)
-        self.attn.prepare(batch.attn)
-        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, self.attn)
+        hidden = self._forward(batch)
         result = StepResult()
         if batch.sampling:
             self._sample(batch, hidden, result)
@@ -64,6 +65,20 @@ class ModelRunner:
             self._draft(batch, hidden, result)
             self._observe_step(out, result, time.perf_counter() - start_time)
         return result
+
+    def capture_graphs(self, max_num_seqs: int, max_q: int, max_blocks: int) -> None:
+        """Capture the main model's decode and verify forwards in CUDA graphs (cuda_graph.py)."""
+        self.graphs = CUDAGraphs(self.model, self.kv_caches, self.attn, self.block_size,
+                                 max_num_seqs, max_q, max_blocks, self.device)
+        self.graphs.capture()
+
+    def _forward(self, batch: StepBatch) -> torch.Tensor:
+        """The main model's [T, hidden] output: a graph's replay when one fits the step."""
+        meta = batch.attn
+        if self.graphs is not None and self.graphs.can_run(meta):
+            return self.graphs.run(batch.input_ids, batch.positions, meta)
+        self.attn.prepare(meta)
+        return self.model(batch.input_ids, batch.positions, self.kv_caches, self.attn)
 
     def free(self, request_id: str) -> None:
         """Drop speculation state of a request that finished, was aborted or was preempted."""

@@ -68,6 +68,8 @@ class AttentionBackend:
 
     # the step's metadata (None: no paged cache, e.g. DenseCausalAttention)
     meta: AttentionMetadata | None = None
+    # True: ``forward`` reads nothing on the host, so a CUDA graph can capture it
+    capturable = False
 
     def prepare(self, metadata: AttentionMetadata) -> None:
         raise NotImplementedError

@@ -151,6 +151,8 @@ class Glm4MoeForCausalLM(LlamaForCausalLM):
     """Same interface as LlamaForCausalLM;
     layers from ``first_k_dense_replace`` on (and MTP layers) are MoE."""
 
+    CUDA_GRAPHS = False  # the routing picks experts on the host
+
     def make_layer(self, layer_idx: int) -> Glm4MoeDecoderLayer:
         """Block ``layer_idx``;
         an MTP layer (index >= num_hidden_layers) always has experts, as in transformers."""

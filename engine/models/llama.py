@@ -187,6 +187,8 @@ def _same_format(parts: list[QuantizedWeight]) -> bool:
 
 class LlamaForCausalLM(nn.Module):
     HEAD_WEIGHTS = ("lm_head",)
+    # the forward reads no device value on the host: it can be captured in a CUDA graph
+    CUDA_GRAPHS = True
 
     def __init__(self, cfg: ModelConfig, max_positions: int | None = None):
         super().__init__()

@@ -280,6 +280,8 @@ class Qwen3NextDecoderLayer(DecoderLayer):
 class Qwen3NextForCausalLM(LlamaForCausalLM):
     """Same interface as LlamaForCausalLM; ``layer_types`` picks each layer's token mixer."""
 
+    CUDA_GRAPHS = False  # MoE routing on the host, and recurrent state slots per step
+
     def make_layer(self, layer_idx: int) -> Qwen3NextDecoderLayer:
         cfg = self.config
         linear_attn = not cfg.has_kv(layer_idx)
