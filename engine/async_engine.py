@@ -176,6 +176,7 @@ class TextStream:
         self.logprobs: list = []  # (token id, (logprob, top-n)) not yet taken by the responder
         self.spec_stats = SpecStats()  # as of the latest output
         self.timings: dict = {}  # as of the latest output
+        self.num_cached_tokens = 0  # prompt tokens found in the prefix cache
 
     def _find_stop(self) -> int:
         hits = [i for i in (self.pending.find(s) for s in self.stop) if i >= 0]
@@ -199,6 +200,7 @@ class TextStream:
                 if isinstance(out, BaseException):
                     raise EngineDeadError("the engine stopped after an internal error")
                 self.spec_stats, self.timings = out.spec_stats, out.timings
+                self.num_cached_tokens = out.num_cached_tokens
                 if out.finish_reason == "error":
                     self._end("error")
                     raise RequestFailedError("the model step computing this request failed")

@@ -38,6 +38,10 @@ class ServerMetrics:
                                          "Generated tokens returned to clients")
         self.success = counter("mtpserve_request_success", "Finished requests", ["finished_reason"])
         self.preemptions = counter("mtpserve_preemptions", "Requests preempted (recomputed later)")
+        self.prefix_queries = counter("mtpserve_prefix_cache_queries",
+                                      "Tokens of admitted requests looked up in the prefix cache")
+        self.prefix_hits = counter("mtpserve_prefix_cache_hits",
+                                   "Tokens found in the prefix cache (not computed again)")
         self.spec_drafts = counter("mtpserve_spec_drafts", "Verify steps that carried draft tokens")
         self.spec_draft_tokens = counter("mtpserve_spec_draft_tokens",
                                          "Draft tokens proposed by MTP")
@@ -60,6 +64,7 @@ class ServerMetrics:
         self.decode_speed = histogram("mtpserve_request_decode_tokens_per_second",
                                       "Per-request decode speed", SPEED_BUCKETS)
         self._preemptions_seen = 0
+        self._prefix_seen = (0, 0)  # (queries, hits) already counted
 
     def on_prompt(self, num_tokens: int) -> None:
         self.prompt_tokens.labels(self.model_name).inc(num_tokens)
@@ -96,6 +101,14 @@ class ServerMetrics:
             self.acceptance_rate.labels(m).observe(drafting.acceptance_rate)
             self.acceptance_length.labels(m).observe(drafting.mean_acceptance_length)
 
+    def _count_prefix_cache(self, kv) -> None:
+        """Move the prefix-cache counters by what the engine looked up since the last scrape."""
+        queries, hits = kv.num_queried_tokens, kv.num_hit_tokens
+        seen_queries, seen_hits = self._prefix_seen
+        self.prefix_queries.labels(self.model_name).inc(max(queries - seen_queries, 0))
+        self.prefix_hits.labels(self.model_name).inc(max(hits - seen_hits, 0))
+        self._prefix_seen = (queries, hits)
+
     def render(self, client) -> bytes:
         """Refresh the gauges from the engine, then the text exposition format."""
         m = self.model_name
@@ -106,6 +119,7 @@ class ServerMetrics:
         seen = engine.scheduler.num_preemptions
         self.preemptions.labels(m).inc(max(seen - self._preemptions_seen, 0))
         self._preemptions_seen = seen
+        self._count_prefix_cache(engine.kv)
         # make the labelled series exist from the start, so every name is present before the
         # first request
         per_model = (

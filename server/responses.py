@@ -31,13 +31,19 @@ def request_metrics(stream) -> dict:
 
 
 def usage(streams, n: int) -> dict:
-    """Token counts of the request; its ``n`` choices share one prompt, counted once per prompt."""
+    """Token counts of the request; its ``n`` choices share one prompt, counted once per prompt.
+    ``cached_tokens``: per prompt, the fewest prompt tokens any of its choices found in the prefix
+    cache (the first choice to start computes what the others then reuse)."""
     prompt = sum(s.num_prompt_tokens for s in streams) // n
     completion = sum(s.num_tokens for s in streams)
+    cached = 0
+    for first in range(0, len(streams), n):
+        cached += min(s.num_cached_tokens for s in streams[first:first + n])
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
     }
 
 
