@@ -44,7 +44,7 @@ def test_forced_triton_that_cannot_run_is_an_error(monkeypatch):
         resolve_attention_backend("flash", CPU, torch.float32)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA run is in tests/test_gpu.py")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA runs are in tests/test_gpu_graphs.py")
 @pytest.mark.parametrize("mtp", [False, True])
 def test_engine_on_triton_matches_torch(tiny_llama_dir, tmp_path, mtp):
     pytest.importorskip("triton")
