@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
 import os
 import signal
@@ -12,6 +14,8 @@ from mtpserve.cli.engine_args import engine_from_args
 from mtpserve.engine.async_engine import EngineClient
 from mtpserve.engine.errors import MtpserveError
 from mtpserve.server.app import build_app
+from mtpserve.server.chat_prompt import ServerChatSettings
+from mtpserve.server.tool_parsers import PARSER_CHOICES
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +46,52 @@ def add_args(p) -> None:
                    help="seconds between INFO progress lines while busy (0 disables)")
     g.add_argument("--shutdown-grace", type=float, default=10.0,
                    help="seconds in-flight requests may run on after SIGTERM")
+    g.add_argument("--allowed-origins", type=origin_list, default=None,
+                   help="comma-separated origins browsers may call from (CORS; '*' for any); "
+                        "default: none")
+    g.add_argument("--sse-keepalive", type=float, default=15.0,
+                   help="seconds of silence in a stream (a long prefill) before a keep-alive "
+                        "comment (0 disables)")
+    c = p.add_argument_group("chat")
+    c.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="a Jinja chat template file used instead of the model's")
+    c.add_argument("--reasoning-parser", default="auto", choices=["auto", "think", "none"],
+                   help="split <think>...</think> into reasoning_content: auto (when the "
+                        "template uses <think>), think (always) or none")
+    c.add_argument("--tool-call-parser", default="auto", choices=PARSER_CHOICES,
+                   help="the format tool calls are read in (auto: from the chat template)")
+    c.add_argument("--default-chat-template-kwargs", type=json_object, default=None,
+                   metavar="JSON", help='template variables for every request, e.g. '
+                                        '\'{"enable_thinking": false}\' (a request\'s '
+                                        'chat_template_kwargs win)')
+
+
+def origin_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def json_object(text: str) -> dict:
+    """An argparse type: a JSON object."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def chat_settings(args) -> ServerChatSettings:
+    template = None
+    if args.chat_template:
+        try:
+            with open(args.chat_template, encoding="utf-8") as f:
+                template = f.read()
+        except OSError as e:
+            raise MtpserveError(f"--chat-template: cannot read {args.chat_template} "
+                                f"({e.strerror})") from None
+    return ServerChatSettings(template, args.reasoning_parser, args.tool_call_parser,
+                              args.default_chat_template_kwargs)
 
 
 def served_name(args) -> str:
@@ -75,6 +125,8 @@ def check_args(args) -> None:
         raise MtpserveError("--max-concurrent-per-client must be at least 1")
     if args.log_interval < 0 or args.shutdown_grace < 0:
         raise MtpserveError("--log-interval and --shutdown-grace must be >= 0")
+    if args.sse_keepalive < 0:
+        raise MtpserveError("--sse-keepalive must be >= 0")
 
 
 def warn_if_exposed(host: str, api_key: str | None) -> bool:
@@ -90,6 +142,7 @@ def run(args) -> int:
     check_args(args)
     api_key = args.api_key or None
     warn_if_exposed(args.host, api_key)
+    settings = chat_settings(args)
     if args.log_prompts:  # its own level, so the flag alone is enough at the default --log-level
         logging.getLogger("mtpserve.server.prompts").setLevel(logging.INFO)
     client = EngineClient(build=lambda: engine_from_args(args), log_interval=args.log_interval)
@@ -99,7 +152,8 @@ def run(args) -> int:
                     max_body_bytes=args.max_body_bytes, max_header_bytes=args.max_header_bytes,
                     metrics_public=args.metrics_public,
                     max_concurrent_per_client=args.max_concurrent_per_client,
-                    log_prompts=args.log_prompts)
+                    log_prompts=args.log_prompts, chat_settings=settings,
+                    sse_keepalive=args.sse_keepalive, allowed_origins=args.allowed_origins)
     print(f"mtpserve: serving {name!r} ({args.model}) on "
           f"http://{args.host}:{args.port}/v1 ; {engine.summary()}", flush=True)
     try:

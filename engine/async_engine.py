@@ -165,8 +165,14 @@ class TextStream:
         self.arrival_time = arrival_time
         self.queue = queue
         self.stop = [s for s in params.stop if s]
+        self.min_tokens = params.min_tokens
+        self.keep_stop = params.include_stop_str_in_output
         self.metrics = metrics
-        self.detok = IncrementalDetokenizer(client.tokenizer, prompt_token_ids)
+        self.detok = IncrementalDetokenizer(client.tokenizer, prompt_token_ids,
+                                            params.skip_special_tokens)
+        self.stop_token_ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            self.stop_token_ids |= set(client.engine.eos_token_ids)
         self.pending = ""
         self.num_tokens = 0       # completion tokens the client got text from
         self.finish_reason: str | None = None
@@ -179,8 +185,24 @@ class TextStream:
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache
 
     def _find_stop(self) -> int:
-        hits = [i for i in (self.pending.find(s) for s in self.stop) if i >= 0]
-        return min(hits) if hits else -1
+        """Where the pending text ends (-1: no stop string in it); past the stop string when it
+        is kept. Nothing is searched before ``min_tokens`` outputs."""
+        if self.num_tokens < self.min_tokens:
+            return -1
+        hits = [(i, len(s)) for i, s in ((self.pending.find(s), s) for s in self.stop) if i >= 0]
+        if not hits:
+            return -1
+        cut, size = min(hits)
+        return cut + size if self.keep_stop else cut
+
+    def _text_tokens(self, out) -> list[int]:
+        """The tokens whose text the client gets: the EOS or stop token that ended the request
+        is left out unless include_stop_str_in_output."""
+        ids = out.new_token_ids
+        ended_by_token = out.finish_reason == "stop" and ids and ids[-1] in self.stop_token_ids
+        if ended_by_token and not self.keep_stop:
+            return ids[:-1]
+        return ids
 
     def _observe(self, count: int) -> None:
         now = time.perf_counter()
@@ -208,7 +230,7 @@ class TextStream:
                     self.logprobs.extend(zip(out.new_token_ids, out.new_logprobs))
                 self.num_tokens += len(out.new_token_ids)
                 self._observe(len(out.new_token_ids))
-                self.pending += self.detok.add(out.new_token_ids)
+                self.pending += self.detok.add(self._text_tokens(out))
                 if out.finished:
                     self.pending += self.detok.flush()
                 cut = self._find_stop()
@@ -218,6 +240,8 @@ class TextStream:
                         self.client.abort(self.request_id)
                 elif out.finished:
                     text, self.pending, self.finish_reason = self.pending, "", out.finish_reason
+                elif self.num_tokens < self.min_tokens:
+                    text, self.pending = self.pending, ""
                 else:
                     keep = len(self.pending) - hold if hold else len(self.pending)
                     text, self.pending = self.pending[:max(keep, 0)], self.pending[max(keep, 0):]

@@ -7,7 +7,7 @@ from datetime import datetime
 from functools import lru_cache
 
 import jinja2
-from jinja2 import nodes
+from jinja2 import meta, nodes
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -61,6 +61,16 @@ _ENV = _environment()
 def compile_template(template: str) -> jinja2.Template:
     """Compile once per template string."""
     return _ENV.from_string(template)
+
+
+@lru_cache(maxsize=32)
+def template_variables(template: str) -> frozenset[str]:
+    """The variables a template reads from its context (``tools``: it renders tools itself);
+    empty for a template that does not parse (rendering then reports it)."""
+    try:
+        return frozenset(meta.find_undeclared_variables(_ENV.parse(template)))
+    except jinja2.TemplateSyntaxError:
+        return frozenset()
 
 
 def render_chat_template(

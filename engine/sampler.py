@@ -232,12 +232,15 @@ class SamplingBatch:
     draft_probs: list[torch.Tensor | None]
     start_loc: list[int]                    # [S + 1] cumulative k_i + 1
     row_tensors: SamplingTensors            # [L] the settings of each logits row's request
+    # [S] the EOS ids of each request (held back with its stop_token_ids before min_tokens)
+    eos_token_ids: list[frozenset[int]] | None = None
 
     @classmethod
     def build(cls, params: list[SamplingParams], prompt_token_ids: list[list[int]],
               output_token_ids: list[list[int]], noises: list[RequestNoise], vocab_size: int,
               device, draft_token_ids: list[list[int]] | None = None,
-              draft_probs: list[torch.Tensor | None] | None = None) -> SamplingBatch:
+              draft_probs: list[torch.Tensor | None] | None = None,
+              eos_token_ids: list[frozenset[int]] | None = None) -> SamplingBatch:
         if draft_token_ids is None:
             draft_token_ids = [[] for _ in params]
         if draft_probs is None:
@@ -250,7 +253,17 @@ class SamplingBatch:
         if len(owners) != len(params):
             tensors = tensors.select(torch.tensor(owners, dtype=torch.long, device=device))
         return cls(params, prompt_token_ids, output_token_ids, noises, draft_token_ids, draft_probs,
-                   start_loc, tensors)
+                   start_loc, tensors, eos_token_ids)
+
+    def early_stop_ids(self, i: int) -> list[int]:
+        """The tokens request ``i`` may not end with before ``min_tokens`` outputs."""
+        params = self.params[i]
+        if not params.min_tokens:
+            return []
+        ids = set(params.stop_token_ids)
+        if self.eos_token_ids is not None and not params.ignore_eos:
+            ids |= self.eos_token_ids[i]
+        return sorted(ids)
 
     @property
     def num_drafts(self) -> list[int]:

@@ -35,6 +35,9 @@ class SamplingParams:
     ignore_eos: bool = False
     stop: list[str] = field(default_factory=list)   # stop strings, checked on text elsewhere
     logprobs: int | None = None       # number of top logprobs to return (0 = chosen token only)
+    min_tokens: int = 0               # before this many outputs: no EOS or stop token, no stop string
+    include_stop_str_in_output: bool = False  # keep the stop string or stop token's text
+    skip_special_tokens: bool = True  # special tokens' text left out of the output text
 
     @property
     def greedy(self) -> bool:
@@ -57,6 +60,9 @@ class SamplingParams:
 
         if self.max_tokens < 1:
             bad("max_tokens", f"max_tokens must be at least 1, got {self.max_tokens}")
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+            bad("min_tokens", f"min_tokens must be an integer in [0, max_tokens], "
+                              f"got {self.min_tokens!r}")
         if self.temperature < 0:
             bad("temperature", f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:

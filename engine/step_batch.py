@@ -70,4 +70,5 @@ def _sampling_batch(scheduled: list[ScheduledRequest], vocab_size: int, device,
         [r.sampling_params for r in reqs], [r.prompt_token_ids for r in reqs],
         [r.output_token_ids for r in reqs], [r.noise for r in reqs], vocab_size, device,
         draft_token_ids=[s.request.spec_token_ids[:s.num_spec_tokens] for s in scheduled],
-        draft_probs=[draft_probs_of(s) for s in scheduled])
+        draft_probs=[draft_probs_of(s) for s in scheduled],
+        eos_token_ids=[r.eos_token_ids for r in reqs])

@@ -11,6 +11,7 @@ from starlette.exceptions import HTTPException
 from mtpserve.engine.async_engine import StreamError
 from mtpserve.engine.errors import RequestError
 
+UNSUPPORTED = "unsupported_field"
 ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error",
                503: "service_unavailable"}
 
@@ -42,6 +43,11 @@ def error_response(status: int, message: str, param: str | None = None, code: st
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def unsupported(field: str) -> APIError:
+    """The one answer for every field this server does not support, declared or unknown."""
+    return APIError(400, f"{field!r} is not supported by this server", field, UNSUPPORTED)
+
+
 def request_error(exc: RequestError, prompt_field: str) -> APIError:
     """An invalid request is a 400. The engine names a prompt too long for the context ``messages``;
     a route whose prompt field has another name (``prompt`` for /v1/completions) passes it as
@@ -59,7 +65,7 @@ def validation_message(exc: RequestValidationError, content_type: str) -> tuple[
     loc = [str(p) for p in err.get("loc", ()) if p != "body"]
     param = ".".join(loc) or None
     if err.get("type") == "extra_forbidden":
-        return f"unsupported field {param!r}", param
+        return f"{param!r} is not supported by this server", param
     if err.get("type") == "json_invalid":
         return "the request body is not valid JSON", None
     if not loc and "json" not in content_type:
@@ -82,7 +88,11 @@ async def stream_failed(_: Request, exc: StreamError) -> JSONResponse:
 async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
     """Validation errors are 400s in the envelope, not FastAPI's 422."""
     message, param = validation_message(exc, request.headers.get("content-type", ""))
-    return error_response(400, message, param)
+    code = None
+    errors = exc.errors()
+    if errors and errors[0].get("type") == "extra_forbidden":
+        code = UNSUPPORTED
+    return error_response(400, message, param, code)
 
 
 async def http_error(_: Request, exc: HTTPException) -> JSONResponse:

@@ -42,6 +42,8 @@ class ServerMetrics:
                                       "Tokens of admitted requests looked up in the prefix cache")
         self.prefix_hits = counter("mtpserve_prefix_cache_hits",
                                    "Tokens found in the prefix cache (not computed again)")
+        self.http_requests = counter("mtpserve_http_requests", "HTTP requests answered",
+                                     ["route", "status"])
         self.spec_drafts = counter("mtpserve_spec_drafts", "Verify steps that carried draft tokens")
         self.spec_draft_tokens = counter("mtpserve_spec_draft_tokens",
                                          "Draft tokens proposed by MTP")
@@ -65,6 +67,9 @@ class ServerMetrics:
                                       "Per-request decode speed", SPEED_BUCKETS)
         self._preemptions_seen = 0
         self._prefix_seen = (0, 0)  # (queries, hits) already counted
+
+    def on_http(self, route: str, status: int) -> None:
+        self.http_requests.labels(self.model_name, route, str(status)).inc()
 
     def on_prompt(self, num_tokens: int) -> None:
         self.prompt_tokens.labels(self.model_name).inc(num_tokens)

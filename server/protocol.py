@@ -1,5 +1,5 @@
 """OpenAI request bodies (pydantic). Unknown fields are rejected; known but unsupported ones are
-declared so that ``unsupported_field`` can name them in a 400."""
+declared so that ``unsupported_field`` can name them in a 400 (the policy: docs/API.md)."""
 
 from __future__ import annotations
 
@@ -74,10 +74,54 @@ class TextPart(Strict):
     text: str
 
 
+class FunctionCall(Strict):
+    name: str
+    arguments: str  # a JSON object, as OpenAI sends it
+
+
+class ToolCall(Strict):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+    index: int | None = None  # present when a client rebuilt the call from stream deltas
+
+
 class ChatMessage(Strict):
-    role: Literal["system", "user", "assistant", "developer"]
+    role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None
+
+    @model_validator(mode="after")
+    def _tool_fields(self):
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("a tool message needs the tool_call_id it answers")
+        return self
+
+
+class FunctionDefinition(Strict):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(Strict):
+    name: str
+
+
+class NamedToolChoice(Strict):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class SamplingFields(Strict):
@@ -100,8 +144,18 @@ class SamplingFields(Strict):
     ignore_eos: bool = False
     user: str | None = None
     speculative: Speculative | None = None
-    # known to OpenAI, not supported yet: declared so the 400 can name them
-    logit_bias: Any = None
+    stop_token_ids: list[int] | None = None
+    min_tokens: int = Field(default=0, ge=0)
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    # accepted, no effect on the output (docs/API.md says why)
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    # known to OpenAI, supported only when empty: declared so the 400 can name them
+    logit_bias: dict[str, Any] | None = None
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -114,12 +168,14 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    tools: Any = None
-    tool_choice: Any = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
+    response_format: Any = None
     functions: Any = None
     function_call: Any = None
-    parallel_tool_calls: Any = None
-    response_format: Any = None
 
     def num_logprobs(self) -> int | None:
         """SamplingParams.logprobs:
@@ -150,6 +206,9 @@ class TokenizeRequest(Strict):
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
+    tools: list[Tool] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
 
 
 class DetokenizeRequest(Strict):
@@ -157,46 +216,26 @@ class DetokenizeRequest(Strict):
     tokens: list[int]
 
 
-_UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls",
-                "logit_bias", "echo", "suffix", "best_of")
+# field: the values that mean "not used" (so a client that sends them is served)
+_UNSUPPORTED = {
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "logit_bias": (None, {}),
+    "echo": (None, False),
+    "suffix": (None, ""),
+    "best_of": (None, 1),
+}
 
 
 def unsupported_field(req: BaseModel) -> str | None:
     """The first field set to something we do not support, or None."""
-    for name in _UNSUPPORTED:
-        value = getattr(req, name, None)
-        if value is None or value is False:
+    for name, unused in _UNSUPPORTED.items():
+        if name not in type(req).model_fields:
             continue
-        if name == "best_of" and value == 1:
-            continue
-        return name
+        value = getattr(req, name)
+        if not any(value == u and type(value) is type(u) for u in unused):
+            return name
     fmt = getattr(req, "response_format", None)
     if fmt is not None and fmt != {"type": "text"}:
         return "response_format"
     return None
-
-
-def is_text_part(part: dict) -> bool:
-    """``{"type": "text", "text": str}`` and nothing else."""
-    if part.get("type") != "text" or not isinstance(part.get("text"), str):
-        return False
-    return not set(part) - {"type", "text"}
-
-
-def message_dicts(messages: list[ChatMessage]) -> list[dict]:
-    """Messages for the chat template; text parts joined.
-    ValueError naming the field for anything else."""
-    out = []
-    for i, m in enumerate(messages):
-        content = m.content
-        if isinstance(content, list):
-            texts = []
-            for part in content:
-                if not is_text_part(part):
-                    raise ValueError(f"messages[{i}].content: only text parts are supported, "
-                                     f"got {part.get('type')!r}")
-                texts.append(part["text"])
-            content = "".join(texts)
-        role = "system" if m.role == "developer" else m.role
-        out.append({"role": role, "content": content or ""})
-    return out

@@ -12,12 +12,14 @@ import time
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from mtpserve.engine.async_engine import StreamError, merged_deltas
+from mtpserve.server.chat_output import ChatOutput, OutputSpec, finish_reason, merge, message
 from mtpserve.server.errors import error_body
 from mtpserve.server.logprobs import LogprobsFormatter
 
 logger = logging.getLogger(__name__)
 
 DONE = "data: [DONE]\n\n"
+KEEPALIVE = ": keep-alive\n\n"  # an SSE comment: clients skip it, proxies see the stream alive
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -97,15 +99,17 @@ async def collect_all(streams, disconnected=None) -> list[str] | None:
     return gathered.result()
 
 
-def json_choice(i: int, stream, text: str, chat: bool, logprobs: LogprobsFormatter,
+def json_choice(i: int, stream, text: str, spec: OutputSpec | None, logprobs: LogprobsFormatter,
                 own_metrics: bool) -> dict:
     choice = {
         "index": i,
         "logprobs": logprobs.format(i, stream.take_logprobs()),
         "finish_reason": stream.finish_reason,
     }
-    if chat:
-        choice["message"] = {"role": "assistant", "content": text}
+    if spec is not None:
+        output = ChatOutput(spec)
+        choice["message"] = message(spec, merge(output.feed(text), output.finish()))
+        choice["finish_reason"] = finish_reason(output, stream.finish_reason)
     else:
         choice["text"] = text
     if own_metrics:
@@ -113,11 +117,12 @@ def json_choice(i: int, stream, text: str, chat: bool, logprobs: LogprobsFormatt
     return choice
 
 
-async def json_response(body, streams, rid: str, chat: bool, model_name: str, tok,
+async def json_response(body, streams, rid: str, spec: OutputSpec | None, model_name: str, tok,
                         disconnected=None) -> Response:
-    """The whole completion as one JSON body. ``disconnected``: an awaitable factory that returns
-    when the client has gone; the request is then aborted. A stream that ended in an error raises
-    its StreamError."""
+    """The whole completion as one JSON body (``spec``: how a chat answer is read, None for a
+    completion). ``disconnected``: an awaitable factory that returns when the client has gone;
+    the request is then aborted. A stream that ended in an error raises its StreamError."""
+    chat = spec is not None
     kind = "chat.completion" if chat else "text_completion"
     out = head(rid, kind, model_name)  # created: when the request started
     texts = await collect_all(streams, disconnected)
@@ -126,57 +131,122 @@ async def json_response(body, streams, rid: str, chat: bool, model_name: str, to
     logprobs = LogprobsFormatter(tok, chat, streams)
     choices = []
     for i, stream in enumerate(streams):
-        choices.append(json_choice(i, stream, texts[i], chat, logprobs, len(streams) > 1))
+        choices.append(json_choice(i, stream, texts[i], spec, logprobs, len(streams) > 1))
     out["choices"] = choices
     return JSONResponse(with_usage(out, streams, body.n))
 
 
-def chat_delta(text: str, first: bool) -> dict:
-    """The role comes in a chat choice's first chunk only;
-    a chunk without text has an empty delta."""
-    if first:
-        return {"role": "assistant", "content": text}
-    if text:
-        return {"content": text}
-    return {}
-
-
-def chunk(head_fields: dict, chat: bool, i: int, text: str, logprobs=None, finish=None,
-          first=False) -> dict:
+def chunk(head_fields: dict, chat: bool, i: int, text, logprobs=None, finish=None) -> dict:
+    """``text``: a chat chunk's delta dict, or a completion chunk's text."""
     if chat:
-        choice = {"index": i, "delta": chat_delta(text, first), "logprobs": logprobs,
-                  "finish_reason": finish}
+        choice = {"index": i, "delta": text, "logprobs": logprobs, "finish_reason": finish}
     else:
         choice = {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}
     return {**head_fields, "choices": [choice]}
 
 
-async def chunk_events(streams, head_fields: dict, chat: bool, logprobs: LogprobsFormatter,
+class ChunkMaker:
+    """The chunks of one stream: each chat choice's text read through its ChatOutput, the usage
+    so far on every chunk with ``continuous_usage_stats``."""
+
+    def __init__(self, streams, head_fields: dict, spec: OutputSpec | None, n: int,
+                 continuous_usage: bool):
+        self.streams = streams
+        self.head_fields = head_fields
+        self.chat = spec is not None
+        self.outputs = [ChatOutput(spec) for _ in streams] if self.chat else []
+        self.n = n
+        self.continuous_usage = continuous_usage
+
+    def make(self, i: int, text, logprobs=None, finish=None) -> str:
+        out = chunk(self.head_fields, self.chat, i, text, logprobs, finish)
+        if self.continuous_usage:
+            out["usage"] = usage(self.streams, self.n)
+        return sse(out)
+
+    def first(self, i: int) -> str:
+        """A chat choice's first chunk: the role."""
+        return self.make(i, {"role": "assistant", "content": ""})
+
+    def delta(self, i: int, text: str, logprobs) -> str | None:
+        if self.chat:
+            text = self.outputs[i].feed(text)
+        if text or logprobs:
+            return self.make(i, text, logprobs)
+        return None
+
+    def last(self, i: int, end: str) -> list[str]:
+        """A chat choice's held-back text, then the choice's final chunk with its metrics."""
+        events = []
+        if self.chat:
+            rest = self.outputs[i].finish()
+            if rest:
+                events.append(self.make(i, rest))
+            end = finish_reason(self.outputs[i], end)
+        final = chunk(self.head_fields, self.chat, i, {} if self.chat else "", finish=end)
+        final["metrics"] = request_metrics(self.streams[i])
+        if self.continuous_usage:
+            final["usage"] = usage(self.streams, self.n)
+        events.append(sse(final))
+        return events
+
+
+async def chunk_events(streams, maker: ChunkMaker, logprobs: LogprobsFormatter,
                        include_usage: bool, n: int):
-    """A role chunk per chat choice, the text deltas, a final chunk per choice (with its metrics),
-    the usage chunk when asked for, then [DONE]; a stream that ended in an error ends them all with
-    an error chunk."""
-    if chat:
+    """A role chunk per chat choice, the deltas, a final chunk per choice (with its metrics), the
+    usage chunk when asked for, then [DONE]; a stream that ended in an error ends them all with an
+    error chunk."""
+    if maker.chat:
         for i in range(len(streams)):
-            yield sse(chunk(head_fields, chat, i, "", first=True))
+            yield maker.first(i)
     async for i, text, end, entries in merged_deltas(streams):
         if isinstance(end, StreamError):
             yield sse(error_body(end.status, str(end), code=end.code))
             yield DONE
             return
         if end is None:
-            if text or entries:
-                lp = None
-                if entries:
-                    lp = logprobs.format(i, entries)
-                yield sse(chunk(head_fields, chat, i, text, lp))
+            lp = None
+            if entries:
+                lp = logprobs.format(i, entries)
+            event = maker.delta(i, text, lp)
+            if event is not None:
+                yield event
             continue
-        final = chunk(head_fields, chat, i, "", finish=end)
-        final["metrics"] = request_metrics(streams[i])
-        yield sse(final)
+        for event in maker.last(i, end):
+            yield event
     if include_usage:
-        yield sse(with_usage({**head_fields, "choices": []}, streams, n))
+        yield sse(with_usage({**maker.head_fields, "choices": []}, streams, n))
     yield DONE
+
+
+async def with_keepalive(events, interval: float):
+    """``events``, with a keep-alive comment after every ``interval`` seconds without one (a long
+    prompt's prefill); ``interval`` 0 sends none."""
+    if interval <= 0:
+        async for event in events:
+            yield event
+        return
+    pending = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(anext(events))
+            done, _ = await asyncio.wait([pending], timeout=interval)
+            if not done:
+                yield KEEPALIVE
+                continue
+            pending = None
+            try:
+                event = done.pop().result()
+            except StopAsyncIteration:
+                return
+            yield event
+    finally:
+        if pending is not None:
+            pending.cancel()
+            pending.add_done_callback(retrieve_exception)
+            await asyncio.wait([pending])
+        await events.aclose()
 
 
 async def guarded(events, rid: str):
@@ -192,13 +262,18 @@ async def guarded(events, rid: str):
         yield DONE
 
 
-def sse_response(body, streams, rid: str, chat: bool, model_name: str, tok) -> StreamingResponse:
-    """The completion as an SSE stream of chunks
-    (the client going away is noticed by the stream itself)."""
+def sse_response(body, streams, rid: str, spec: OutputSpec | None, model_name: str, tok,
+                 keepalive: float = 0.0) -> StreamingResponse:
+    """The completion as an SSE stream of chunks (the client going away is noticed by the stream
+    itself); a keep-alive comment after every ``keepalive`` seconds of silence."""
+    chat = spec is not None
     kind = "chat.completion.chunk" if chat else "text_completion"
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    options = body.stream_options
+    include_usage = bool(options and options.include_usage)
+    continuous_usage = bool(options and options.continuous_usage_stats)
     logprobs = LogprobsFormatter(tok, chat, streams)
     head_fields = head(rid, kind, model_name)
-    events = chunk_events(streams, head_fields, chat, logprobs, include_usage, body.n)
-    return StreamingResponse(guarded(events, rid), media_type="text/event-stream",
-                             headers=SSE_HEADERS)
+    maker = ChunkMaker(streams, head_fields, spec, body.n, continuous_usage)
+    events = chunk_events(streams, maker, logprobs, include_usage, body.n)
+    return StreamingResponse(with_keepalive(guarded(events, rid), keepalive),
+                             media_type="text/event-stream", headers=SSE_HEADERS)

@@ -14,14 +14,15 @@ from mtpserve import __version__
 from mtpserve.engine.async_engine import StreamError
 from mtpserve.engine.errors import RequestError
 from mtpserve.engine.sampling_params import SamplingParams
-from mtpserve.server.errors import APIError, error_response, request_error
+from mtpserve.server.chat_output import OutputSpec
+from mtpserve.server.chat_prompt import render
+from mtpserve.server.errors import APIError, error_response, request_error, unsupported
 from mtpserve.server.openapi import ERRORS, STREAMS
 from mtpserve.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
     TokenizeRequest,
-    message_dicts,
     unsupported_field,
 )
 from mtpserve.server.responses import json_response, sse_response
@@ -45,8 +46,7 @@ def check_body(state, body) -> None:
     check_model(state, body.model)
     field = unsupported_field(body)
     if field:
-        message = f"{field!r} is not supported by this server"
-        raise APIError(400, message, field, "unsupported_field")
+        raise unsupported(field)
     if getattr(body, "top_logprobs", None) is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs set to true", "top_logprobs")
 
@@ -84,6 +84,10 @@ def sampling_params(body, defaults, max_tokens: int, seed_offset: int) -> Sampli
         ignore_eos=body.ignore_eos,
         stop=body.stop_list(),
         logprobs=body.num_logprobs(),
+        stop_token_ids=list(body.stop_token_ids or []),
+        min_tokens=body.min_tokens,
+        include_stop_str_in_output=body.include_stop_str_in_output,
+        skip_special_tokens=body.skip_special_tokens,
     )
 
 
@@ -143,16 +147,11 @@ def encode_prompts(tok, prompts: list) -> list[list[int]]:
     return out
 
 
-def render_chat(tok, messages) -> str:
-    try:
-        return tok.apply_chat_template(message_dicts(messages))
-    except (ValueError, RequestError) as e:  # the template's own raise_exception included
-        raise APIError(400, str(e), "messages") from None
-
-
-def log_prompt(state, rid: str, prompt) -> None:
-    if state.log_prompts:
-        prompt_log.info("%s prompt: %r", rid, prompt)
+def log_prompt(request: Request, rid: str, prompt) -> None:
+    """The prompt, under the completion's id and the request's X-Request-Id."""
+    if request.app.state.log_prompts:
+        request_id = getattr(request.state, "request_id", None)
+        prompt_log.info("%s (request %s) prompt: %r", rid, request_id, prompt)
 
 
 def disconnect_waiter(request: Request):
@@ -164,15 +163,17 @@ def disconnect_waiter(request: Request):
     return wait
 
 
-async def answer(request: Request, body, streams, rid: str, chat: bool):
-    """The SSE stream when ``body.stream``, else the JSON
-    body (a request whose client goes away is aborted)."""
+async def answer(request: Request, body, streams, rid: str, spec: OutputSpec | None):
+    """The SSE stream when ``body.stream``, else the JSON body (a request whose client goes away
+    is aborted). ``spec``: how a chat answer is read; None for a completion."""
     state = request.app.state
     tok = state.client.tokenizer
     if body.stream:
-        return sse_response(body, streams, rid, chat, state.served_model_name, tok)
+        return sse_response(body, streams, rid, spec, state.served_model_name, tok,
+                            state.sse_keepalive)
     disconnected = disconnect_waiter(request)
-    return await json_response(body, streams, rid, chat, state.served_model_name, tok, disconnected)
+    return await json_response(body, streams, rid, spec, state.served_model_name, tok,
+                               disconnected)
 
 
 @router.post("/v1/chat/completions", responses=STREAMS)
@@ -180,13 +181,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     state = request.app.state
     tok = state.client.tokenizer
     check_body(state, body)
-    text = render_chat(tok, body.messages)
+    text, spec = render(tok, body, state.chat_settings)
     ids = tok.encode(text, add_special_tokens=False)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
-    log_prompt(state, rid, text)
+    log_prompt(request, rid, text)
     max_tokens = body.max_completion_tokens or body.max_tokens
     streams = await start_all(state, body, [ids], max_tokens, rid, "messages")
-    return await answer(request, body, streams, rid, True)
+    return await answer(request, body, streams, rid, spec)
 
 
 @router.post("/v1/completions", responses=STREAMS)
@@ -197,9 +198,9 @@ async def completions(body: CompletionRequest, request: Request):
     if not prompts:
         raise APIError(400, "prompt must not be empty", "prompt")
     rid = f"cmpl-{uuid.uuid4().hex}"
-    log_prompt(state, rid, body.prompt)
+    log_prompt(request, rid, body.prompt)
     streams = await start_all(state, body, prompts, body.max_tokens or 16, rid, "prompt")
-    return await answer(request, body, streams, rid, False)
+    return await answer(request, body, streams, rid, None)
 
 
 @router.get("/v1/models")
@@ -230,7 +231,8 @@ async def tokenize(body: TokenizeRequest, request: Request):
     if (body.prompt is None) == (body.messages is None):
         raise APIError(400, "give exactly one of 'prompt' or 'messages'", "prompt")
     if body.messages is not None:
-        ids = tok.encode(render_chat(tok, body.messages), add_special_tokens=False)
+        text, _ = render(tok, body, state.chat_settings)
+        ids = tok.encode(text, add_special_tokens=False)
     else:
         ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
     return {"tokens": ids, "count": len(ids), "max_model_len": state.client.engine.max_model_len}

@@ -166,10 +166,10 @@ def test_sse_framing_and_usage(http):
 
 
 @pytest.mark.parametrize("body, status, param, code", [
-    ({"messages": chat("x"), "bogus": 1}, 400, "bogus", None),
-    ({"messages": chat("x"), "tools": [{"type": "function"}]}, 400, "tools", "unsupported_field"),
-    ({"messages": chat("x"), "response_format": {"type": "json_object"}}, 400, "response_format", None),
-    ({"messages": chat("x"), "logit_bias": {"1": 2}}, 400, "logit_bias", None),
+    ({"messages": chat("x"), "bogus": 1}, 400, "bogus", "unsupported_field"),
+    ({"messages": chat("x"), "functions": [{"name": "f"}]}, 400, "functions", "unsupported_field"),
+    ({"messages": chat("x"), "tools": [{"type": "function"}]}, 400, "tools.0.function", None),
+    ({"messages": chat("x"), "logit_bias": {"1": 2}}, 400, "logit_bias", "unsupported_field"),
     ({"messages": chat("x"), "top_logprobs": 2}, 400, "top_logprobs", None),
     ({"messages": chat("x"), "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs", None),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},

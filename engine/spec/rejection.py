@@ -60,6 +60,7 @@ def verify(target_logits: torch.Tensor, batch: SamplingBatch) -> list[list[int]]
     device = target_logits.device
     num_drafts = batch.num_drafts
     logits = _penalized(target_logits.float(), batch)
+    logits = _hold_early_stops(logits, batch)
     results: list[list[int]] = [[] for _ in batch.params]
     matched, rejection = [], []
     for i, (params, noise) in enumerate(zip(batch.params, batch.noises)):
@@ -106,6 +107,28 @@ def _penalized(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
             row_prompts.append(prompt)
             row_outputs.append(output + drafts[:j])
     return apply_penalties(logits, tensors, row_prompts, row_outputs)
+
+
+def _hold_early_stops(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Rows at output positions before a request's ``min_tokens`` give its EOS and stop tokens
+    probability zero (a new tensor; the raw logits stay for logprobs)."""
+    rows, tokens = [], []
+    vocab = logits.shape[-1]
+    for i, params in enumerate(batch.params):
+        stop_ids = [t for t in batch.early_stop_ids(i) if t < vocab]
+        first = len(batch.output_token_ids[i])
+        start = batch.start_loc[i]
+        for j in range(batch.start_loc[i + 1] - start):
+            if first + j >= params.min_tokens:
+                break
+            rows.extend([start + j] * len(stop_ids))
+            tokens.extend(stop_ids)
+    if not rows:
+        return logits
+    logits = logits.clone()
+    logits[torch.tensor(rows, device=logits.device), torch.tensor(tokens, device=logits.device)] = (
+        float("-inf"))
+    return logits
 
 
 def _greedy_accept(drafts: list[int], best: list[int]) -> list[int]:
