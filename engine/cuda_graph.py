@@ -16,7 +16,6 @@ routing and the recurrent state of hybrid models do, so those run eagerly).
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 
 import torch
@@ -105,20 +104,26 @@ class StaticInputs:
 
 
 class CUDAGraphs:
-    """Captured forwards of ``model`` per (batch size, q) bucket, and their replay."""
+    """Captured calls of ``forward(input_ids, positions, hidden, attn) -> [T, H]`` per
+    (batch size, q) bucket, and their replay. ``hidden`` is a static input of ``hidden_shape``
+    rows' width and dtype (the MTP layer's), or None (the main model's forward)."""
 
-    def __init__(self, model, kv_caches: list, attn, block_size: int, max_num_seqs: int,
-                 max_q: int, max_blocks: int, device):
-        self.model = model
-        self.kv_caches = kv_caches
+    def __init__(self, forward, attn, block_size: int, max_num_seqs: int, query_lens: list[int],
+                 max_blocks: int, device, hidden_in: tuple[int, torch.dtype] | None = None):
+        self.forward = forward
         self.attn = attn
         self.block_size = block_size
         self.batch_sizes = graph_batch_sizes(max_num_seqs)
-        self.max_q = max_q
+        self.query_lens = query_lens
         self.max_blocks = max_blocks
-        self.inputs = StaticInputs.allocate(self.batch_sizes[-1], max_q, max_blocks, device)
+        max_batch = self.batch_sizes[-1]
+        max_q = max(query_lens)
+        self.inputs = StaticInputs.allocate(max_batch, max_q, max_blocks, device)
+        self.hidden = None
+        if hidden_in is not None:
+            width, dtype = hidden_in
+            self.hidden = torch.zeros(max_batch * max_q, width, dtype=dtype, device=device)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.capture_seconds = 0.0
         self.num_replays = 0
 
     def bucket(self, num_seqs: int) -> int | None:
@@ -130,50 +135,52 @@ class CUDAGraphs:
 
     def can_run(self, meta: AttentionMetadata) -> bool:
         q = uniform_query_len(meta)
-        if q is None or q > self.max_q:
+        if q not in self.query_lens:
             return False
         if meta.block_tables.shape[1] > self.max_blocks:
             return False
         return self.bucket(len(meta.query_lens)) is not None
 
     @torch.inference_mode()
-    def capture(self) -> None:
-        """Capture every bucket, the largest first (they share one memory pool), with progress."""
-        start = time.perf_counter()
-        pool = torch.cuda.graph_pool_handle()
+    def capture(self, name: str, pool) -> None:
+        """Capture every bucket, the largest first (``pool``: the memory pool all graphs share),
+        with progress."""
         buckets = []
-        for q in range(1, self.max_q + 1):
+        for q in self.query_lens:
             for size in reversed(self.batch_sizes):
                 buckets.append((size, q))
         for i, (size, q) in enumerate(buckets):
             self.graphs[(size, q)] = self._capture_one(size, q, pool)
-            logger.info("CUDA graphs: captured %d/%d (batch %d, %d token(s) each)",
-                        i + 1, len(buckets), size, q)
+            logger.info("CUDA graphs (%s): captured %d/%d (batch %d, %d token(s) each)",
+                        name, i + 1, len(buckets), size, q)
         torch.cuda.synchronize()
-        self.capture_seconds = time.perf_counter() - start
-        logger.info("CUDA graphs: %d captured in %.1f s", len(buckets), self.capture_seconds)
 
     def _capture_one(self, size: int, q: int, pool):
         tokens = size * q
         meta = self.inputs.metadata(size, q, self.block_size)
         ids = self.inputs.input_ids[:tokens]
         positions = self.inputs.positions[:tokens]
+        hidden = None
+        if self.hidden is not None:
+            hidden = self.hidden[:tokens]
         self.attn.prepare(meta)
-        self.model(ids, positions, self.kv_caches, self.attn)  # warm-up: compile kernels outside
+        self.forward(ids, positions, hidden, self.attn)  # warm-up: kernels compile outside
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool):
-            hidden = self.model(ids, positions, self.kv_caches, self.attn)
-        return graph, hidden
+            out = self.forward(ids, positions, hidden, self.attn)
+        return graph, out
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor,
-            meta: AttentionMetadata) -> torch.Tensor:
-        """The [T, hidden] output of the step (a copy: the graph's buffer is reused next step)."""
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+            hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """The [T, H] output of the step (a copy: the graph's buffer is reused next step)."""
         q = uniform_query_len(meta)
         num_seqs = len(meta.query_lens)
         size = self.bucket(num_seqs)
         self.inputs.fill(input_ids, positions, meta, size, q)
-        graph, hidden = self.graphs[(size, q)]
+        if hidden is not None:
+            self.hidden[:hidden.shape[0]].copy_(hidden)
+        graph, out = self.graphs[(size, q)]
         graph.replay()
         self.num_replays += 1
-        return hidden[:num_seqs * q].clone()
+        return out[:num_seqs * q].clone()

@@ -185,10 +185,10 @@ class LLMEngine:
                 f"{self.prefix_caching}, {self._mtp_summary()}")
 
     def _graphs_summary(self) -> str:
-        graphs = self.runner.graphs
-        if graphs is None:
+        runner = self.runner
+        if runner.graphs is None:
             return ""
-        return f"CUDA graphs {len(graphs.graphs)} (captured in {graphs.capture_seconds:.1f} s), "
+        return f"CUDA graphs {runner.num_graphs} (captured in {runner.capture_seconds:.1f} s), "
 
     def _mtp_summary(self) -> str:
         if self.mtp is None:

@@ -3,6 +3,7 @@ model, verifies drafts / samples, and lets the MTP proposer draft for the next s
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
@@ -15,6 +16,8 @@ from mtpserve.engine.scheduler import SchedulerOutput, StepResult
 from mtpserve.engine.spec.proposer import DraftInput, MTPProposer
 from mtpserve.engine.spec.rejection import verify
 from mtpserve.engine.step_batch import StepBatch
+
+logger = logging.getLogger(__name__)
 
 
 def kv_bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
@@ -30,6 +33,7 @@ class ModelRunner:
         cfg = model.config
         self.model = model
         self.kv = kv
+        self.dtype = dtype
         self.device = device
         self.block_size = kv.block_size
         shape = (num_blocks, kv.block_size, cfg.num_key_value_heads, cfg.head_dim)
@@ -46,6 +50,8 @@ class ModelRunner:
                                         make_attention_backend(attention))
         self.policy = policy  # DraftPolicy: drafts per request for the next step
         self.graphs: CUDAGraphs | None = None  # captured forwards (capture_graphs)
+        self.num_graphs = 0
+        self.capture_seconds = 0.0
 
     def prepare(self, out: SchedulerOutput) -> StepBatch:
         return StepBatch.build(out, self.kv, self.vocab_size, self.device, self._draft_probs)
@@ -67,10 +73,25 @@ class ModelRunner:
         return result
 
     def capture_graphs(self, max_num_seqs: int, max_q: int, max_blocks: int) -> None:
-        """Capture the main model's decode and verify forwards in CUDA graphs (cuda_graph.py)."""
-        self.graphs = CUDAGraphs(self.model, self.kv_caches, self.attn, self.block_size,
-                                 max_num_seqs, max_q, max_blocks, self.device)
-        self.graphs.capture()
+        """Capture the main model's decode and verify forwards, and the MTP layers' one-token
+        draft steps, in CUDA graphs (cuda_graph.py)."""
+        start = time.perf_counter()
+        pool = torch.cuda.graph_pool_handle()
+        query_lens = list(range(1, max_q + 1))
+        self.graphs = CUDAGraphs(self._model_forward, self.attn, self.block_size, max_num_seqs,
+                                 query_lens, max_blocks, self.device)
+        self.graphs.capture("main model", pool)
+        if self.proposer is not None and max_q > 1:
+            self.proposer.capture_graphs(max_num_seqs, max_blocks, self.dtype, pool)
+        self.num_graphs = len(self.graphs.graphs)
+        if self.proposer is not None:
+            for graphs in self.proposer.graphs:
+                self.num_graphs += len(graphs.graphs)
+        self.capture_seconds = time.perf_counter() - start
+        logger.info("CUDA graphs: %d captured in %.1f s", self.num_graphs, self.capture_seconds)
+
+    def _model_forward(self, input_ids, positions, hidden, attn) -> torch.Tensor:
+        return self.model(input_ids, positions, self.kv_caches, attn)
 
     def _forward(self, batch: StepBatch) -> torch.Tensor:
         """The main model's [T, hidden] output: a graph's replay when one fits the step."""

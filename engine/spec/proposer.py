@@ -24,9 +24,11 @@ is preempted.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
+from mtpserve.engine.cuda_graph import CUDAGraphs
 from mtpserve.engine.kv_cache import KVCacheManager
 from mtpserve.engine.noise import DRAFT, TOKEN
 from mtpserve.engine.request import Request
@@ -59,6 +61,7 @@ class MTPProposer:
         self.vocab_size = vocab_size
         self.device = device
         self.attn = attn
+        self.graphs: list[CUDAGraphs] = []  # per MTP layer: its one-token steps, captured
         self.pending: dict[str, list[DraftInput]] = {}  # MTP inputs deferred while not drafting
         # per chained MTP layer j: y_j at the last filled position
         self.last_rows: dict[str, list] = {}
@@ -76,9 +79,25 @@ class MTPProposer:
         tables = [self.kv.block_tables[r.request_id] for r in reqs]
         meta, slot_positions = build_metadata(tables, starts, lengths, self.kv.block_size,
                                               self.device)
-        self.attn.prepare(meta)
         ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
-        return self.mtp(step, ids, hidden, slot_positions + 1, self.kv_caches, self.attn)
+        layer = min(step, len(self.mtp.layers) - 1)
+        if self.graphs and self.graphs[layer].can_run(meta):
+            return self.graphs[layer].run(ids, slot_positions, meta, hidden)
+        self.attn.prepare(meta)
+        return self._layer_forward(layer, ids, slot_positions, hidden, self.attn)
+
+    def _layer_forward(self, layer: int, input_ids, slot_positions, hidden, attn):
+        return self.mtp(layer, input_ids, hidden, slot_positions + 1, self.kv_caches, attn)
+
+    def capture_graphs(self, max_num_seqs: int, max_blocks: int, dtype: torch.dtype,
+                       pool) -> None:
+        """One graph set per MTP layer for its one-token steps (cuda_graph.py)."""
+        width = self.mtp.model[0].config.hidden_size
+        for layer in range(len(self.mtp.layers)):
+            graphs = CUDAGraphs(partial(self._layer_forward, layer), self.attn, self.kv.block_size,
+                                max_num_seqs, [1], max_blocks, self.device, (width, dtype))
+            graphs.capture(f"MTP layer {layer}", pool)
+            self.graphs.append(graphs)
 
     def _choose(self, step, items: list[DraftInput], t: SamplingTensors, y_last: torch.Tensor,
                 drafts: list[list[int]], probs: list[list[torch.Tensor]]) -> list[int]:
