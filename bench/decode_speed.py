@@ -20,6 +20,7 @@ import torch
 
 from mtpserve.engine.config import EngineConfig
 from mtpserve.engine.engine import LLMEngine
+from mtpserve.engine.errors import MtpserveError
 from mtpserve.engine.runner import kv_bytes_per_block
 from mtpserve.engine.sampling_params import SamplingParams
 
@@ -37,6 +38,9 @@ NOMINAL_BANDWIDTH = {
     "RTX 4090": 1.008e12,
 }
 WARMUP_STEPS = 3
+PROMPT_LEN = 128  # tokens of each request's random prompt
+STEPS = 32  # timed decode steps per batch size
+BATCH_SIZES = [1, 8, 64]
 PREFILL_BUDGET = 2048  # max_num_batched_tokens of the engines built here
 
 
@@ -112,7 +116,7 @@ def decode(engine: LLMEngine, batch_size: int, prompt_len: int, steps: int, seed
     for i in range(batch_size):
         prompt = torch.randint(0, vocab, (prompt_len,), generator=gen).tolist()
         reqs.append(engine.add_request(f"decode-{batch_size}-{seed}-{i}", prompt, params, 0))
-    while any(not r.output_token_ids for r in reqs):
+    while any(not r.output_token_ids and not r.status.finished for r in reqs):
         engine.step()
     for _ in range(WARMUP_STEPS):
         engine.step()
@@ -124,6 +128,8 @@ def decode(engine: LLMEngine, batch_size: int, prompt_len: int, steps: int, seed
         engine.step()
     synchronize(engine.device)
     seconds = time.perf_counter() - start
+    if any(r.status.finished for r in reqs):  # a failed step (logged) or a context too short
+        raise MtpserveError(f"the decode run at batch {batch_size} ended early")
     tokens = sum(len(r.output_token_ids) for r in reqs) - tokens_before
     context_after = sum(r.num_computed_tokens for r in reqs)
     for r in reqs:
@@ -208,9 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
     p.add_argument("--enforce-eager", action="store_true")
-    p.add_argument("--batch-sizes", default="1,8,64")
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--batch-sizes", default=",".join(str(b) for b in BATCH_SIZES))
+    p.add_argument("--prompt-len", type=int, default=PROMPT_LEN)
+    p.add_argument("--steps", type=int, default=STEPS)
     p.add_argument("--json", default=None, help="also write the results to this file")
     args = p.parse_args(argv)
     batch_sizes = [int(x) for x in args.batch_sizes.split(",")]

@@ -52,12 +52,13 @@ def model_config_of(shape: str) -> ModelConfig:
 
 
 @torch.inference_mode()
-def random_model(config: ModelConfig, dtype: torch.dtype, device: torch.device, seed: int = 0):
+def random_model(config: ModelConfig, dtype: torch.dtype, device: torch.device,
+                 max_positions: int, seed: int = 0):
     """The model of ``config`` with random weights in ``dtype``, allocated on ``device`` directly
     (parameter by parameter, so the float32 skeleton never needs host memory)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.device(device):
-        model = model_class(config.architecture)(config, config.max_position_embeddings + 2)
+        model = model_class(config.architecture)(config, max_positions)
     for name, param in model.named_parameters():
         if name.endswith("norm"):  # RMSNorm weights (input_norm, q_norm, norm, ...)
             param.data = torch.ones(param.shape, dtype=dtype, device=device)
@@ -75,7 +76,8 @@ def random_engine(shape: str, config: EngineConfig, seed: int = 0) -> LLMEngine:
     config.spec_draft_n_max = 0
     config.mtp_head = None
     device = torch.device(config.device)
-    model = random_model(model_config, config.dtype, device, seed)
+    longest = max(config.max_model_len or 0, model_config.max_position_embeddings)
+    model = random_model(model_config, config.dtype, device, longest + 2, seed)
     checkpoint = Checkpoint(model_config, {}, None, GenerationDefaults(), f"random:{shape}",
                             f"random {str(config.dtype).removeprefix('torch.')}")
     models = LoadedModels(model, None, None, StepCosts())

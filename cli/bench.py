@@ -7,11 +7,12 @@ import argparse
 import os
 import sys
 
-from mtpserve.bench import engine_bench, llama_cpp, plots
+from mtpserve.bench import decode_speed, engine_bench, llama_cpp, plots
 from mtpserve.bench.engine_bench import SECTIONS
+from mtpserve.bench.random_model import preset_names, random_engine
 from mtpserve.bench.summary import engine_summary, write_report
 from mtpserve.bench.workload import load_prompts
-from mtpserve.cli.engine_args import engine_from_args
+from mtpserve.cli.engine_args import engine_config_from_args, engine_from_args
 from mtpserve.engine.engine import LLMEngine
 from mtpserve.engine.errors import MtpserveError
 
@@ -73,8 +74,16 @@ def add_args(p) -> None:
                    help="each sweep level runs until every mode has output this "
                         "many times N x --sweep-tokens tokens, and at least one "
                         "request's worth per prompt (default 3, --quick 1)")
-    b.add_argument("--sections", type=name_list, default=list(SECTIONS),
-                   help=f"what to measure, of {','.join(SECTIONS)} (memory is always reported)")
+    b.add_argument("--sections", type=name_list, default=None,
+                   help=f"what to measure, of {','.join(SECTIONS)} (default: all; memory is "
+                        "always reported)")
+    b.add_argument("--random-weights", default=None, metavar="SHAPE",
+                   help="instead of the sections: decode tok/s at --batch-sizes and its ratio to "
+                        "the HBM bound, on a model of this shape with random weights built on "
+                        f"the device (presets {', '.join(preset_names())}, or a config.json "
+                        "as JSON or YAML); no checkpoint, no MTP")
+    b.add_argument("--batch-sizes", type=number_list(int), default=None,
+                   help="batch sizes of --random-weights (default 1,8,64)")
     b.add_argument("--llama-bench", default=None, metavar="PATH",
                    help="llama.cpp's llama-bench for the llamacpp section (default: on PATH or "
                         "under .llama.cpp/bin/, where `make llama-cpp` builds it; the section is "
@@ -91,6 +100,10 @@ def add_args(p) -> None:
 
 def resolve(args) -> None:
     """Fill the size options left unset from FULL or QUICK, then validate every option."""
+    if args.batch_sizes is not None:
+        raise MtpserveError("--batch-sizes goes with --random-weights")
+    if args.sections is None:
+        args.sections = list(SECTIONS)
     for name, value in (QUICK if args.quick else FULL).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -142,7 +155,37 @@ def build_engine(args) -> LLMEngine:
     return engine
 
 
+def run_random_weights(args) -> int:
+    """Decode speed of a random-weight model (bench/decode_speed.py)."""
+    if args.model != "default":
+        raise MtpserveError("--random-weights builds its own model: leave out --model")
+    if args.sections is not None:
+        raise MtpserveError("--random-weights measures decode speed only: leave out --sections")
+    if args.quantization not in ("auto", "none"):
+        raise MtpserveError("--random-weights runs float weights: leave out --quantization")
+    batch_sizes = args.batch_sizes or decode_speed.BATCH_SIZES
+    if min(batch_sizes) < 1:
+        raise MtpserveError("--batch-sizes needs positive integers")
+    if args.mtp_head is not None:
+        raise MtpserveError("--random-weights runs without MTP: leave out --mtp-head")
+    args.quantization = "none"
+    base = engine_config_from_args(argparse.Namespace(**vars(args), no_spec=True,
+                                                      spec_draft_n_max=0, spec_adaptive="off"))
+    config = decode_speed.engine_config(
+        batch_sizes, decode_speed.PROMPT_LEN, decode_speed.STEPS, device=base.device,
+        dtype=base.dtype, block_size=base.block_size, attention_backend=base.attention_backend,
+        enforce_eager=base.enforce_eager)
+    engine = random_engine(args.random_weights, config)
+    results = decode_speed.measure(engine, batch_sizes, decode_speed.PROMPT_LEN, decode_speed.STEPS)
+    results["model"] = args.random_weights
+    write_report(args.out, results, decode_speed.table(results))
+    print(f"wrote results.json, summary.md to {args.out}", file=sys.stderr)
+    return 0
+
+
 def run(args) -> int:
+    if args.random_weights is not None:
+        return run_random_weights(args)
     resolve(args)
     if not args.no_plots:
         plots.load_pyplot()  # fail before the runs, not after them

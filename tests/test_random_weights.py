@@ -5,6 +5,8 @@ timing is asserted."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -79,3 +81,31 @@ def test_bound_is_bytes_over_bandwidth(tiny_shape):
     assert row["step_bytes"] == 2000
     assert row["bound_tok_s"] == 8 * 4000.0 / 2000
     assert row["ratio_to_bound"] == 500.0 / 16.0
+
+
+def test_bench_random_weights_writes_the_rows(tiny_shape, tmp_path):
+    from mtpserve.cli.main import main
+
+    out = tmp_path / "out"
+    argv = ["bench", "--random-weights", tiny_shape, "--device", "cpu", "--batch-sizes", "2,1",
+            "--out", str(out)]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [row["batch_size"] for row in results["rows"]] == [2, 1]
+    for row in results["rows"]:
+        assert row["tokens"] == row["batch_size"] * decode_speed.STEPS
+    assert "| batch | tok/s |" in (out / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--random-weights", "llama-1b", "--sections", "decode"], "decode speed only"),
+    (["--random-weights", "llama-1b", "--model", "x.gguf"], "leave out --model"),
+    (["--random-weights", "llama-1b", "--quantization", "int4"], "float weights"),
+    (["--random-weights", "llama-1b", "--mtp-head", "h"], "without MTP"),
+    (["--batch-sizes", "1,8"], "goes with --random-weights"),
+])
+def test_bench_random_weights_rejects_other_options(tmp_path, capsys, argv, message):
+    from mtpserve.cli.main import main
+
+    assert main(["bench", "--device", "cpu", "--out", str(tmp_path), *argv]) == 2
+    assert message in capsys.readouterr().err
