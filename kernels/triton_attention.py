@@ -89,6 +89,7 @@ def _paged_attention_kernel(
         keys = key_start + tl.arange(0, BLOCK_N)
         key_ok = keys < key_end
         block = tl.load(block_tables_ptr + seq * stride_bt + keys // block_size, mask=key_ok, other=0)
+        block = block.to(tl.int64)  # block * stride can pass 2**31 in a large cache
         within = keys % block_size
         kv_mask = key_ok[:, None] & dim_ok[None, :]
         k_offsets = block[:, None] * stride_kb + within[:, None] * stride_ks + kv_head * stride_kh
