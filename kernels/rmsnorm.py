@@ -16,3 +16,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(dtype)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual add before a norm: ``(rms_norm(x + residual), x + residual)``, the sum in x's
+    dtype (the twin of the fused Triton kernel)."""
+    summed = x + residual
+    return rms_norm(summed, weight, eps), summed

@@ -15,8 +15,14 @@ pytest.importorskip("triton")
 
 from mtpserve.kernels.attention import TorchPagedAttention, build_metadata  # noqa: E402
 from mtpserve.kernels.attention import write_kv as torch_write_kv  # noqa: E402
+from mtpserve.kernels.rmsnorm import add_rms_norm  # noqa: E402
+from mtpserve.kernels.rmsnorm import rms_norm as torch_rms_norm  # noqa: E402
+from mtpserve.kernels.rotary import apply_rotary as torch_apply_rotary  # noqa: E402
+from mtpserve.kernels.rotary import rope_cos_sin, signed_tables  # noqa: E402
 from mtpserve.kernels.triton_backend import TritonPagedAttention  # noqa: E402
 from mtpserve.kernels.triton_kv import write_kv  # noqa: E402
+from mtpserve.kernels.triton_norm import rms_norm  # noqa: E402
+from mtpserve.kernels.triton_rotary import apply_rotary  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # float32 within rounding of the sum order; half types within a few of their ulps
@@ -127,3 +133,34 @@ def test_write_kv_casts_to_the_cache_dtype():
     else:  # the interpreter rounds toward zero: within one bfloat16 step
         torch.testing.assert_close(half[0], want[0], rtol=2**-7, atol=0)
         torch.testing.assert_close(half[1], want[1], rtol=2**-7, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dim", [64, 48])
+def test_rms_norm_matches_torch(dtype, dim):
+    gen = torch.Generator().manual_seed(2)
+    x = (3 * torch.randn(5, 3, dim, generator=gen)).to(DEVICE, dtype)
+    residual = torch.randn(5, 3, dim, generator=gen).to(DEVICE, dtype)
+    weight = (1 + 0.1 * torch.randn(dim, generator=gen)).to(DEVICE, dtype)
+    assert_close(rms_norm(x, weight, 1e-6), torch_rms_norm(x, weight, 1e-6), dtype)
+    got, got_sum = rms_norm(x, weight, 1e-6, residual)
+    want, want_sum = add_rms_norm(x, residual, weight, 1e-6)
+    assert_close(got, want, dtype)
+    assert_close(got_sum, want_sum, dtype)
+    if DEVICE.type == "cuda":  # one rounding of an exact float32 sum, as torch's
+        assert torch.equal(got_sum, want_sum)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim,rotary_dim", [(16, 16), (32, 8), (24, 12)])
+def test_rotary_matches_torch(dtype, head_dim, rotary_dim):
+    gen = torch.Generator().manual_seed(3)
+    cos, sin = signed_tables(*rope_cos_sin(rotary_dim, 10000.0, 64, None, 64))
+    positions = torch.tensor([0, 5, 17, 63, 2])
+    cos = cos[positions].to(DEVICE, dtype)
+    sin = sin[positions].to(DEVICE, dtype)
+    # q and k of a fused projection: strided views, as the model passes them
+    qk = torch.randn(5, 6, head_dim, generator=gen).to(DEVICE, dtype)
+    q = qk[:, :4]
+    assert_close(apply_rotary(q, cos, sin), torch_apply_rotary(q, cos, sin), dtype)
+    assert_close(apply_rotary(qk, cos, sin), torch_apply_rotary(qk, cos, sin), dtype)
