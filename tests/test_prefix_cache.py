@@ -7,6 +7,9 @@ import pytest
 import torch
 from engine_helpers import make_engine
 from mtp_helpers import save_distilled_head
+from test_server import GREEDY as SERVER_GREEDY
+from test_server import MODEL, base_url, client, http, scrape, sse_events  # noqa: F401 (fixtures)
+from tiny_qwen3_next import make_tiny_qwen3_next
 
 from mtpserve.engine.kv_cache import BlockPool, KVCacheManager
 from mtpserve.engine.prefix_cache import engine_salt, extend_block_hashes
@@ -402,3 +405,45 @@ def test_mtp_after_prefixes_that_part_at_a_block_boundary(tiny_qwen3_dir, traine
         assert a.spec_stats.to_dict() == b.spec_stats.to_dict()
     assert second_on.spec_stats.num_accepted_tokens > 0
     assert_no_block_leaked(on)
+
+
+def test_hybrid_models_say_prefix_caching_is_off(tmp_path, caplog):
+    caplog.set_level("INFO")
+    engine = make_engine(make_tiny_qwen3_next(tmp_path), spec_draft_n_max=0)
+    assert not engine.kv.prefix_caching
+    assert "prefix caching off (hybrid model)" in engine.summary()
+    assert "prefix caching off: the linear-attention layers' recurrent state" in caplog.text
+    first, second = engine.generate([tokens(13, seed=140)] * 2, GREEDY)
+    assert first.output_token_ids == second.output_token_ids and second.num_cached_tokens == 0
+
+
+# --- through the server ---------------------------------------------------------------------------
+
+SYSTEM = "The quick brown fox jumps over the lazy dog. " * 3
+
+
+def test_cached_tokens_and_metrics_through_the_server(http):  # noqa: F811
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hi there"}]
+    body = {"model": MODEL, "messages": messages, "max_tokens": 4, **SERVER_GREEDY}
+    before = scrape(http)
+    first = http.post("/v1/chat/completions", json=body).json()["usage"]
+    stream = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    second = sse_events(http.post("/v1/chat/completions", json=stream))[-2]["usage"]
+    prompt = first["prompt_tokens"]
+    hit = (prompt - 1) // 16 * 16  # the server's engine has blocks of 16
+    assert prompt > 32 and hit > 0
+    assert first["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert second["prompt_tokens_details"] == {"cached_tokens": hit}
+    after = scrape(http)
+    queries = "mtpserve_prefix_cache_queries_total"
+    hits = "mtpserve_prefix_cache_hits_total"
+    assert after[queries] - before.get(queries, 0) == 2 * prompt
+    assert after[hits] - before.get(hits, 0) == hit
+    # n = 2 on a new prompt: the second choice reuses the first's blocks, the prompt was not cached
+    other = {**body, "messages": [{"role": "user", "content": SYSTEM + "Bye"}], "n": 2}
+    both = http.post("/v1/chat/completions", json=other).json()["usage"]
+    assert both["prompt_tokens_details"] == {"cached_tokens": 0}
+    hit = (both["prompt_tokens"] - 1) // 16 * 16
+    assert scrape(http)[hits] - after[hits] == hit  # the second choice's
+    again = http.post("/v1/chat/completions", json=other).json()["usage"]
+    assert again["prompt_tokens_details"] == {"cached_tokens": hit}
