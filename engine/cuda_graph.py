@@ -105,8 +105,8 @@ class StaticInputs:
 
 class CUDAGraphs:
     """Captured calls of ``forward(input_ids, positions, hidden, attn) -> [T, H]`` per
-    (batch size, q) bucket, and their replay. ``hidden`` is a static input of ``hidden_shape``
-    rows' width and dtype (the MTP layer's), or None (the main model's forward)."""
+    (batch size, q) bucket, and their replay. ``hidden_in`` (width, dtype): ``hidden`` is a
+    static input of that many columns (an MTP layer's), or None (the main model's forward)."""
 
     def __init__(self, forward, attn, block_size: int, max_num_seqs: int, query_lens: list[int],
                  max_blocks: int, device, hidden_in: tuple[int, torch.dtype] | None = None):
