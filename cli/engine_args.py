@@ -127,8 +127,8 @@ def native_bf16() -> bool:
 
 
 def resolve_dtype(dtype: str, quantization: str, device: str) -> torch.dtype:
-    """``--dtype auto``: bfloat16 on CUDA, and on CPUs with native bf16 when the weights are
-    quantized (the kernels read bf16); float32 elsewhere. On a CPU without bf16 instructions
+    """``--dtype auto``: bfloat16 on CUDA (float16 for a float16 checkpoint: engine_from_args),
+    and on CPUs with native bf16 when the weights are quantized (the kernels read bf16); float32 elsewhere. On a CPU without bf16 instructions
     (AVX2 only) every bfloat16 op is emulated: float32 activations are faster there, the quantized
     kernels casting their inputs (docs/BENCHMARKS.md)."""
     if dtype != "auto":
@@ -143,4 +143,14 @@ def resolve_dtype(dtype: str, quantization: str, device: str) -> torch.dtype:
 def engine_from_args(args) -> LLMEngine:
     config = engine_config_from_args(args)
     checkpoint = load_checkpoint(args.model, quantized=config.quantization != "none")
+    if args.dtype == "auto" and config.device.startswith("cuda"):
+        config.dtype = checkpoint_half_dtype(checkpoint.weight_format)
     return LLMEngine(checkpoint, config)
+
+
+def checkpoint_half_dtype(weight_format: str) -> torch.dtype:
+    """The 16-bit dtype a checkpoint was stored in (``weight_format`` "safetensors float16"):
+    float16 runs as stored; bfloat16 for everything else (bf16, float32, GGUF)."""
+    if weight_format.endswith(" float16"):
+        return torch.float16
+    return torch.bfloat16

@@ -187,6 +187,15 @@ def test_auto_weights_follow_the_device():
     assert resolve_dtype("float64", "int4", "cpu") == torch.float64
 
 
+def test_cuda_runs_a_float16_checkpoint_as_stored():
+    from mtpserve.cli.engine_args import checkpoint_half_dtype
+
+    assert checkpoint_half_dtype("safetensors float16") == torch.float16
+    assert checkpoint_half_dtype("safetensors bfloat16") == torch.bfloat16
+    assert checkpoint_half_dtype("safetensors float32") == torch.bfloat16
+    assert checkpoint_half_dtype("GGUF Q4_1") == torch.bfloat16
+
+
 def test_fp16_weights_are_refused_on_cuda(tiny_llama_dir):
     from mtpserve.engine.models.quantize import prepare_weights
 
