@@ -128,9 +128,10 @@ def native_bf16() -> bool:
 
 def resolve_dtype(dtype: str, quantization: str, device: str) -> torch.dtype:
     """``--dtype auto``: bfloat16 on CUDA (float16 for a float16 checkpoint: engine_from_args),
-    and on CPUs with native bf16 when the weights are quantized (the kernels read bf16); float32 elsewhere. On a CPU without bf16 instructions
-    (AVX2 only) every bfloat16 op is emulated: float32 activations are faster there, the quantized
-    kernels casting their inputs (docs/BENCHMARKS.md)."""
+    and on CPUs with native bf16 when the weights are quantized (the kernels read bf16); float32
+    elsewhere. On a CPU without bf16 instructions (AVX2 only) every bfloat16 op is emulated:
+    float32 activations are faster there, the quantized kernels casting their inputs
+    (docs/BENCHMARKS.md)."""
     if dtype != "auto":
         return getattr(torch, dtype)
     if device.startswith("cuda"):
