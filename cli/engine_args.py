@@ -24,8 +24,9 @@ def add_engine_args(p: argparse.ArgumentParser, speculation: bool = True) -> Non
                    help="GGUF file, HF model directory, or 'default' (SmolLM2-135M-Instruct GGUF)")
     g.add_argument("--dtype", default="auto",
                    choices=["auto", "float32", "bfloat16", "float16", "float64"],
-                   help="activation dtype; auto: bfloat16 on CUDA, and with quantized weights "
-                        "on CPUs with native bf16; else float32")
+                   help="activation dtype; auto: on CUDA the checkpoint's float16, else "
+                        "bfloat16; bfloat16 with quantized weights on CPUs with native bf16; "
+                        "else float32")
     g.add_argument("--quantization", default="auto", choices=["auto", *QUANTIZATIONS],
                    help="weight-only quantization of the projections; none: float weights, "
                         "the exact reference path; int4 (a GGUF file's 4-bit codes as stored), "
