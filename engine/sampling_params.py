@@ -38,6 +38,7 @@ class SamplingParams:
     min_tokens: int = 0               # before this many outputs: no EOS or stop token, no stop string
     include_stop_str_in_output: bool = False  # keep the stop string or stop token's text
     skip_special_tokens: bool = True  # special tokens' text left out of the output text
+    grammar: object | None = None     # a grammar.Grammar the output follows (structured output)
 
     @property
     def greedy(self) -> bool:

@@ -115,6 +115,26 @@ class Tool(Strict):
     function: FunctionDefinition
 
 
+class JsonSchemaFormat(Strict):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(Strict):
+    """``text``, ``json_object`` (any JSON object) or ``json_schema``."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema goes with type json_schema, and only with it")
+        return self
+
+
 class NamedFunction(Strict):
     name: str
 
@@ -173,7 +193,7 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
     reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
-    response_format: Any = None
+    response_format: ResponseFormat | None = None
     functions: Any = None
     function_call: Any = None
 
@@ -235,7 +255,4 @@ def unsupported_field(req: BaseModel) -> str | None:
         value = getattr(req, name)
         if not any(value == u and type(value) is type(u) for u in unused):
             return name
-    fmt = getattr(req, "response_format", None)
-    if fmt is not None and fmt != {"type": "text"}:
-        return "response_format"
     return None

@@ -26,6 +26,7 @@ from mtpserve.server.protocol import (
     unsupported_field,
 )
 from mtpserve.server.responses import json_response, sse_response
+from mtpserve.server.structured import grammar_maker
 
 # request content: only with --log-prompts
 prompt_log = logging.getLogger("mtpserve.server.prompts")
@@ -120,10 +121,13 @@ async def start_all(state, body, prompts: list[list[int]], max_tokens: int | Non
     n_max = draft_limit(body, engine)
     streams = []
     try:
+        make_grammar = grammar_maker(body, engine)
         for p, ids in enumerate(prompts):
             limit = token_limit(engine, ids, max_tokens)
             for j in range(body.n):
                 params = sampling_params(body, engine.checkpoint.generation, limit, j)
+                if make_grammar is not None:
+                    params.grammar = make_grammar()
                 choice_id = f"{rid}-{p * body.n + j}"
                 stream = await client.start(choice_id, ids, params, n_max, state.metrics)
                 streams.append(stream)

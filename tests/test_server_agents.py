@@ -135,7 +135,7 @@ def test_no_op_fields_are_accepted(plain_url):
     ({"function_call": "auto"}, "function_call"),
     ({"logit_bias": {"5": 10}}, "logit_bias"),
     ({"bogus": 1}, "bogus"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"prediction": {"type": "content", "content": "x"}}, "prediction"),
 ])
 def test_unsupported_fields_share_one_code(plain_url, extra, param):
     c = sdk(plain_url)
@@ -336,3 +336,33 @@ def test_sse_keepalive_during_a_slow_prefill(client, monkeypatch):
     with serve_in_background(build_app(client, MODEL, sse_keepalive=0.05)) as url:
         raw = httpx.post(url + "/v1/completions", json=body, timeout=30).text
     assert ": keep-alive\n\n" in raw and raw.endswith("data: [DONE]\n\n")
+
+
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["ok", "color", "n", "tags"],
+          "properties": {"ok": {"type": "boolean"}, "color": {"enum": ["red", "green", "blue"]},
+                         "n": {"type": "integer", "minimum": 0, "maximum": 99},
+                         "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2}}}
+
+
+def check_schema(value: dict) -> None:
+    """SCHEMA checked by hand."""
+    assert set(value) == {"ok", "color", "n", "tags"} and isinstance(value["ok"], bool)
+    assert value["color"] in ("red", "green", "blue") and 0 <= value["n"] <= 99
+    assert len(value["tags"]) <= 2 and set(value["tags"]) <= {"a", "b"}
+
+
+def test_json_schema_output_parses_with_mtp_on_and_off(plain_url):
+    c = sdk(plain_url)
+    fmt = {"type": "json_schema", "json_schema": {"name": "thing", "schema": SCHEMA, "strict": True}}
+    texts = []
+    for enabled in (True, False):
+        r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "A thing"}], max_tokens=200,
+                                      temperature=0, response_format=fmt,
+                                      extra_body={"speculative": {"enabled": enabled}})
+        assert r.choices[0].finish_reason == "stop"
+        texts.append(r.choices[0].message.content)
+        check_schema(json.loads(texts[-1]))
+    assert texts[0] == texts[1]
+    sampled = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Any"}], max_tokens=200,
+                                        temperature=1.0, seed=3, response_format={"type": "json_object"})
+    assert isinstance(json.loads(sampled.choices[0].message.content), dict)

@@ -29,6 +29,7 @@ from functools import partial
 import torch
 
 from mtpserve.engine.cuda_graph import CUDAGraphs
+from mtpserve.engine.grammar import mask_logits
 from mtpserve.engine.kv_cache import KVCacheManager
 from mtpserve.engine.noise import DRAFT, TOKEN
 from mtpserve.engine.request import Request
@@ -49,6 +50,21 @@ class DraftInput:
     next_tokens: list[int]  # t[p+1] for those positions
     history: list[int]  # output tokens so far incl. this step's (for penalties on q)
     num_drafts: int  # 0: only fill the MTP KV
+
+
+def grammar_masked(logits: torch.Tensor, items: list[DraftInput],
+                   drafts: list[list[int]]) -> torch.Tensor:
+    """Drafts of requests with a grammar are chosen among the tokens it allows after their output
+    and earlier drafts, so a draft the grammar forbids is never proposed."""
+    owners = [i for i, it in enumerate(items) if it.request.sampling_params.grammar is not None]
+    if not owners:
+        return logits
+    logits = logits.clone()
+    for i in owners:
+        grammar = items[i].request.sampling_params.grammar
+        allowed = grammar.masks(items[i].history, drafts[i])[-1:]
+        logits[i:i + 1] = mask_logits(logits[i:i + 1], allowed)
+    return logits
 
 
 class MTPProposer:
@@ -107,6 +123,7 @@ class MTPProposer:
         histories = [it.history + d for it, d in zip(items, drafts)]
         prompts = [it.request.prompt_token_ids for it in items]
         logits = apply_penalties(logits, t, prompts, histories)
+        logits = grammar_masked(logits, items, drafts)
         tokens = logits.argmax(-1)
         for seeded in (True, False):
             sampled = [i for i, p in enumerate(params)

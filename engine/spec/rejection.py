@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import torch
 
+from mtpserve.engine.grammar import mask_logits
 from mtpserve.engine.noise import ACCEPT, RequestNoise, uniforms
 from mtpserve.engine.sampler import (
     SamplingBatch,
@@ -61,6 +62,7 @@ def verify(target_logits: torch.Tensor, batch: SamplingBatch) -> list[list[int]]
     num_drafts = batch.num_drafts
     logits = _penalized(target_logits.float(), batch)
     logits = _hold_early_stops(logits, batch)
+    logits = _follow_grammars(logits, batch)
     results: list[list[int]] = [[] for _ in batch.params]
     matched, rejection = [], []
     for i, (params, noise) in enumerate(zip(batch.params, batch.noises)):
@@ -128,6 +130,20 @@ def _hold_early_stops(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tenso
     logits = logits.clone()
     logits[torch.tensor(rows, device=logits.device), torch.tensor(tokens, device=logits.device)] = (
         float("-inf"))
+    return logits
+
+
+def _follow_grammars(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Row j of a request with a grammar allows only what the grammar allows after its output
+    and drafts d_1..d_j (a draft it forbids is rejected there)."""
+    owners = [i for i, p in enumerate(batch.params) if p.grammar is not None]
+    if not owners:
+        return logits
+    logits = logits.clone()
+    for i in owners:
+        rows = slice(batch.start_loc[i], batch.start_loc[i + 1])
+        allowed = batch.params[i].grammar.masks(batch.output_token_ids[i], batch.draft_token_ids[i])
+        logits[rows] = mask_logits(logits[rows], allowed)
     return logits
 
 

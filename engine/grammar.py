@@ -1,0 +1,95 @@
+"""Structured output with llguidance: a request's grammar masks the target rows it verifies and
+the drafts MTP proposes for it.
+
+llguidance was chosen over xgrammar: a small self-contained wheel (no transformers or TVM runtime
+pulled in), masks computed on the CPU for any device, and ``rollback``, which drafting needs: the
+matcher walks a request's drafts to mask each verify row (and each next draft) and steps back over
+them, so it only ever holds the tokens actually emitted.
+
+A request's matcher follows its output lazily: before each use, ``sync`` feeds it the output tokens
+it has not seen (the ones emitted since), so no step of the engine has to report to it.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import llguidance
+import llguidance.torch
+import torch
+
+from mtpserve.engine.errors import RequestError
+
+_LL_TOKENIZERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# JSON written compactly: a small model cannot loop on whitespace
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def ll_tokenizer(tokenizer, vocab_size: int, eos_token_ids) -> llguidance.LLTokenizer:
+    """The llguidance view of ``tokenizer``, built once (about a second for a large vocabulary)."""
+    cached = _LL_TOKENIZERS.get(tokenizer)
+    if cached is None:
+        cached = llguidance.LLTokenizer(tokenizer.backend.to_str(), n_vocab=vocab_size,
+                                        eos_token=sorted(eos_token_ids))
+        _LL_TOKENIZERS[tokenizer] = cached
+    return cached
+
+
+def json_schema_grammar(schema: dict) -> str:
+    return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
+
+
+def unpack(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[B, V] bool from llguidance's [B, ceil(V / 32)] int32 bit words."""
+    shifts = torch.arange(32, dtype=torch.int32)
+    bits = (bitmask.unsqueeze(-1) >> shifts) & 1
+    return bits.reshape(bitmask.shape[0], -1)[:, :vocab_size].bool()
+
+
+class Grammar:
+    """One request's matcher."""
+
+    def __init__(self, tokenizer: llguidance.LLTokenizer, grammar: str, vocab_size: int,
+                 param: str = "response_format"):
+        try:
+            self.matcher = llguidance.LLMatcher(tokenizer, grammar)
+        except ValueError as e:
+            raise RequestError(f"invalid grammar: {e}", param=param) from None
+        error = self.matcher.get_error()
+        if error:
+            raise RequestError(f"invalid grammar: {error}", param=param)
+        self.vocab_size = vocab_size
+        self.num_consumed = 0
+
+    def sync(self, output_token_ids: list[int]) -> None:
+        """Feed the output tokens emitted since the last call."""
+        new = output_token_ids[self.num_consumed:]
+        if new:
+            self.matcher.try_consume_tokens(list(new))
+        self.num_consumed = len(output_token_ids)
+
+    def masks(self, output_token_ids: list[int], drafts: list[int]) -> torch.Tensor:
+        """[k + 1, V] bool: the tokens allowed after the output and each prefix d_1..d_j of the
+        drafts. Rows past a draft the grammar forbids repeat the last allowed row (the target
+        rejects that draft, so they are never used)."""
+        self.sync(output_token_ids)
+        rows = len(drafts) + 1
+        bitmask = llguidance.torch.allocate_token_bitmask(rows, self.vocab_size)
+        consumed = 0
+        for j in range(rows):
+            llguidance.torch.fill_next_token_bitmask(self.matcher, bitmask, j)
+            if j == len(drafts) or self.matcher.try_consume_tokens([drafts[j]]) != 1:
+                break
+            consumed += 1
+        bitmask[consumed + 1:] = bitmask[consumed]
+        if consumed:
+            self.matcher.rollback(consumed)
+        return unpack(bitmask, self.vocab_size)
+
+
+def mask_logits(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """``logits`` with the disallowed tokens at -inf; rows with nothing allowed are left as they
+    are (a reduced draft vocabulary may hold no allowed token: that draft is then rejected)."""
+    allowed = allowed.to(logits.device)
+    some = (allowed & torch.isfinite(logits)).any(dim=-1, keepdim=True)
+    return logits.masked_fill(~allowed & some, float("-inf"))
