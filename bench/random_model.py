@@ -65,6 +65,8 @@ def random_model(config: ModelConfig, dtype: torch.dtype, device: torch.device,
             continue
         values = torch.empty(param.shape, dtype=dtype, device=device)
         param.data = values.normal_(0.0, INIT_STD, generator=gen)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the float32 skeleton's memory, for the KV cache
     return model.to_runtime(dtype, device).eval()
 
 
