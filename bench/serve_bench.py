@@ -29,11 +29,13 @@ def request_body(args, prompt) -> dict:
 
 
 async def one_request(client, path: str, body: dict, chat: bool) -> dict:
-    """Stream one completion; times of each chunk that carried text, the completion tokens from the
-    final usage chunk (else the count of text chunks), or an error message."""
+    """Stream one completion; times of each chunk that carried text, the text, the completion tokens
+    from the final usage chunk (else the count of text chunks) and its prompt and cached tokens, or
+    an error message."""
     start = time.perf_counter()
     arrivals = []
-    usage_tokens = None
+    texts = []
+    usage = {}
     try:
         async with client.stream("POST", path, json=body) as r:
             if r.status_code != 200:
@@ -49,7 +51,7 @@ async def one_request(client, path: str, body: dict, chat: bool) -> dict:
                 if "error" in event:
                     return {"error": f"stream error: {json.dumps(event['error'])[:200]}"}
                 if event.get("usage"):
-                    usage_tokens = event["usage"].get("completion_tokens")
+                    usage = event["usage"]
                 for choice in event.get("choices") or ():
                     if chat:
                         text = (choice.get("delta") or {}).get("content")
@@ -57,18 +59,22 @@ async def one_request(client, path: str, body: dict, chat: bool) -> dict:
                         text = choice.get("text")
                     if text:
                         arrivals.append(time.perf_counter())
+                        texts.append(text)
     except (httpx.HTTPError, ValueError, AttributeError) as e:
         # transport, timeouts, bad JSON: counted
         return {"error": f"{type(e).__name__}: {e}"[:200]}
     end = time.perf_counter()
     if not arrivals:
         return {"error": "no text in the response"}
-    tokens = usage_tokens if usage_tokens is not None else len(arrivals)
+    tokens = usage.get("completion_tokens") or len(arrivals)
     ttft = arrivals[0] - start
     e2e = end - start
     itl = [b - a for a, b in itertools.pairwise(arrivals)]
     tpot = (e2e - ttft) / (tokens - 1) if tokens > 1 else None
-    return {"ttft": ttft, "e2e": e2e, "tokens": tokens, "itl": itl, "tpot": tpot}
+    details = usage.get("prompt_tokens_details") or {}
+    return {"ttft": ttft, "e2e": e2e, "tokens": tokens, "itl": itl, "tpot": tpot,
+            "text": "".join(texts), "prompt_tokens": usage.get("prompt_tokens"),
+            "cached_tokens": details.get("cached_tokens")}
 
 
 async def scrape(client, url: str) -> dict | None:
@@ -93,6 +99,12 @@ async def run_level(client, args, prompts, concurrency: int) -> dict:
     results = await asyncio.gather(*(gated(b) for b in bodies))
     duration = time.perf_counter() - start
     after = await scrape(client, args.metrics_url)
+    return level_stats(concurrency, results, duration, before, after)
+
+
+def level_stats(concurrency: int, results: list[dict], duration: float, before, after) -> dict:
+    """One level's figures from its requests' ``one_request`` results and the server's counters
+    scraped before and after it (None: not our server)."""
     ok = [r for r in results if "error" not in r]
     errors = [r["error"] for r in results if "error" in r]
     tokens = sum(r["tokens"] for r in ok)
@@ -105,7 +117,7 @@ async def run_level(client, args, prompts, concurrency: int) -> dict:
         speculative = spec_delta(before, after)
     return {
         "concurrency": concurrency,
-        "num_requests": len(bodies),
+        "num_requests": len(results),
         "completed": len(ok),
         "errors": len(errors),
         "error_samples": sorted(set(errors))[:5],
@@ -130,7 +142,7 @@ async def default_model(client) -> str:
                             f"({type(e).__name__}: {e}); pass --model") from None
 
 
-async def bench(args, prompts) -> list[dict]:
+async def bench(args, prompts, level_runner) -> list[dict]:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limits = httpx.Limits(max_connections=max(args.concurrency) + 2)
     client = httpx.AsyncClient(base_url=args.base_url, headers=headers, timeout=args.timeout,
@@ -140,22 +152,24 @@ async def bench(args, prompts) -> list[dict]:
             args.model = await default_model(client)
         levels = []
         for concurrency in args.concurrency:
-            level = await run_level(client, args, prompts, concurrency)
+            level = await level_runner(client, args, prompts, concurrency)
             levels.append(level)
             print(f"concurrency {concurrency}: {level['completed']} ok, {level['errors']} errors, "
                   f"{level['output_tok_s']:.1f} output tok/s", file=sys.stderr)
         return levels
 
 
-def measure(args, prompts) -> dict:
-    """Every concurrency level of ``args``
-    (options as checked by cli/bench_serve.py): the results."""
-    levels = asyncio.run(bench(args, prompts))
+def measure(args, prompts, level_runner=run_level) -> dict:
+    """Every concurrency level of ``args`` (options as checked by cli/bench_serve.py): the results.
+    ``level_runner``: the workload of one level (``run_level``: independent requests; the
+    multi-turn one is ``multi_turn.run_level``)."""
+    levels = asyncio.run(bench(args, prompts, level_runner))
     now = datetime.datetime.now(datetime.timezone.utc)
     meta = {
         "base_url": args.base_url,
         "endpoint": args.endpoint,
         "model": args.model,
+        "workload": args.workload,
         "num_requests": args.num_requests,
         "prompts": args.prompts or "built-in eval set",
         "num_prompts": len(prompts),

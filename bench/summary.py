@@ -210,6 +210,7 @@ def serve_summary(r: dict) -> str:
         cells.append([lvl["concurrency"], lvl["completed"], lvl["errors"], *latencies,
                       num(lvl["output_tok_s"]), num(lvl["request_throughput"], 2)])
     lines += table(header, cells)
+    lines += turn_table(r["levels"])
     drafting_rows = []
     for lvl in r["levels"]:
         s = lvl.get("speculative")
@@ -222,6 +223,26 @@ def serve_summary(r: dict) -> str:
         lines += table(["concurrency", "drafts", "draft tokens", "accepted", "acceptance rate",
                         "tokens per drafting step", "per position"], drafting_rows)
     return "\n".join(lines)
+
+
+def turn_table(levels: list[dict]) -> list[str]:
+    """The multi-turn workload's rows: per level and turn, TTFT, prompt and cached tokens."""
+    rows = []
+    for lvl in levels:
+        turns = lvl.get("turns", ())
+        for t in turns:
+            first, mean = turns[0]["ttft_ms"]["mean"], t["ttft_ms"]["mean"]
+            ratio = None
+            if first and mean is not None:
+                ratio = mean / first
+            rows.append([lvl["concurrency"], t["turn"], t["completed"], t["errors"],
+                         " / ".join(latency_cells(t["ttft_ms"])), num(ratio, 2),
+                         num(t["prompt_tokens"], 0), num(t["cached_tokens"], 0)])
+    if not rows:
+        return []
+    header = ["concurrency", "turn", "requests", "errors", "TTFT", "TTFT / turn 1",
+              "prompt tokens (mean)", "cached tokens (mean)"]
+    return ["TTFT per turn (ms, mean / p50 / p99)", "", *table(header, rows)]
 
 
 def write_report(out_dir: str, results: dict, summary: str) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from mtpserve.bench import serve_bench
+from mtpserve.bench import multi_turn, serve_bench
 from mtpserve.bench.summary import serve_summary, write_report
 from mtpserve.bench.workload import load_prompts
 from mtpserve.cli.bench import name_list, number_list
@@ -23,7 +23,18 @@ def add_args(p) -> None:
                         "with the prompt text (a conversation sends its last message)")
     p.add_argument("--concurrency", type=number_list(int), default=[1],
                    help="requests in flight, e.g. 1,4,16")
-    p.add_argument("--num-requests", type=int, default=32, help="requests per concurrency level")
+    p.add_argument("--num-requests", type=int, default=None,
+                   help="requests per concurrency level (default 32; single workload)")
+    p.add_argument("--workload", default="single", choices=["single", "multi-turn"],
+                   help="single: independent requests; multi-turn: conversations that grow turn "
+                        "by turn (chat endpoint), TTFT per turn")
+    p.add_argument("--conversations", type=int, default=None,
+                   help="multi-turn: conversations per concurrency level (default 8)")
+    p.add_argument("--turns", type=int, default=None,
+                   help="multi-turn: questions per conversation (default 4)")
+    p.add_argument("--system-tokens", type=int, default=None,
+                   help="multi-turn: about this many tokens of system prompt opening each "
+                        "conversation, its own (default 2000)")
     p.add_argument("--prompts", default=None,
                    help="JSONL prompts as for mtpserve bench (default: built-in set)")
     p.add_argument("--kinds", type=name_list, default=None,
@@ -42,7 +53,33 @@ def add_args(p) -> None:
                    help="directory for results.json and summary.md")
 
 
+MULTI_TURN_DEFAULTS = {"conversations": 8, "turns": 4, "system_tokens": 2000}
+
+
+def resolve_workload(args) -> None:
+    """Fill in the defaults of the chosen workload; an option of the other one is an error."""
+    multi = args.workload == "multi-turn"
+    if multi and args.num_requests is not None:
+        raise MtpserveError("--num-requests is for the single workload; multi-turn sends "
+                            "--conversations x --turns requests")
+    if multi and args.endpoint != "chat":
+        raise MtpserveError("--workload multi-turn sends conversations: use --endpoint chat")
+    for name, default in MULTI_TURN_DEFAULTS.items():
+        flag = "--" + name.replace("_", "-")
+        if not multi and getattr(args, name) is not None:
+            raise MtpserveError(f"{flag} is for --workload multi-turn")
+        if multi and getattr(args, name) is None:
+            setattr(args, name, default)
+        if multi and getattr(args, name) < 1:
+            raise MtpserveError(f"{flag} must be at least 1")
+    if not multi and args.num_requests is None:
+        args.num_requests = 32
+    if multi:
+        args.num_requests = args.conversations * args.turns
+
+
 def check_args(args) -> None:
+    resolve_workload(args)
     counts_ok = args.num_requests >= 1 and args.per_kind >= 1
     if not counts_ok or not args.concurrency or min(args.concurrency) < 1:
         raise MtpserveError("--num-requests, --per-kind and --concurrency must be at least 1")
@@ -58,6 +95,12 @@ def run(args) -> int:
     args.metrics_url = args.metrics_url or args.base_url + "/metrics"
     args.api_key = args.api_key or os.environ.get("OPENAI_API_KEY") or None
     prompts = load_prompts(args.prompts, args.kinds, args.per_kind, args.max_tokens)
-    results = serve_bench.measure(args, prompts)
+    level_runner = serve_bench.run_level
+    if args.workload == "multi-turn":
+        level_runner = multi_turn.run_level
+    results = serve_bench.measure(args, prompts, level_runner)
+    if args.workload == "multi-turn":
+        results["meta"].update(conversations=args.conversations, turns=args.turns,
+                               system_tokens=args.system_tokens)
     write_report(args.out, results, serve_summary(results))
     return 0

@@ -268,6 +268,38 @@ def test_bench_serve_live(live_server, prompts_file, tmp_path, endpoint):
     assert "| 4 | 8 | 0 |" in (out / "summary.md").read_text()
 
 
+def test_bench_serve_multi_turn(live_server, prompts_file, tmp_path):
+    """Conversations growing turn by turn: every turn after the first finds the conversation so far in the
+    server's prefix cache."""
+    out = tmp_path / "out"
+    assert main(["bench-serve", "--base-url", live_server, "--workload", "multi-turn", "--prompts", prompts_file,
+                 "--conversations", "2", "--turns", "3", "--system-tokens", "12", "--max-tokens", "6",
+                 "--ignore-eos", "--concurrency", "2", "--out", str(out)]) == 0
+    r = json.loads((out / "results.json").read_text())
+    assert r["meta"]["workload"] == "multi-turn" and r["meta"]["turns"] == 3
+    (lvl,) = r["levels"]
+    assert (lvl["completed"], lvl["errors"], lvl["total_output_tokens"]) == (6, 0, 36)
+    turns = lvl["turns"]
+    assert [(t["turn"], t["completed"], t["errors"]) for t in turns] == [(1, 2, 0), (2, 2, 0), (3, 2, 0)]
+    assert turns[0]["cached_tokens"] == 0  # each conversation has a system prompt of its own
+    assert all(t["cached_tokens"] >= 16 for t in turns[1:])  # at least a block of 16 of the turn before
+    prompt_tokens = [t["prompt_tokens"] for t in turns]
+    assert prompt_tokens == sorted(prompt_tokens) and prompt_tokens[0] < prompt_tokens[-1]
+    assert all(0 < t["ttft_ms"]["mean"] for t in turns)
+    assert "TTFT per turn" in (out / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--workload", "multi-turn", "--num-requests", "4"], "--num-requests is for the single workload"),
+    (["--turns", "2"], "--turns is for --workload multi-turn"),
+    (["--workload", "multi-turn", "--endpoint", "completions"], "use --endpoint chat"),
+    (["--workload", "multi-turn", "--conversations", "0"], "--conversations must be at least 1"),
+])
+def test_bench_serve_rejects_mixed_workload_options(tmp_path, capsys, argv, message):
+    assert main(["bench-serve", "--base-url", "http://127.0.0.1:9", "--out", str(tmp_path), *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_bench_serve_counts_errors(live_server, prompts_file, tmp_path):
     out = tmp_path / "out"
     assert main(["bench-serve", "--base-url", live_server, "--model", "no-such-model", "--prompts", prompts_file,
