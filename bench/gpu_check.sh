@@ -9,7 +9,8 @@
 # 2. decode tok/s at batch 1, 8 and 64 against the HBM bound, random weights of 1B and 8B shapes;
 # 3. with MODEL (the default model's GGUF): decode with MTP off / fixed k / adaptive, CUDA graphs
 #    on and, for comparison, off (--enforce-eager).
-# WHEELS=dir installs the few pure-Python packages the engine imports from a local wheel folder.
+# WHEELS=dir installs the few pure-Python packages the engine imports from a local wheel folder;
+# PARTS=tests,random,model picks what runs (default: all three).
 set -euo pipefail
 
 out=${1:?usage: bench/gpu_check.sh OUT_DIR [MODEL.gguf]}
@@ -26,17 +27,23 @@ export PYTHONPATH="$pkg${PYTHONPATH:+:$PYTHONPATH}"
 { nvidia-smi -L; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } \
     | tee "$out/device.txt"
 
+parts=${PARTS:-tests,random,model}
+
+if [[ $parts == *tests* ]]; then
 echo "== GPU tests"
 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_gpu_graphs.py \
     tests/test_quant_cuda.py tests/test_triton_engine.py 2>&1 | tail -15 | tee "$out/tests.txt" || true
+fi
 
+if [[ $parts == *random* ]]; then
 echo "== decode against the HBM bound (random weights)"
 for shape in llama-1b llama-8b; do
     python3 -m mtpserve.bench.decode_speed --random-weights "$shape" --batch-sizes 1,8,64 \
-        --json "$out/decode-$shape.json" 2>&1 | tail -8 | tee "$out/decode-$shape.txt" || true
+        --json "$out/decode-$shape.json" 2>&1 | tail -12 | tee "$out/decode-$shape.txt" || true
 done
+fi
 
-if [ -n "$model" ]; then
+if [[ $parts == *model* && -n "$model" ]]; then
     bench() {  # mtpserve bench without the CLI's server imports
         python3 - "$@" <<'EOF'
 import argparse
