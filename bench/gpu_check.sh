@@ -19,8 +19,9 @@ mkdir -p "$out"
 pkg=$(mktemp -d)
 ln -s "$PWD" "$pkg/mtpserve"  # the repository root is the package
 if [ -n "${WHEELS:-}" ]; then
-    python3 -m pip install -q --no-index --find-links "$WHEELS" --target "$pkg" \
-        gguf prometheus_client httpx jinja2 2>&1 | tail -3
+    # unpacked, not installed: no pip needed, and the environment's own packages stay as they are
+    python3 -c 'import sys, zipfile; [zipfile.ZipFile(w).extractall(sys.argv[1]) for w in sys.argv[2:]]' \
+        "$pkg" "$WHEELS"/*.whl
 fi
 export PYTHONPATH="$pkg${PYTHONPATH:+:$PYTHONPATH}"
 
