@@ -62,9 +62,9 @@ sys.exit(bench.run(parser.parse_args(sys.argv[1:])) or 0)
 EOF
     }
     common=(--model "$model" --mtp-head heads/smollm2-135m-instruct --device cuda
-            --sections decode,pp --per-kind 2 --repeats 2 --k 1,2,3,4 --no-plots)
+            --sections decode,pp --per-kind 2 --repeats 1 --k 1,3 --no-plots)
     echo "== default model, CUDA graphs"
     bench "${common[@]}" --out "$out/default-graphs" 2>&1 | grep -v "captured [0-9]*/" | tail -40
     echo "== default model, eager"
-    bench "${common[@]}" --enforce-eager --out "$out/default-eager" 2>&1 | tail -30
+    bench "${common[@]}" --sections decode --per-kind 1 --enforce-eager --out "$out/default-eager" 2>&1 | tail -30
 fi
