@@ -447,3 +447,36 @@ def test_cached_tokens_and_metrics_through_the_server(http):  # noqa: F811
     assert scrape(http)[hits] - after[hits] == hit  # the second choice's
     again = http.post("/v1/chat/completions", json=other).json()["usage"]
     assert again["prompt_tokens_details"] == {"cached_tokens": hit}
+
+
+def test_prompts_are_cached_while_speculation_is_backed_off(tiny_qwen3_dir, trained_head):
+    """A policy that drafts nothing (a large batch) parks the MTP inputs of decode steps, but a prompt's MTP
+    KV is filled at once, so its blocks are cached and shared as soon as they are computed."""
+    head, _, prompts = trained_head
+    on, off = engines(tiny_qwen3_dir, mtp_head=head, spec_draft_n_max=2)
+    for engine in (on, off):
+        engine.policy.plan = lambda requests, batch_size: [0] * len(requests)
+    first, second = (on.generate([p], GREEDY)[0] for p in prompts[:2])
+    assert on.spec_stats.num_draft_tokens == 0
+    assert (first.num_cached_tokens, second.num_cached_tokens) == (0, 28)
+    assert [r.output_token_ids for r in (first, second)] == greedy_outputs(off, prompts[:2])
+    assert_no_block_leaked(on)
+
+
+def greedy_outputs(engine, prompts: list[list[int]]) -> list[list[int]]:
+    return [engine.generate([p], GREEDY)[0].output_token_ids for p in prompts]
+
+
+def test_reset_forgets_only_free_cached_blocks():
+    kv = caching_manager(8)
+    a = request("a", list(range(10, 19)))
+    admit(kv, a)
+    computed(kv, a, 9)
+    b = request("b", list(range(30, 39)))
+    admit(kv, b)
+    computed(kv, b, 9)
+    kv.free("a")
+    kv.reset_prefix_cache()
+    assert kv.cached_prefix(request("a2", list(range(10, 19)))) == []
+    assert len(kv.cached_prefix(request("b2", list(range(30, 39))))) == 2  # b still holds its blocks
+    assert kv.pool.num_free_blocks == 5 and not kv.pool.lru

@@ -142,11 +142,13 @@ class MTPProposer:
 
     def _defer_or_merge(self, items: list[DraftInput]) -> list[DraftInput]:
         """Park the inputs of requests that draft nothing; prepend parked inputs to those
-        that draft."""
+        that draft. With prefix caching, prompt positions are never parked: their MTP KV is
+        filled at once, so the prompt's blocks can be cached (and shared) as soon as computed."""
         run = []
         for it in items:
             pending = self.pending.setdefault(it.request.request_id, [])
-            if it.num_drafts == 0:
+            in_prompt = it.start < it.request.num_prompt_tokens
+            if it.num_drafts == 0 and not (self.kv.prefix_caching and in_prompt):
                 pending.append(it)
                 continue
             if pending:
@@ -208,7 +210,7 @@ class MTPProposer:
         y = self._chain(items, reqs, tokens, starts, lengths, y, ends)
         req_params = [r.sampling_params for r in reqs]
         tensors = SamplingTensors.from_params(req_params, self.vocab_size, self.device)
-        active = list(range(len(items)))
+        active = [i for i, it in enumerate(items) if it.num_drafts > 0]  # the others only fill
         drafts: list[list[int]] = [[] for _ in items]
         probs: list[list[torch.Tensor]] = [[] for _ in items]
         y_last = y[ends]
