@@ -96,6 +96,7 @@ class EngineRuns:
         """Run ``prompts`` as one batch to completion; (finished requests, wall seconds)."""
         engine = self.engine
         self._use(mode)
+        engine.kv.reset_prefix_cache()  # every run computes its prompts: no hit on an earlier run's
         start = time.perf_counter()
         reqs = []
         for ids, p in zip(prompts, params):
@@ -233,6 +234,7 @@ class Clients:
         params = SamplingParams(max_tokens=length, temperature=0, ignore_eos=True)
         start = client * len(self.prompts) // self.num_streams
         prompt = self.prompts[(start + j) % len(self.prompts)]
+        runs.engine.kv.reset_prefix_cache()  # the prompt is computed, as in every mode's run
         req = runs.engine.add_request(f"bench-{next(runs._ids)}", prompt, params,
                                       spec_n_max=self.mode.spec_n_max)
         self.busy[req.request_id] = 0.0

@@ -94,6 +94,11 @@ class BlockPool:
             else:
                 self.lru[b] = None
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block no request holds (they become empty)."""
+        while self.lru:
+            self.empty_blocks.append(self._evict())
+
     def usage(self) -> float:
         return 1.0 - self.num_free_blocks / self.num_blocks
 
@@ -251,6 +256,10 @@ class KVCacheManager:
         self.num_registered.pop(request_id, None)
         self.draft_kv_tokens.pop(request_id, None)
         self._drop_promises(request_id)
+
+    def reset_prefix_cache(self) -> None:
+        """Drop what the prefix cache keeps of finished requests (benchmarks that time prompts)."""
+        self.pool.reset_prefix_cache()
 
     def step_state(self, scheduled) -> None:
         """Per-request state beyond KV blocks for a step:
