@@ -6,12 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 from engine_helpers import make_engine
-from mtp_helpers import save_distilled_head
+from mtp_helpers import save_distilled_head, save_random_head
 from test_server import GREEDY as SERVER_GREEDY
 from test_server import MODEL, base_url, client, http, scrape, sse_events  # noqa: F401 (fixtures)
 from tiny_qwen3_next import make_tiny_qwen3_next
 
 from mtpserve.engine.kv_cache import BlockPool, KVCacheManager
+from mtpserve.engine.loader import load_checkpoint
 from mtpserve.engine.prefix_cache import engine_salt, extend_block_hashes
 from mtpserve.engine.request import Request
 from mtpserve.engine.sampling_params import SamplingParams
@@ -415,6 +416,13 @@ def test_hybrid_models_say_prefix_caching_is_off(tmp_path, caplog):
     assert "prefix caching off: the linear-attention layers' recurrent state" in caplog.text
     first, second = engine.generate([tokens(13, seed=140)] * 2, GREEDY)
     assert first.output_token_ids == second.output_token_ids and second.num_cached_tokens == 0
+
+
+def test_chained_mtp_layers_say_prefix_caching_is_off(tiny_llama_dir, tmp_path):
+    head = save_random_head(tmp_path, load_checkpoint(tiny_llama_dir).config, num_layers=2)
+    engine = make_engine(tiny_llama_dir, mtp_head=head, spec_adaptive=False)
+    assert len(engine.mtp.layers) == 2 and not engine.kv.prefix_caching
+    assert "prefix caching off (chained MTP layers)" in engine.summary()
 
 
 # --- through the server ---------------------------------------------------------------------------
