@@ -39,6 +39,11 @@ def json_schema_grammar(schema: dict) -> str:
     return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
 
 
+def lark_grammar(text: str) -> str:
+    """A grammar in llguidance's Lark syntax; ValueError when it does not parse."""
+    return llguidance.LLMatcher.grammar_from_lark(text)
+
+
 def unpack(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """[B, V] bool from llguidance's [B, ceil(V / 32)] int32 bit words."""
     shifts = torch.arange(32, dtype=torch.int32)
@@ -47,7 +52,9 @@ def unpack(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 
 class Grammar:
-    """One request's matcher."""
+    """One request's matcher, and its count of the drafts verified under it: the grammar masks
+    each draft MTP proposes, so ``num_forbidden_drafts`` (drafts verified that the grammar does
+    not allow, and those after them) stays 0 unless a draft vocabulary holds no allowed token."""
 
     def __init__(self, tokenizer: llguidance.LLTokenizer, grammar: str, vocab_size: int,
                  param: str = "response_format"):
@@ -60,6 +67,8 @@ class Grammar:
             raise RequestError(f"invalid grammar: {error}", param=param)
         self.vocab_size = vocab_size
         self.num_consumed = 0
+        self.num_verified_drafts = 0
+        self.num_forbidden_drafts = 0
 
     def sync(self, output_token_ids: list[int]) -> None:
         """Feed the output tokens emitted since the last call."""
@@ -68,10 +77,21 @@ class Grammar:
             self.matcher.try_consume_tokens(list(new))
         self.num_consumed = len(output_token_ids)
 
+    def verify_masks(self, output_token_ids: list[int], drafts: list[int]) -> torch.Tensor:
+        """``masks`` for a verify step, counting its drafts."""
+        allowed, consumed = self._masks(output_token_ids, drafts)
+        self.num_verified_drafts += len(drafts)
+        self.num_forbidden_drafts += len(drafts) - consumed
+        return allowed
+
     def masks(self, output_token_ids: list[int], drafts: list[int]) -> torch.Tensor:
         """[k + 1, V] bool: the tokens allowed after the output and each prefix d_1..d_j of the
         drafts. Rows past a draft the grammar forbids repeat the last allowed row (the target
         rejects that draft, so they are never used)."""
+        return self._masks(output_token_ids, drafts)[0]
+
+    def _masks(self, output_token_ids: list[int], drafts: list[int]) -> tuple[torch.Tensor, int]:
+        """``masks`` and how many drafts the grammar allows in a row."""
         self.sync(output_token_ids)
         rows = len(drafts) + 1
         bitmask = llguidance.torch.allocate_token_bitmask(rows, self.vocab_size)
@@ -84,7 +104,7 @@ class Grammar:
         bitmask[consumed + 1:] = bitmask[consumed]
         if consumed:
             self.matcher.rollback(consumed)
-        return unpack(bitmask, self.vocab_size)
+        return unpack(bitmask, self.vocab_size), consumed
 
 
 def mask_logits(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:

@@ -111,17 +111,17 @@ def token_limit(engine, ids: list[int], max_tokens: int | None) -> int:
 
 
 async def start_all(state, body, prompts: list[list[int]], max_tokens: int | None, rid: str,
-                    prompt_field: str) -> list:
+                    prompt_field: str, spec: OutputSpec | None = None) -> list:
     """Start ``body.n`` choices per prompt, named ``rid-0``, ``rid-1``, ...; when one cannot start,
     those started are closed. ``prompt_field``: the body's name for the prompt, for the error's
-    ``param``."""
+    ``param``; ``spec``: how a chat answer is read (a forced tool call has a grammar)."""
     check_queue(state)
     client = state.client
     engine = client.engine
     n_max = draft_limit(body, engine)
     streams = []
     try:
-        make_grammar = grammar_maker(body, engine)
+        make_grammar = grammar_maker(body, engine, spec)
         for p, ids in enumerate(prompts):
             limit = token_limit(engine, ids, max_tokens)
             for j in range(body.n):
@@ -190,7 +190,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     log_prompt(request, rid, text)
     max_tokens = body.max_completion_tokens or body.max_tokens
-    streams = await start_all(state, body, [ids], max_tokens, rid, "messages")
+    streams = await start_all(state, body, [ids], max_tokens, rid, "messages", spec)
     return await answer(request, body, streams, rid, spec)
 
 

@@ -142,7 +142,8 @@ def _follow_grammars(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor
     logits = logits.clone()
     for i in owners:
         rows = slice(batch.start_loc[i], batch.start_loc[i + 1])
-        allowed = batch.params[i].grammar.masks(batch.output_token_ids[i], batch.draft_token_ids[i])
+        allowed = batch.params[i].grammar.verify_masks(batch.output_token_ids[i],
+                                                       batch.draft_token_ids[i])
         logits[rows] = mask_logits(logits[rows], allowed)
     return logits
 
