@@ -52,9 +52,11 @@ def unpack(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 
 class Grammar:
-    """One request's matcher, and its count of the drafts verified under it: the grammar masks
+    """One request's matcher, and its count of the drafts verified under it. The grammar masks
     each draft MTP proposes, so ``num_forbidden_drafts`` (drafts verified that the grammar does
-    not allow, and those after them) stays 0 unless a draft vocabulary holds no allowed token."""
+    not allow, and those after them) stays 0 unless a draft vocabulary holds no allowed token.
+    Drafts after an end-of-answer draft are not counted: the answer ends there, they are never
+    emitted."""
 
     def __init__(self, tokenizer: llguidance.LLTokenizer, grammar: str, vocab_size: int,
                  param: str = "response_format"):
@@ -66,6 +68,7 @@ class Grammar:
         if error:
             raise RequestError(f"invalid grammar: {error}", param=param)
         self.vocab_size = vocab_size
+        self.eos_token_ids = set(tokenizer.eos_tokens)
         self.num_consumed = 0
         self.num_verified_drafts = 0
         self.num_forbidden_drafts = 0
@@ -79,9 +82,13 @@ class Grammar:
 
     def verify_masks(self, output_token_ids: list[int], drafts: list[int]) -> torch.Tensor:
         """``masks`` for a verify step, counting its drafts."""
-        allowed, consumed = self._masks(output_token_ids, drafts)
-        self.num_verified_drafts += len(drafts)
-        self.num_forbidden_drafts += len(drafts) - consumed
+        allowed, num_allowed = self._masks(output_token_ids, drafts)
+        ends = [j for j, token in enumerate(drafts) if token in self.eos_token_ids]
+        num_used = len(drafts)
+        if ends:
+            num_used = ends[0] + 1
+        self.num_verified_drafts += num_used
+        self.num_forbidden_drafts += max(num_used - num_allowed, 0)
         return allowed
 
     def masks(self, output_token_ids: list[int], drafts: list[int]) -> torch.Tensor:
@@ -91,7 +98,9 @@ class Grammar:
         return self._masks(output_token_ids, drafts)[0]
 
     def _masks(self, output_token_ids: list[int], drafts: list[int]) -> tuple[torch.Tensor, int]:
-        """``masks`` and how many drafts the grammar allows in a row."""
+        """``masks`` and how many drafts in a row the grammar allows. An end-of-answer token is
+        taken by the matcher while the grammar may end, and not once it has (then it is the only
+        token allowed): both count as allowed."""
         self.sync(output_token_ids)
         rows = len(drafts) + 1
         bitmask = llguidance.torch.allocate_token_bitmask(rows, self.vocab_size)
@@ -101,10 +110,14 @@ class Grammar:
             if j == len(drafts) or self.matcher.try_consume_tokens([drafts[j]]) != 1:
                 break
             consumed += 1
+        num_allowed = consumed
+        if consumed < len(drafts) and drafts[consumed] in self.eos_token_ids:
+            if self.matcher.is_stopped():
+                num_allowed += 1
         bitmask[consumed + 1:] = bitmask[consumed]
         if consumed:
             self.matcher.rollback(consumed)
-        return unpack(bitmask, self.vocab_size), consumed
+        return unpack(bitmask, self.vocab_size), num_allowed
 
 
 def mask_logits(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
