@@ -1,5 +1,6 @@
-"""CUDA graphs for the step that repeats: the main model's forward over a batch in which every
-request computes the same number of tokens ``q`` (a decode: q = 1; a verify of k drafts: q = k + 1).
+"""CUDA graphs for the steps that repeat: the main model's forward over a batch in which every
+request computes the same number of tokens ``q`` (a decode: q = 1; a verify of k drafts: q = k + 1),
+and an MTP layer's one-token draft step.
 
 A small model on a GPU is bound by kernel launches: each of a step's few hundred kernels waits on
 Python to launch it. A graph per bucket (batch size, q) is captured once at start-up on static input
