@@ -41,7 +41,8 @@ def deepseek(name: str, args: str) -> str:
 
 # (format, text after the "required" prefix, text after the prefix naming get_weather, a second call)
 FORMS = {
-    "hermes": (hermes("get_weather", '{"city": "Paris <b>", "days": 3}'), '{"city": "Paris <b>", "days": 3}}\n</tool_call>',
+    "hermes": (hermes("get_weather", '{"city": "Paris <b>", "days": 3}'),
+               '{"city": "Paris <b>", "days": 3}}\n</tool_call>',
                "\n<tool_call>\n" + hermes("now", "{}")),
     "deepseek_v3": (deepseek("get_weather", '{"city": "Paris <b>", "days": 3}') + CALLS_END,
                     '{"city": "Paris <b>", "days": 3}\n```' + CALL_END + CALLS_END,
