@@ -4,6 +4,7 @@ conversion of XML-style argument values by the tool's JSON schema."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 
@@ -69,6 +70,27 @@ def convert_value(raw: str, types: list[str]):
         return json.loads(raw)
     except ValueError:
         return raw
+
+
+def tagged_arguments(pattern: re.Pattern, text: str, tools: dict[str, dict], function: str,
+                     clean=None) -> dict:
+    """The arguments of a call that writes each one as a ``pattern`` match (key, raw value) in
+    ``text``, converted to the types the tool's schema gives (``clean``: applied to each raw value
+    first). Text between or after the arguments makes the call malformed."""
+    arguments = {}
+    end = 0
+    for match in pattern.finditer(text):
+        if text[end:match.start()].strip():
+            raise ValueError("text between arguments")
+        key = match.group(1).strip()
+        value = match.group(2)
+        if clean is not None:
+            value = clean(value)
+        arguments[key] = convert_value(value, property_types(tools, function, key))
+        end = match.end()
+    if text[end:].strip():
+        raise ValueError("an unfinished or malformed argument")
+    return arguments
 
 
 def check_name(name, tools: dict[str, dict]) -> str:

@@ -10,8 +10,7 @@ from mtpserve.server.tool_parsers.base import (
     ToolFormat,
     arguments_json,
     check_name,
-    convert_value,
-    property_types,
+    tagged_arguments,
 )
 
 PAIR = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", re.DOTALL)
@@ -27,16 +26,7 @@ class Glm45Format(ToolFormat):
         head, _, _ = body.partition("<arg_key>")
         name = check_name(head.strip(), tools)
         rest = body[len(head):]
-        arguments = {}
-        end = 0
-        for match in PAIR.finditer(rest):
-            if rest[end:match.start()].strip():
-                raise ValueError("text between arguments")
-            key = match.group(1).strip()
-            arguments[key] = convert_value(match.group(2), property_types(tools, name, key))
-            end = match.end()
-        if rest[end:].strip():
-            raise ValueError("an unfinished or malformed argument")
+        arguments = tagged_arguments(PAIR, rest, tools, name)
         return ParsedCall(name, arguments_json(arguments))
 
     def forced_prefix(self, function: str | None) -> str:

@@ -10,8 +10,7 @@ from mtpserve.server.tool_parsers.base import (
     ToolFormat,
     arguments_json,
     check_name,
-    convert_value,
-    property_types,
+    tagged_arguments,
 )
 
 FUNCTION = re.compile(r"\s*<function=([^>\n]+)>(.*?)</function>\s*", re.DOTALL)
@@ -39,17 +38,7 @@ class Qwen3CoderFormat(ToolFormat):
             raise ValueError("no <function=...> block")
         name = check_name(function.group(1).strip(), tools)
         inner = function.group(2)
-        arguments = {}
-        end = 0
-        for match in PARAMETER.finditer(inner):
-            if inner[end:match.start()].strip():
-                raise ValueError("text between parameters")
-            key = match.group(1).strip()
-            value = strip_newline(match.group(2))
-            arguments[key] = convert_value(value, property_types(tools, name, key))
-            end = match.end()
-        if inner[end:].strip():
-            raise ValueError("an unfinished or malformed parameter")
+        arguments = tagged_arguments(PARAMETER, inner, tools, name, clean=strip_newline)
         return ParsedCall(name, arguments_json(arguments))
 
     def forced_prefix(self, function: str | None) -> str:
