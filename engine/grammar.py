@@ -53,10 +53,10 @@ def unpack(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 class Grammar:
     """One request's matcher, and its count of the drafts verified under it. The grammar masks
-    each draft MTP proposes, so ``num_forbidden_drafts`` (drafts verified that the grammar does
-    not allow, and those after them) stays 0 unless a draft vocabulary holds no allowed token.
-    Drafts after an end-of-answer draft are not counted: the answer ends there, they are never
-    emitted."""
+    each draft MTP proposes and cuts the drafts at the first it forbids (one chosen where a
+    reduced draft vocabulary holds no allowed token), so ``num_forbidden_drafts`` (drafts
+    verified that the grammar does not allow, and those after them) stays 0. Drafts after an
+    end-of-answer draft are not counted: the answer ends there, they are never emitted."""
 
     def __init__(self, tokenizer: llguidance.LLTokenizer, grammar: str, vocab_size: int,
                  param: str = "response_format"):
@@ -91,6 +91,23 @@ class Grammar:
         self.num_forbidden_drafts += max(num_used - num_allowed, 0)
         return allowed
 
+    def num_allowed(self, output_token_ids: list[int], drafts: list[int]) -> int:
+        """How many of ``drafts`` in a row the grammar allows after the output."""
+        self.sync(output_token_ids)
+        taken = 0
+        allowed = 0
+        for token in drafts:
+            if token in self.eos_token_ids and self.matcher.is_stopped():
+                allowed += 1  # the grammar has ended: its end token is the one allowed
+                break
+            if self.matcher.try_consume_tokens([token]) != 1:
+                break
+            taken += 1
+            allowed += 1
+        if taken:
+            self.matcher.rollback(taken)
+        return allowed
+
     def masks(self, output_token_ids: list[int], drafts: list[int]) -> torch.Tensor:
         """[k + 1, V] bool: the tokens allowed after the output and each prefix d_1..d_j of the
         drafts. Rows past a draft the grammar forbids repeat the last allowed row (the target
@@ -118,6 +135,14 @@ class Grammar:
         if consumed:
             self.matcher.rollback(consumed)
         return unpack(bitmask, self.vocab_size), num_allowed
+
+
+def allowed_drafts(grammar: Grammar | None, output_token_ids: list[int],
+                   drafts: list[int]) -> list[int]:
+    """``drafts`` up to the first the request's grammar forbids (all of them without one)."""
+    if grammar is None:
+        return drafts
+    return drafts[:grammar.num_allowed(output_token_ids, drafts)]
 
 
 def mask_logits(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,10 @@ from mtp_helpers import save_random_head
 
 from mtpserve.engine.grammar import Grammar, json_schema_grammar, lark_grammar, ll_tokenizer
 from mtpserve.engine.loader import load_checkpoint
+from mtpserve.engine.loader.mtp_head import save_mtp_head
 from mtpserve.engine.sampling_params import SamplingParams
+from mtpserve.engine.spec.stats import SpecStats
+from mtpserve.engine.train.head_init import head_config, init_head_weights
 from mtpserve.server.tool_grammar import lit, tool_call_grammar
 from mtpserve.server.tool_parsers import FORMATS
 
@@ -90,6 +93,21 @@ def test_forced_tool_call_same_with_mtp_on_and_off(engines):
         arguments = json.loads(call.arguments)
         assert call.name == "add" and 0 <= arguments["x"] <= 9 and isinstance(arguments["y"], bool)
     check_drafting(mtp, grammars, before)
+
+
+def test_reduced_draft_vocabulary_drafts_nothing_forbidden(engines, tiny_llama_dir, tmp_path):
+    """A head that may draft only half the vocabulary often has no token the grammar allows: the drafts are
+    cut there instead of proposing a forbidden one."""
+    plain, _ = engines
+    config = load_checkpoint(tiny_llama_dir).config
+    head = str(tmp_path / "half")
+    save_mtp_head(head, init_head_weights(config, 1, 0, 0.1), head_config(config, 1), draft_vocab=torch.arange(150))
+    mtp = make_engine(tiny_llama_dir, dtype=torch.float64, mtp_head=head, spec_draft_n_max=3, spec_adaptive=False)
+    grammar = json_schema_grammar(SCHEMA)
+    expected, _ = run(plain, grammar, temperature=0)
+    outputs, grammars = run(mtp, grammar, temperature=0)
+    assert outputs == expected
+    check_drafting(mtp, grammars, SpecStats())
 
 
 def test_a_forbidden_draft_is_counted(engines):

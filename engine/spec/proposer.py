@@ -29,7 +29,7 @@ from functools import partial
 import torch
 
 from mtpserve.engine.cuda_graph import CUDAGraphs
-from mtpserve.engine.grammar import mask_logits
+from mtpserve.engine.grammar import allowed_drafts, mask_logits
 from mtpserve.engine.kv_cache import KVCacheManager
 from mtpserve.engine.noise import DRAFT, TOKEN
 from mtpserve.engine.request import Request
@@ -236,7 +236,8 @@ class MTPProposer:
         for i, it in enumerate(items):
             if it.num_drafts == 0:
                 continue
-            out[it.request.request_id] = drafts[i]
-            if probs[i]:
-                self.draft_probs[it.request.request_id] = torch.stack(probs[i])
+            kept = allowed_drafts(it.request.sampling_params.grammar, it.history, drafts[i])
+            out[it.request.request_id] = kept
+            if probs[i] and kept:
+                self.draft_probs[it.request.request_id] = torch.stack(probs[i][:len(kept)])
         return out
