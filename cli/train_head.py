@@ -8,8 +8,9 @@ import json
 from mtpserve.cli.engine_args import resolve_device
 from mtpserve.engine.errors import MtpserveError
 from mtpserve.engine.loader import load_checkpoint
+from mtpserve.engine.train.mix import SOURCES, parse_mix
 from mtpserve.engine.train.prompts import KINDS
-from mtpserve.engine.train.trainer import HeadTrainer, TrainConfig
+from mtpserve.engine.train.trainer import PROMPT_MIX, TRAIN_ANSWERS, HeadTrainer, TrainConfig
 
 
 def add_args(p) -> None:
@@ -23,11 +24,25 @@ def add_args(p) -> None:
     p.add_argument("--draft-vocab", type=int, default=8192,
                    help="draft vocabulary: the N most frequent "
                         "answer tokens (0: the whole vocabulary)")
+    default_mix = ",".join(f"{name}={share:g}" for name, share in PROMPT_MIX.items())
+    p.add_argument("--prompt-mix", default=default_mix,
+                   help=f"share of the training answers from each prompt source "
+                        f"({', '.join(SOURCES)}): SOURCE=SHARE, comma-separated; builtin: prompts "
+                        "built from Python's own text, magpie: conversations the model writes")
+    p.add_argument("--train-answers", type=int, default=TRAIN_ANSWERS,
+                   help="training answers from all sources together")
     p.add_argument("--train-per-kind", default="code=all,chat=all,json=all,math=500",
-                   help=f"training prompts per kind ({', '.join(KINDS)}): "
-                        "KIND=N or KIND=all, comma-separated")
+                   help=f"at most this many built-in training prompts per kind "
+                        f"({', '.join(KINDS)}): KIND=N or KIND=all, comma-separated")
     p.add_argument("--eval-per-kind", type=int, default=16,
-                   help="held-out prompts per kind for evaluation")
+                   help="held-out built-in prompts per kind for evaluation")
+    p.add_argument("--eval-magpie", type=int, default=64,
+                   help="held-out Magpie conversations for evaluation")
+    p.add_argument("--targets", choices=("hard", "soft"), default="hard",
+                   help="hard: learn the base model's tokens; soft: its whole distribution "
+                        "(KL), so sampled drafts are accepted more often")
+    p.add_argument("--distill-temperature", type=float, default=1.0,
+                   help="temperature of the soft targets' KL, applied to both models' logits")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--tokens-per-step", type=int, default=1024,
                    help="tokens packed into one optimizer step")
@@ -61,16 +76,24 @@ def run(args) -> int:
     for name in positive:
         if getattr(args, name) < 1:
             raise MtpserveError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.draft_vocab < 0 or args.eval_per_kind < 0 or args.lr <= 0:
-        raise MtpserveError("--draft-vocab and --eval-per-kind must be >= 0, --lr positive")
+    if args.draft_vocab < 0 or args.eval_per_kind < 0 or args.eval_magpie < 0 or args.lr <= 0:
+        raise MtpserveError("--draft-vocab, --eval-per-kind and --eval-magpie must be >= 0, "
+                            "--lr positive")
+    if args.train_answers < 1 or not args.distill_temperature > 0:
+        raise MtpserveError("--train-answers must be at least 1, --distill-temperature positive")
     device = resolve_device(args.device)
     cfg = TrainConfig(
         out=args.out,
         num_layers=args.num_layers,
         depth=args.depth,
         draft_vocab=args.draft_vocab,
+        prompt_mix=parse_mix(args.prompt_mix),
+        train_answers=args.train_answers,
         train_per_kind=parse_per_kind(args.train_per_kind),
         eval_per_kind=args.eval_per_kind,
+        eval_magpie=args.eval_magpie,
+        targets=args.targets,
+        distill_temperature=args.distill_temperature,
         epochs=args.epochs,
         tokens_per_step=args.tokens_per_step,
         lr=args.lr,
@@ -81,7 +104,10 @@ def run(args) -> int:
         max_num_seqs=args.max_num_seqs,
     )
     report = HeadTrainer(load_checkpoint(args.model), cfg).run()
-    shown = ("steps", "train_sequences", "train_tokens", "draft_vocab_size", "eval_before", "eval",
-             "wall_seconds")
-    print(json.dumps({k: report[k] for k in shown}, indent=2))
+    shown = ("steps", "train_sequences", "train_tokens", "draft_vocab_size", "data",
+             "phase_seconds")
+    out = {k: report[k] for k in shown}
+    for name in ("eval_before", "eval"):
+        out[name] = {k: v for k, v in report[name].items() if k != "by_source"}
+    print(json.dumps(out, indent=2))
     return 0

@@ -80,6 +80,7 @@ def _mean_acceptance(engine, prompts) -> float:
 def test_train_head_raises_acceptance_and_resumes(tiny_llama_dir, tmp_path):
     out = str(tmp_path / "head")
     cfg = TrainConfig(out=out, depth=3, draft_vocab=200, epochs=2, tokens_per_step=512, eval_per_kind=4,
+                      prompt_mix={"builtin": 1.0}, train_answers=48,
                       train_per_kind={"code": 24, "chat": 8, "json": 8, "math": 8}, eval_every=10,
                       checkpoint_every=10, max_num_seqs=16)
     report = HeadTrainer(load_checkpoint(tiny_llama_dir), cfg).run()

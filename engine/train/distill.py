@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mtpserve.engine.train.soft_targets import Teacher, soft_loss
 from mtpserve.kernels.attention import AttentionBackend, DenseCausalAttention
 
 IGNORE = -100
@@ -79,8 +80,11 @@ def pack(sequences: list[tuple[list[int], int]], hidden: list[torch.Tensor], dep
          vocab_map: torch.Tensor | None, device) -> dict:
     """Rows of several ``(ids, response_start)`` sequences for ``depth`` draft steps: per depth the
     input tokens, rotary positions, targets (draft-vocabulary indices, IGNORE outside the response
-    or the draft vocabulary) and which rows have a target in the response."""
+    or the draft vocabulary), which rows have a target in the response, and the row of ``hidden``
+    whose base-model logits predict that target (for soft targets)."""
     seq_ids = []
+    offset = 0
+    teacher_rows = [[] for _ in range(depth)]
     inputs = [[] for _ in range(depth)]
     positions = [[] for _ in range(depth)]
     targets = [[] for _ in range(depth)]
@@ -94,6 +98,7 @@ def pack(sequences: list[tuple[list[int], int]], hidden: list[torch.Tensor], dep
                 valid = i + 1 + s < length
                 inputs[s].append(ids[i + 1 + s] if valid else 0)
                 positions[s].append(i + 1 + s if valid else 0)
+                teacher_rows[s].append(offset + i + 1 + s if valid else 0)
                 t = i + 2 + s
                 in_response = start <= t < length
                 counted[s].append(in_response)
@@ -101,6 +106,7 @@ def pack(sequences: list[tuple[list[int], int]], hidden: list[torch.Tensor], dep
                     targets[s].append(IGNORE)
                 else:
                     targets[s].append(ids[t] if vocab_map is None else int(vocab_map[ids[t]]))
+        offset += length
 
     def as_tensor(x, dtype=torch.long):
         return torch.tensor(x, dtype=dtype, device=device)
@@ -112,6 +118,7 @@ def pack(sequences: list[tuple[list[int], int]], hidden: list[torch.Tensor], dep
         "positions": [as_tensor(x) for x in positions],
         "targets": [as_tensor(x) for x in targets],
         "counted": [as_tensor(x, torch.bool) for x in counted],
+        "teacher_rows": [as_tensor(x) for x in teacher_rows],
     }
 
 
@@ -132,11 +139,14 @@ def chain_logits(mtp, batch: dict, depth: int):
     return out
 
 
-def mtp_loss(mtp, batch: dict, depth: int) -> torch.Tensor | None:
-    """Mean over depths of the cross-entropy against the
-    base model's own tokens (None: nothing to count)."""
+def mtp_loss(mtp, batch: dict, depth: int, teacher: Teacher | None = None) -> torch.Tensor | None:
+    """Mean over depths of the cross-entropy against the base model's own tokens (hard targets),
+    or with a ``teacher`` of the KL to its distribution (soft targets); None: nothing to count."""
+    student = chain_logits(mtp, batch, depth)
+    if teacher is not None:
+        return soft_loss(student, teacher, batch)
     losses = []
-    for s, logits in enumerate(chain_logits(mtp, batch, depth)):
+    for s, logits in enumerate(student):
         if batch["counted"][s].any():
             loss = F.cross_entropy(logits.float(), batch["targets"][s], ignore_index=IGNORE)
             losses.append(loss)
@@ -149,8 +159,14 @@ def mtp_loss(mtp, batch: dict, depth: int) -> torch.Tensor | None:
 def acceptance_length(mtp, batch: dict, depth: int) -> tuple[float, list[float]]:
     """Teacher-forced greedy acceptance with ``depth`` drafts: mean tokens per verify step (1 + the
     leading run of right drafts) over response rows, and the per-position acceptance rates."""
+    return greedy_acceptance(chain_logits(mtp, batch, depth), batch)
+
+
+def greedy_acceptance(student: list[torch.Tensor], batch: dict) -> tuple[float, list[float]]:
+    """``acceptance_length`` from the chain's logits of every depth."""
+    depth = len(student)
     hits = None
-    for s, logits in enumerate(chain_logits(mtp, batch, depth)):
+    for s, logits in enumerate(student):
         right = logits.argmax(-1) == batch["targets"][s]
         hits = right if hits is None else hits & right
         if s == 0:

@@ -1,16 +1,19 @@
 """``mtpserve train-head``: a DeepSeek-style MTP head for a frozen base model, trained by
 self-distillation.
 
-1. Prompts of four kinds (``engine/train/prompts.py``) are answered by the base model through our
-   engine, greedy, batched (``data.py``); held-out prompts give the evaluation set.
-2. The draft vocabulary is the ``draft_vocab`` most frequent tokens of the answers.
-3. The head (``num_layers`` layers of the base model's kind, sharing its embedding and lm_head)
-   learns to predict the base model's own tokens ``depth`` steps ahead, teacher-forced
-   (``distill.py``).
+1. Generate: a mix of prompt sources (``mix.py``: the built-in set of ``prompts.py`` and
+   conversations the model writes itself, ``magpie.py``), answered by the base model through our
+   engine, greedy, batched; held-out records of each source give the evaluation sets.
+2. Hidden: the base model's final hidden states over every record.
+3. Train: the draft vocabulary is the ``draft_vocab`` most frequent tokens of the answers; the head
+   (``num_layers`` layers of the base model's kind, sharing its embedding and lm_head) learns the
+   base model's tokens ``depth`` steps ahead, teacher-forced (``distill.py``), against its argmax
+   (hard targets) or its whole distribution (soft targets, ``soft_targets.py``).
 
-Everything lands in ``out``: the data files, the head (``mtp_head.json`` + ``mtp_head.safetensors``,
-loadable by ``--mtp-head``), ``trainer_state.pt`` (optimizer and position; a rerun resumes from it)
-and ``train_report.json`` (evaluation acceptance, wall time).
+Everything lands in ``out``: the data (``data/``), the head (``mtp_head.json`` +
+``mtp_head.safetensors``, loadable by ``--mtp-head``), ``trainer_state.pt`` (optimizer, position and
+learning curve; a rerun resumes from it), ``phases.json`` (wall time per phase over every session)
+and ``train_report.json``.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ import math
 import os
 import random
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -32,14 +34,19 @@ from mtpserve.engine.engine import LLMEngine
 from mtpserve.engine.errors import MtpserveError
 from mtpserve.engine.loader.mtp_head import HEAD_CONFIG, load_mtp_head, save_mtp_head
 from mtpserve.engine.models.mtp import DEEPSEEK_LAYOUT, build_mtp
-from mtpserve.engine.train.data import generate_sequences
-from mtpserve.engine.train.distill import IGNORE, acceptance_length, base_hidden, mtp_loss, pack
+from mtpserve.engine.train.distill import IGNORE, base_hidden, mtp_loss, pack
+from mtpserve.engine.train.evaluation import evaluate
 from mtpserve.engine.train.head_init import head_config, init_head_weights
-from mtpserve.engine.train.prompts import KINDS, prompt_set
+from mtpserve.engine.train.magpie_store import summary
+from mtpserve.engine.train.mix import recipe_records
+from mtpserve.engine.train.phases import PhaseClock
+from mtpserve.engine.train.soft_targets import Teacher, teacher_head
 
 logger = logging.getLogger("mtpserve.train")
 STATE = "trainer_state.pt"
 TRAIN_PER_KIND = {"code": None, "chat": None, "json": None, "math": 500}  # None: every prompt
+PROMPT_MIX = {"builtin": 0.25, "magpie": 0.75}
+TRAIN_ANSWERS = 6000
 
 
 @dataclass
@@ -48,8 +55,13 @@ class TrainConfig:
     num_layers: int = 1
     depth: int = 3  # draft steps trained (the chain a verify step checks)
     draft_vocab: int = 8192  # 0: the whole vocabulary
-    train_per_kind: dict = field(default_factory=lambda: dict(TRAIN_PER_KIND))
+    prompt_mix: dict = field(default_factory=lambda: dict(PROMPT_MIX))  # source -> share
+    train_answers: int = TRAIN_ANSWERS  # training answers from all sources together
+    train_per_kind: dict = field(default_factory=lambda: dict(TRAIN_PER_KIND))  # built-in caps
     eval_per_kind: int = 16
+    eval_magpie: int = 64  # held-out Magpie conversations evaluated
+    targets: str = "hard"  # "hard": the base model's tokens; "soft": its distribution
+    distill_temperature: float = 1.0  # T of the soft targets' KL, on both sides as at inference
     epochs: int = 3
     tokens_per_step: int = 1024
     lr: float = 1e-3
@@ -148,20 +160,8 @@ class HeadTrainer:
         self.mc = checkpoint.config
         self.device = self.engine.device
 
-    def data(self) -> tuple[list[dict], list[dict]]:
-        cfg = self.cfg
-        os.makedirs(os.path.join(cfg.out, "data"), exist_ok=True)
-        train_prompts = []
-        for kind in KINDS:
-            train_prompts += prompt_set("train", [kind], cfg.train_per_kind.get(kind))
-        eval_prompts = prompt_set("eval", KINDS, cfg.eval_per_kind)
-        train_file = os.path.join(cfg.out, "data", "train.jsonl")
-        eval_file = os.path.join(cfg.out, "data", "eval.jsonl")
-        train = generate_sequences(self.engine, train_prompts, train_file,
-                                   desc="answer train prompts")
-        evals = generate_sequences(self.engine, eval_prompts, eval_file,
-                                   desc="answer eval prompts")
-        return train, evals
+    def data(self) -> tuple[list[dict], dict[str, list[dict]], dict]:
+        return recipe_records(self.engine, self.cfg)
 
     def hidden(self, sequences: list[dict], desc: str) -> list[torch.Tensor]:
         out = []
@@ -190,36 +190,20 @@ class HeadTrainer:
                         "pre_norm", draft_vocab)
         return mtp.to(self.device).float(), resume
 
-    def save(self, mtp, draft_vocab, step, opt, report=None) -> None:
+    def save(self, mtp, draft_vocab, step, opt, curve, report=None) -> None:
         cfg = self.cfg
         weights = {}
         for i, layer in enumerate(mtp.layers):
             weights.update(layer.export(self.layer_prefix(i)))
         state_file = os.path.join(cfg.out, STATE)
-        torch.save({"step": step, "optimizer": opt.state_dict()}, state_file + ".tmp")
+        state = {"step": step, "optimizer": opt.state_dict(), "curve": curve}
+        torch.save(state, state_file + ".tmp")
         head = head_config(self.mc, cfg.num_layers)
         save_mtp_head(cfg.out, weights, head, draft_vocab, torch.float16)
         os.replace(state_file + ".tmp", state_file)
         if report is not None:
             with open(os.path.join(cfg.out, "train_report.json"), "w", encoding="utf-8") as f:
                 json.dump(report, f, indent=2)
-
-    def evaluate(self, mtp, eval_batches) -> dict:
-        was = [p.requires_grad for p in mtp.parameters()]
-        lengths = []
-        positions = []
-        weights = []
-        for batch in eval_batches:
-            length, per_position = acceptance_length(mtp, batch, self.cfg.depth)
-            n = int(batch["counted"][0].sum())
-            lengths.append(length * n)
-            positions.append([a * n for a in per_position])
-            weights.append(n)
-        for p, w in zip(mtp.parameters(), was):
-            p.requires_grad_(w)
-        total = max(1, sum(weights))
-        return {"mean_acceptance_length": sum(lengths) / total,
-                "acceptance_per_position": [sum(col) / total for col in zip(*positions)]}
 
     def pack_batch(self, seqs, hidden, batch: list[int], vocab_map) -> dict:
         """The packed rows of the sequences ``batch`` indexes."""
@@ -228,22 +212,24 @@ class HeadTrainer:
         return pack(picked, picked_hidden, self.cfg.depth, vocab_map, self.device)
 
     def optimizer(self, mtp, resumed: bool):
-        """(the head's weights, AdamW over them, the step to start from:
-        restored on a resumed run)."""
+        """(the head's weights, AdamW over them, the step to start from and the learning curve
+        so far: restored on a resumed run)."""
         params = list(mtp.parameters())
         for p in params:
             p.requires_grad_(True)
         opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=0.0)
         step = 0
+        curve = []
         if resumed:
             state = torch.load(os.path.join(self.cfg.out, STATE), map_location=self.device)
             opt.load_state_dict(state["optimizer"])
             step = state["step"]
-        return params, opt, step
+            curve = state.get("curve", [])
+        return params, opt, step, curve
 
-    def train_step(self, mtp, opt, params, batch: dict) -> float | None:
+    def train_step(self, mtp, opt, params, batch: dict, teacher: Teacher | None) -> float | None:
         """One optimizer step on ``batch``; its loss (None: nothing to count, no step)."""
-        loss = mtp_loss(mtp, batch, self.cfg.depth)
+        loss = mtp_loss(mtp, batch, self.cfg.depth, teacher)
         opt.zero_grad(set_to_none=True)
         if loss is None:
             return None
@@ -254,66 +240,95 @@ class HeadTrainer:
 
     def run(self) -> dict:
         cfg = self.cfg
-        start = time.time()
+        clock = PhaseClock(cfg.out)
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
-        train, evals = self.data()
+        clock.start("generate")
+        train, evals, data_info = self.data()
+        clock.stop()
         eos = frozenset(self.checkpoint.generation.eos_token_ids or self.mc.eos_token_ids)
         draft_vocab = _draft_vocab(train, cfg.draft_vocab, self.mc.vocab_size, eos)
         vocab_map = None
         if draft_vocab is not None:
             vocab_map = _vocab_map(draft_vocab, self.mc.vocab_size, train)
         mtp, resumed = self.build_head(draft_vocab)
+        clock.start("hidden")
         train_h = self.hidden(train, "base hidden states (train)")
-        eval_h = self.hidden(evals, "base hidden states (eval)")
+        eval_batches = {}
+        for name, records in evals.items():
+            hidden = self.hidden(records, f"base hidden states (eval, {name})")
+            eval_seqs = _sequences(records)
+            lengths = [len(s[0]) for s in eval_seqs]
+            plan = _batches(list(range(len(eval_seqs))), lengths, cfg.tokens_per_step)
+            eval_batches[name] = [self.pack_batch(eval_seqs, hidden, b, vocab_map) for b in plan]
+        clock.stop()
+        clock.start("train")
+        teacher = Teacher(teacher_head(self.model, draft_vocab), cfg.distill_temperature)
         seqs = _sequences(train)
-        eval_seqs = _sequences(evals)
-        eval_lengths = [len(s[0]) for s in eval_seqs]
-        eval_plan = _batches(list(range(len(eval_seqs))), eval_lengths, cfg.tokens_per_step)
-        eval_batches = [self.pack_batch(eval_seqs, eval_h, b, vocab_map) for b in eval_plan]
+        trained = self.train(mtp, seqs, train_h, eval_batches, vocab_map, draft_vocab, teacher,
+                             resumed, clock)
+        clock.stop()
+        opt = trained.pop("optimizer")
+        draft_vocab_size = self.mc.vocab_size
+        if draft_vocab is not None:
+            draft_vocab_size = len(draft_vocab)
+        report = {
+            "config": asdict(cfg),
+            **trained,
+            "train_sequences": len(seqs),
+            "train_tokens": sum(len(s[0]) for s in seqs),
+            "eval_sequences": {name: len(records) for name, records in evals.items()},
+            "draft_vocab_size": draft_vocab_size,
+            "data": {k: v for k, v in data_info.items() if k != "magpie_manifest"},
+            "phase_seconds": dict(clock.seconds),
+            "wall_seconds": round(sum(clock.seconds.values()), 1),
+            "sessions": clock.sessions,
+            "resumed": resumed,
+        }
+        if "magpie_manifest" in data_info:
+            report["data"]["magpie"] = summary(data_info["magpie_manifest"])
+        self.save(mtp, draft_vocab, trained["steps"], opt, trained["curve"], report)
+        return report
+
+    def train(self, mtp, seqs, train_h, eval_batches, vocab_map, draft_vocab, teacher, resumed,
+              clock) -> dict:
+        """The training loop (resumed from the last checkpoint): evaluation every ``eval_every``
+        steps into the learning curve, a checkpoint every ``checkpoint_every``."""
+        cfg = self.cfg
+        soft = teacher if cfg.targets == "soft" else None
         lengths = [len(s[0]) for s in seqs]
         plan = _epoch_plan(lengths, cfg.epochs, cfg.tokens_per_step, cfg.seed)
-        params, opt, step = self.optimizer(mtp, resumed)
-        first = self.evaluate(mtp, eval_batches) if step == 0 else None
+        params, opt, step, curve = self.optimizer(mtp, resumed)
+        seen = [0]
+        for batch in plan:
+            seen.append(seen[-1] + sum(lengths[i] for i in batch))
+        if step == 0:
+            curve = [{"step": 0, "train_tokens": 0,
+                      **evaluate(mtp, eval_batches, teacher, cfg.depth)}]
         bar = tqdm(total=len(plan), initial=step, desc="train head", unit="step",
                    file=sys.stderr, dynamic_ncols=True)
-        last_eval = first or {}
         running = None
         losses = []
         while step < len(plan):
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * _schedule(step, len(plan), cfg.warmup_steps)
             batch = self.pack_batch(seqs, train_h, plan[step], vocab_map)
-            value = self.train_step(mtp, opt, params, batch)
+            value = self.train_step(mtp, opt, params, batch, soft)
             if value is not None:
                 running = value if running is None else 0.95 * running + 0.05 * value
                 losses.append(value)
             step += 1
             if step % cfg.eval_every == 0 or step == len(plan):
-                last_eval = self.evaluate(mtp, eval_batches)
+                curve.append({"step": step, "train_tokens": seen[step],
+                              **evaluate(mtp, eval_batches, teacher, cfg.depth)})
             if step % cfg.checkpoint_every == 0 or step == len(plan):
-                self.save(mtp, draft_vocab, step, opt)
+                self.save(mtp, draft_vocab, step, opt, curve)
+                clock.lap()
             shown_loss = f"{running:.3f}" if running is not None else "-"
             bar.set_postfix(loss=shown_loss,
-                            eval_len=f"{last_eval.get('mean_acceptance_length', 0):.2f}")
+                            eval_len=f"{curve[-1]['mean_acceptance_length']:.2f}")
             bar.update(1)
         bar.close()
-        draft_vocab_size = self.mc.vocab_size
-        if draft_vocab is not None:
-            draft_vocab_size = len(draft_vocab)
-        report = {
-            "config": asdict(cfg),
-            "steps": step,
-            "train_sequences": len(seqs),
-            "train_tokens": sum(lengths),
-            "eval_sequences": len(eval_seqs),
-            "draft_vocab_size": draft_vocab_size,
-            "eval_before": first,
-            "eval": last_eval,
-            "loss_first": _mean(losses[:20]),
-            "loss_last": _mean(losses[-20:]),
-            "wall_seconds": round(time.time() - start, 1),
-            "resumed": resumed,
-        }
-        self.save(mtp, draft_vocab, step, opt, report)
-        return report
+        return {"steps": step, "eval_before": curve[0], "eval": curve[-1], "curve": curve,
+                "loss_first": _mean(losses[:20]), "loss_last": _mean(losses[-20:]),
+                "optimizer": opt}
