@@ -171,7 +171,8 @@ class MagpieGenerator:
             self.seeds.append((number, index, make_seed(rng)))
 
     def submit(self, job: Job, context: list[dict]) -> None:
-        """Send ``job``: a user turn sampled after ``context``, or the answer to ``job.conv``."""
+        """Send ``job``: a user turn sampled after ``context``, or the answer to ``job.conv``.
+        A conversation that has outgrown the context is dropped."""
         cfg = self.cfg
         if job.stage in ("user", "follow_up"):
             prefix, _ = user_turn_prefix(self.tok, context)
@@ -181,14 +182,15 @@ class MagpieGenerator:
             ids = self.tok.encode(prefix, add_special_tokens=False) + job.opener_ids
             key = f"{cfg.seed}:{job.round.number}:{job.index}:{job.stage}"
             params = SamplingParams(temperature=cfg.user_temperature, top_p=cfg.user_top_p,
-                                    seed=zlib.crc32(key.encode()), max_tokens=cfg.max_user_tokens,
-                                    stop_token_ids=list(self.stop_ids))
+                                    seed=zlib.crc32(key.encode()), max_tokens=cfg.max_user_tokens)
         else:
             ids = self.prompt_ids(job.conv)
-            room = self.engine.max_model_len - len(ids)
-            if room < 1:
-                return  # a conversation longer than the context: dropped
-            params = SamplingParams(temperature=0, max_tokens=min(cfg.max_answer_tokens, room))
+            params = SamplingParams(temperature=0, max_tokens=cfg.max_answer_tokens)
+        room = self.engine.max_model_len - len(ids)
+        if room < 1:
+            return
+        params.max_tokens = min(params.max_tokens, room)
+        params.stop_token_ids = list(self.stop_ids)
         request_id = f"magpie-{job.round.number}-{job.index}-{job.stage}"
         job.request = self.engine.add_request(request_id, ids, params)
         job.round.pending += 1

@@ -1,0 +1,135 @@
+"""Magpie data for train-head: the user-turn prefix cut from the chat template, the prompt filter's reasons and
+near-duplicate measure (hand-computed), and generation on a tiny model: records are the template of their
+conversations, follow-ups carry the first answer, the manifest counts every seed, and a run resumed from its
+chunks equals an uninterrupted one."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+
+import pytest
+import torch
+from conftest import EOS_ID, IM_END_ID
+from engine_helpers import make_engine
+
+from mtpserve.engine.train.magpie import MagpieConfig, MagpieGenerator, end_of_turn_ids, user_turn_prefix
+from mtpserve.engine.train.mix import parse_mix, source_counts
+from mtpserve.engine.train.prompt_filter import PromptFilter
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_user_turn_prefix_and_end_of_turn(tiny_llama_dir):
+    tok = make_engine(tiny_llama_dir, spec_draft_n_max=0).tokenizer
+    before, after = user_turn_prefix(tok, [{"role": "system", "content": "Be brief."}])
+    assert before == "<s><|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n"
+    assert after == "<|im_end|>\n"
+    # the template's closing token joins the EOS tokens, even when the model's EOS is another one
+    assert end_of_turn_ids(tok, {EOS_ID}) == sorted({EOS_ID, IM_END_ID})
+
+
+def test_user_turn_prefix_smollm2(smollm2_checkpoint):
+    """SmolLM2's template adds its default system prompt only when there is none."""
+    tok = smollm2_checkpoint.tokenizer
+    before, _ = user_turn_prefix(tok, [{"role": "system", "content": "S"}])
+    assert before == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\n"
+    before, _ = user_turn_prefix(tok, [])
+    assert before.endswith("trained by Hugging Face<|im_end|>\n<|im_start|>user\n")
+
+
+@pytest.mark.parametrize("text,finished,opener,reason", [
+    ("How do I bake bread?", False, "", "unfinished"),
+    ("Hi there", True, "", "too_short"),
+    ("Why do cats", True, "Why do cats", "too_short"),  # nothing past the opener
+    ("word " * 400, True, "", "too_long"),
+    ("User: what is the capital of Peru?", True, "", "template"),
+    ("What is <|im_start|> for in a template?", True, "", "template"),
+    ("Sure! Here is a function that adds two numbers.", True, "", "assistant_voice"),
+    ("1234 5678 999 + 42 = ?? (((( ))))", True, "", "not_text"),
+    ("buy now buy now buy now buy now buy now please", True, "", "repetitive"),
+    ("Write a Go function that merges two sorted slices.", True, "Write a Go function that", None),
+])
+def test_filter_reasons(text, finished, opener, reason):
+    assert PromptFilter().reason(text, finished, opener) == reason
+
+
+def test_filter_duplicates_by_word_trigrams():
+    keep = PromptFilter(max_similarity=0.6)
+    assert keep.keep("How do I bake sourdough bread at home today?")
+    assert keep.reason("how do i bake sourdough bread at home today") == "duplicate"
+    # 7 trigrams each, 6 shared: Jaccard 6 / (7 + 7 - 6) = 0.75
+    near = "How do I bake sourdough bread at home quickly?"
+    assert keep.reason(near) == "near_duplicate"
+    assert keep.similarity(frozenset(["how do i", "do i bake", "x y z"])) == pytest.approx(2 / (3 + 7 - 2))
+    assert keep.keep("What is the best way to learn the guitar as an adult?")
+    assert keep.stats == {"kept": 2}
+
+
+def test_parse_mix_and_counts():
+    assert parse_mix("builtin=1,magpie=3") == {"builtin": 0.25, "magpie": 0.75}
+    assert parse_mix("magpie=1,builtin=0") == {"magpie": 1.0}
+    assert source_counts({"builtin": 0.25, "magpie": 0.75}, 10) == {"builtin": 2, "magpie": 8}
+    for bad in ("web=1", "magpie", "magpie=x", "magpie=-1", "builtin=0"):
+        with pytest.raises(Exception, match="prompt-mix"):
+            parse_mix(bad)
+
+
+class KeepFinished:
+    """A filter that keeps every turn that ended by itself (a tiny random model writes no real prose)."""
+
+    def reason(self, text, finished=True, opener=""):
+        return None if finished else "unfinished"
+
+    def add(self, text):
+        pass
+
+
+def _generate(model_dir, path, count):
+    engine = make_engine(model_dir, spec_draft_n_max=0, dtype=torch.float64, max_num_seqs=8)
+    cfg = MagpieConfig(round_size=6, max_user_tokens=40, max_answer_tokens=40, follow_up_share=1.0)
+    gen = MagpieGenerator(engine, str(path), cfg)
+    gen.first_filter = KeepFinished()
+    gen.follow_filter = KeepFinished()
+    gen.stop_ids = list(range(2, 40))  # a random model rarely samples its one end-of-turn token: turns end sooner
+    return engine.tokenizer, gen, gen.generate(count)
+
+
+def test_generation_records_and_manifest(tiny_llama_dir, tmp_path):
+    tok, gen, records = _generate(tiny_llama_dir, tmp_path / "m", 12)
+    assert len(records) == 12
+    firsts = {}
+    for r in records:
+        if len(r["user"]) == 1:
+            conv = [{"role": "user", "content": r["user"][0]}]
+            expected = tok.encode(tok.apply_chat_template(conv), add_special_tokens=False)
+            assert r["prompt_ids"] == expected
+            firsts[r["user"][0]] = r
+    follow_ups = [r for r in records if len(r["user"]) == 2]
+    assert follow_ups, "follow_up_share=1: some answers that ended get a follow-up"
+    for r in follow_ups:
+        text = tok.decode(r["prompt_ids"], skip_special_tokens=False)
+        first = firsts.get(r["user"][0])
+        if first is not None:  # the first turn's answer is the assistant message of the follow-up's prompt
+            assert tok.decode(first["output_ids"][:-1]) in text
+        assert text.endswith(r["user"][1] + "<|im_end|>\n<|im_start|>assistant\n")
+    manifest = json.load(open(tmp_path / "m" / "manifest.json"))
+    for chunk in manifest["chunks"]:
+        assert sum(chunk["filter"].values()) == 6  # every seed decided once
+        with gzip.open(os.path.join(tmp_path / "m", chunk["file"]), "rt") as f:
+            assert sum(1 for _ in f) == chunk["records"]
+
+
+def test_resumed_generation_equals_uninterrupted(tiny_llama_dir, tmp_path):
+    _, first, _ = _generate(tiny_llama_dir, tmp_path / "a", 5)
+    rounds_before = first.store.num_rounds
+    _, resumed, _ = _generate(tiny_llama_dir, tmp_path / "a", 12)
+    _, straight, _ = _generate(tiny_llama_dir, tmp_path / "b", 12)
+    assert resumed.store.num_rounds > rounds_before
+    common = min(resumed.store.num_rounds, straight.store.num_rounds)
+    assert common > rounds_before
+    a = resumed.store.records()
+    b = straight.store.records()
+    count = sum(c["records"] for c in straight.store.manifest["chunks"][:common])
+    assert count > 0 and a[:count] == b[:count]
