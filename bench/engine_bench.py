@@ -1,7 +1,8 @@
 """The offline engine benchmark behind ``mtpserve bench`` (options in cli/bench.py). Prompt
 processing and single-stream decode with MTP off, fixed k and adaptive, acceptance per draft
 position and prompt kind, the verify-cost curve, a concurrency sweep, memory, HF transformers on
-the same model and prompts, and llama.cpp's llama-bench on the same GGUF file."""
+the same model and prompts, llama.cpp's llama-bench on the same GGUF file, and decode on JSON prompts
+with and without a schema (bench/schema_bench.py)."""
 
 from __future__ import annotations
 
@@ -15,12 +16,12 @@ import torch
 from tqdm import tqdm
 
 from mtpserve import __version__
-from mtpserve.bench import engine_runs, llama_cpp, quality, verify_cost
+from mtpserve.bench import engine_runs, llama_cpp, quality, schema_bench, verify_cost
 from mtpserve.bench.engine_runs import OFF, adaptive, fixed
 from mtpserve.bench.hf_compare import compare, load_hf
 from mtpserve.engine.loader.mtp_head import default_head_path
 
-SECTIONS = ("pp", "decode", "verify", "quality", "concurrency", "hf", "llamacpp")
+SECTIONS = ("pp", "decode", "verify", "quality", "concurrency", "hf", "llamacpp", "schema")
 
 
 def skip_hf_without_transformers(sections: list[str]) -> dict | None:
@@ -64,23 +65,28 @@ def describe_mtp(engine, args) -> dict:
     return {"available": True, "num_layers": layers, "description": description}
 
 
-def plan(args, mtp_available: bool, num_prompts: int) -> tuple[dict, int]:
+def plan(args, mtp_available: bool, num_prompts: int,
+         num_schema_prompts: int = 0) -> tuple[dict, int]:
     """The modes of each section, and how many runs they make (for the progress bar)."""
     pp_modes = {"mtp_off": OFF}
     decode_modes = [OFF]
     sweep_modes = [OFF]
+    schema_modes = [OFF]
     if mtp_available:
         pp_modes["mtp_on"] = fixed(1)
         decode_modes += [fixed(k) for k in args.k] + [adaptive(max(args.k))]
         sweep_modes += [fixed(args.sweep_k), adaptive(max(args.k))]
-    modes = {"pp": pp_modes, "decode": decode_modes, "concurrency": sweep_modes}
+        schema_modes += [fixed(max(args.k)), adaptive(max(args.k))]
+    modes = {"pp": pp_modes, "decode": decode_modes, "concurrency": sweep_modes,
+             "schema": schema_modes}
     runs = {"pp": len(args.prompt_lengths) * len(pp_modes),
             "decode": len(args.temperatures) * num_prompts * len(decode_modes),
             "concurrency": len(args.concurrency) * len(sweep_modes),
             "hf": 2 * (num_prompts + len(args.prompt_lengths)),
             "verify": 1,
             "quality": 1,
-            "llamacpp": llama_cpp.plan_runs(len(args.prompt_lengths))}
+            "llamacpp": llama_cpp.plan_runs(len(args.prompt_lengths)),
+            "schema": num_schema_prompts * len(schema_bench.CONSTRAINTS) * len(schema_modes)}
     twins = 0
     if "concurrency" in args.sections:
         twins = len(sweep_modes) - 1  # each warmed up once
@@ -121,7 +127,10 @@ def measure(args, engine, prompts, skipped: dict[str, dict]) -> dict:
     """Every section of ``args.sections`` on ``engine`` (options as resolved by cli/bench.py): the
     results; ``skipped``: those of the sections dropped (``skip_sections``)."""
     mtp = describe_mtp(engine, args)
-    modes, planned = plan(args, mtp["available"], len(prompts))
+    schema_prompts = []
+    if "schema" in args.sections:
+        schema_prompts = schema_bench.json_prompts(args.per_kind, args.max_tokens)
+    modes, planned = plan(args, mtp["available"], len(prompts), len(schema_prompts))
     progress = tqdm(total=planned, desc="mtpserve bench", unit="run", file=sys.stderr,
                     dynamic_ncols=True)
     runs = engine_runs.EngineRuns(engine, progress)
@@ -161,6 +170,9 @@ def measure(args, engine, prompts, skipped: dict[str, dict]) -> dict:
         results["hf"] = compare(runs, hf, prompts, args.prompt_lengths, args.repeats)
     if "llamacpp" in args.sections:
         results["llamacpp"] = llama_cpp_results(args, runs, prompts)
+    if "schema" in args.sections:
+        results["schema"] = schema_bench.measure(runs, schema_prompts, modes["schema"],
+                                                 args.repeats)
     results.update(skipped)
     progress.close()
     return results

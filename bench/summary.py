@@ -164,6 +164,24 @@ def llama_cpp_section(r: dict) -> list[str]:
     return lines + table(["", "mtpserve", "llama.cpp", "ours / llama.cpp"], cells)
 
 
+def schema_section(rows: list[dict]) -> list[str]:
+    lines = ["## JSON prompts with and without a schema (greedy)", "",
+             "Free text, `response_format` json_object, and a json_schema of the keys each prompt "
+             "asks for; speed-up against MTP off under the same constraint. Forbidden drafts: "
+             "drafts verified that the grammar does not allow (0: grammar-aware drafting).", ""]
+    header = ["constraint", "mode", "decode tok/s", "vs MTP off", "acceptance rate",
+              "tokens per drafting step", "answers that parse", "forbidden drafts"]
+    cells = []
+    for row in rows:
+        forbidden = "-"
+        if row["constraint"] != "none":
+            forbidden = f"{row['forbidden_drafts']} of {row['verified_drafts']}"
+        cells.append([row["constraint"], row["mode"], pm(row["tok_s"]),
+                      f"{pm(row['speedup'], 2)}x", *accepted(row["acceptance"]),
+                      f"{row['parsed']} of {row['answers']}", forbidden])
+    return lines + table(header, cells)
+
+
 def engine_summary(r: dict) -> str:
     m = r["meta"]
     weights = m.get("quantization", "none")
@@ -189,6 +207,8 @@ def engine_summary(r: dict) -> str:
         lines += hf_section(r["hf"])
     if r.get("llamacpp"):
         lines += llama_cpp_section(r["llamacpp"])
+    if r.get("schema"):
+        lines += schema_section(r["schema"])
     return "\n".join(lines)
 
 
