@@ -134,3 +134,17 @@ def test_draft_vocab_is_lossless_greedy_and_sampled(tiny_llama_dir, tmp_path):
     params = SamplingParams(temperature=0.9, top_p=0.95, max_tokens=24, seed=5, ignore_eos=True)
     runs = [[r.output_token_ids for r in spec.generate(prompts, params)] for _ in range(2)]
     assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--prompt-mix", "web=1"], "--prompt-mix"),
+    (["--prompt-mix", "builtin=0,magpie=0"], "positive share"),
+    (["--train-answers", "0"], "--train-answers"),
+    (["--distill-temperature", "0"], "--distill-temperature"),
+])
+def test_train_head_cli_rejects_bad_options(capsys, tmp_path, args, message):
+    from mtpserve.cli.main import main
+
+    code = main(["train-head", "--out", str(tmp_path / "h"), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err

@@ -143,9 +143,11 @@ class MagpieGenerator:
         return records[:num_records]
 
     def feed(self, missing: int) -> None:
-        """Send seeds while fewer than twice ``max_num_seqs`` requests are in flight, opening new
-        rounds while the rounds in flight are not expected to bring ``missing`` records."""
-        limit = 2 * self.engine.config.max_num_seqs
+        """Send seeds while fewer than ``max_num_seqs`` requests are in flight, opening new rounds
+        while the rounds in flight are not expected to bring ``missing`` records. The next stages
+        of conversations are sent as their requests finish, before any new seed, so they never
+        queue behind new rounds."""
+        limit = self.engine.config.max_num_seqs
         while len(self.jobs) < limit:
             if not self.seeds:
                 if self.expected_in_flight() >= missing:
