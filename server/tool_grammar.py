@@ -53,13 +53,22 @@ def parameters(function: dict) -> dict:
     return function.get("parameters") or NO_ARGUMENTS
 
 
-def json_rule(schema: dict, root: dict | None = None) -> str:
-    """A ``%json`` rule written compactly; ``root``'s definitions travel with a sub-schema."""
+def with_definitions(schema: dict, root: dict) -> dict:
+    """``schema`` carrying ``root``'s definitions, so its ``$ref``s resolve where it is embedded."""
     schema = dict(schema)
     for key in ("$defs", "definitions"):
-        if root is not None and key in root and key not in schema:
+        if key in root and key not in schema:
             schema[key] = root[key]
-    schema["x-guidance"] = JSON_OPTIONS
+    return schema
+
+
+def json_rule(schema: dict, root: dict | None = None) -> str:
+    """A ``%json`` rule written compactly (``root``: the schema whose definitions ``schema`` may
+    refer to). Lenient: keywords llguidance does not implement (``uniqueItems``, unknown string
+    formats) are not enforced rather than refusing the request, as tool schemas often carry them."""
+    if root is not None:
+        schema = with_definitions(schema, root)
+    schema = {**schema, "x-guidance": {**JSON_OPTIONS, "lenient": True}}
     return "%json " + json.dumps(schema, ensure_ascii=False)
 
 
@@ -100,14 +109,15 @@ class ToolGrammar:
         if self.function is not None:  # the prompt ends with '... "arguments": '
             self.rules.append("args: " + json_rule(parameters(self.tools[self.function])))
             return f'args {lit("}")} {NEWLINE} {close}'
-        options = []
-        for name, function in self.tools.items():
-            options.append({"type": "object", "additionalProperties": False,
-                            "required": ["name", "arguments"],
-                            "properties": {"name": {"const": name},
-                                           "arguments": parameters(function)}})
-        self.rules.append("call: body " + lit("\n") + " " + close)
-        self.rules.append("body: " + json_rule({"anyOf": options}))
+        bodies = []
+        for i, (name, function) in enumerate(self.tools.items()):
+            arguments = parameters(function)
+            body = {"type": "object", "additionalProperties": False,
+                    "required": ["name", "arguments"],
+                    "properties": {"name": {"const": name}, "arguments": arguments}}
+            self.rules.append(f"body{i}: " + json_rule(body, arguments))
+            bodies.append(f"body{i}")
+        self.rules.append(f"call: ({' | '.join(bodies)}) {NEWLINE} {close}")
         separator = f'{NEWLINE} {self.mark("<tool_call>")} {NEWLINE}'
         return "call" + self.more(separator)
 

@@ -13,7 +13,10 @@ from conftest import EOS_ID, build_tokenizer
 from tokenizers import AddedToken
 
 from mtpserve.engine.grammar import lark_grammar
-from mtpserve.server.structured import marker_writer
+from mtpserve.server.chat_output import OutputSpec
+from mtpserve.server.errors import APIError
+from mtpserve.server.protocol import ChatCompletionRequest
+from mtpserve.server.structured import forced_calls_grammar, marker_writer
 from mtpserve.server.tool_calls import ToolCallExtractor
 from mtpserve.server.tool_grammar import tool_call_grammar
 from mtpserve.server.tool_parsers import FORMATS
@@ -140,3 +143,32 @@ def test_special_token_markers_are_written_as_tokens():
     spelled += PLAIN[0].encode("</tool_call>", add_special_tokens=False).ids
     m = matcher("hermes", None, True, tokenizers)
     assert m.try_consume_tokens(spelled) < len(spelled)
+
+
+@pytest.mark.parametrize(("fmt", "good", "bad"), [
+    ("hermes", '{"name": "f", "arguments": {"ref": {"a": 1}, "tags": ["x"]}}\n</tool_call>',
+     '{"name": "f", "arguments": {"ref": {"a": "1"}, "tags": ["x"]}}\n</tool_call>'),
+    ("qwen3_coder", 'f>\n<parameter=ref>\n{"a": 1}\n</parameter>\n<parameter=tags>\n["x"]\n</parameter>\n</function>\n'
+     "</tool_call>",
+     'f>\n<parameter=ref>\n{"a": "1"}\n</parameter>\n<parameter=tags>\n["x"]\n</parameter>\n</function>\n</tool_call>'),
+])
+def test_refs_resolve_and_unimplemented_keywords_pass(fmt, good, bad):
+    """A $ref to the parameters' $defs resolves wherever the arguments are embedded; a keyword llguidance does not
+    implement (uniqueItems) does not refuse the request."""
+    params = {"type": "object", "required": ["ref", "tags"], "properties": {
+        "ref": {"$ref": "#/$defs/Inner"}, "tags": {"type": "array", "items": {"type": "string"}, "uniqueItems": True}},
+        "$defs": {"Inner": {"type": "object", "required": ["a"], "properties": {"a": {"type": "integer"}}}}}
+    tools = {"f": {"name": "f", "parameters": params}, "g": {"name": "g"}}
+    tok, ll = PLAIN
+    for text, ok in ((good, True), (bad, False)):
+        m = llguidance.LLMatcher(ll, lark_grammar(tool_call_grammar(fmt, tools, None, False, marker_writer(tok, ll))))
+        assert accepts(m, tok, text) == ok
+
+
+def test_forced_call_and_response_format_conflict():
+    body = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x"}], tool_choice="required",
+                                 tools=[{"type": "function", "function": {"name": "now"}}],
+                                 response_format={"type": "json_object"})
+    spec = OutputSpec(tool_format=FORMATS["hermes"], tools={"now": {"name": "now"}})
+    with pytest.raises(APIError, match="response_format cannot be combined"):
+        forced_calls_grammar(body, spec, *PLAIN)
