@@ -34,7 +34,7 @@ EVAL_SHARE = 16  # one conversation in EVAL_SHARE is held out (by a hash of its 
 @dataclass
 class MagpieConfig:
     seed: int = 0
-    round_size: int = 128
+    round_size: int = 64  # seeds per chunk (what an interruption can lose)
     user_temperature: float = 1.0
     user_top_p: float = 0.95
     max_user_tokens: int = 128
@@ -44,8 +44,9 @@ class MagpieConfig:
 
 def split_of(record: dict) -> str:
     """"eval" for one conversation in EVAL_SHARE, else "train"."""
-    key = record["user"][0].encode()
-    return "eval" if zlib.crc32(key) % EVAL_SHARE == 0 else "train"
+    if zlib.crc32(record["user"][0].encode()) % EVAL_SHARE == 0:
+        return "eval"
+    return "train"
 
 
 def user_turn_prefix(tokenizer, messages: list[dict]) -> tuple[str, str]:

@@ -1,7 +1,7 @@
 """What steers the base model when it writes its own user turns (``magpie.py``): per request a kind,
 a system prompt naming a domain, a persona and a length, and sometimes the first words of the user
 message (an opener the model continues). Small models follow a system prompt loosely; an opener
-pins the kind, so about half the seeds carry one.
+pins the kind.
 
 The lists are written for this purpose and are unrelated to the hand-written evaluation prompts.
 """
@@ -13,7 +13,9 @@ from dataclasses import dataclass
 
 # share of each kind among the generated conversations
 KIND_WEIGHTS = {"chat": 0.35, "code": 0.25, "math": 0.14, "json": 0.13, "rewrite": 0.13}
-OPENER_SHARE = 0.55
+# share of the seeds of each kind that carry an opener: the model follows a system prompt's kind
+# well for questions and code, rarely for JSON or rewriting requests (seen in a small run)
+OPENER_SHARE = {"chat": 0.4, "code": 0.55, "math": 0.6, "json": 0.85, "rewrite": 0.9}
 FOLLOW_UP_OPENERS = (
     "", "", "", "Thanks!", "Can you", "Why", "What about", "Could you make it", "How would I",
     "Great, now", "I don't understand", "Can you give me an example of", "Is there a way to",
@@ -144,7 +146,7 @@ def make_seed(rng: random.Random) -> Seed:
     system = (f"You are a helpful AI assistant. {domain} "
               f"The user is a {persona} and writes {length}.")
     opener = ""
-    if rng.random() < OPENER_SHARE:
+    if rng.random() < OPENER_SHARE[kind]:
         opener = _pick(rng, OPENERS[kind]).format(**fill)
     return Seed(kind, system, opener)
 
