@@ -46,7 +46,7 @@ logger = logging.getLogger("mtpserve.train")
 STATE = "trainer_state.pt"
 TRAIN_PER_KIND = {"code": None, "chat": None, "json": None, "math": 500}  # None: every prompt
 PROMPT_MIX = {"builtin": 0.25, "magpie": 0.75}
-TRAIN_ANSWERS = 2400  # sized for a 2-core CPU; the shipped head uses more (README)
+TRAIN_ANSWERS = 2000  # sized for a 2-core CPU; the shipped head uses more (README)
 
 
 @dataclass
