@@ -14,6 +14,7 @@ import torch
 from conftest import EOS_ID, IM_END_ID
 from engine_helpers import make_engine
 
+from mtpserve.engine.loader import load_checkpoint
 from mtpserve.engine.train.magpie import MagpieConfig, MagpieGenerator, end_of_turn_ids, user_turn_prefix
 from mtpserve.engine.train.mix import parse_mix, source_counts
 from mtpserve.engine.train.prompt_filter import PromptFilter
@@ -133,3 +134,44 @@ def test_resumed_generation_equals_uninterrupted(tiny_llama_dir, tmp_path):
     b = straight.store.records()
     count = sum(c["records"] for c in straight.store.manifest["chunks"][:common])
     assert count > 0 and a[:count] == b[:count]
+
+
+class DropAll(KeepFinished):
+    def reason(self, text, finished=True, opener=""):
+        return "too_short"
+
+
+def test_a_model_that_writes_no_usable_turns_stops_with_a_clear_error(tiny_llama_dir, tmp_path):
+    from mtpserve.engine.errors import MtpserveError
+
+    engine = make_engine(tiny_llama_dir, spec_draft_n_max=0, max_num_seqs=8)
+    gen = MagpieGenerator(engine, str(tmp_path / "m"), MagpieConfig(round_size=4, max_user_tokens=8))
+    gen.first_filter = DropAll()
+    with pytest.raises(MtpserveError, match="builtin=1"):
+        gen.generate(10)
+    assert gen.store.num_rounds >= 8
+
+
+def test_train_head_with_the_magpie_source_and_resume(tiny_llama_dir, tmp_path, monkeypatch):
+    """The whole recipe with half its answers from Magpie: the report counts each source, evaluates each held-out
+    set, and a rerun resumes every phase (the generated data is reused, not regenerated)."""
+    from mtpserve.engine.train import magpie
+    from mtpserve.engine.train.trainer import HeadTrainer, TrainConfig
+
+    monkeypatch.setattr(magpie, "PromptFilter", KeepFinished)
+    monkeypatch.setattr(magpie, "end_of_turn_ids", lambda tok, eos: list(range(2, 40)))
+    cfg = TrainConfig(out=str(tmp_path / "h"), depth=2, draft_vocab=100, epochs=1, tokens_per_step=512,
+                      prompt_mix={"builtin": 0.5, "magpie": 0.5}, train_answers=24, eval_per_kind=1, eval_magpie=4,
+                      train_per_kind={"code": 6, "chat": 6, "json": 6, "math": 6}, eval_every=4, checkpoint_every=4,
+                      max_num_seqs=8)
+    report = HeadTrainer(load_checkpoint(tiny_llama_dir), cfg).run()
+    assert report["data"]["wanted"] == {"builtin": 12, "magpie": 12}
+    assert report["data"]["train"]["magpie"] == 12 and 0 < report["data"]["train"]["builtin"] <= 12
+    assert report["data"]["magpie"]["records"] >= 12
+    assert set(report["eval"]["by_source"]) == {"builtin", "magpie"}
+    assert report["sessions"] == 1
+    manifest = json.load(open(tmp_path / "h" / "data" / "magpie" / "manifest.json"))
+    again = HeadTrainer(load_checkpoint(tiny_llama_dir), cfg).run()
+    assert again["resumed"] and again["sessions"] == 2 and again["steps"] == report["steps"]
+    assert json.load(open(tmp_path / "h" / "data" / "magpie" / "manifest.json")) == manifest
+    assert again["train_tokens"] == report["train_tokens"]

@@ -29,6 +29,7 @@ from mtpserve.engine.train.steering import Seed, follow_up_opener, make_seed
 
 SENTINEL = "MAGPIE0USER0TURN"
 EVAL_SHARE = 16  # one conversation in EVAL_SHARE is held out (by a hash of its first user turn)
+NO_YIELD_ROUNDS = 8  # rounds without a single kept conversation before giving up
 
 
 @dataclass
@@ -137,11 +138,20 @@ class MagpieGenerator:
                     self.finish(self.jobs.pop(out.request_id))
             for new in self.flush():
                 records += new
+                self.check_yield(len(records))
                 bar.update(max(0, min(len(new), num_records - bar.n)))
                 stats = summary(self.store.manifest)
                 bar.set_postfix(rounds=stats["rounds"], tok_s=stats["generated_tokens_per_second"])
         bar.close()
         return records[:num_records]
+
+    def check_yield(self, num_records: int) -> None:
+        """Stop when many rounds have given nothing: the model writes no usable user turns."""
+        if num_records == 0 and self.store.num_rounds >= NO_YIELD_ROUNDS:
+            raise MtpserveError(f"{self.store.num_rounds} rounds of Magpie seeds gave no usable "
+                                "conversation (see the filter counts in "
+                                f"{self.store.path}/manifest.json): this model does not write "
+                                "user turns; train with --prompt-mix builtin=1")
 
     def feed(self, missing: int) -> None:
         """Send seeds while fewer than ``max_num_seqs`` requests are in flight, opening new rounds
