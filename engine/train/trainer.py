@@ -19,7 +19,6 @@ and ``train_report.json``.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import random
@@ -34,7 +33,8 @@ from mtpserve.engine.engine import LLMEngine
 from mtpserve.engine.errors import MtpserveError
 from mtpserve.engine.loader.mtp_head import HEAD_CONFIG, load_mtp_head, save_mtp_head
 from mtpserve.engine.models.mtp import DEEPSEEK_LAYOUT, build_mtp
-from mtpserve.engine.train.distill import IGNORE, base_hidden, mtp_loss, pack
+from mtpserve.engine.train.distill import base_hidden, mtp_loss, pack
+from mtpserve.engine.train.draft_vocab import draft_vocabulary, vocab_map_of
 from mtpserve.engine.train.evaluation import evaluate
 from mtpserve.engine.train.head_init import head_config, init_head_weights
 from mtpserve.engine.train.magpie_store import summary
@@ -42,7 +42,6 @@ from mtpserve.engine.train.mix import recipe_records
 from mtpserve.engine.train.phases import PhaseClock
 from mtpserve.engine.train.soft_targets import Teacher, teacher_head
 
-logger = logging.getLogger("mtpserve.train")
 STATE = "trainer_state.pt"
 TRAIN_PER_KIND = {"code": None, "chat": None, "json": None, "math": 500}  # None: every prompt
 PROMPT_MIX = {"builtin": 0.25, "magpie": 0.75}
@@ -96,33 +95,8 @@ def _batches(order: list[int], lengths: list[int], tokens_per_step: int) -> list
     return batches
 
 
-def _draft_vocab(
-    sequences: list[dict], size: int, vocab_size: int, eos: frozenset
-) -> torch.Tensor | None:
-    if size <= 0 or size >= vocab_size:
-        return None
-    counts = torch.zeros(vocab_size, dtype=torch.long)
-    for s in sequences:
-        ids = torch.tensor(s["output_ids"], dtype=torch.long)
-        counts += torch.bincount(ids, minlength=vocab_size)
-    for t in eos:
-        counts[t] = counts.max() + 1  # ending a reply is always draftable
-    return counts.argsort(descending=True, stable=True)[:size].sort().values
-
-
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
-
-
-def _vocab_map(draft_vocab: torch.Tensor, vocab_size: int, train: list[dict]) -> torch.Tensor:
-    """Token id -> its index in the draft vocabulary (IGNORE outside it); logs the coverage."""
-    vocab_map = torch.full((vocab_size,), IGNORE, dtype=torch.long)
-    vocab_map[draft_vocab] = torch.arange(len(draft_vocab))
-    covered = sum(int((vocab_map[torch.tensor(s["output_ids"])] >= 0).sum()) for s in train)
-    answer_tokens = sum(len(s["output_ids"]) for s in train)
-    logger.warning("draft vocabulary: %d tokens cover %.1f%% of the answer tokens",
-                   len(draft_vocab), 100 * covered / max(1, answer_tokens))
-    return vocab_map
 
 
 def _sequences(records: list[dict]) -> list[tuple[list[int], int]]:
@@ -238,6 +212,14 @@ class HeadTrainer:
         opt.step()
         return float(loss.detach())
 
+    def eval_batches(self, name: str, records: list[dict], vocab_map) -> list[dict]:
+        """The packed batches of one held-out set (hidden states computed here)."""
+        hidden = self.hidden(records, f"base hidden states (eval, {name})")
+        seqs = _sequences(records)
+        lengths = [len(s[0]) for s in seqs]
+        plan = _batches(list(range(len(seqs))), lengths, self.cfg.tokens_per_step)
+        return [self.pack_batch(seqs, hidden, b, vocab_map) for b in plan]
+
     def run(self) -> dict:
         cfg = self.cfg
         clock = PhaseClock(cfg.out)
@@ -247,20 +229,15 @@ class HeadTrainer:
         train, evals, data_info = self.data()
         clock.stop()
         eos = frozenset(self.checkpoint.generation.eos_token_ids or self.mc.eos_token_ids)
-        draft_vocab = _draft_vocab(train, cfg.draft_vocab, self.mc.vocab_size, eos)
+        draft_vocab = draft_vocabulary(train, cfg.draft_vocab, self.mc.vocab_size, eos)
         vocab_map = None
         if draft_vocab is not None:
-            vocab_map = _vocab_map(draft_vocab, self.mc.vocab_size, train)
+            vocab_map = vocab_map_of(draft_vocab, self.mc.vocab_size, train)
         mtp, resumed = self.build_head(draft_vocab)
         clock.start("hidden")
         train_h = self.hidden(train, "base hidden states (train)")
-        eval_batches = {}
-        for name, records in evals.items():
-            hidden = self.hidden(records, f"base hidden states (eval, {name})")
-            eval_seqs = _sequences(records)
-            lengths = [len(s[0]) for s in eval_seqs]
-            plan = _batches(list(range(len(eval_seqs))), lengths, cfg.tokens_per_step)
-            eval_batches[name] = [self.pack_batch(eval_seqs, hidden, b, vocab_map) for b in plan]
+        eval_batches = {name: self.eval_batches(name, records, vocab_map)
+                        for name, records in evals.items()}
         clock.stop()
         clock.start("train")
         teacher = Teacher(teacher_head(self.model, draft_vocab), cfg.distill_temperature)
@@ -295,7 +272,9 @@ class HeadTrainer:
         """The training loop (resumed from the last checkpoint): evaluation every ``eval_every``
         steps into the learning curve, a checkpoint every ``checkpoint_every``."""
         cfg = self.cfg
-        soft = teacher if cfg.targets == "soft" else None
+        soft = None
+        if cfg.targets == "soft":
+            soft = teacher
         lengths = [len(s[0]) for s in seqs]
         plan = _epoch_plan(lengths, cfg.epochs, cfg.tokens_per_step, cfg.seed)
         params, opt, step, curve = self.optimizer(mtp, resumed)
