@@ -7,9 +7,15 @@ from __future__ import annotations
 from mtpserve.server.protocol import ErrorResponse
 
 ERRORS = {"default": {"model": ErrorResponse, "description": "an error, in the OpenAI envelope"}}
+# one server-sent event of a stream (OpenAPI before 3.2: a stream's ``schema`` describes each event)
+SSE_EVENT = {
+    "type": "object",
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+    "required": ["data"],
+}
 STREAMS = {
     200: {
-        "content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}},
+        "content": {"application/json": {}, "text/event-stream": {"schema": SSE_EVENT}},
         "description": "a completion, or its stream of chunks when 'stream' is true",
     },
 }
