@@ -81,7 +81,7 @@ class Grammar:
         self.num_consumed = len(output_token_ids)
 
     def verify_masks(self, output_token_ids: list[int], drafts: list[int]) -> torch.Tensor:
-        """``masks`` for a verify step, counting its drafts."""
+        """The rows of ``_masks`` for a verify step, counting its drafts."""
         allowed, num_allowed = self._masks(output_token_ids, drafts)
         ends = [j for j, token in enumerate(drafts) if token in self.eos_token_ids]
         num_used = len(drafts)
@@ -94,30 +94,28 @@ class Grammar:
     def num_allowed(self, output_token_ids: list[int], drafts: list[int]) -> int:
         """How many of ``drafts`` in a row the grammar allows after the output."""
         self.sync(output_token_ids)
-        taken = 0
-        allowed = 0
-        for token in drafts:
-            if token in self.eos_token_ids and self.matcher.is_stopped():
-                allowed += 1  # the grammar has ended: its end token is the one allowed
-                break
-            if self.matcher.try_consume_tokens([token]) != 1:
-                break
-            taken += 1
-            allowed += 1
-        if taken:
-            self.matcher.rollback(taken)
-        return allowed
+        consumed = self.matcher.try_consume_tokens(list(drafts))
+        num_allowed = self._with_end(drafts, consumed)
+        if consumed:
+            self.matcher.rollback(consumed)
+        return num_allowed
 
-    def masks(self, output_token_ids: list[int], drafts: list[int]) -> torch.Tensor:
-        """[k + 1, V] bool: the tokens allowed after the output and each prefix d_1..d_j of the
-        drafts. Rows past a draft the grammar forbids repeat the last allowed row (the target
-        rejects that draft, so they are never used)."""
-        return self._masks(output_token_ids, drafts)[0]
+    def next_mask(self, output_token_ids: list[int], drafts: list[int]) -> torch.Tensor:
+        """[1, V] bool: the tokens allowed after the output and ``drafts`` (after the drafts up to
+        the first the grammar forbids): what the draft after them may be."""
+        self.sync(output_token_ids)
+        consumed = self.matcher.try_consume_tokens(list(drafts))
+        bitmask = llguidance.torch.allocate_token_bitmask(1, self.vocab_size)
+        llguidance.torch.fill_next_token_bitmask(self.matcher, bitmask, 0)
+        if consumed:
+            self.matcher.rollback(consumed)
+        return unpack(bitmask, self.vocab_size)
 
     def _masks(self, output_token_ids: list[int], drafts: list[int]) -> tuple[torch.Tensor, int]:
-        """``masks`` and how many drafts in a row the grammar allows. An end-of-answer token is
-        taken by the matcher while the grammar may end, and not once it has (then it is the only
-        token allowed): both count as allowed."""
+        """[k + 1, V] bool: the tokens allowed after the output and each prefix d_1..d_j of the
+        drafts, and how many drafts in a row the grammar allows. Rows past a draft the grammar
+        forbids repeat the last allowed row (the target rejects that draft, so they are never
+        used)."""
         self.sync(output_token_ids)
         rows = len(drafts) + 1
         bitmask = llguidance.torch.allocate_token_bitmask(rows, self.vocab_size)
@@ -127,14 +125,20 @@ class Grammar:
             if j == len(drafts) or self.matcher.try_consume_tokens([drafts[j]]) != 1:
                 break
             consumed += 1
-        num_allowed = consumed
-        if consumed < len(drafts) and drafts[consumed] in self.eos_token_ids:
-            if self.matcher.is_stopped():
-                num_allowed += 1
+        num_allowed = self._with_end(drafts, consumed)
         bitmask[consumed + 1:] = bitmask[consumed]
         if consumed:
             self.matcher.rollback(consumed)
         return unpack(bitmask, self.vocab_size), num_allowed
+
+    def _with_end(self, drafts: list[int], consumed: int) -> int:
+        """The drafts allowed when the matcher took the first ``consumed``: an end-of-answer token
+        is taken by the matcher while the grammar may end, and not once it has (then it is the
+        only token allowed); both count as allowed."""
+        if consumed < len(drafts) and drafts[consumed] in self.eos_token_ids:
+            if self.matcher.is_stopped():
+                return consumed + 1
+        return consumed
 
 
 def allowed_drafts(grammar: Grammar | None, output_token_ids: list[int],

@@ -62,7 +62,7 @@ def grammar_masked(logits: torch.Tensor, items: list[DraftInput],
     logits = logits.clone()
     for i in owners:
         grammar = items[i].request.sampling_params.grammar
-        allowed = grammar.masks(items[i].history, drafts[i])[-1:]
+        allowed = grammar.next_mask(items[i].history, drafts[i])
         logits[i:i + 1] = mask_logits(logits[i:i + 1], allowed)
     return logits
 
