@@ -14,7 +14,7 @@ from mtpserve.kernels.attention import AttentionBackend, TorchPagedAttention
 logger = logging.getLogger(__name__)
 
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
-# the activation dtypes of the Triton kernels
+# the activation dtypes of the Triton kernels (float64 runs on the torch backend)
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 

@@ -7,14 +7,9 @@ host read, so a step can be captured in a CUDA graph.
 
 from __future__ import annotations
 
-import torch
-
 from mtpserve.kernels.attention import AttentionBackend, AttentionMetadata
 from mtpserve.kernels.triton_attention import paged_attention
 from mtpserve.kernels.triton_kv import write_kv
-
-# the dtypes the kernels take (float64 runs on the torch backend)
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class TritonPagedAttention(AttentionBackend):
