@@ -37,15 +37,18 @@ class ChatOutput:
         self.pending = spec.prefix
 
     def feed(self, text: str) -> dict:
-        text, self.pending = self.pending + text, ""
-        reasoning, content = "", text
+        text = self.pending + text
+        self.pending = ""
+        reasoning = ""
+        content = text
         if self.splitter is not None:
             reasoning, content = self.splitter.feed(text)
         return self._delta(reasoning, content, final=False)
 
     def finish(self) -> dict:
         delta = self.feed("")
-        reasoning, content = "", ""
+        reasoning = ""
+        content = ""
         if self.splitter is not None:
             reasoning, content = self.splitter.finish()
         more = self._delta(reasoning, content, final=True)

@@ -108,7 +108,8 @@ class ServerMetrics:
 
     def _count_prefix_cache(self, kv) -> None:
         """Move the prefix-cache counters by what the engine looked up since the last scrape."""
-        queries, hits = kv.num_queried_tokens, kv.num_hit_tokens
+        queries = kv.num_queried_tokens
+        hits = kv.num_hit_tokens
         seen_queries, seen_hits = self._prefix_seen
         self.prefix_queries.labels(self.model_name).inc(max(queries - seen_queries, 0))
         self.prefix_hits.labels(self.model_name).inc(max(hits - seen_hits, 0))

@@ -48,7 +48,8 @@ class ReasoningSplitter:
     def finish(self) -> tuple[str, str]:
         """The text held back; a thinking never closed is all reasoning."""
         reasoning, content = self.feed("")
-        rest, self.buffer = self.buffer, ""
+        rest = self.buffer
+        self.buffer = ""
         if self.in_thinking:
             return reasoning + rest, content
         if self.after_think:

@@ -51,7 +51,8 @@ class ToolCallExtractor:
         """The text held back: an unclosed last call is parsed as if closed (a model may stop
         right after its arguments), else it is content."""
         content, calls = self.feed("")
-        rest, self.buffer = self.buffer, ""
+        rest = self.buffer
+        self.buffer = ""
         if not self.in_calls:
             return content + rest, calls
         stripped = rest.strip()

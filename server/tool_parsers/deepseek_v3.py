@@ -37,9 +37,11 @@ class DeepSeekV3Format(ToolFormat):
             fenced = FENCED.fullmatch(rest)
             if fenced is None:
                 raise ValueError("no ```json block")
-            name, arguments = fenced.group(1), fenced.group(2)
+            name = fenced.group(1)
+            arguments = fenced.group(2)
         else:  # V3.1: the name, then the JSON
-            name, arguments = head, rest
+            name = head
+            arguments = rest
         name = check_name(name.strip(), tools)
         return ParsedCall(name, arguments_json(json_object(arguments)))
 
