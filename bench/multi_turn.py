@@ -16,7 +16,7 @@ import json.decoder
 import time
 from dataclasses import dataclass
 
-from mtpserve.bench.serve_bench import level_stats, one_request, scrape
+from mtpserve.bench.serve_bench import level_stats, one_request, scrape, stream_body
 from mtpserve.bench.stats import summarize
 from mtpserve.bench.workload import BenchPrompt
 
@@ -53,11 +53,8 @@ def conversations(prompts: list[BenchPrompt], count: int, turns: int,
 
 
 def request_body(args, messages: list[dict], question: BenchPrompt) -> dict:
-    body = {"model": args.model, "messages": list(messages), "max_tokens": question.max_tokens,
-            "temperature": args.temperature, "stream": True,
-            "stream_options": {"include_usage": True}}
-    if args.ignore_eos:
-        body["ignore_eos"] = True
+    body = stream_body(args, question.max_tokens)
+    body["messages"] = list(messages)
     return body
 
 

@@ -18,11 +18,17 @@ from mtpserve.bench.stats import spec_counters, spec_delta, summarize
 from mtpserve.engine.errors import MtpserveError
 
 
-def request_body(args, prompt) -> dict:
-    body = {"model": args.model, "max_tokens": prompt.max_tokens, "temperature": args.temperature,
+def stream_body(args, max_tokens: int) -> dict:
+    """The settings every streamed request of the bench sends, its prompt aside."""
+    body = {"model": args.model, "max_tokens": max_tokens, "temperature": args.temperature,
             "stream": True, "stream_options": {"include_usage": True}}
     if args.ignore_eos:
         body["ignore_eos"] = True
+    return body
+
+
+def request_body(args, prompt) -> dict:
+    body = stream_body(args, prompt.max_tokens)
     if args.endpoint == "chat":
         return {**body, "messages": prompt.chat_messages()}
     return {**body, "prompt": prompt.text}
