@@ -14,6 +14,7 @@ from mtpserve.engine.errors import MtpserveError
 from mtpserve.engine.loader import load_checkpoint
 from mtpserve.engine.loader.mtp_head import default_head_path
 from mtpserve.engine.models.quantize import QUANTIZATIONS
+from mtpserve.kernels import cpu_blocks
 
 
 def add_engine_args(p: argparse.ArgumentParser, speculation: bool = True) -> None:
@@ -109,15 +110,15 @@ def engine_config_from_args(args) -> EngineConfig:
 
 def resolve_quantization(model: str, quantization: str, device: str) -> str:
     """``--quantization auto``, the fastest weights measured that keep quality (docs/BENCHMARKS.md):
-    a GGUF file runs from its stored codes (int4) on CPUs with native bf16, and from float16
-    weights (FBGEMM) on CPUs without, where PyTorch's int4 kernel is no faster at one row and
-    slower for verify rows and prompts. CUDA and other checkpoints keep float weights."""
+    a GGUF file runs from its stored codes (int4) on the CPU block kernels, or, where they do not
+    build, on PyTorch's int4 kernel on CPUs with native bf16 and from float16 weights (FBGEMM) on
+    CPUs without. CUDA and other checkpoints keep float weights."""
     if quantization != "auto":
         return quantization
     is_gguf = model == "default" or str(model).lower().endswith(".gguf")
     if not is_gguf or device.startswith("cuda"):
         return "none"
-    if native_bf16():
+    if cpu_blocks.available() or native_bf16():
         return "int4"
     return "fp16"
 
@@ -129,7 +130,8 @@ def native_bf16() -> bool:
 
 def resolve_dtype(dtype: str, quantization: str, device: str) -> torch.dtype:
     """``--dtype auto``: bfloat16 on CUDA (float16 for a float16 checkpoint: engine_from_args),
-    and on CPUs with native bf16 when the weights are quantized (the kernels read bf16); float32
+    and on CPUs with native bf16 when the weights are quantized on PyTorch's kernels (they read
+    bf16; the block kernels read float32); float32
     elsewhere. On a CPU without bf16 instructions (AVX2 only) every bfloat16 op is emulated:
     float32 activations are faster there, the quantized kernels casting their inputs
     (docs/BENCHMARKS.md)."""
@@ -137,7 +139,7 @@ def resolve_dtype(dtype: str, quantization: str, device: str) -> torch.dtype:
         return getattr(torch, dtype)
     if device.startswith("cuda"):
         return torch.bfloat16
-    if quantization in ("int4", "int8") and native_bf16():
+    if quantization in ("int4", "int8") and native_bf16() and not cpu_blocks.available():
         return torch.bfloat16
     return torch.float32
 

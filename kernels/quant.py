@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mtpserve.kernels.cpu_blocks import BlockLinear
+
 # The int4 kernels keep the code's offset at 8: value = (code - 8) * scale + zero'.
 INT4_OFFSET = 8
 COMPUTE_DTYPE = torch.bfloat16
@@ -74,20 +76,21 @@ class QuantizedWeight(nn.Module):
 
 
 def quantize(weight: torch.Tensor, bits: int, group_size: int) -> QuantizedWeight:
-    """Round a float ``[out, in]`` weight: 4 bits asymmetric per group (min/max), 8 bits symmetric
-    per output row (``group_size`` is then the row)."""
+    """Round a float ``[out, in]`` weight per group of ``group_size`` inputs: 4 bits asymmetric
+    (min/max), 8 bits symmetric (``group_size`` = the input size: one scale per output row)."""
     weight = weight.detach().float().contiguous()
     out_features, in_features = weight.shape
-    if bits == 8:
-        scales = weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127
-        scales = scales.to(COMPUTE_DTYPE).float()  # as the kernel will hold them: codes fit it
-        codes = torch.round(weight / scales).clamp(-127, 127).to(torch.int8)
-        return QuantizedWeight(codes, scales, None, 8, in_features)
-    if bits != 4:
-        raise ValueError(f"quantization to {bits} bits is not supported (4 or 8)")
     if in_features % group_size:
         raise ValueError(f"input size {in_features} is not a multiple of group size {group_size}")
     groups = weight.view(out_features, in_features // group_size, group_size)
+    if bits == 8:
+        scales = groups.abs().amax(dim=-1).clamp(min=1e-12) / 127
+        scales = scales.to(COMPUTE_DTYPE).float()  # as the kernel will hold them: codes fit it
+        codes = torch.round(groups / scales.unsqueeze(-1)).clamp(-127, 127).to(torch.int8)
+        return QuantizedWeight(codes.view(out_features, in_features), scales, None, 8,
+                               group_size)
+    if bits != 4:
+        raise ValueError(f"quantization to {bits} bits is not supported (4 or 8)")
     low = groups.amin(dim=-1)
     high = groups.amax(dim=-1)
     scales = ((high - low) / 15).clamp(min=1e-12)
@@ -237,6 +240,6 @@ def pack(weight: QuantizedWeight, device: torch.device) -> nn.Module:
     return Int8Linear.of(weight, device)
 
 
-PACKED = (Int4Linear, Int8Linear, Fp16Linear)
+PACKED = (Int4Linear, Int8Linear, Fp16Linear, BlockLinear)
 # heads whose rows can be read: ``rows(index)`` and ``embedding(index, dtype)``
-ROW_HEADS = (Int8Linear, Fp16Head)
+ROW_HEADS = (Int8Linear, Fp16Head, BlockLinear)

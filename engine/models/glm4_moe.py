@@ -151,6 +151,7 @@ class Glm4MoeForCausalLM(LlamaForCausalLM):
     """Same interface as LlamaForCausalLM;
     layers from ``first_k_dense_replace`` on (and MTP layers) are MoE."""
 
+    FUSED_LAYERS = False  # MoE layers
     CUDA_GRAPHS = False  # the routing picks experts on the host
 
     def make_layer(self, layer_idx: int) -> Glm4MoeDecoderLayer:

@@ -13,6 +13,7 @@ from torch import nn
 from mtpserve.engine.config import ModelConfig
 from mtpserve.engine.errors import ModelLoadError
 from mtpserve.kernels.attention import AttentionBackend
+from mtpserve.kernels.cpu_decoder import FusedDecoder, supports
 from mtpserve.kernels.linear import linear
 from mtpserve.kernels.quant import ROW_HEADS, QuantizedWeight
 from mtpserve.kernels.rmsnorm import rms_norm
@@ -189,6 +190,8 @@ class LlamaForCausalLM(nn.Module):
     HEAD_WEIGHTS = ("lm_head",)
     # the forward reads no device value on the host: it can be captured in a CUDA graph
     CUDA_GRAPHS = True
+    # its layers are plain dense blocks: decode steps can run as one kernel call on CPU
+    FUSED_LAYERS = True
 
     def __init__(self, cfg: ModelConfig, max_positions: int | None = None):
         super().__init__()
@@ -210,6 +213,8 @@ class LlamaForCausalLM(nn.Module):
         cos, sin = signed_tables(cos.float(), sin.float())
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
+        self.fusable = False  # to_runtime: whether decode steps can run as one kernel call
+        self.fused: FusedDecoder | None = None
 
     def make_layer(self, layer_idx: int) -> DecoderLayer:
         """A decoder block of this family (also the block inside an MTP layer)."""
@@ -228,7 +233,9 @@ class LlamaForCausalLM(nn.Module):
 
     def to_runtime(self, dtype: torch.dtype, device: str | torch.device) -> "LlamaForCausalLM":
         """Cast weights to ``dtype`` on ``device``; rotary tables follow the dtype."""
-        return self.to(device=device, dtype=dtype)
+        self.to(device=device, dtype=dtype)
+        self.fusable = supports(self)
+        return self
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.embed_tokens is not None:
@@ -241,10 +248,23 @@ class LlamaForCausalLM(nn.Module):
                 attn: AttentionBackend) -> torch.Tensor:
         """Returns the final post-norm hidden states [T, hidden]."""
         x = self.embed(input_ids)
+        fused = self._fused(kv_caches, attn)
+        if fused is not None:
+            x = fused.run(x, positions, attn.meta)
+            return rms_norm(x, self.norm, self.config.rms_norm_eps)
         cos, sin = self.cos[positions], self.sin[positions]
         for layer, kv_cache in zip(self.layers, kv_caches):
             x = layer(x, cos, sin, kv_cache, attn)
         return rms_norm(x, self.norm, self.config.rms_norm_eps)
+
+    def _fused(self, kv_caches: list, attn: AttentionBackend) -> FusedDecoder | None:
+        """The one-call decoder for this step (kernels/cpu_decoder.py), or None: the per-op
+        path."""
+        if not self.fusable or not FusedDecoder.can_run(attn.meta):
+            return None
+        if self.fused is None or not self.fused.bound_to(kv_caches):
+            self.fused = FusedDecoder(self, kv_caches)
+        return self.fused
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return linear(hidden, self.lm_head)

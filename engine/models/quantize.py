@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mtpserve.kernels import cpu_blocks
 from mtpserve.kernels.quant import Fp16Head, Fp16Linear, Int8Linear, QuantizedWeight, pack, quantize
 
 QUANTIZATIONS = ("none", "int4", "int8", "fp16")
@@ -50,9 +51,13 @@ def _prepare(module: nn.Module, name: str, quantization: str, group_size: int,
     if quantization == "fp16":
         _replace(module, name, _fp16(value, head))
         return
+    blocks = device.type == "cpu" and cpu_blocks.available()
     if isinstance(value, nn.Parameter):
-        value = quantize(value.t(), _bits(quantization, head, value.shape[0], group_size),
-                         group_size)
+        bits = _bits(quantization, head, value.shape[0], group_size)
+        value = quantize(value.t(), bits, _group(bits, value.shape[0], group_size, blocks))
+    if blocks and cpu_blocks.fits(value):
+        _replace(module, name, cpu_blocks.BlockLinear.of(value))
+        return
     if head or quantization == "int8":
         _replace(module, name, Int8Linear.of(value, device))
     else:
@@ -81,3 +86,11 @@ def _bits(quantization: str, head: bool, in_features: int, group_size: int) -> i
     if head or quantization == "int8" or in_features % group_size:
         return 8
     return 4
+
+
+def _group(bits: int, in_features: int, group_size: int, blocks: bool) -> int:
+    """The group size to round to: 8-bit weights have one scale per row, except on the block
+    kernels, which take groups where the input is whole groups."""
+    if bits == 8 and (not blocks or in_features % group_size):
+        return in_features
+    return group_size

@@ -280,6 +280,7 @@ class Qwen3NextDecoderLayer(DecoderLayer):
 class Qwen3NextForCausalLM(LlamaForCausalLM):
     """Same interface as LlamaForCausalLM; ``layer_types`` picks each layer's token mixer."""
 
+    FUSED_LAYERS = False  # MoE and linear-attention layers
     CUDA_GRAPHS = False  # MoE routing on the host, and recurrent state slots per step
 
     def make_layer(self, layer_idx: int) -> Qwen3NextDecoderLayer:

@@ -1,0 +1,418 @@
+// CPU kernels for weights stored in blocks of 32 inputs, as GGUF files store them:
+//   4 bits: value = code * scale + min (Q4_0, Q4_1, K-quants' sub-blocks, our own int4)
+//   8 bits: value = code * scale (Q8_0, our own int8)
+// Activations are rounded to 8 bits per block of 32 (one float scale each), so a block's dot
+// product is an integer one (AVX2 maddubs). Each output row of each input row is summed in one
+// fixed order whatever the number of input rows, so an input row's result never depends on the
+// other rows of the call: MTP's verify rows equal one-row steps bit for bit.
+//
+// Also here: the decode step of a dense Llama-family decoder stack (norms, projections, rotary,
+// paged-KV write and attention, SwiGLU) in one call, for steps whose queries are short.
+//
+// Built at first use (kernels/cpu_build.py) and called through ctypes; the structs below mirror
+// the ctypes ones in kernels/cpu_blocks.py.
+
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <vector>
+
+#define QK 32
+
+extern "C" {
+
+struct QWeight {
+    const uint8_t* codes;  // bits 4: [n, k/2], byte j of a block = value j (low), j + 16 (high)
+                           // bits 8: [n, k] int8
+    const float* scale;    // [n, k/32]
+    const float* min;      // [n, k/32], bits 4 only
+    int32_t bits;
+    int32_t n;
+    int32_t k;
+};
+
+struct Layer {
+    const float* input_norm;         // [hidden]
+    const float* post_norm;          // [hidden]
+    QWeight qkv;                     // [q + 2 kv, hidden]
+    const float* qkv_bias;           // [q + 2 kv] or null
+    QWeight o;                       // [hidden, q]
+    const float* o_bias;             // [hidden] or null
+    QWeight gate_up;                 // [2 inter, hidden]
+    QWeight down;                    // [hidden, inter]
+    float* k_cache;                  // [blocks, block_size, kv_heads, head_dim]
+    float* v_cache;
+};
+
+struct Model {
+    int32_t num_layers;
+    int32_t hidden;
+    int32_t num_heads;
+    int32_t num_kv_heads;
+    int32_t head_dim;
+    int32_t intermediate;
+    float eps;
+    float scale;        // attention scale
+    const float* cos;   // [positions, head_dim]: [cos, cos]
+    const float* sin;   // [positions, head_dim]: [-sin, sin]
+    const Layer* layers;
+};
+
+struct Step {
+    int32_t num_tokens;
+    const int64_t* positions;     // [T]
+    const int64_t* slots;         // [T], -1: not written
+    const int32_t* token_seq;     // [T], the token's row of block_tables
+    const int32_t* block_tables;  // [B, bt_stride]
+    int32_t bt_stride;
+    int32_t block_size;
+};
+
+}  // extern "C"
+
+namespace {
+
+struct Acts {
+    std::vector<int8_t> q;  // [m, k]
+    std::vector<float> d;   // [m, k/32]
+    std::vector<float> s;   // [m, k/32]: d * sum of the block's codes
+};
+
+inline float hsum(__m256 v) {
+    __m128 lo = _mm256_castps256_ps128(v);
+    __m128 hi = _mm256_extractf128_ps(v, 1);
+    lo = _mm_add_ps(lo, hi);
+    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+    lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+    return _mm_cvtss_f32(lo);
+}
+
+// Rounds rows of x [m, k] to 8-bit blocks.
+void quantize_rows(const float* x, int m, int k, Acts& a) {
+    int nb = k / QK;
+    a.q.resize((size_t)m * k);
+    a.d.resize((size_t)m * nb);
+    a.s.resize((size_t)m * nb);
+    for (size_t b = 0; b < (size_t)m * nb; b++) {
+        const float* xb = x + b * QK;
+        float amax = 0.0f;
+        for (int j = 0; j < QK; j++) {
+            amax = fmaxf(amax, fabsf(xb[j]));
+        }
+        float d = amax / 127.0f;
+        float inv = 0.0f;
+        if (d > 0.0f) {
+            inv = 1.0f / d;
+        }
+        int sum = 0;
+        int8_t* qb = a.q.data() + b * QK;
+        for (int j = 0; j < QK; j++) {
+            int v = (int)nearbyintf(xb[j] * inv);
+            qb[j] = (int8_t)v;
+            sum += v;
+        }
+        a.d[b] = d;
+        a.s[b] = d * (float)sum;
+    }
+}
+
+inline __m256 dot_u8_s8(__m256i u, __m256i s) {
+    __m256i pairs = _mm256_maddubs_epi16(u, s);
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+}
+
+inline __m256i expand_q4(const uint8_t* p) {
+    __m128i t = _mm_loadu_si128((const __m128i*)p);
+    __m256i both = _mm256_set_m128i(_mm_srli_epi16(t, 4), t);
+    return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
+}
+
+// Output column n of rows m0 .. m0 + R of a 4-bit weight.
+template <int R>
+void rows_q4(const QWeight& w, int n, const Acts& a, int m0, float* out, int ldo) {
+    int nb = w.k / QK;
+    const uint8_t* codes = w.codes + (size_t)n * (w.k / 2);
+    const float* scale = w.scale + (size_t)n * nb;
+    const float* wmin = w.min + (size_t)n * nb;
+    __m256 acc[R];
+    float minsum[R];
+    for (int r = 0; r < R; r++) {
+        acc[r] = _mm256_setzero_ps();
+        minsum[r] = 0.0f;
+    }
+    for (int b = 0; b < nb; b++) {
+        __m256i wv = expand_q4(codes + b * 16);
+        for (int r = 0; r < R; r++) {
+            size_t ab = (size_t)(m0 + r) * nb + b;
+            __m256i xv = _mm256_loadu_si256((const __m256i*)(a.q.data() + ab * QK));
+            __m256 dot = dot_u8_s8(wv, xv);
+            acc[r] = _mm256_fmadd_ps(dot, _mm256_set1_ps(scale[b] * a.d[ab]), acc[r]);
+            minsum[r] += wmin[b] * a.s[ab];
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        out[(size_t)(m0 + r) * ldo + n] = hsum(acc[r]) + minsum[r];
+    }
+}
+
+// Output column n of rows m0 .. m0 + R of an 8-bit weight.
+template <int R>
+void rows_q8(const QWeight& w, int n, const Acts& a, int m0, float* out, int ldo) {
+    int nb = w.k / QK;
+    const int8_t* codes = (const int8_t*)w.codes + (size_t)n * w.k;
+    const float* scale = w.scale + (size_t)n * nb;
+    __m256 acc[R];
+    for (int r = 0; r < R; r++) {
+        acc[r] = _mm256_setzero_ps();
+    }
+    for (int b = 0; b < nb; b++) {
+        __m256i wv = _mm256_loadu_si256((const __m256i*)(codes + b * QK));
+        __m256i wabs = _mm256_sign_epi8(wv, wv);
+        for (int r = 0; r < R; r++) {
+            size_t ab = (size_t)(m0 + r) * nb + b;
+            __m256i xv = _mm256_loadu_si256((const __m256i*)(a.q.data() + ab * QK));
+            __m256 dot = dot_u8_s8(wabs, _mm256_sign_epi8(xv, wv));
+            acc[r] = _mm256_fmadd_ps(dot, _mm256_set1_ps(scale[b] * a.d[ab]), acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        out[(size_t)(m0 + r) * ldo + n] = hsum(acc[r]);
+    }
+}
+
+template <int R>
+void rows(const QWeight& w, int n, const Acts& a, int m0, float* out, int ldo) {
+    if (w.bits == 4) {
+        rows_q4<R>(w, n, a, m0, out, ldo);
+    } else {
+        rows_q8<R>(w, n, a, m0, out, ldo);
+    }
+}
+
+// Rows [m0, m1) of the column n, four at a time.
+void column(const QWeight& w, int n, const Acts& a, int m0, int m1, float* out, int ldo) {
+    int m = m0;
+    for (; m + 4 <= m1; m += 4) {
+        rows<4>(w, n, a, m, out, ldo);
+    }
+    for (; m < m1; m++) {
+        rows<1>(w, n, a, m, out, ldo);
+    }
+}
+
+// Rows of input per pass over the weight: a pass keeps its activations in cache.
+const int ROW_CHUNK = 64;
+
+// out [m, n] = a (rounded rows) times w, threads splitting the output columns.
+void gemm(const QWeight& w, const Acts& a, int m, float* out) {
+    for (int m0 = 0; m0 < m; m0 += ROW_CHUNK) {
+        int m1 = m0 + ROW_CHUNK;
+        if (m1 > m) {
+            m1 = m;
+        }
+#pragma omp parallel for schedule(static)
+        for (int n = 0; n < w.n; n++) {
+            column(w, n, a, m0, m1, out, w.n);
+        }
+    }
+}
+
+void rms_norm(const float* x, const float* weight, int m, int d, float eps, float* out) {
+    for (int i = 0; i < m; i++) {
+        const float* row = x + (size_t)i * d;
+        float sum = 0.0f;
+        for (int j = 0; j < d; j++) {
+            sum += row[j] * row[j];
+        }
+        float inv = 1.0f / sqrtf(sum / (float)d + eps);
+        for (int j = 0; j < d; j++) {
+            out[(size_t)i * d + j] = row[j] * inv * weight[j];
+        }
+    }
+}
+
+void add_bias(float* x, const float* bias, int m, int n) {
+    if (bias == nullptr) {
+        return;
+    }
+    for (int i = 0; i < m; i++) {
+        for (int j = 0; j < n; j++) {
+            x[(size_t)i * n + j] += bias[j];
+        }
+    }
+}
+
+// Rotate-half rotary of one head in place: x * cos + swap_halves(x) * sin (signed tables).
+void rotate(float* x, const float* cos, const float* sin, int head_dim) {
+    int half = head_dim / 2;
+    float tmp[512];
+    for (int j = 0; j < half; j++) {
+        tmp[j] = x[j] * cos[j] + x[j + half] * sin[j];
+        tmp[j + half] = x[j + half] * cos[j + half] + x[j] * sin[j + half];
+    }
+    memcpy(x, tmp, sizeof(float) * head_dim);
+}
+
+size_t slot_of(const Step& s, int t, int64_t pos) {
+    const int32_t* table = s.block_tables + (size_t)s.token_seq[t] * s.bt_stride;
+    return (size_t)table[pos / s.block_size] * s.block_size + pos % s.block_size;
+}
+
+// q, k rotated, k and v written to the cache: qkv [T, q + 2 kv].
+void rotate_and_store(const Model& md, const Layer& ly, const Step& s, float* qkv) {
+    int hd = md.head_dim;
+    int width = (md.num_heads + 2 * md.num_kv_heads) * hd;
+    for (int t = 0; t < s.num_tokens; t++) {
+        float* row = qkv + (size_t)t * width;
+        const float* cos = md.cos + s.positions[t] * hd;
+        const float* sin = md.sin + s.positions[t] * hd;
+        for (int h = 0; h < md.num_heads + md.num_kv_heads; h++) {
+            rotate(row + h * hd, cos, sin, hd);
+        }
+        if (s.slots[t] < 0) {
+            continue;
+        }
+        size_t kv_size = (size_t)md.num_kv_heads * hd;
+        const float* k = row + md.num_heads * hd;
+        memcpy(ly.k_cache + s.slots[t] * kv_size, k, sizeof(float) * kv_size);
+        memcpy(ly.v_cache + s.slots[t] * kv_size, k + kv_size, sizeof(float) * kv_size);
+    }
+}
+
+// One query head over keys 0 .. its position of its sequence.
+void attend_head(const Model& md, const Layer& ly, const Step& s, const float* q, int t, int h,
+                 std::vector<float>& scores, float* out) {
+    int hd = md.head_dim;
+    int g = h / (md.num_heads / md.num_kv_heads);
+    int64_t len = s.positions[t] + 1;
+    size_t kv_size = (size_t)md.num_kv_heads * hd;
+    scores.resize(len);
+    float top = -INFINITY;
+    for (int64_t j = 0; j < len; j++) {
+        const float* k = ly.k_cache + slot_of(s, t, j) * kv_size + g * hd;
+        __m256 acc = _mm256_setzero_ps();
+        for (int i = 0; i < hd; i += 8) {
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(k + i), acc);
+        }
+        scores[j] = hsum(acc) * md.scale;
+        top = fmaxf(top, scores[j]);
+    }
+    float total = 0.0f;
+    for (int64_t j = 0; j < len; j++) {
+        scores[j] = expf(scores[j] - top);
+        total += scores[j];
+    }
+    for (int i = 0; i < hd; i++) {
+        out[i] = 0.0f;
+    }
+    for (int64_t j = 0; j < len; j++) {
+        const float* v = ly.v_cache + slot_of(s, t, j) * kv_size + g * hd;
+        __m256 p = _mm256_set1_ps(scores[j] / total);
+        for (int i = 0; i < hd; i += 8) {
+            _mm256_storeu_ps(out + i, _mm256_fmadd_ps(p, _mm256_loadu_ps(v + i),
+                                                      _mm256_loadu_ps(out + i)));
+        }
+    }
+}
+
+void attend(const Model& md, const Layer& ly, const Step& s, const float* qkv, float* out) {
+    int hd = md.head_dim;
+    int width = (md.num_heads + 2 * md.num_kv_heads) * hd;
+    int pairs = s.num_tokens * md.num_heads;
+#pragma omp parallel
+    {
+        std::vector<float> scores;
+#pragma omp for schedule(static)
+        for (int i = 0; i < pairs; i++) {
+            int t = i / md.num_heads;
+            int h = i % md.num_heads;
+            const float* q = qkv + (size_t)t * width + h * hd;
+            attend_head(md, ly, s, q, t, h, scores, out + (size_t)t * md.num_heads * hd + h * hd);
+        }
+    }
+}
+
+void silu_mul(const float* gate_up, int m, int inter, float* out) {
+    for (int i = 0; i < m; i++) {
+        const float* gate = gate_up + (size_t)i * 2 * inter;
+        const float* up = gate + inter;
+        for (int j = 0; j < inter; j++) {
+            float g = gate[j];
+            out[(size_t)i * inter + j] = g / (1.0f + expf(-g)) * up[j];
+        }
+    }
+}
+
+void add_into(float* x, const float* y, size_t count) {
+    for (size_t i = 0; i < count; i++) {
+        x[i] += y[i];
+    }
+}
+
+struct Buffers {
+    std::vector<float> normed, qkv, attn, proj, gate_up, act;
+    Acts acts;
+};
+
+void project(const QWeight& w, const float* x, int m, Acts& acts, float* out) {
+    quantize_rows(x, m, w.k, acts);
+    gemm(w, acts, m, out);
+}
+
+void layer_forward(const Model& md, const Layer& ly, const Step& s, float* x, Buffers& b) {
+    int T = s.num_tokens;
+    int H = md.hidden;
+    int q_size = md.num_heads * md.head_dim;
+    b.normed.resize((size_t)T * H);
+    b.qkv.resize((size_t)T * ly.qkv.n);
+    b.attn.resize((size_t)T * q_size);
+    b.proj.resize((size_t)T * H);
+    b.gate_up.resize((size_t)T * 2 * md.intermediate);
+    b.act.resize((size_t)T * md.intermediate);
+
+    rms_norm(x, ly.input_norm, T, H, md.eps, b.normed.data());
+    project(ly.qkv, b.normed.data(), T, b.acts, b.qkv.data());
+    add_bias(b.qkv.data(), ly.qkv_bias, T, ly.qkv.n);
+    rotate_and_store(md, ly, s, b.qkv.data());
+    attend(md, ly, s, b.qkv.data(), b.attn.data());
+    project(ly.o, b.attn.data(), T, b.acts, b.proj.data());
+    add_bias(b.proj.data(), ly.o_bias, T, H);
+    add_into(x, b.proj.data(), (size_t)T * H);
+
+    rms_norm(x, ly.post_norm, T, H, md.eps, b.normed.data());
+    project(ly.gate_up, b.normed.data(), T, b.acts, b.gate_up.data());
+    silu_mul(b.gate_up.data(), T, md.intermediate, b.act.data());
+    project(ly.down, b.act.data(), T, b.acts, b.proj.data());
+    add_into(x, b.proj.data(), (size_t)T * H);
+}
+
+}  // namespace
+
+extern "C" {
+
+// out [m, w.n] = x [m, w.k] times the block weight w (x rounded to 8-bit blocks first).
+void mtp_linear(const float* x, int32_t m, const QWeight* w, float* out) {
+    Acts acts;
+    project(*w, x, m, acts, out);
+}
+
+// Rows of x [m, k] rounded to 8-bit blocks and back: what the kernels multiply (for tests).
+void mtp_round_rows(const float* x, int32_t m, int32_t k, float* out) {
+    Acts acts;
+    quantize_rows(x, m, k, acts);
+    for (size_t i = 0; i < (size_t)m * k; i++) {
+        out[i] = acts.q[i] * acts.d[i / QK];
+    }
+}
+
+// Every decoder layer of md over the step's tokens: x [T, hidden], the residual stream, in place.
+void mtp_decoder_layers(const Model* md, const Step* s, float* x) {
+    Buffers buffers;
+    for (int i = 0; i < md->num_layers; i++) {
+        layer_forward(*md, md->layers[i], *s, x, buffers);
+    }
+}
+
+}  // extern "C"

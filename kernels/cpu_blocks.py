@@ -1,0 +1,134 @@
+"""Weights in blocks of 32 inputs for the CPU block kernels (kernels/cpu/blocks.cpp).
+
+``BlockLinear`` holds a projection as GGUF stores it: 4-bit codes with a scale and a minimum per
+block (Q4_0, Q4_1, K-quants, our int4) or 8-bit codes with a scale per block (Q8_0, our int8).
+The kernel rounds each activation row to 8 bits per block and takes integer dot products, as
+llama.cpp does on this kind of CPU; the float32 path with dequantized weights stays the exact
+reference (``--quantization none``). Rows are computed independently and in a fixed order, so a
+row's output does not depend on the other rows of the call (the verify rows, other requests).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+from torch import nn
+
+from mtpserve.kernels.cpu_build import library
+
+BLOCK = 32
+
+
+class QWeightStruct(ctypes.Structure):
+    _fields_ = [("codes", ctypes.c_void_p), ("scale", ctypes.c_void_p),
+                ("min", ctypes.c_void_p), ("bits", ctypes.c_int32), ("n", ctypes.c_int32),
+                ("k", ctypes.c_int32)]
+
+
+def available() -> bool:
+    """Whether the block kernels built and load on this machine (cpu_build.py)."""
+    return library() is not None
+
+
+def fits(weight) -> bool:
+    """Whether a QuantizedWeight has whole blocks of 32 inputs (its groups too)."""
+    return weight.shape[1] % BLOCK == 0 and weight.group_size % BLOCK == 0
+
+
+def per_block(values: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``[out, in / group_size]`` group values repeated for each block of 32 inputs."""
+    return values.float().repeat_interleave(group_size // BLOCK, dim=1).contiguous()
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """``[out, in]`` 4-bit codes as ``[out, in / 2]`` bytes, GGUF's order: byte j of a block holds
+    value j (low nibble) and value j + 16 (high nibble)."""
+    out_features, in_features = codes.shape
+    blocks = codes.to(torch.uint8).view(out_features, in_features // BLOCK, 2, BLOCK // 2)
+    packed = blocks[:, :, 0] | (blocks[:, :, 1] << 4)
+    return packed.reshape(out_features, in_features // 2).contiguous()
+
+
+class BlockLinear(nn.Module):
+    """A projection ``[out, in]`` in blocks of 32 for the CPU block kernels. Its rows can be read
+    one by one, so it also serves as a tied embedding and as a draft head over a vocabulary
+    subset."""
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
+                 bits: int):
+        super().__init__()
+        self.bits = bits
+        self.out_features = scales.shape[0]
+        self.in_features = scales.shape[1] * BLOCK
+        self.register_buffer("codes", codes)
+        self.register_buffer("scales", scales)
+        self.register_buffer("mins", mins)
+        self._struct = None
+
+    @classmethod
+    def of(cls, weight) -> BlockLinear:
+        """The block form of a QuantizedWeight (groups of any multiple of 32)."""
+        scales = per_block(weight.scales, weight.group_size)
+        if weight.bits == 4:
+            mins = per_block(weight.zeros, weight.group_size)
+            return cls(pack_nibbles(weight.codes), scales, mins, 4)
+        return cls(weight.codes.to(torch.int8).contiguous(), scales, None, 8)
+
+    def struct(self) -> QWeightStruct:
+        """The kernel's view of this weight (pointers into its buffers)."""
+        if self._struct is None:
+            mins = 0
+            if self.mins is not None:
+                mins = self.mins.data_ptr()
+            self._struct = QWeightStruct(self.codes.data_ptr(), self.scales.data_ptr(), mins,
+                                         self.bits, self.out_features, self.in_features)
+        return self._struct
+
+    def _apply(self, fn, recurse=True):
+        """Buffers stay as packed (integer codes, float32 scales); a move drops the pointers."""
+        self._struct = None
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).float().contiguous()
+        out = torch.empty(rows.shape[0], self.out_features)
+        library().mtp_linear(ctypes.c_void_p(rows.data_ptr()), rows.shape[0],
+                             ctypes.byref(self.struct()), ctypes.c_void_p(out.data_ptr()))
+        out = out.to(x.dtype)
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 ``[out, in]`` weight."""
+        if self.bits == 4:
+            low = self.codes & 0x0F
+            high = self.codes >> 4
+            blocks = torch.stack([low.view(self.out_features, -1, BLOCK // 2),
+                                  high.view(self.out_features, -1, BLOCK // 2)], dim=2)
+            codes = blocks.view(self.out_features, -1, BLOCK).float()
+            value = codes * self.scales.unsqueeze(-1) + self.mins.unsqueeze(-1)
+        else:
+            codes = self.codes.float().view(self.out_features, -1, BLOCK)
+            value = codes * self.scales.unsqueeze(-1)
+        return value.view(self.out_features, self.in_features)
+
+    def rows(self, index: torch.Tensor) -> BlockLinear:
+        """The projection onto the outputs ``index`` only."""
+        mins = None
+        if self.mins is not None:
+            mins = self.mins[index].contiguous()
+        return BlockLinear(self.codes[index].contiguous(), self.scales[index].contiguous(), mins,
+                           self.bits)
+
+    def embedding(self, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows ``index`` dequantized: ``[len(index), in]``."""
+        return self.rows(index).dequantize().to(dtype)
+
+
+def round_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[m, k]`` as the kernels see it: rounded to 8 bits per block of 32 (float32)."""
+    x = x.float().contiguous()
+    out = torch.empty_like(x)
+    library().mtp_round_rows(ctypes.c_void_p(x.data_ptr()), x.shape[0], x.shape[1],
+                             ctypes.c_void_p(out.data_ptr()))
+    return out

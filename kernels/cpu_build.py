@@ -1,0 +1,90 @@
+"""Builds the CPU block kernels (kernels/cpu/blocks.cpp) at first use and loads them with ctypes.
+
+The shared library is compiled once per source version into the cache directory
+(``$MTPSERVE_CACHE_DIR``, else ``~/.cache/mtpserve``), a few seconds with g++; later starts load
+it. It is linked with OpenMP and so shares the OpenMP runtime PyTorch has already loaded (one
+thread pool, no oversubscription). Needs a C++ compiler and an AVX2 CPU; without them the packed
+weights fall back to PyTorch's kernels, with the reason logged once.
+``MTPSERVE_CPU_KERNELS=0`` turns the library off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "cpu" / "blocks.cpp"
+FLAGS = ["-O3", "-std=c++17", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
+
+_library: ctypes.CDLL | None = None
+_reason: str | None = None
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("MTPSERVE_CACHE_DIR")
+    if root:
+        return Path(root)
+    return Path.home() / ".cache" / "mtpserve"
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, or None (``unavailable_reason()`` says why)."""
+    global _library, _reason
+    if _library is not None or _reason is not None:
+        return _library
+    try:
+        _library = _load()
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        _reason = str(e)
+        logger.warning("CPU block kernels unavailable (%s): packed weights use PyTorch's kernels",
+                       _reason)
+    return _library
+
+
+def unavailable_reason() -> str | None:
+    library()
+    return _reason
+
+
+def _load() -> ctypes.CDLL:
+    if os.environ.get("MTPSERVE_CPU_KERNELS", "1") == "0":
+        raise RuntimeError("MTPSERVE_CPU_KERNELS=0")
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in ("AVX2", "AVX512"):
+        raise RuntimeError(f"the CPU lacks AVX2 (PyTorch reports {capability})")
+    path = _build()
+    return ctypes.CDLL(str(path))
+
+
+def _build() -> Path:
+    """The compiled library of this source and these flags, built if not cached yet."""
+    source = SOURCE.read_bytes()
+    digest = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
+    target = cache_dir() / "kernels" / f"blocks-{digest}.so"
+    if target.exists():
+        return target
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        raise RuntimeError("no C++ compiler (g++) on PATH")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    logger.info("compiling the CPU block kernels (once) into %s", target.parent)
+    # build beside the target, then rename: concurrent processes never load a partial file
+    fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    cmd = [compiler, *FLAGS, str(SOURCE), "-o", partial]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        os.unlink(partial)
+        raise RuntimeError(f"compiling {SOURCE.name} failed: {done.stderr.strip()[-500:]}")
+    os.replace(partial, target)
+    return target
