@@ -16,7 +16,12 @@ from mtpserve.engine.loader import load_checkpoint
 from mtpserve.engine.loader.gguf import default_gguf_path, load_gguf
 from mtpserve.engine.loader.mtp_head import default_head_path
 from mtpserve.engine.sampling_params import SamplingParams
+from mtpserve.kernels import cpu_blocks
+from mtpserve.kernels.cpu_blocks import BlockLinear
 from mtpserve.kernels.quant import Fp16Linear, Int4Linear, Int8Linear, quantize
+
+# on the CPU block kernels (a C++ compiler and AVX2) int4 and int8 weights are blocks of 32
+BLOCKS = cpu_blocks.available()
 
 CHATS = [
     "Write a Python function that reverses a list.",
@@ -45,9 +50,15 @@ def reference(smollm2_checkpoint):
 
 def test_the_stored_codes_run_packed(quantized):
     layer = quantized.model.layers[0]
-    assert isinstance(layer.self_attn.qkv_weight, Int4Linear)  # Q4_1, as stored
-    assert isinstance(layer.mlp.down_weight, Int4Linear)
-    assert isinstance(quantized.model.lm_head, Int8Linear)  # the tied Q8_0 embedding
+    if BLOCKS:  # Q4_1 and the tied Q8_0 embedding as stored; decode steps in one call
+        assert layer.self_attn.qkv_weight.bits == 4 and layer.mlp.down_weight.bits == 4
+        assert isinstance(quantized.model.lm_head, BlockLinear)
+        assert quantized.model.lm_head.bits == 8
+        assert quantized.model.fusable
+    else:
+        assert isinstance(layer.self_attn.qkv_weight, Int4Linear)  # Q4_1, as stored
+        assert isinstance(layer.mlp.down_weight, Int4Linear)
+        assert isinstance(quantized.model.lm_head, Int8Linear)  # the tied Q8_0 embedding
     assert "int4" in quantized.summary()
 
 
@@ -95,15 +106,17 @@ def test_mtp_is_lossless_on_quantized_weights(quantized_checkpoint, quantization
     like the model's, its draft head rows of the packed head) equals plain decoding on the same
     weights.
 
-    Near-tie rule: the int4 kernels and the int8 head round inputs and logits to bf16 (8
-    significant bits), so two candidates closer than one bf16 step are a tie that a 1-row and a
-    4-row step may break differently. Where the outputs part, the plain path's top two logits must
-    be within one bf16 step of each other (2**-7 of their magnitude); before that, every token must
-    be equal."""
+    On the CPU block kernels a row's result does not depend on the other rows of a step, so the
+    outputs must be equal token for token. Near-tie rule elsewhere: PyTorch's int4 kernels and
+    the int8 head round inputs and logits to bf16 (8 significant bits), so two candidates closer
+    than one bf16 step are a tie that a 1-row and a 4-row step may break differently. Where the
+    outputs part, the plain path's top two logits must be within one bf16 step of each other
+    (2**-7 of their magnitude); before that, every token must be equal."""
     config = EngineConfig(kv_cache_memory_bytes=SMALL_CACHE, quantization=quantization,
                           mtp_head=default_head_path(), spec_draft_n_max=3, spec_adaptive=False)
     drafting = LLMEngine(quantized_checkpoint, config)
-    kind = {"int4": Int4Linear, "fp16": Fp16Linear}[quantization]
+    exact = BLOCKS and quantization == "int4"
+    kind = {"int4": BlockLinear if BLOCKS else Int4Linear, "fp16": Fp16Linear}[quantization]
     assert isinstance(drafting.mtp.layers[0].eh_proj, kind)
     quantized = LLMEngine(quantized_checkpoint, replace(config, spec_draft_n_max=0, mtp_head=None))
     params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
@@ -116,6 +129,7 @@ def test_mtp_is_lossless_on_quantized_weights(quantized_checkpoint, quantization
         if i is None:
             num_equal += 1
             continue
+        assert not exact, (i, a.output_token_ids, b.output_token_ids)
         logits = chunk_logits(quantized.model, prompt + a.output_token_ids[:i])[-1]
         top = logits.topk(2).values
         assert top[0] - top[1] <= top[0].abs() * 2**-7, (i, top)
@@ -124,7 +138,8 @@ def test_mtp_is_lossless_on_quantized_weights(quantized_checkpoint, quantization
 
 
 def round_like(engine: LLMEngine, quantization: str) -> None:
-    """Give a float engine's projections the values the quantized engine's codes stand for."""
+    """Give a float engine's projections the values the quantized engine's codes stand for (8-bit
+    codes: one scale per row, per block of 32 on the block kernels)."""
     for module in engine.model.modules():
         for name in getattr(module, "LINEAR_WEIGHTS", ()):
             param = getattr(module, name)
@@ -132,20 +147,23 @@ def round_like(engine: LLMEngine, quantization: str) -> None:
                 param.data = param.data.half().float()
             else:
                 bits = 4 if quantization == "int4" else 8
-                group = 32 if bits == 4 else param.shape[0]
+                group = 32 if bits == 4 or BLOCKS else param.shape[0]
                 param.data = quantize(param.data.t(), bits, group).dequantize().t().contiguous()
     head = engine.model.lm_head
     if quantization == "fp16":
         head.data = head.data.half().float()
     else:
-        head.data = quantize(head.data.t(), 8, head.shape[0]).dequantize().t().contiguous()
+        group = 32 if BLOCKS else head.shape[0]
+        head.data = quantize(head.data.t(), 8, group).dequantize().t().contiguous()
 
 
-@pytest.mark.parametrize("quantization, kind", [("int4", Int4Linear), ("int8", Int8Linear),
-                                                ("fp16", Fp16Linear)])
+@pytest.mark.parametrize("quantization, kind", [
+    ("int4", BlockLinear if BLOCKS else Int4Linear), ("int8", BlockLinear if BLOCKS else Int8Linear),
+    ("fp16", Fp16Linear)])
 def test_a_float_checkpoint_is_quantized_at_load(tiny_llama_dir, quantization, kind):
     """The engine quantized at load against a float engine whose weights hold the same rounded
-    values: what remains is the kernels' bf16 inputs and scales (fp16: float32 throughout)."""
+    values: what remains is the kernels' rounding of inputs (8-bit blocks; PyTorch's kernels:
+    bf16 inputs and scales; fp16: float32 throughout)."""
     checkpoint = load_checkpoint(tiny_llama_dir)
     float_engine = LLMEngine(checkpoint, EngineConfig(num_blocks=32, spec_draft_n_max=0))
     round_like(float_engine, quantization)
@@ -178,11 +196,12 @@ def test_auto_weights_follow_the_device():
     from mtpserve.cli.engine_args import native_bf16, resolve_dtype, resolve_quantization
 
     on_cpu = resolve_quantization("default", "auto", "cpu")
-    assert on_cpu == ("int4" if native_bf16() else "fp16")
+    assert on_cpu == ("int4" if BLOCKS or native_bf16() else "fp16")
     assert resolve_quantization("model.GGUF", "auto", "cuda") == "none"
     assert resolve_quantization("some/hf-dir", "auto", "cpu") == "none"
     assert resolve_quantization("some/hf-dir", "int8", "cpu") == "int8"
-    assert resolve_dtype("auto", on_cpu, "cpu") == (torch.bfloat16 if native_bf16() else torch.float32)
+    bf16 = native_bf16() and not BLOCKS
+    assert resolve_dtype("auto", on_cpu, "cpu") == (torch.bfloat16 if bf16 else torch.float32)
     assert resolve_dtype("auto", "none", "cuda") == torch.bfloat16
     assert resolve_dtype("float64", "int4", "cpu") == torch.float64
 

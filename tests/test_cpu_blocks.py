@@ -1,0 +1,146 @@
+"""The CPU block kernels (kernels/cpu/blocks.cpp): GGUF blocks times activations rounded to 8-bit
+blocks, against the gguf package's own quantizer and dequantizer in float64; rows independent of
+each other bit for bit; and the one-call decode step against the per-op path on the same weights."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+
+from mtpserve.engine.config import EngineConfig
+from mtpserve.engine.engine import LLMEngine
+from mtpserve.engine.loader import load_checkpoint
+from mtpserve.engine.loader.gguf_quant import read_quantized
+from mtpserve.kernels import cpu_blocks
+from mtpserve.kernels.attention import TorchPagedAttention, build_metadata
+from mtpserve.kernels.cpu_blocks import BlockLinear, round_rows
+from mtpserve.kernels.quant import quantize
+from tests.test_quant import gguf_tensor, reference_dequantize
+
+pytestmark = pytest.mark.skipif(not cpu_blocks.available(), reason="no C++ compiler or no AVX2")
+
+OUT, IN = 96, 256
+
+
+def gguf_weight(qtype):
+    if qtype == T.Q4_K:  # gguf has no Q4_K quantizer: random bytes, finite fp16 d and dmin
+        rng = np.random.default_rng(1)
+        blocks = rng.integers(0, 256, size=(OUT, IN // 256, 144), dtype=np.uint8)
+        halves = rng.uniform(0.001, 0.1, size=(OUT, IN // 256, 2)).astype(np.float16)
+        blocks[..., 0:4] = halves.view(np.uint8).reshape(OUT, IN // 256, 4)
+        return gguf_tensor(T.Q4_K, blocks.reshape(OUT, -1), OUT, IN)
+    weights = np.random.default_rng(2).standard_normal((OUT, IN)).astype(np.float32)
+    return gguf_tensor(qtype, gguf.quants.quantize(weights, qtype), OUT, IN)
+
+
+def gguf_rounded(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to Q8_0 blocks and back by the gguf package (llama.cpp's activation rounding)."""
+    raw = gguf.quants.quantize(x.numpy(), T.Q8_0)
+    return torch.from_numpy(gguf.quants.dequantize(raw, T.Q8_0).astype(np.float64))
+
+
+@pytest.mark.parametrize("rows", [1, 4, 7, 70])
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q8_0, T.Q4_K])
+def test_block_linear_matches_gguf(qtype, rows):
+    tensor = gguf_weight(qtype)
+    layer = BlockLinear.of(read_quantized(tensor))
+    x = torch.randn(rows, IN)
+    out = layer(x).double()
+    weight = reference_dequantize(tensor).double()
+    # llama.cpp's rounding of the activations (fp16 block scales; ours are float32)
+    want = gguf_rounded(x) @ weight.t()
+    assert (out - want).abs().max() < 2e-3 * want.abs().max()
+    # our own rounding, exactly what the kernel multiplies: float32 sums only
+    exact = round_rows(x).double() @ weight.t()
+    assert (out - exact).abs().max() < 1e-5 * exact.abs().max()
+    # and against the unrounded input: the 8-bit activation blocks cost well under 1%
+    unrounded = x.double() @ weight.t()
+    assert (out - unrounded).norm() < 0.01 * unrounded.norm()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_row_does_not_depend_on_the_other_rows(bits):
+    layer = BlockLinear.of(quantize(torch.randn(OUT, IN), bits, 32))
+    x = torch.randn(70, IN)
+    together = layer(x)
+    for rows in (1, 3, 4, 5, 9):
+        apart = torch.cat([layer(x[i:i + rows]) for i in range(0, 70, rows)])
+        assert torch.equal(together, apart)
+
+
+def test_groups_wider_than_a_block_are_repeated_per_block():
+    weight = quantize(torch.randn(OUT, IN), 4, 128)
+    layer = BlockLinear.of(weight)
+    assert torch.equal(layer.dequantize(), weight.dequantize())
+    index = torch.tensor([5, 0, 77])
+    assert torch.equal(layer.rows(index).dequantize(), weight.dequantize()[index])
+    assert torch.equal(layer.embedding(index, torch.float32), weight.dequantize()[index])
+
+
+def test_rounding_keeps_zero_rows_and_halves_to_even():
+    x = torch.zeros(2, 64)
+    x[1, 0] = 127.0
+    x[1, 1] = 0.5  # scale 1: 0.5 rounds to 0, as nearbyint does
+    x[1, 2] = 1.5
+    rounded = round_rows(x)
+    assert torch.equal(rounded[0], torch.zeros(64))
+    assert rounded[1, :3].tolist() == [127.0, 0.0, 2.0]
+
+
+@pytest.fixture(scope="module")
+def block_engine(tiny_llama_dir):
+    config = EngineConfig(num_blocks=32, spec_draft_n_max=0, quantization="int4")
+    return LLMEngine(load_checkpoint(tiny_llama_dir), config)
+
+
+def run_step(model, kv_caches, tables, starts, query_lens, fused: bool, first_id: int = 3):
+    """The model's hidden states for one step, through the one-call path or the per-op one; the
+    step's tokens are ids ``first_id, first_id + 1, ...``."""
+    meta, positions = build_metadata(tables, starts, query_lens, 16, "cpu")
+    ids = torch.arange(first_id, first_id + sum(query_lens))
+    attn = TorchPagedAttention()
+    attn.prepare(meta)
+    model.fusable = fused
+    try:
+        return model(ids, positions, kv_caches, attn)
+    finally:
+        model.fusable = True
+
+
+def test_the_one_call_decode_step_equals_the_per_op_path(block_engine):
+    """Two sequences with prompts in the cache step together: one decodes a token, the other
+    verifies 4; both paths write the same KV and return the same hidden states."""
+    model = block_engine.model
+    assert model.fusable
+    shape = block_engine.runner.kv_caches[0][0].shape
+    caches = [tuple(torch.zeros(shape) for _ in "kv") for _ in model.layers]
+    tables = [[0, 1, 2], [3, 4, 5]]
+    with torch.inference_mode():
+        run_step(model, caches, tables, [0, 0], [20, 33], fused=False)  # prompts: per-op
+        copies = [tuple(c.clone() for c in pair) for pair in caches]
+        fused = run_step(model, caches, tables, [20, 33], [1, 4], fused=True)
+        per_op = run_step(model, copies, tables, [20, 33], [1, 4], fused=False)
+    assert model.fused is not None and model.fused.bound_to(caches)
+    torch.testing.assert_close(fused, per_op, rtol=1e-4, atol=1e-4)
+    for (k, v), (k2, v2) in zip(caches, copies):
+        torch.testing.assert_close(k, k2, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(v, v2, rtol=1e-4, atol=1e-5)
+
+
+def test_verify_rows_equal_one_row_steps_bit_for_bit(block_engine):
+    """A sequence stepping 4 tokens at once gives each the state that 4 one-token steps give:
+    the rows of a call are independent, so MTP verification equals plain decoding exactly."""
+    model = block_engine.model
+    shape = block_engine.runner.kv_caches[0][0].shape
+    caches = [tuple(torch.zeros(shape) for _ in "kv") for _ in model.layers]
+    tables = [[0, 1, 2]]
+    with torch.inference_mode():
+        run_step(model, caches, tables, [0], [20], fused=False)
+        copies = [tuple(c.clone() for c in pair) for pair in caches]
+        together = run_step(model, caches, tables, [20], [4], fused=True)
+        apart = [run_step(model, copies, tables, [20 + i], [1], fused=True, first_id=3 + i)
+                 for i in range(4)]
+    assert torch.equal(together, torch.cat(apart))
