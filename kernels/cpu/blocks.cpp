@@ -118,87 +118,113 @@ void quantize_rows(const float* x, int m, int k, Acts& a) {
     }
 }
 
-inline __m256 dot_u8_s8(__m256i u, __m256i s) {
-    __m256i pairs = _mm256_maddubs_epi16(u, s);
+// A weight block (32 codes) as unsigned magnitudes for maddubs, and its signed codes (8 bits:
+// the activations take the weight's sign, so that |w| * (x * sign(w)) = w * x).
+// codes: the block's 16 bytes (4 bits, GGUF's nibble order) or 32 bytes (8 bits).
+template <int BITS>
+inline __m256i load_block(const uint8_t* codes, __m256i* sign) {
+    if (BITS == 4) {
+        __m128i t = _mm_loadu_si128((const __m128i*)codes);
+        __m256i both = _mm256_set_m128i(_mm_srli_epi16(t, 4), t);
+        return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
+    }
+    *sign = _mm256_loadu_si256((const __m256i*)codes);
+    return _mm256_sign_epi8(*sign, *sign);
+}
+
+// A weight block's dot product with 32 activation codes, as 8 float partial sums.
+template <int BITS>
+inline __m256 dot_block(__m256i magnitude, __m256i sign, const int8_t* x) {
+    __m256i xv = _mm256_loadu_si256((const __m256i*)x);
+    if (BITS == 8) {
+        xv = _mm256_sign_epi8(xv, sign);
+    }
+    __m256i pairs = _mm256_maddubs_epi16(magnitude, xv);
     return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
 }
 
-inline __m256i expand_q4(const uint8_t* p) {
-    __m128i t = _mm_loadu_si128((const __m128i*)p);
-    __m256i both = _mm256_set_m128i(_mm_srli_epi16(t, 4), t);
-    return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
+// Sum over blocks of a weight row's minimums times the row's block sums (4 bits): the part of
+// the dot product that the codes' offset adds.
+float min_term(const float* wmin, const float* xs, int nb) {
+    __m256 acc = _mm256_setzero_ps();
+    int b = 0;
+    for (; b + 8 <= nb; b += 8) {
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(wmin + b), _mm256_loadu_ps(xs + b), acc);
+    }
+    float sum = hsum(acc);
+    for (; b < nb; b++) {
+        sum += wmin[b] * xs[b];
+    }
+    return sum;
 }
 
-// Output column n of rows m0 .. m0 + R of a 4-bit weight.
-template <int R>
-void rows_q4(const QWeight& w, int n, const Acts& a, int m0, float* out, int ldo) {
-    int nb = w.k / QK;
-    const uint8_t* codes = w.codes + (size_t)n * (w.k / 2);
+// Output column n of input rows m0 .. m0 + R. A weight block is unpacked once for the R rows.
+// Each row sums even and odd blocks in two accumulators (two chains of dependent adds, not one)
+// and in the same order whatever R is: a row's result never depends on the rows beside it.
+template <int R, int BITS>
+void rows_of(const QWeight& w, int n, const Acts& a, int m0, float* out, int ldo) {
+    const int nb = w.k / QK;
+    const int block_bytes = BITS == 4 ? QK / 2 : QK;
+    const uint8_t* codes = w.codes + (size_t)n * nb * block_bytes;
     const float* scale = w.scale + (size_t)n * nb;
-    const float* wmin = w.min + (size_t)n * nb;
-    __m256 acc[R];
-    float minsum[R];
+    const int8_t* xq = a.q.data() + (size_t)m0 * nb * QK;
+    const float* xd = a.d.data() + (size_t)m0 * nb;
+    __m256 even[R];
+    __m256 odd[R];
     for (int r = 0; r < R; r++) {
-        acc[r] = _mm256_setzero_ps();
-        minsum[r] = 0.0f;
+        even[r] = _mm256_setzero_ps();
+        odd[r] = _mm256_setzero_ps();
     }
-    for (int b = 0; b < nb; b++) {
-        __m256i wv = expand_q4(codes + b * 16);
+    __m256i sign0 = _mm256_setzero_si256();
+    __m256i sign1 = _mm256_setzero_si256();
+    int b = 0;
+    for (; b + 2 <= nb; b += 2) {
+        __m256i w0 = load_block<BITS>(codes + b * block_bytes, &sign0);
+        __m256i w1 = load_block<BITS>(codes + (b + 1) * block_bytes, &sign1);
+        __m256 s0 = _mm256_broadcast_ss(scale + b);
+        __m256 s1 = _mm256_broadcast_ss(scale + b + 1);
         for (int r = 0; r < R; r++) {
-            size_t ab = (size_t)(m0 + r) * nb + b;
-            __m256i xv = _mm256_loadu_si256((const __m256i*)(a.q.data() + ab * QK));
-            __m256 dot = dot_u8_s8(wv, xv);
-            acc[r] = _mm256_fmadd_ps(dot, _mm256_set1_ps(scale[b] * a.d[ab]), acc[r]);
-            minsum[r] += wmin[b] * a.s[ab];
+            const int8_t* x = xq + (size_t)r * nb * QK + b * QK;
+            const float* d = xd + (size_t)r * nb + b;
+            __m256 d0 = _mm256_mul_ps(s0, _mm256_broadcast_ss(d));
+            __m256 d1 = _mm256_mul_ps(s1, _mm256_broadcast_ss(d + 1));
+            __m256 p0 = dot_block<BITS>(w0, sign0, x);
+            __m256 p1 = dot_block<BITS>(w1, sign1, x + QK);
+            even[r] = _mm256_fmadd_ps(p0, d0, even[r]);
+            odd[r] = _mm256_fmadd_ps(p1, d1, odd[r]);
+        }
+    }
+    if (b < nb) {
+        __m256i w0 = load_block<BITS>(codes + b * block_bytes, &sign0);
+        __m256 s0 = _mm256_broadcast_ss(scale + b);
+        for (int r = 0; r < R; r++) {
+            __m256 d0 = _mm256_mul_ps(s0, _mm256_broadcast_ss(xd + (size_t)r * nb + b));
+            __m256 p0 = dot_block<BITS>(w0, sign0, xq + (size_t)r * nb * QK + b * QK);
+            even[r] = _mm256_fmadd_ps(p0, d0, even[r]);
         }
     }
     for (int r = 0; r < R; r++) {
-        out[(size_t)(m0 + r) * ldo + n] = hsum(acc[r]) + minsum[r];
-    }
-}
-
-// Output column n of rows m0 .. m0 + R of an 8-bit weight.
-template <int R>
-void rows_q8(const QWeight& w, int n, const Acts& a, int m0, float* out, int ldo) {
-    int nb = w.k / QK;
-    const int8_t* codes = (const int8_t*)w.codes + (size_t)n * w.k;
-    const float* scale = w.scale + (size_t)n * nb;
-    __m256 acc[R];
-    for (int r = 0; r < R; r++) {
-        acc[r] = _mm256_setzero_ps();
-    }
-    for (int b = 0; b < nb; b++) {
-        __m256i wv = _mm256_loadu_si256((const __m256i*)(codes + b * QK));
-        __m256i wabs = _mm256_sign_epi8(wv, wv);
-        for (int r = 0; r < R; r++) {
-            size_t ab = (size_t)(m0 + r) * nb + b;
-            __m256i xv = _mm256_loadu_si256((const __m256i*)(a.q.data() + ab * QK));
-            __m256 dot = dot_u8_s8(wabs, _mm256_sign_epi8(xv, wv));
-            acc[r] = _mm256_fmadd_ps(dot, _mm256_set1_ps(scale[b] * a.d[ab]), acc[r]);
+        float value = hsum(_mm256_add_ps(even[r], odd[r]));
+        if (BITS == 4) {
+            size_t row = (size_t)(m0 + r) * nb;
+            value += min_term(w.min + (size_t)n * nb, a.s.data() + row, nb);
         }
-    }
-    for (int r = 0; r < R; r++) {
-        out[(size_t)(m0 + r) * ldo + n] = hsum(acc[r]);
+        out[(size_t)(m0 + r) * ldo + n] = value;
     }
 }
 
-template <int R>
-void rows(const QWeight& w, int n, const Acts& a, int m0, float* out, int ldo) {
-    if (w.bits == 4) {
-        rows_q4<R>(w, n, a, m0, out, ldo);
-    } else {
-        rows_q8<R>(w, n, a, m0, out, ldo);
-    }
-}
-
-// Rows [m0, m1) of the column n, four at a time.
+// Rows [m0, m1) of the column n: four at a time, then two, then one.
+template <int BITS>
 void column(const QWeight& w, int n, const Acts& a, int m0, int m1, float* out, int ldo) {
     int m = m0;
     for (; m + 4 <= m1; m += 4) {
-        rows<4>(w, n, a, m, out, ldo);
+        rows_of<4, BITS>(w, n, a, m, out, ldo);
+    }
+    for (; m + 2 <= m1; m += 2) {
+        rows_of<2, BITS>(w, n, a, m, out, ldo);
     }
     for (; m < m1; m++) {
-        rows<1>(w, n, a, m, out, ldo);
+        rows_of<1, BITS>(w, n, a, m, out, ldo);
     }
 }
 
@@ -214,7 +240,11 @@ void gemm(const QWeight& w, const Acts& a, int m, float* out) {
         }
 #pragma omp parallel for schedule(static)
         for (int n = 0; n < w.n; n++) {
-            column(w, n, a, m0, m1, out, w.n);
+            if (w.bits == 4) {
+                column<4>(w, n, a, m0, m1, out, w.n);
+            } else {
+                column<8>(w, n, a, m0, m1, out, w.n);
+            }
         }
     }
 }
