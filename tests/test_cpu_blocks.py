@@ -144,3 +144,18 @@ def test_verify_rows_equal_one_row_steps_bit_for_bit(block_engine):
         apart = [run_step(model, copies, tables, [20 + i], [1], fused=True, first_id=3 + i)
                  for i in range(4)]
     assert torch.equal(together, torch.cat(apart))
+
+
+def test_prompt_sized_calls_use_the_weight_dequantized_for_the_call():
+    """From FLOAT_MIN_ROWS rows a call multiplies float rows (no activation rounding) by the
+    kernels' dequantized weight; integer_kernel() keeps every call on the integer path."""
+    weight = quantize(torch.randn(OUT, IN), 4, 32)
+    layer = BlockLinear.of(weight)
+    torch.testing.assert_close(layer.float_weight(), weight.dequantize())
+    x = torch.randn(cpu_blocks.FLOAT_MIN_ROWS, IN)
+    exact = x.double() @ weight.dequantize().double().t()
+    assert (layer(x).double() - exact).abs().max() < 1e-4 * exact.abs().max()
+    with cpu_blocks.integer_kernel():
+        rounded = layer(x)
+    assert torch.equal(rounded[:5], layer(x[:5]))
+    assert not torch.equal(rounded, layer(x))

@@ -428,6 +428,33 @@ void mtp_linear(const float* x, int32_t m, const QWeight* w, float* out) {
     project(*w, x, m, acts, out);
 }
 
+// The float32 weight [w.n, w.k]: for prompts, where a float GEMM over many rows beats the
+// integer kernel.
+void mtp_dequantize(const QWeight* w, float* out) {
+    int nb = w->k / QK;
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < w->n; n++) {
+        for (int b = 0; b < nb; b++) {
+            size_t block = (size_t)n * nb + b;
+            float* dst = out + block * QK;
+            float scale = w->scale[block];
+            if (w->bits == 8) {
+                const int8_t* codes = (const int8_t*)w->codes + block * QK;
+                for (int j = 0; j < QK; j++) {
+                    dst[j] = codes[j] * scale;
+                }
+                continue;
+            }
+            const uint8_t* codes = w->codes + block * (QK / 2);
+            float low = w->min[block];
+            for (int j = 0; j < QK / 2; j++) {
+                dst[j] = (codes[j] & 0x0F) * scale + low;
+                dst[j + QK / 2] = (codes[j] >> 4) * scale + low;
+            }
+        }
+    }
+}
+
 // Rows of x [m, k] rounded to 8-bit blocks and back: what the kernels multiply (for tests).
 void mtp_round_rows(const float* x, int32_t m, int32_t k, float* out) {
     Acts acts;
