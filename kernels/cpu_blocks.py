@@ -118,17 +118,7 @@ class BlockLinear(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         """The float32 ``[out, in]`` weight (the reference of ``float_weight``)."""
-        if self.bits == 4:
-            low = self.codes & 0x0F
-            high = self.codes >> 4
-            blocks = torch.stack([low.view(self.out_features, -1, BLOCK // 2),
-                                  high.view(self.out_features, -1, BLOCK // 2)], dim=2)
-            codes = blocks.view(self.out_features, -1, BLOCK).float()
-            value = codes * self.scales.unsqueeze(-1) + self.mins.unsqueeze(-1)
-        else:
-            codes = self.codes.float().view(self.out_features, -1, BLOCK)
-            value = codes * self.scales.unsqueeze(-1)
-        return value.view(self.out_features, self.in_features)
+        return dequantize_blocks(self.codes, self.scales, self.mins, self.bits)
 
     def rows(self, index: torch.Tensor) -> BlockLinear:
         """The projection onto the outputs ``index`` only."""
@@ -140,7 +130,24 @@ class BlockLinear(nn.Module):
 
     def embedding(self, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows ``index`` dequantized: ``[len(index), in]``."""
-        return self.rows(index).dequantize().to(dtype)
+        mins = None
+        if self.mins is not None:
+            mins = self.mins[index]
+        return dequantize_blocks(self.codes[index], self.scales[index], mins, self.bits).to(dtype)
+
+
+def dequantize_blocks(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
+                      bits: int) -> torch.Tensor:
+    """Float32 ``[rows, in]`` values of block codes (packed nibbles for 4 bits)."""
+    rows = scales.shape[0]
+    if bits == 4:
+        low = (codes & 0x0F).view(rows, -1, BLOCK // 2)
+        high = (codes >> 4).view(rows, -1, BLOCK // 2)
+        values = torch.stack([low, high], dim=2).view(rows, -1, BLOCK).float()
+        values = values * scales.unsqueeze(-1) + mins.unsqueeze(-1)
+    else:
+        values = codes.float().view(rows, -1, BLOCK) * scales.unsqueeze(-1)
+    return values.view(rows, -1)
 
 
 @contextlib.contextmanager

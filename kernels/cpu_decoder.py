@@ -36,14 +36,14 @@ class ModelStruct(ctypes.Structure):
 
 
 class StepStruct(ctypes.Structure):
-    _fields_ = [("num_tokens", ctypes.c_int32), ("positions", _ptr), ("slots", _ptr),
-                ("token_seq", _ptr), ("block_tables", _ptr), ("bt_stride", ctypes.c_int32),
-                ("block_size", ctypes.c_int32)]
+    _fields_ = [("num_tokens", ctypes.c_int32), ("positions", _ptr), ("kv_positions", _ptr),
+                ("slots", _ptr), ("token_seq", _ptr), ("block_tables", _ptr),
+                ("bt_stride", ctypes.c_int32), ("block_size", ctypes.c_int32)]
 
 
 def supports(model) -> bool:
     """Whether ``model``'s layers can run fused: a dense family (``FUSED_LAYERS``), float32 on
-    CPU, block weights everywhere, full rotary, no q/k norms, head_dim a multiple of 8."""
+    CPU, full rotary, head_dim a multiple of 8, and every layer plain (``layer_fits``)."""
     cfg = model.config
     if not getattr(model, "FUSED_LAYERS", False):
         return False
@@ -53,14 +53,18 @@ def supports(model) -> bool:
         return False
     if library() is None:
         return False
-    for layer in model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        weights = (attn.qkv_weight, attn.o_weight, mlp.gate_up_weight, mlp.down_weight)
-        if not all(isinstance(w, BlockLinear) for w in weights):
-            return False
-        if attn.q_norm is not None:
-            return False
-    return True
+    return all(layer_fits(layer) for layer in model.layers)
+
+
+def layer_fits(layer) -> bool:
+    """A dense block (attention and SwiGLU) with block weights and no q/k norms."""
+    attn = getattr(layer, "self_attn", None)
+    mlp = getattr(layer, "mlp", None)
+    if attn is None or getattr(attn, "q_norm", True) is not None:
+        return False
+    weights = (getattr(attn, "qkv_weight", None), getattr(attn, "o_weight", None),
+               getattr(mlp, "gate_up_weight", None), getattr(mlp, "down_weight", None))
+    return all(isinstance(w, BlockLinear) for w in weights)
 
 
 def _addr(tensor: torch.Tensor | None) -> int:
@@ -69,28 +73,30 @@ def _addr(tensor: torch.Tensor | None) -> int:
     return tensor.data_ptr()
 
 
-class FusedDecoder:
-    """The layers of one model bound to one set of KV caches."""
+def _layer_struct(layer, kv_cache) -> LayerStruct:
+    attn, mlp = layer.self_attn, layer.mlp
+    k_cache, v_cache = kv_cache
+    return LayerStruct(
+        _addr(layer.input_norm), _addr(layer.post_attention_norm), attn.qkv_weight.struct(),
+        _addr(attn.qkv_bias), attn.o_weight.struct(), _addr(attn.o_bias),
+        mlp.gate_up_weight.struct(), mlp.down_weight.struct(), _addr(k_cache), _addr(v_cache))
 
-    def __init__(self, model, kv_caches: list):
-        cfg = model.config
+
+class FusedDecoder:
+    """Decoder layers (of a model, or an MTP layer's block) bound to their KV caches."""
+
+    def __init__(self, layers, cfg, cos: torch.Tensor, sin: torch.Tensor, kv_caches: list):
         self.kv_caches = kv_caches
-        layers = []
-        for layer, (k_cache, v_cache) in zip(model.layers, kv_caches):
-            attn, mlp = layer.self_attn, layer.mlp
-            layers.append(LayerStruct(
-                _addr(layer.input_norm), _addr(layer.post_attention_norm),
-                attn.qkv_weight.struct(), _addr(attn.qkv_bias), attn.o_weight.struct(),
-                _addr(attn.o_bias), mlp.gate_up_weight.struct(), mlp.down_weight.struct(),
-                _addr(k_cache), _addr(v_cache)))
-        self.layers = (LayerStruct * len(layers))(*layers)
+        structs = [_layer_struct(layer, kv) for layer, kv in zip(layers, kv_caches)]
+        self.layers = (LayerStruct * len(structs))(*structs)
         self.model = ModelStruct(
-            len(layers), cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
+            len(structs), cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
             cfg.head_dim, cfg.intermediate_size, cfg.rms_norm_eps, cfg.head_dim ** -0.5,
-            _addr(model.cos), _addr(model.sin), self.layers)
+            _addr(cos), _addr(sin), self.layers)
 
     def bound_to(self, kv_caches: list) -> bool:
-        return kv_caches is self.kv_caches
+        return len(kv_caches) == len(self.kv_caches) and all(
+            a is b for a, b in zip(kv_caches, self.kv_caches))
 
     @staticmethod
     def can_run(meta: AttentionMetadata | None) -> bool:
@@ -99,17 +105,22 @@ class FusedDecoder:
             return False
         return max(meta.query_lens) <= SHORT_QUERY
 
-    def run(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata):
-        """x [T, hidden] (the embeddings) through every layer, in place."""
+    def run(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+            kv_positions: torch.Tensor | None = None) -> torch.Tensor:
+        """x [T, hidden] through every layer, in place. ``positions``: rotary positions;
+        ``kv_positions``: the tokens' positions in the cache, if not those (MTP layers)."""
+        if kv_positions is None:
+            kv_positions = positions
         x = x.contiguous()
         lens = torch.tensor(meta.query_lens)
         token_seq = torch.repeat_interleave(torch.arange(len(lens), dtype=torch.int32), lens)
         tables = meta.block_tables.contiguous()
         positions = positions.contiguous()
+        kv_positions = kv_positions.contiguous()
         slots = meta.slot_mapping.contiguous()
-        step = StepStruct(x.shape[0], positions.data_ptr(), slots.data_ptr(),
-                          token_seq.data_ptr(), tables.data_ptr(), tables.shape[1],
-                          meta.block_size)
+        step = StepStruct(x.shape[0], positions.data_ptr(), kv_positions.data_ptr(),
+                          slots.data_ptr(), token_seq.data_ptr(), tables.data_ptr(),
+                          tables.shape[1], meta.block_size)
         library().mtp_decoder_layers(ctypes.byref(self.model), ctypes.byref(step),
                                      _ptr(x.data_ptr()))
         return x

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as T
+from mtp_helpers import save_random_head
+from test_quant import gguf_tensor, reference_dequantize
 
 from mtpserve.engine.config import EngineConfig
 from mtpserve.engine.engine import LLMEngine
@@ -18,7 +20,6 @@ from mtpserve.kernels import cpu_blocks
 from mtpserve.kernels.attention import TorchPagedAttention, build_metadata
 from mtpserve.kernels.cpu_blocks import BlockLinear, round_rows
 from mtpserve.kernels.quant import quantize
-from tests.test_quant import gguf_tensor, reference_dequantize
 
 pytestmark = pytest.mark.skipif(not cpu_blocks.available(), reason="no C++ compiler or no AVX2")
 
@@ -159,3 +160,32 @@ def test_prompt_sized_calls_use_the_weight_dequantized_for_the_call():
         rounded = layer(x)
     assert torch.equal(rounded[:5], layer(x[:5]))
     assert not torch.equal(rounded, layer(x))
+
+
+def test_an_mtp_block_runs_as_one_call_like_the_per_op_path(tiny_llama_dir, tmp_path):
+    """A draft step of an MTP head on block weights (rotary position p + 1, KV slot of p) through
+    the one-call block equals the per-op block."""
+    checkpoint = load_checkpoint(tiny_llama_dir)
+    head = save_random_head(tmp_path / "head", checkpoint.config)
+    config = EngineConfig(num_blocks=32, quantization="int4", mtp_head=head, spec_draft_n_max=2)
+    engine = LLMEngine(checkpoint, config)
+    model, mtp = engine.model, engine.mtp
+    shape = engine.runner.kv_caches[0][0].shape
+    caches = [tuple(torch.zeros(shape) for _ in "kv")]
+    tables = [[0, 1, 2], [3, 4, 5]]
+    meta, slot_positions = build_metadata(tables, [20, 33], [1, 3], 16, "cpu")
+    attn = TorchPagedAttention()
+    attn.prepare(meta)
+    ids = torch.tensor([5, 6, 7, 8])
+    hidden = torch.randn(4, checkpoint.config.hidden_size)
+    copies = [tuple(c.clone() for c in pair) for pair in caches]
+    with torch.inference_mode():
+        fused = mtp(0, ids, hidden, slot_positions + 1, caches, attn)
+        assert mtp._fused_blocks[0].bound_to([caches[0]])
+        model.fusable = False
+        try:
+            per_op = mtp(0, ids, hidden, slot_positions + 1, copies, attn)
+        finally:
+            model.fusable = True
+    torch.testing.assert_close(fused, per_op, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(caches[0][0], copies[0][0], rtol=1e-4, atol=1e-5)

@@ -262,8 +262,9 @@ class LlamaForCausalLM(nn.Module):
         path."""
         if not self.fusable or not FusedDecoder.can_run(attn.meta):
             return None
+        kv_caches = kv_caches[:len(self.layers)]
         if self.fused is None or not self.fused.bound_to(kv_caches):
-            self.fused = FusedDecoder(self, kv_caches)
+            self.fused = FusedDecoder(self.layers, self.config, self.cos, self.sin, kv_caches)
         return self.fused
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ from torch import nn
 
 from mtpserve.engine.errors import ModelLoadError
 from mtpserve.engine.models.llama import _copy, _param, _set_linear, _take
+from mtpserve.kernels.cpu_decoder import FusedDecoder, layer_fits
 from mtpserve.kernels.linear import linear
 from mtpserve.kernels.quant import ROW_HEADS
 from mtpserve.kernels.rmsnorm import rms_norm
@@ -122,12 +123,21 @@ class MTPLayer(nn.Module):
 
     def forward(self, embeds: torch.Tensor, hidden: torch.Tensor, cos, sin, kv_cache, attn):
         """embeds, hidden: [T, H] -> the hidden state to feed back [T, H]."""
+        y = self.block(self.block_input(embeds, hidden), cos, sin, kv_cache, attn)
+        return self.fed_back(y)
+
+    def block_input(self, embeds: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """The decoder block's input: eh_proj of the normed token embedding and hidden state."""
         e = rms_norm(embeds, self.enorm, self.eps)
         h = rms_norm(hidden, self.hnorm, self.eps)
         pair = [h, e] if self.layout.hidden_first else [e, h]
-        x = linear(torch.cat(pair, dim=-1), self.eh_proj)
-        y = self.block(x, cos, sin, kv_cache, attn)
-        return rms_norm(y, self.shared_norm, self.eps) if self.feedback == "post_norm" else y
+        return linear(torch.cat(pair, dim=-1), self.eh_proj)
+
+    def fed_back(self, y: torch.Tensor) -> torch.Tensor:
+        """What the next draft step reads of the block's output ``y``."""
+        if self.feedback == "post_norm":
+            return rms_norm(y, self.shared_norm, self.eps)
+        return y
 
     def normed(self, y: torch.Tensor) -> torch.Tensor:
         """The input of the head for a fed-back state ``y``."""
@@ -145,6 +155,7 @@ class MTPModule(nn.Module):
         # reduced draft vocabulary: token ids the head may draft (None: all); q is 0 outside it
         self.register_buffer("draft_vocab", draft_vocab)
         self._draft_heads: dict[int, tuple] = {}  # step -> (head, restricted head, dtype)
+        self._fused_blocks: dict[int, FusedDecoder] = {}  # layer -> its block as one call
 
     def embed(self, layer: MTPLayer, input_ids: torch.Tensor) -> torch.Tensor:
         if layer.embed_tokens is not None:
@@ -158,9 +169,29 @@ class MTPModule(nn.Module):
         i = min(step, len(self.layers) - 1)
         layer = self.layers[i]
         model = self.model[0]
+        embeds = self.embed(layer, input_ids)
+        fused = self._fused(i, kv_caches[i], attn)
+        if fused is not None:  # the block in one kernel call; its KV slot is one before
+            y = fused.run(layer.block_input(embeds, hidden), positions, attn.meta, positions - 1)
+            return layer.fed_back(y)
         cos = model.cos[positions]
         sin = model.sin[positions]
-        return layer(self.embed(layer, input_ids), hidden, cos, sin, kv_caches[i], attn)
+        return layer(embeds, hidden, cos, sin, kv_caches[i], attn)
+
+    def _fused(self, i: int, kv_cache, attn) -> FusedDecoder | None:
+        """Layer ``i``'s block as one kernel call (kernels/cpu_decoder.py) where the main model
+        decodes so and the block fits, for short queries; else None."""
+        model = self.model[0]
+        if not model.fusable or not FusedDecoder.can_run(attn.meta):
+            return None
+        block = self.layers[i].block
+        if not layer_fits(block):
+            return None
+        fused = self._fused_blocks.get(i)
+        if fused is None or not fused.bound_to([kv_cache]):
+            fused = FusedDecoder([block], model.config, model.cos, model.sin, [kv_cache])
+            self._fused_blocks[i] = fused
+        return fused
 
     def head(self, step: int) -> tuple[MTPLayer, torch.Tensor]:
         layer = self.layers[min(step, len(self.layers) - 1)]

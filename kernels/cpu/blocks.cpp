@@ -62,7 +62,8 @@ struct Model {
 
 struct Step {
     int32_t num_tokens;
-    const int64_t* positions;     // [T]
+    const int64_t* positions;     // [T], rotary positions
+    const int64_t* kv_positions;  // [T], positions in the KV cache (MTP layers: rotary - 1)
     const int64_t* slots;         // [T], -1: not written
     const int32_t* token_seq;     // [T], the token's row of block_tables
     const int32_t* block_tables;  // [B, bt_stride]
@@ -311,12 +312,12 @@ void rotate_and_store(const Model& md, const Layer& ly, const Step& s, float* qk
     }
 }
 
-// One query head over keys 0 .. its position of its sequence.
+// One query head over keys 0 .. its KV position of its sequence.
 void attend_head(const Model& md, const Layer& ly, const Step& s, const float* q, int t, int h,
                  std::vector<float>& scores, float* out) {
     int hd = md.head_dim;
     int g = h / (md.num_heads / md.num_kv_heads);
-    int64_t len = s.positions[t] + 1;
+    int64_t len = s.kv_positions[t] + 1;
     size_t kv_size = (size_t)md.num_kv_heads * hd;
     scores.resize(len);
     float top = -INFINITY;
