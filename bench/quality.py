@@ -16,7 +16,6 @@ import torch
 from mtpserve.engine.engine import LLMEngine
 from mtpserve.engine.sampling_params import SamplingParams
 from mtpserve.kernels.attention import DenseCausalAttention
-from mtpserve.kernels.cpu_blocks import integer_kernel
 
 NLL_TOKENS = 4096
 TEXT_PACKAGES = ("fastapi", "tqdm", "httpx", "starlette", "uvicorn", "tokenizers", "numpy")
@@ -65,10 +64,8 @@ def score(model, chunks: list[list[int]]) -> tuple[float, list[torch.Tensor]]:
 
 
 def compare_nll(model, reference, chunks: list[list[int]]) -> dict:
-    """NLL of ``model`` and ``reference`` on the same chunks, and how often their top-1 agree.
-    Block weights are scored on the kernel decode steps use (not the prompts' float GEMM)."""
-    with integer_kernel():
-        nll, predictions = score(model, chunks)
+    """NLL of ``model`` and ``reference`` on the same chunks, and how often their top-1 agree."""
+    nll, predictions = score(model, chunks)
     ref_nll, ref_predictions = score(reference, chunks)
     same = 0
     total = 0

@@ -31,10 +31,14 @@ def add_engine_args(p: argparse.ArgumentParser, speculation: bool = True) -> Non
     g.add_argument("--quantization", default="auto", choices=["auto", *QUANTIZATIONS],
                    help="weight-only quantization of the projections; none: float weights, "
                         "the exact reference path; int4 (a GGUF file's 4-bit codes as stored), "
-                        "int8, fp16 (FBGEMM, CPU); auto: for a GGUF file on CPU, int4 with native "
-                        "bf16, else fp16; none otherwise")
+                        "int8, fp16 (FBGEMM, CPU); auto: for a GGUF file on CPU, int4 on the CPU "
+                        "block kernels (or on PyTorch's with native bf16), else fp16; none "
+                        "otherwise")
     g.add_argument("--quantization-group-size", type=int, default=32, choices=[32, 64, 128, 256],
                    help="inputs per int4 scale when rounding float weights")
+    g.add_argument("--no-cpu-kernels", action="store_true",
+                   help="CPU: run int4/int8 weights on PyTorch's kernels instead of the block "
+                        "kernels compiled (once, cached) at the first start")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--num-blocks", "--kv-cache-blocks", dest="num_blocks", type=int, default=None,
@@ -90,11 +94,12 @@ def engine_config_from_args(args) -> EngineConfig:
     if args.kv_cache_memory <= 0:
         raise MtpserveError("--kv-cache-memory must be positive")
     device = resolve_device(args.device)
-    quantization = resolve_quantization(args.model, args.quantization, device)
+    cpu_kernels = not args.no_cpu_kernels
+    quantization = resolve_quantization(args.model, args.quantization, device, cpu_kernels)
     if quantization == "fp16" and device.startswith("cuda"):
         raise MtpserveError("--quantization fp16 runs on FBGEMM, a CPU library; on CUDA use "
                             "--dtype float16")
-    dtype = resolve_dtype(args.dtype, quantization, device)
+    dtype = resolve_dtype(args.dtype, quantization, device, cpu_kernels)
     draft_n_max = 0 if args.no_spec else args.spec_draft_n_max
     return EngineConfig(
         block_size=args.block_size, num_blocks=args.num_blocks,
@@ -102,13 +107,14 @@ def engine_config_from_args(args) -> EngineConfig:
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         enable_prefix_caching=not args.no_prefix_caching,
         dtype=dtype, device=device, quantization=quantization,
-        quantization_group_size=args.quantization_group_size,
+        quantization_group_size=args.quantization_group_size, cpu_kernels=cpu_kernels,
         spec_draft_n_max=draft_n_max, spec_adaptive=args.spec_adaptive == "on",
         mtp_head=args.mtp_head, mtp_feedback=args.mtp_feedback,
         attention_backend=args.attention_backend, enforce_eager=args.enforce_eager)
 
 
-def resolve_quantization(model: str, quantization: str, device: str) -> str:
+def resolve_quantization(model: str, quantization: str, device: str,
+                         cpu_kernels: bool = True) -> str:
     """``--quantization auto``, the fastest weights measured that keep quality (docs/BENCHMARKS.md):
     a GGUF file runs from its stored codes (int4) on the CPU block kernels, or, where they do not
     build, on PyTorch's int4 kernel on CPUs with native bf16 and from float16 weights (FBGEMM) on
@@ -118,7 +124,7 @@ def resolve_quantization(model: str, quantization: str, device: str) -> str:
     is_gguf = model == "default" or str(model).lower().endswith(".gguf")
     if not is_gguf or device.startswith("cuda"):
         return "none"
-    if cpu_blocks.available() or native_bf16():
+    if (cpu_kernels and cpu_blocks.available()) or native_bf16():
         return "int4"
     return "fp16"
 
@@ -128,7 +134,8 @@ def native_bf16() -> bool:
     return torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def resolve_dtype(dtype: str, quantization: str, device: str) -> torch.dtype:
+def resolve_dtype(dtype: str, quantization: str, device: str,
+                  cpu_kernels: bool = True) -> torch.dtype:
     """``--dtype auto``: bfloat16 on CUDA (float16 for a float16 checkpoint: engine_from_args),
     and on CPUs with native bf16 when the weights are quantized on PyTorch's kernels (they read
     bf16; the block kernels read float32); float32
@@ -139,7 +146,8 @@ def resolve_dtype(dtype: str, quantization: str, device: str) -> torch.dtype:
         return getattr(torch, dtype)
     if device.startswith("cuda"):
         return torch.bfloat16
-    if quantization in ("int4", "int8") and native_bf16() and not cpu_blocks.available():
+    on_blocks = cpu_kernels and cpu_blocks.available()
+    if quantization in ("int4", "int8") and native_bf16() and not on_blocks:
         return torch.bfloat16
     return torch.float32
 

@@ -103,9 +103,13 @@ class EngineConfig:
     device: str = "cpu"
     # weight-only quantization of the projections: "none" (float; the exact reference path),
     # "int4" (groups of quantization_group_size inputs; a GGUF file's 4-bit codes as stored),
-    # "int8" (per output row) or "fp16" (float16 for FBGEMM, CPU); see models/quantize.py
+    # "int8" (per output row, or blocks of 32 on the CPU block kernels) or "fp16" (float16 for
+    # FBGEMM, CPU); see models/quantize.py
     quantization: str = "none"
     quantization_group_size: int = 32
+    # CPU: int4/int8 weights on the block kernels built at first start (kernels/cpu/blocks.cpp)
+    # where they build; False: PyTorch's kernels
+    cpu_kernels: bool = True
     # speculative decoding with the model's MTP layers
     spec_draft_n_max: int = 3  # 0 disables
     spec_adaptive: bool = True  # False: always draft spec_draft_n_max tokens

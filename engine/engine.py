@@ -205,7 +205,8 @@ class LLMEngine:
         max_positions = longest + config.spec_draft_n_max + 2
         model = model_class(mc.architecture)(mc, max_positions=max_positions)
         model.load_weights(self.checkpoint.weights)
-        prepare_weights(model, config.quantization, config.quantization_group_size, self.device)
+        prepare_weights(model, config.quantization, config.quantization_group_size, self.device,
+                        config.cpu_kernels)
         self.model = model.to_runtime(config.dtype, self.device).eval()
         self.mtp = None
         if num_mtp and mc.mtp_layout == "mimo" and not config.mtp_head:
@@ -222,7 +223,7 @@ class LLMEngine:
                                  config.mtp_feedback, self.draft_vocab)
         if self.mtp is not None:
             prepare_weights(self.mtp, config.quantization, config.quantization_group_size,
-                            self.device)
+                            self.device, config.cpu_kernels)
             self.mtp.to(device=self.device, dtype=config.dtype).eval()
 
     def _mtp_weights(self) -> tuple[dict, int]:

@@ -6,13 +6,10 @@ The kernel rounds each activation row to 8 bits per block and takes integer dot 
 llama.cpp does on this kind of CPU; the float32 path with dequantized weights stays the exact
 reference (``--quantization none``). Rows are computed independently and in a fixed order, so a
 row's output does not depend on the other rows of the call (the verify rows, other requests).
-Calls of ``FLOAT_MIN_ROWS`` rows or more (prompt chunks) multiply float32 rows by the weight
-dequantized for the call instead.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 
 import torch
@@ -21,12 +18,6 @@ from torch import nn
 from mtpserve.kernels.cpu_build import library
 
 BLOCK = 32
-# From this many input rows (prompt chunks) a float32 GEMM on the weight dequantized for the call
-# is faster than the integer kernel (measured on a 2-core AVX2 CPU: 575 against 861 ms for one
-# SmolLM2 step's projections at 256 rows, even at 128, 2x slower at 16). Decode, verify and
-# batched-decode steps stay below it.
-FLOAT_MIN_ROWS = 128
-_float_min_rows = FLOAT_MIN_ROWS
 
 
 class QWeightStruct(ctypes.Structure):
@@ -101,23 +92,14 @@ class BlockLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).float().contiguous()
-        if rows.shape[0] >= _float_min_rows:
-            out = rows @ self.float_weight().t()
-        else:
-            out = torch.empty(rows.shape[0], self.out_features)
-            library().mtp_linear(ctypes.c_void_p(rows.data_ptr()), rows.shape[0],
-                                 ctypes.byref(self.struct()), ctypes.c_void_p(out.data_ptr()))
+        out = torch.empty(rows.shape[0], self.out_features)
+        library().mtp_linear(ctypes.c_void_p(rows.data_ptr()), rows.shape[0],
+                             ctypes.byref(self.struct()), ctypes.c_void_p(out.data_ptr()))
         out = out.to(x.dtype)
         return out.view(*x.shape[:-1], self.out_features)
 
-    def float_weight(self) -> torch.Tensor:
-        """The float32 ``[out, in]`` weight, dequantized by the kernels (fast, for one call)."""
-        weight = torch.empty(self.out_features, self.in_features)
-        library().mtp_dequantize(ctypes.byref(self.struct()), ctypes.c_void_p(weight.data_ptr()))
-        return weight
-
     def dequantize(self) -> torch.Tensor:
-        """The float32 ``[out, in]`` weight (the reference of ``float_weight``)."""
+        """The float32 ``[out, in]`` weight."""
         return dequantize_blocks(self.codes, self.scales, self.mins, self.bits)
 
     def rows(self, index: torch.Tensor) -> BlockLinear:
@@ -148,18 +130,6 @@ def dequantize_blocks(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Ten
     else:
         values = codes.float().view(rows, -1, BLOCK) * scales.unsqueeze(-1)
     return values.view(rows, -1)
-
-
-@contextlib.contextmanager
-def integer_kernel():
-    """Every call on the integer kernel, however many rows: what decode steps compute (text
-    quality is measured on it, in whole chunks)."""
-    global _float_min_rows
-    _float_min_rows = 1 << 62
-    try:
-        yield
-    finally:
-        _float_min_rows = FLOAT_MIN_ROWS
 
 
 def round_rows(x: torch.Tensor) -> torch.Tensor:

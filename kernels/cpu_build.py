@@ -1,11 +1,11 @@
 """Builds the CPU block kernels (kernels/cpu/blocks.cpp) at first use and loads them with ctypes.
 
-The shared library is compiled once per source version into the cache directory
-(``$MTPSERVE_CACHE_DIR``, else ``~/.cache/mtpserve``), a few seconds with g++; later starts load
-it. It is linked with OpenMP and so shares the OpenMP runtime PyTorch has already loaded (one
-thread pool, no oversubscription). Needs a C++ compiler and an AVX2 CPU; without them the packed
-weights fall back to PyTorch's kernels, with the reason logged once.
-``MTPSERVE_CPU_KERNELS=0`` turns the library off.
+The shared library is compiled once per source version into the user's cache directory
+(``$XDG_CACHE_HOME/mtpserve``, else ``~/.cache/mtpserve``; a temporary directory where that is not
+writable), a few seconds with g++; later starts load it. It is linked with OpenMP and so shares
+the OpenMP runtime PyTorch has already loaded (one thread pool, no oversubscription). Needs a C++
+compiler and an AVX2 CPU; without them the packed weights fall back to PyTorch's kernels, with
+the reason logged once. ``--no-cpu-kernels`` leaves the library unused.
 """
 
 from __future__ import annotations
@@ -31,10 +31,15 @@ _reason: str | None = None
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("MTPSERVE_CACHE_DIR")
-    if root:
-        return Path(root)
-    return Path.home() / ".cache" / "mtpserve"
+    """Where built kernels are kept: the user's cache directory if it can be written."""
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    path = root / "mtpserve" / "kernels"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        path = Path(tempfile.gettempdir()) / f"mtpserve-{os.getuid()}" / "kernels"
+        path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def library() -> ctypes.CDLL | None:
@@ -57,8 +62,6 @@ def unavailable_reason() -> str | None:
 
 
 def _load() -> ctypes.CDLL:
-    if os.environ.get("MTPSERVE_CPU_KERNELS", "1") == "0":
-        raise RuntimeError("MTPSERVE_CPU_KERNELS=0")
     capability = torch.backends.cpu.get_cpu_capability()
     if capability not in ("AVX2", "AVX512"):
         raise RuntimeError(f"the CPU lacks AVX2 (PyTorch reports {capability})")
@@ -70,13 +73,12 @@ def _build() -> Path:
     """The compiled library of this source and these flags, built if not cached yet."""
     source = SOURCE.read_bytes()
     digest = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
-    target = cache_dir() / "kernels" / f"blocks-{digest}.so"
+    target = cache_dir() / f"blocks-{digest}.so"
     if target.exists():
         return target
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if compiler is None:
         raise RuntimeError("no C++ compiler (g++) on PATH")
-    target.parent.mkdir(parents=True, exist_ok=True)
     logger.info("compiling the CPU block kernels (once) into %s", target.parent)
     # build beside the target, then rename: concurrent processes never load a partial file
     fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)

@@ -1,10 +1,12 @@
-"""The decode step of a dense decoder stack in one call to the CPU block kernels.
+"""A step of a dense decoder stack in one call to the CPU block kernels.
 
-For steps whose queries are all short (decodes, MTP verify rows; prompts take the per-op path),
 ``mtp_decoder_layers`` runs every layer (norms, block projections, rotary, the paged-KV write and
 attention, SwiGLU) in C++ without going back to Python: on a 2-core CPU the ~25 PyTorch ops of a
-layer cost more than its projections. Its numbers follow the per-op path with the same block
-weights (the same rounded activations, float32 elsewhere), to float32 rounding.
+layer cost more than its projections. Every step takes it, prompt chunks as decodes and verify
+rows, so a token's numbers never depend on the step it was computed in: with the rows of a call
+independent, greedy output is the same with drafts or without, batched or alone, with prefix-cache
+hits or without, bit for bit. They follow the per-op path (same block weights and rounded
+activations, PyTorch's norms and attention elsewhere) to float32 rounding.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import ctypes
 
 import torch
 
-from mtpserve.kernels.attention import SHORT_QUERY, AttentionMetadata
+from mtpserve.kernels.attention import AttentionMetadata
 from mtpserve.kernels.cpu_blocks import BlockLinear, QWeightStruct
 from mtpserve.kernels.cpu_build import library
 
@@ -100,10 +102,8 @@ class FusedDecoder:
 
     @staticmethod
     def can_run(meta: AttentionMetadata | None) -> bool:
-        """Short queries only: a prompt chunk takes the per-op path."""
-        if meta is None:
-            return False
-        return max(meta.query_lens) <= SHORT_QUERY
+        """Steps over the paged cache (a dense pass without one takes the per-op path)."""
+        return meta is not None
 
     def run(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
             kv_positions: torch.Tensor | None = None) -> torch.Tensor:

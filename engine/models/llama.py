@@ -213,7 +213,7 @@ class LlamaForCausalLM(nn.Module):
         cos, sin = signed_tables(cos.float(), sin.float())
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
-        self.fusable = False  # to_runtime: whether decode steps can run as one kernel call
+        self.fusable = False  # to_runtime: whether steps can run as one kernel call
         self.fused: FusedDecoder | None = None
 
     def make_layer(self, layer_idx: int) -> DecoderLayer:

@@ -180,7 +180,7 @@ class MTPModule(nn.Module):
 
     def _fused(self, i: int, kv_cache, attn) -> FusedDecoder | None:
         """Layer ``i``'s block as one kernel call (kernels/cpu_decoder.py) where the main model
-        decodes so and the block fits, for short queries; else None."""
+        runs so and the block fits; else None."""
         model = self.model[0]
         if not model.fusable or not FusedDecoder.can_run(attn.meta):
             return None

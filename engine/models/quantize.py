@@ -20,26 +20,28 @@ WEIGHT_FORMS = {"int4": "int4 (4-bit codes as stored), heads int8 per row",
 
 
 def prepare_weights(model: nn.Module, quantization: str, group_size: int,
-                    device: torch.device) -> None:
+                    device: torch.device, cpu_kernels: bool = True) -> None:
     """``quantization``: "none" keeps every weight float, dequantizing stored codes (the exact
     reference path); "int4" packs the projections in 4 bits (groups), keeping 4-bit codes a file
     stores as they are; "int8" packs them in 8 bits per output row, rounding stored codes again.
     "fp16" holds every projection in float16 for FBGEMM. Vocabulary heads are float16 with "fp16"
     and 8 bits per row otherwise: they are also read row by row, as the tied embedding and as a
-    reduced draft head."""
+    reduced draft head. On CPU with ``cpu_kernels`` (and the block kernels built), int4 and int8
+    weights are blocks of 32 inputs (kernels/cpu_blocks.py)."""
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, not {quantization!r}")
     if quantization == "fp16" and device.type != "cpu":
         raise ValueError("fp16 weights run on FBGEMM, a CPU library; on CUDA use --dtype float16")
+    blocks = cpu_kernels and device.type == "cpu" and cpu_blocks.available()
     for module in list(model.modules()):
         for name in getattr(module, "LINEAR_WEIGHTS", ()):
-            _prepare(module, name, quantization, group_size, device, head=False)
+            _prepare(module, name, quantization, group_size, device, False, blocks)
         for name in getattr(module, "HEAD_WEIGHTS", ()):
-            _prepare(module, name, quantization, group_size, device, head=True)
+            _prepare(module, name, quantization, group_size, device, True, blocks)
 
 
 def _prepare(module: nn.Module, name: str, quantization: str, group_size: int,
-             device: torch.device, head: bool) -> None:
+             device: torch.device, head: bool, blocks: bool) -> None:
     value = getattr(module, name)
     if value is None:
         return
@@ -51,7 +53,6 @@ def _prepare(module: nn.Module, name: str, quantization: str, group_size: int,
     if quantization == "fp16":
         _replace(module, name, _fp16(value, head))
         return
-    blocks = device.type == "cpu" and cpu_blocks.available()
     if isinstance(value, nn.Parameter):
         bits = _bits(quantization, head, value.shape[0], group_size)
         value = quantize(value.t(), bits, _group(bits, value.shape[0], group_size, blocks))

@@ -6,8 +6,8 @@
 // fixed order whatever the number of input rows, so an input row's result never depends on the
 // other rows of the call: MTP's verify rows equal one-row steps bit for bit.
 //
-// Also here: the decode step of a dense Llama-family decoder stack (norms, projections, rotary,
-// paged-KV write and attention, SwiGLU) in one call, for steps whose queries are short.
+// Also here: a step of a dense Llama-family decoder stack (norms, projections, rotary, paged-KV
+// write and attention, SwiGLU) in one call, for every step over the paged cache.
 //
 // Built at first use (kernels/cpu_build.py) and called through ctypes; the structs below mirror
 // the ctypes ones in kernels/cpu_blocks.py.
@@ -427,33 +427,6 @@ extern "C" {
 void mtp_linear(const float* x, int32_t m, const QWeight* w, float* out) {
     Acts acts;
     project(*w, x, m, acts, out);
-}
-
-// The float32 weight [w.n, w.k]: for prompts, where a float GEMM over many rows beats the
-// integer kernel.
-void mtp_dequantize(const QWeight* w, float* out) {
-    int nb = w->k / QK;
-#pragma omp parallel for schedule(static)
-    for (int n = 0; n < w->n; n++) {
-        for (int b = 0; b < nb; b++) {
-            size_t block = (size_t)n * nb + b;
-            float* dst = out + block * QK;
-            float scale = w->scale[block];
-            if (w->bits == 8) {
-                const int8_t* codes = (const int8_t*)w->codes + block * QK;
-                for (int j = 0; j < QK; j++) {
-                    dst[j] = codes[j] * scale;
-                }
-                continue;
-            }
-            const uint8_t* codes = w->codes + block * (QK / 2);
-            float low = w->min[block];
-            for (int j = 0; j < QK / 2; j++) {
-                dst[j] = (codes[j] & 0x0F) * scale + low;
-                dst[j + QK / 2] = (codes[j] >> 4) * scale + low;
-            }
-        }
-    }
 }
 
 // Rows of x [m, k] rounded to 8-bit blocks and back: what the kernels multiply (for tests).
