@@ -286,11 +286,6 @@ void rotate(float* x, const float* cos, const float* sin, int head_dim) {
     memcpy(x, tmp, sizeof(float) * head_dim);
 }
 
-size_t slot_of(const Step& s, int t, int64_t pos) {
-    const int32_t* table = s.block_tables + (size_t)s.token_seq[t] * s.bt_stride;
-    return (size_t)table[pos / s.block_size] * s.block_size + pos % s.block_size;
-}
-
 // q, k rotated, k and v written to the cache: qkv [T, q + 2 kv].
 void rotate_and_store(const Model& md, const Layer& ly, const Step& s, float* qkv) {
     int hd = md.head_dim;
@@ -312,22 +307,38 @@ void rotate_and_store(const Model& md, const Layer& ly, const Step& s, float* qk
     }
 }
 
-// One query head over keys 0 .. its KV position of its sequence.
+// The scaled dot products of q with the first count keys of a cache block (key i at
+// base + i * stride).
+void block_scores(const float* q, const float* base, size_t stride, int count, int head_dim,
+                  float scale, float* scores) {
+    for (int i = 0; i < count; i++) {
+        const float* k = base + i * stride;
+        __m256 acc = _mm256_setzero_ps();
+        for (int d = 0; d < head_dim; d += 8) {
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(k + d), acc);
+        }
+        scores[i] = hsum(acc) * scale;
+    }
+}
+
+// One query head over keys 0 .. its KV position of its sequence, block by block of the cache.
 void attend_head(const Model& md, const Layer& ly, const Step& s, const float* q, int t, int h,
                  std::vector<float>& scores, float* out) {
     int hd = md.head_dim;
+    int bs = s.block_size;
     int g = h / (md.num_heads / md.num_kv_heads);
     int64_t len = s.kv_positions[t] + 1;
     size_t kv_size = (size_t)md.num_kv_heads * hd;
+    const int32_t* table = s.block_tables + (size_t)s.token_seq[t] * s.bt_stride;
+    int64_t num_blocks = (len + bs - 1) / bs;
     scores.resize(len);
+    for (int64_t b = 0; b < num_blocks; b++) {
+        int count = (int)(len - b * bs < bs ? len - b * bs : bs);
+        const float* base = ly.k_cache + (size_t)table[b] * bs * kv_size + g * hd;
+        block_scores(q, base, kv_size, count, hd, md.scale, scores.data() + b * bs);
+    }
     float top = -INFINITY;
     for (int64_t j = 0; j < len; j++) {
-        const float* k = ly.k_cache + slot_of(s, t, j) * kv_size + g * hd;
-        __m256 acc = _mm256_setzero_ps();
-        for (int i = 0; i < hd; i += 8) {
-            acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(k + i), acc);
-        }
-        scores[j] = hsum(acc) * md.scale;
         top = fmaxf(top, scores[j]);
     }
     float total = 0.0f;
@@ -338,12 +349,16 @@ void attend_head(const Model& md, const Layer& ly, const Step& s, const float* q
     for (int i = 0; i < hd; i++) {
         out[i] = 0.0f;
     }
-    for (int64_t j = 0; j < len; j++) {
-        const float* v = ly.v_cache + slot_of(s, t, j) * kv_size + g * hd;
-        __m256 p = _mm256_set1_ps(scores[j] / total);
-        for (int i = 0; i < hd; i += 8) {
-            _mm256_storeu_ps(out + i, _mm256_fmadd_ps(p, _mm256_loadu_ps(v + i),
-                                                      _mm256_loadu_ps(out + i)));
+    for (int64_t b = 0; b < num_blocks; b++) {
+        int count = (int)(len - b * bs < bs ? len - b * bs : bs);
+        const float* base = ly.v_cache + (size_t)table[b] * bs * kv_size + g * hd;
+        for (int i = 0; i < count; i++) {
+            const float* v = base + i * kv_size;
+            __m256 p = _mm256_set1_ps(scores[b * bs + i] / total);
+            for (int d = 0; d < hd; d += 8) {
+                __m256 o = _mm256_loadu_ps(out + d);
+                _mm256_storeu_ps(out + d, _mm256_fmadd_ps(p, _mm256_loadu_ps(v + d), o));
+            }
         }
     }
 }
