@@ -15,7 +15,7 @@ from mtpserve.engine.loader.checkpoint import Checkpoint
 from mtpserve.engine.loader.mtp_head import load_mtp_head, rename_gguf_nextn
 from mtpserve.engine.models import model_class
 from mtpserve.engine.models.mtp import DEEPSEEK_LAYOUT, MIMO_LAYOUT, QWEN_LAYOUT, build_mtp
-from mtpserve.engine.models.quantize import WEIGHT_FORMS, prepare_weights
+from mtpserve.engine.models.quantize import BLOCK_FORMS, WEIGHT_FORMS, prepare_weights
 from mtpserve.engine.noise import RequestNoise
 from mtpserve.engine.prefix_cache import engine_salt
 from mtpserve.engine.recurrent_state import HybridCacheManager, cache_manager
@@ -26,6 +26,7 @@ from mtpserve.engine.scheduler import Scheduler
 from mtpserve.engine.spec.calibrate import measure_step_costs
 from mtpserve.engine.spec.policy import DraftPolicy, StepCosts
 from mtpserve.engine.spec.stats import SpecStats
+from mtpserve.kernels.cpu_blocks import BlockLinear
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +178,10 @@ class LLMEngine:
         if config.quantization == "none" and weights.startswith("GGUF"):
             weights += ", dequantized"
         elif config.quantization != "none":
-            weights += f", projections {WEIGHT_FORMS[config.quantization]}"
+            forms = WEIGHT_FORMS
+            if isinstance(self.model.lm_head, BlockLinear):
+                forms = BLOCK_FORMS
+            weights += f", projections {forms[config.quantization]}"
         kv = (f"KV cache {self.kv_cache_bytes / 2**20:.0f} MiB ({self.num_blocks} blocks of "
               f"{config.block_size} tokens)")
         return (f"max_model_len {self.max_model_len}, {kv}, dtype {dtype}, weights {weights}, "

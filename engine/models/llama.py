@@ -190,7 +190,7 @@ class LlamaForCausalLM(nn.Module):
     HEAD_WEIGHTS = ("lm_head",)
     # the forward reads no device value on the host: it can be captured in a CUDA graph
     CUDA_GRAPHS = True
-    # its layers are plain dense blocks: decode steps can run as one kernel call on CPU
+    # its layers are plain dense blocks: a step can run as one kernel call on CPU
     FUSED_LAYERS = True
 
     def __init__(self, cfg: ModelConfig, max_positions: int | None = None):

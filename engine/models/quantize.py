@@ -17,6 +17,9 @@ QUANTIZATIONS = ("none", "int4", "int8", "fp16")
 # how the engine's start-up line names each
 WEIGHT_FORMS = {"int4": "int4 (4-bit codes as stored), heads int8 per row",
                 "int8": "int8 per row, heads too", "fp16": "float16 (FBGEMM), heads too"}
+# the same on the CPU block kernels
+BLOCK_FORMS = {"int4": "int4 blocks of 32 as stored, heads int8 blocks (CPU block kernels)",
+               "int8": "int8 blocks of 32, heads too (CPU block kernels)"}
 
 
 def prepare_weights(model: nn.Module, quantization: str, group_size: int,
