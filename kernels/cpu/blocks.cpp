@@ -160,8 +160,8 @@ float min_term(const float* wmin, const float* xs, int nb) {
 }
 
 // Output column n of input rows m0 .. m0 + R. A weight block is unpacked once for the R rows.
-// Each row sums even and odd blocks in two accumulators (two chains of dependent adds, not one)
-// and in the same order whatever R is: a row's result never depends on the rows beside it.
+// Each row sums its blocks in order in one accumulator (few enough registers for four rows, none
+// spilled), the same order whatever R is: a row's result never depends on the rows beside it.
 template <int R, int BITS>
 void rows_of(const QWeight& w, int n, const Acts& a, int m0, float* out, int ldo) {
     const int nb = w.k / QK;
@@ -170,42 +170,22 @@ void rows_of(const QWeight& w, int n, const Acts& a, int m0, float* out, int ldo
     const float* scale = w.scale + (size_t)n * nb;
     const int8_t* xq = a.q.data() + (size_t)m0 * nb * QK;
     const float* xd = a.d.data() + (size_t)m0 * nb;
-    __m256 even[R];
-    __m256 odd[R];
+    __m256 acc[R];
     for (int r = 0; r < R; r++) {
-        even[r] = _mm256_setzero_ps();
-        odd[r] = _mm256_setzero_ps();
+        acc[r] = _mm256_setzero_ps();
     }
-    __m256i sign0 = _mm256_setzero_si256();
-    __m256i sign1 = _mm256_setzero_si256();
-    int b = 0;
-    for (; b + 2 <= nb; b += 2) {
-        __m256i w0 = load_block<BITS>(codes + b * block_bytes, &sign0);
-        __m256i w1 = load_block<BITS>(codes + (b + 1) * block_bytes, &sign1);
-        __m256 s0 = _mm256_broadcast_ss(scale + b);
-        __m256 s1 = _mm256_broadcast_ss(scale + b + 1);
+    __m256i sign = _mm256_setzero_si256();
+    for (int b = 0; b < nb; b++) {
+        __m256i wv = load_block<BITS>(codes + b * block_bytes, &sign);
+        __m256 ws = _mm256_broadcast_ss(scale + b);
         for (int r = 0; r < R; r++) {
-            const int8_t* x = xq + (size_t)r * nb * QK + b * QK;
-            const float* d = xd + (size_t)r * nb + b;
-            __m256 d0 = _mm256_mul_ps(s0, _mm256_broadcast_ss(d));
-            __m256 d1 = _mm256_mul_ps(s1, _mm256_broadcast_ss(d + 1));
-            __m256 p0 = dot_block<BITS>(w0, sign0, x);
-            __m256 p1 = dot_block<BITS>(w1, sign1, x + QK);
-            even[r] = _mm256_fmadd_ps(p0, d0, even[r]);
-            odd[r] = _mm256_fmadd_ps(p1, d1, odd[r]);
-        }
-    }
-    if (b < nb) {
-        __m256i w0 = load_block<BITS>(codes + b * block_bytes, &sign0);
-        __m256 s0 = _mm256_broadcast_ss(scale + b);
-        for (int r = 0; r < R; r++) {
-            __m256 d0 = _mm256_mul_ps(s0, _mm256_broadcast_ss(xd + (size_t)r * nb + b));
-            __m256 p0 = dot_block<BITS>(w0, sign0, xq + (size_t)r * nb * QK + b * QK);
-            even[r] = _mm256_fmadd_ps(p0, d0, even[r]);
+            __m256 d = _mm256_mul_ps(ws, _mm256_broadcast_ss(xd + (size_t)r * nb + b));
+            __m256 p = dot_block<BITS>(wv, sign, xq + (size_t)r * nb * QK + b * QK);
+            acc[r] = _mm256_fmadd_ps(p, d, acc[r]);
         }
     }
     for (int r = 0; r < R; r++) {
-        float value = hsum(_mm256_add_ps(even[r], odd[r]));
+        float value = hsum(acc[r]);
         if (BITS == 4) {
             size_t row = (size_t)(m0 + r) * nb;
             value += min_term(w.min + (size_t)n * nb, a.s.data() + row, nb);
