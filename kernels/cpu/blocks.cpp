@@ -90,6 +90,40 @@ inline float hsum(__m256 v) {
     return _mm_cvtss_f32(lo);
 }
 
+// e^x for 8 floats: x = n ln2 + r, e^r by Cephes' expf polynomial (about 1 ulp), times 2^n.
+inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r);
+    p = _mm256_add_ps(p, _mm256_set1_ps(1.0f));
+    __m256i biased = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(biased, 23)));
+}
+
+// e^(x[i] - shift) in place for count floats (the tail padded through a small buffer).
+void exp_shifted(float* x, int64_t count, float shift) {
+    __m256 s = _mm256_set1_ps(shift);
+    int64_t i = 0;
+    for (; i + 8 <= count; i += 8) {
+        _mm256_storeu_ps(x + i, exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), s)));
+    }
+    if (i < count) {
+        float tail[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        memcpy(tail, x + i, sizeof(float) * (count - i));
+        _mm256_storeu_ps(tail, exp8(_mm256_sub_ps(_mm256_loadu_ps(tail), s)));
+        memcpy(x + i, tail, sizeof(float) * (count - i));
+    }
+}
+
 // Rounds rows of x [m, k] to 8-bit blocks.
 void quantize_rows(const float* x, int m, int k, Acts& a) {
     int nb = k / QK;
@@ -321,9 +355,9 @@ void attend_head(const Model& md, const Layer& ly, const Step& s, const float* q
     for (int64_t j = 0; j < len; j++) {
         top = fmaxf(top, scores[j]);
     }
+    exp_shifted(scores.data(), len, top);
     float total = 0.0f;
     for (int64_t j = 0; j < len; j++) {
-        scores[j] = expf(scores[j] - top);
         total += scores[j];
     }
     for (int i = 0; i < hd; i++) {
@@ -361,12 +395,16 @@ void attend(const Model& md, const Layer& ly, const Step& s, const float* qkv, f
 }
 
 void silu_mul(const float* gate_up, int m, int inter, float* out) {
+    __m256 one = _mm256_set1_ps(1.0f);
     for (int i = 0; i < m; i++) {
         const float* gate = gate_up + (size_t)i * 2 * inter;
         const float* up = gate + inter;
-        for (int j = 0; j < inter; j++) {
-            float g = gate[j];
-            out[(size_t)i * inter + j] = g / (1.0f + expf(-g)) * up[j];
+        float* dst = out + (size_t)i * inter;
+        for (int j = 0; j < inter; j += 8) {
+            __m256 g = _mm256_loadu_ps(gate + j);
+            __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+            __m256 silu = _mm256_div_ps(g, _mm256_add_ps(one, e));
+            _mm256_storeu_ps(dst + j, _mm256_mul_ps(silu, _mm256_loadu_ps(up + j)));
         }
     }
 }
