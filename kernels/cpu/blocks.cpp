@@ -132,10 +132,15 @@ void quantize_rows(const float* x, int m, int k, Acts& a) {
     a.s.resize((size_t)m * nb);
     for (size_t b = 0; b < (size_t)m * nb; b++) {
         const float* xb = x + b * QK;
-        float amax = 0.0f;
-        for (int j = 0; j < QK; j++) {
-            amax = fmaxf(amax, fabsf(xb[j]));
+        __m256 sign_bit = _mm256_set1_ps(-0.0f);
+        __m256 most = _mm256_setzero_ps();
+        for (int j = 0; j < QK; j += 8) {
+            most = _mm256_max_ps(most, _mm256_andnot_ps(sign_bit, _mm256_loadu_ps(xb + j)));
         }
+        __m128 half = _mm_max_ps(_mm256_castps256_ps128(most), _mm256_extractf128_ps(most, 1));
+        half = _mm_max_ps(half, _mm_movehl_ps(half, half));
+        half = _mm_max_ss(half, _mm_movehdup_ps(half));
+        float amax = _mm_cvtss_f32(half);
         float d = amax / 127.0f;
         float inv = 0.0f;
         if (d > 0.0f) {
@@ -353,26 +358,35 @@ void attend_head(const Model& md, const Layer& ly, const Step& s, const float* q
     }
     float top = -INFINITY;
     for (int64_t j = 0; j < len; j++) {
-        top = fmaxf(top, scores[j]);
+        if (scores[j] > top) {
+            top = scores[j];
+        }
     }
     exp_shifted(scores.data(), len, top);
     float total = 0.0f;
     for (int64_t j = 0; j < len; j++) {
         total += scores[j];
     }
-    for (int i = 0; i < hd; i++) {
-        out[i] = 0.0f;
-    }
-    for (int64_t b = 0; b < num_blocks; b++) {
-        int count = (int)(len - b * bs < bs ? len - b * bs : bs);
-        const float* base = ly.v_cache + (size_t)table[b] * bs * kv_size + g * hd;
-        for (int i = 0; i < count; i++) {
-            const float* v = base + i * kv_size;
-            __m256 p = _mm256_set1_ps(scores[b * bs + i] / total);
-            for (int d = 0; d < hd; d += 8) {
-                __m256 o = _mm256_loadu_ps(out + d);
-                _mm256_storeu_ps(out + d, _mm256_fmadd_ps(p, _mm256_loadu_ps(v + d), o));
+    float inv = 1.0f / total;
+    for (int d0 = 0; d0 < hd; d0 += 32) {  // 32 dims at a time in registers
+        __m256 acc[4];
+        int lanes = (hd - d0) / 8 < 4 ? (hd - d0) / 8 : 4;
+        for (int v = 0; v < 4; v++) {
+            acc[v] = _mm256_setzero_ps();
+        }
+        for (int64_t b = 0; b < num_blocks; b++) {
+            int count = (int)(len - b * bs < bs ? len - b * bs : bs);
+            const float* base = ly.v_cache + (size_t)table[b] * bs * kv_size + g * hd + d0;
+            for (int i = 0; i < count; i++) {
+                __m256 p = _mm256_set1_ps(scores[b * bs + i] * inv);
+                for (int v = 0; v < lanes; v++) {
+                    __m256 value = _mm256_loadu_ps(base + i * kv_size + v * 8);
+                    acc[v] = _mm256_fmadd_ps(p, value, acc[v]);
+                }
             }
+        }
+        for (int v = 0; v < lanes; v++) {
+            _mm256_storeu_ps(out + d0 + v * 8, acc[v]);
         }
     }
 }
@@ -381,10 +395,11 @@ void attend(const Model& md, const Layer& ly, const Step& s, const float* qkv, f
     int hd = md.head_dim;
     int width = (md.num_heads + 2 * md.num_kv_heads) * hd;
     int pairs = s.num_tokens * md.num_heads;
+    // a prompt's later tokens attend to more keys: deal the (token, head) pairs out one by one
 #pragma omp parallel
     {
         std::vector<float> scores;
-#pragma omp for schedule(static)
+#pragma omp for schedule(static, 1)
         for (int i = 0; i < pairs; i++) {
             int t = i / md.num_heads;
             int h = i % md.num_heads;
