@@ -74,14 +74,20 @@ def test_quantized_nll_on_held_out_text_is_within_one_percent_of_float(quantized
 
 
 def test_quantized_logits_are_close_to_float(quantized, reference):
-    """Per position, the quantized logits stay within a few percent of the float ones' spread."""
+    """Per position, the quantized logits stay within half the float ones' spread, and the
+    distributions close in total variation. The block kernels round activations to 8 bits per
+    block of 32 (as llama.cpp does), which errs more than PyTorch's kernels' bf16 inputs: measured
+    on this text, total variation at most 0.22 and 0.05 on average (bf16 inputs: 0.14, 0.04)."""
     ids = quantized.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 4)
     ours = chunk_logits(quantized.model, ids)
     ref = chunk_logits(reference.model, ids)
     error = (ours - ref).abs().amax(-1)
     spread = ref.std(-1)
     assert (error < 0.5 * spread).all()
-    assert ((ours.softmax(-1) - ref.softmax(-1)).abs().sum(-1) < 0.2).all()
+    variation = (ours.softmax(-1) - ref.softmax(-1)).abs().sum(-1)
+    limit = 0.3 if BLOCKS else 0.2
+    assert (variation < limit).all(), variation.max()
+    assert variation.mean() < 0.08, variation.mean()
 
 
 def chat_prompts(engine) -> list[list[int]]:
