@@ -72,6 +72,10 @@ class Grammar:
         self.num_consumed = 0
         self.num_verified_drafts = 0
         self.num_forbidden_drafts = 0
+        # packed masks drafting computed, by draft prefix, for the output length they follow:
+        # the verify step after it needs the same rows
+        self.drafted_masks: dict[tuple[int, ...], torch.Tensor] = {}
+        self.drafted_after = -1
 
     def sync(self, output_token_ids: list[int]) -> None:
         """Feed the output tokens emitted since the last call."""
@@ -109,7 +113,26 @@ class Grammar:
         llguidance.torch.fill_next_token_bitmask(self.matcher, bitmask, 0)
         if consumed:
             self.matcher.rollback(consumed)
+        self._keep(len(output_token_ids), drafts[:consumed], bitmask[0])
         return unpack(bitmask, self.vocab_size)
+
+    def _keep(self, num_output: int, prefix: list[int], packed: torch.Tensor) -> None:
+        """Remember the mask after the output and a draft prefix (earlier outputs' are dropped)."""
+        if num_output != self.drafted_after:
+            self.drafted_masks = {}
+            self.drafted_after = num_output
+        self.drafted_masks[tuple(prefix)] = packed.clone()
+
+    def _fill(self, bitmask: torch.Tensor, row: int, num_output: int, prefix: list[int]) -> None:
+        """Row ``row`` of ``bitmask``: the mask after the output and ``prefix``, as drafting
+        computed it if it did, else from the matcher (which stands after them)."""
+        kept = None
+        if num_output == self.drafted_after:
+            kept = self.drafted_masks.get(tuple(prefix))
+        if kept is not None:
+            bitmask[row] = kept
+            return
+        llguidance.torch.fill_next_token_bitmask(self.matcher, bitmask, row)
 
     def _masks(self, output_token_ids: list[int], drafts: list[int]) -> tuple[torch.Tensor, int]:
         """[k + 1, V] bool: the tokens allowed after the output and each prefix d_1..d_j of the
@@ -121,7 +144,7 @@ class Grammar:
         bitmask = llguidance.torch.allocate_token_bitmask(rows, self.vocab_size)
         consumed = 0
         for j in range(rows):
-            llguidance.torch.fill_next_token_bitmask(self.matcher, bitmask, j)
+            self._fill(bitmask, j, len(output_token_ids), drafts[:j])
             if j == len(drafts) or self.matcher.try_consume_tokens([drafts[j]]) != 1:
                 break
             consumed += 1

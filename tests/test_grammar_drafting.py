@@ -128,3 +128,32 @@ def test_a_forbidden_draft_is_counted(engines):
     empty.verify_masks([], pair + [eos] + letter)
     empty.verify_masks(pair, [eos] + letter)
     assert (empty.num_verified_drafts, empty.num_forbidden_drafts) == (len(pair) + 2, 0)
+
+
+def test_verify_reuses_the_masks_drafting_computed(engines, monkeypatch):
+    """The verify step's rows after the output and each draft prefix are the masks the draft steps
+    computed for the same prefixes: taken from them (one matcher fill, for the bonus row), and
+    equal to the masks a fresh matcher computes."""
+    import llguidance.torch
+
+    _, mtp = engines
+    vocab = mtp.model_config.vocab_size
+    tok = ll_tokenizer(mtp.tokenizer, vocab, mtp.eos_token_ids)
+    output = mtp.tokenizer.encode('{"b": true, ', add_special_tokens=False)
+    drafts = mtp.tokenizer.encode('"c": "red"', add_special_tokens=False)[:3]
+    fresh = Grammar(tok, json_schema_grammar(SCHEMA), vocab)
+    want = fresh.verify_masks(output, drafts)
+    drafting = Grammar(tok, json_schema_grammar(SCHEMA), vocab)
+    for j in range(len(drafts)):
+        drafting.next_mask(output, drafts[:j])
+    fills = []
+    real_fill = llguidance.torch.fill_next_token_bitmask
+    monkeypatch.setattr(llguidance.torch, "fill_next_token_bitmask",
+                        lambda *args: fills.append(1) or real_fill(*args))
+    got = drafting.verify_masks(output, drafts)
+    assert torch.equal(got, want)
+    assert len(fills) == 1
+    # a later output drops them: every row from the matcher again
+    fills.clear()
+    drafting.verify_masks(output + drafts[:1], drafts[1:])
+    assert len(fills) == len(drafts)
