@@ -101,9 +101,16 @@ class TorchPagedAttention(AttentionBackend):
     """Reference backend: gathers K/V through the block table and calls SDPA."""
 
     def prepare(self, metadata: AttentionMetadata) -> None:
+        """Keep the step's metadata; its plan is made at the first layer's ``forward`` (a step
+        that runs as one kernel call, kernels/cpu_decoder.py, never needs one)."""
+        self.meta = metadata
+        self.planned = False
+
+    def _plan(self) -> None:
         """Sequences with few new tokens (decodes, verify rows) are attended in one batched call,
         their queries padded to the longest; prompt chunks one sequence at a time."""
-        self.meta = metadata
+        metadata = self.meta
+        self.planned = True
         self.has_skips = bool((metadata.slot_mapping < 0).any())
         self.block_tables = metadata.block_tables.long()
         short, self.long = [], []
@@ -171,6 +178,8 @@ class TorchPagedAttention(AttentionBackend):
         return out.transpose(1, 2)
 
     def forward(self, q, k, v, kv_cache, scale):
+        if not self.planned:
+            self._plan()
         meta = self.meta
         write_kv(k, v, kv_cache, meta.slot_mapping, self.has_skips)
         k_cache, v_cache = kv_cache

@@ -43,7 +43,7 @@ def cache_dir() -> Path:
 
 
 def library() -> ctypes.CDLL | None:
-    """The loaded kernels, or None (``unavailable_reason()`` says why)."""
+    """The loaded kernels, or None (the reason logged once)."""
     global _library, _reason
     if _library is not None or _reason is not None:
         return _library
@@ -54,11 +54,6 @@ def library() -> ctypes.CDLL | None:
         logger.warning("CPU block kernels unavailable (%s): packed weights use PyTorch's kernels",
                        _reason)
     return _library
-
-
-def unavailable_reason() -> str | None:
-    library()
-    return _reason
 
 
 def _load() -> ctypes.CDLL:

@@ -100,10 +100,13 @@ class FusedDecoder:
         return len(kv_caches) == len(self.kv_caches) and all(
             a is b for a, b in zip(kv_caches, self.kv_caches))
 
-    @staticmethod
-    def can_run(meta: AttentionMetadata | None) -> bool:
-        """Steps over the paged cache (a dense pass without one takes the per-op path)."""
-        return meta is not None
+    @classmethod
+    def bind(cls, cached: FusedDecoder | None, layers, cfg, cos: torch.Tensor, sin: torch.Tensor,
+             kv_caches: list) -> FusedDecoder:
+        """``cached`` if it is bound to ``kv_caches``, else ``layers`` bound to them anew."""
+        if cached is not None and cached.bound_to(kv_caches):
+            return cached
+        return cls(layers, cfg, cos, sin, kv_caches)
 
     def run(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
             kv_positions: torch.Tensor | None = None) -> torch.Tensor:

@@ -258,13 +258,13 @@ class LlamaForCausalLM(nn.Module):
         return rms_norm(x, self.norm, self.config.rms_norm_eps)
 
     def _fused(self, kv_caches: list, attn: AttentionBackend) -> FusedDecoder | None:
-        """The one-call decoder for this step (kernels/cpu_decoder.py), or None: the per-op
-        path."""
-        if not self.fusable or not FusedDecoder.can_run(attn.meta):
+        """The one-call decoder for this step over the paged cache (kernels/cpu_decoder.py), or
+        None: the per-op path (also for a dense pass without a cache)."""
+        if not self.fusable or attn.meta is None:
             return None
         kv_caches = kv_caches[:len(self.layers)]
-        if self.fused is None or not self.fused.bound_to(kv_caches):
-            self.fused = FusedDecoder(self.layers, self.config, self.cos, self.sin, kv_caches)
+        self.fused = FusedDecoder.bind(self.fused, self.layers, self.config, self.cos, self.sin,
+                                       kv_caches)
         return self.fused
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

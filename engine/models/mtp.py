@@ -182,15 +182,14 @@ class MTPModule(nn.Module):
         """Layer ``i``'s block as one kernel call (kernels/cpu_decoder.py) where the main model
         runs so and the block fits; else None."""
         model = self.model[0]
-        if not model.fusable or not FusedDecoder.can_run(attn.meta):
+        if not model.fusable or attn.meta is None:
             return None
         block = self.layers[i].block
         if not layer_fits(block):
             return None
-        fused = self._fused_blocks.get(i)
-        if fused is None or not fused.bound_to([kv_cache]):
-            fused = FusedDecoder([block], model.config, model.cos, model.sin, [kv_cache])
-            self._fused_blocks[i] = fused
+        fused = FusedDecoder.bind(self._fused_blocks.get(i), [block], model.config, model.cos,
+                                  model.sin, [kv_cache])
+        self._fused_blocks[i] = fused
         return fused
 
     def head(self, step: int) -> tuple[MTPLayer, torch.Tensor]:
