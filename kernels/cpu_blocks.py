@@ -104,18 +104,20 @@ class BlockLinear(nn.Module):
 
     def rows(self, index: torch.Tensor) -> BlockLinear:
         """The projection onto the outputs ``index`` only."""
-        mins = None
-        if self.mins is not None:
-            mins = self.mins[index].contiguous()
-        return BlockLinear(self.codes[index].contiguous(), self.scales[index].contiguous(), mins,
-                           self.bits)
+        codes, scales, mins = self._picked(index)
+        return BlockLinear(codes.contiguous(), scales.contiguous(), mins, self.bits)
 
     def embedding(self, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows ``index`` dequantized: ``[len(index), in]``."""
+        codes, scales, mins = self._picked(index)
+        return dequantize_blocks(codes, scales, mins, self.bits).to(dtype)
+
+    def _picked(self, index: torch.Tensor) -> tuple:
+        """Codes, scales and minimums (None for 8 bits) of the outputs ``index``."""
         mins = None
         if self.mins is not None:
-            mins = self.mins[index]
-        return dequantize_blocks(self.codes[index], self.scales[index], mins, self.bits).to(dtype)
+            mins = self.mins[index].contiguous()
+        return self.codes[index], self.scales[index], mins
 
 
 def dequantize_blocks(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
