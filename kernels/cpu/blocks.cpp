@@ -109,19 +109,47 @@ inline __m256 exp8(__m256 x) {
     return _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(biased, 23)));
 }
 
-// e^(x[i] - shift) in place for count floats (the tail padded through a small buffer).
-void exp_shifted(float* x, int64_t count, float shift) {
+// e^(x[i] - shift) in place for count floats (the tail padded through a small buffer); returns
+// their sum, added in 8 lanes then across them.
+float exp_shifted(float* x, int64_t count, float shift) {
     __m256 s = _mm256_set1_ps(shift);
+    __m256 acc = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 8 <= count; i += 8) {
-        _mm256_storeu_ps(x + i, exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), s)));
+        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), s));
+        _mm256_storeu_ps(x + i, e);
+        acc = _mm256_add_ps(acc, e);
     }
+    float sum = hsum(acc);
     if (i < count) {
         float tail[8] = {0, 0, 0, 0, 0, 0, 0, 0};
         memcpy(tail, x + i, sizeof(float) * (count - i));
         _mm256_storeu_ps(tail, exp8(_mm256_sub_ps(_mm256_loadu_ps(tail), s)));
         memcpy(x + i, tail, sizeof(float) * (count - i));
+        for (int64_t j = 0; j < count - i; j++) {
+            sum += tail[j];
+        }
     }
+    return sum;
+}
+
+// The largest of count floats.
+float max_of(const float* x, int64_t count) {
+    __m256 most = _mm256_set1_ps(-INFINITY);
+    int64_t i = 0;
+    for (; i + 8 <= count; i += 8) {
+        most = _mm256_max_ps(most, _mm256_loadu_ps(x + i));
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, most);
+    float top = lanes[0];
+    for (int j = 1; j < 8; j++) {
+        top = fmaxf(top, lanes[j]);
+    }
+    for (; i < count; i++) {
+        top = fmaxf(top, x[i]);
+    }
+    return top;
 }
 
 // Rounds rows of x [m, k] to 8-bit blocks.
@@ -326,17 +354,68 @@ void rotate_and_store(const Model& md, const Layer& ly, const Step& s, float* qk
     }
 }
 
+// q's dot products with 8 keys (key j at k + j * stride), scaled, into scores[0 .. 8): q is loaded
+// once for the 8 keys and the 8 sums are reduced together.
+inline void eight_scores(const float* q, const float* k, size_t stride, int head_dim, float scale,
+                         float* scores) {
+    __m256 acc[8];
+    for (int j = 0; j < 8; j++) {
+        acc[j] = _mm256_setzero_ps();
+    }
+    for (int d = 0; d < head_dim; d += 8) {
+        __m256 qv = _mm256_loadu_ps(q + d);
+        for (int j = 0; j < 8; j++) {
+            acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + j * stride + d), acc[j]);
+        }
+    }
+    __m256 low = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+    __m256 high = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
+    __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(low, high, 0x20),
+                                _mm256_permute2f128_ps(low, high, 0x31));
+    _mm256_storeu_ps(scores, _mm256_mul_ps(sums, _mm256_set1_ps(scale)));
+}
+
 // The scaled dot products of q with the first count keys of a cache block (key i at
-// base + i * stride).
+// base + i * stride): eight at a time, then one by one. Which way a key goes depends only on its
+// index and count, both fixed by the query's position, never on the other tokens of the step.
 void block_scores(const float* q, const float* base, size_t stride, int count, int head_dim,
                   float scale, float* scores) {
-    for (int i = 0; i < count; i++) {
+    int i = 0;
+    for (; i + 8 <= count; i += 8) {
+        eight_scores(q, base + i * stride, stride, head_dim, scale, scores + i);
+    }
+    for (; i < count; i++) {
         const float* k = base + i * stride;
         __m256 acc = _mm256_setzero_ps();
         for (int d = 0; d < head_dim; d += 8) {
             acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(k + d), acc);
         }
         scores[i] = hsum(acc) * scale;
+    }
+}
+
+// out[0 .. 8 * LANES) = the values' dims [d0, d0 + 8 * LANES) weighted by probs, key by key in
+// order; one accumulator per 8 dims, so the keys' chains of adds overlap.
+template <int LANES>
+void weighted_values(const Step& s, const float* v_base, size_t kv_size, const int32_t* table,
+                     int64_t len, const float* probs, float* out) {
+    int bs = s.block_size;
+    __m256 acc[LANES];
+    for (int v = 0; v < LANES; v++) {
+        acc[v] = _mm256_setzero_ps();
+    }
+    for (int64_t b = 0; b * bs < len; b++) {
+        int count = (int)(len - b * bs < bs ? len - b * bs : bs);
+        const float* base = v_base + (size_t)table[b] * bs * kv_size;
+        for (int i = 0; i < count; i++) {
+            __m256 p = _mm256_set1_ps(probs[b * bs + i]);
+            for (int v = 0; v < LANES; v++) {
+                acc[v] = _mm256_fmadd_ps(p, _mm256_loadu_ps(base + i * kv_size + v * 8), acc[v]);
+            }
+        }
+    }
+    for (int v = 0; v < LANES; v++) {
+        _mm256_storeu_ps(out + v * 8, acc[v]);
     }
 }
 
@@ -356,38 +435,17 @@ void attend_head(const Model& md, const Layer& ly, const Step& s, const float* q
         const float* base = ly.k_cache + (size_t)table[b] * bs * kv_size + g * hd;
         block_scores(q, base, kv_size, count, hd, md.scale, scores.data() + b * bs);
     }
-    float top = -INFINITY;
-    for (int64_t j = 0; j < len; j++) {
-        if (scores[j] > top) {
-            top = scores[j];
-        }
-    }
-    exp_shifted(scores.data(), len, top);
-    float total = 0.0f;
-    for (int64_t j = 0; j < len; j++) {
-        total += scores[j];
-    }
+    float total = exp_shifted(scores.data(), len, max_of(scores.data(), len));
     float inv = 1.0f / total;
-    for (int d0 = 0; d0 < hd; d0 += 32) {  // 32 dims at a time in registers
-        __m256 acc[4];
-        int lanes = (hd - d0) / 8 < 4 ? (hd - d0) / 8 : 4;
-        for (int v = 0; v < 4; v++) {
-            acc[v] = _mm256_setzero_ps();
-        }
-        for (int64_t b = 0; b < num_blocks; b++) {
-            int count = (int)(len - b * bs < bs ? len - b * bs : bs);
-            const float* base = ly.v_cache + (size_t)table[b] * bs * kv_size + g * hd + d0;
-            for (int i = 0; i < count; i++) {
-                __m256 p = _mm256_set1_ps(scores[b * bs + i] * inv);
-                for (int v = 0; v < lanes; v++) {
-                    __m256 value = _mm256_loadu_ps(base + i * kv_size + v * 8);
-                    acc[v] = _mm256_fmadd_ps(p, value, acc[v]);
-                }
-            }
-        }
-        for (int v = 0; v < lanes; v++) {
-            _mm256_storeu_ps(out + d0 + v * 8, acc[v]);
-        }
+    for (int64_t j = 0; j < len; j++) {
+        scores[j] *= inv;
+    }
+    int d0 = 0;
+    for (; d0 + 64 <= hd; d0 += 64) {
+        weighted_values<8>(s, ly.v_cache + g * hd + d0, kv_size, table, len, scores.data(), out + d0);
+    }
+    for (; d0 < hd; d0 += 8) {
+        weighted_values<1>(s, ly.v_cache + g * hd + d0, kv_size, table, len, scores.data(), out + d0);
     }
 }
 
