@@ -85,7 +85,7 @@ def plan(args, mtp_available: bool, num_prompts: int,
             "hf": 2 * (num_prompts + len(args.prompt_lengths)),
             "verify": 1,
             "quality": 1,
-            "llamacpp": llama_cpp.plan_runs(len(args.prompt_lengths)),
+            "llamacpp": llama_cpp.plan_runs(args.prompt_lengths),
             "schema": num_schema_prompts * len(schema_bench.CONSTRAINTS) * len(schema_modes)}
     twins = 0
     if "concurrency" in args.sections:

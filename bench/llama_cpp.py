@@ -3,6 +3,8 @@ run: llama.cpp's own ``llama-bench`` (a subprocess, ``-o json``) measures prompt
 bench's prompt lengths (``-p L -n 0``) and decode after a typical prompt (``-p 0 -n N -d D``); our
 engine runs the same shapes without speculation. The two alternate run by run (ABAB, ``--repeats``
 times) so that machine noise hits both; results give tok/s of each and the ratio ours / llama.cpp.
+Prompts of 1 and 4 tokens also give each side's cost of a step over 4 tokens against a step over 1
+(``4 * pp1 / pp4``): the shape of an MTP verify step with 3 drafts.
 
 ``llama-bench`` is looked up on PATH, then under ``.llama.cpp/bin/`` (where ``make llama-cpp``
 puts it) of the working directory and of the repository; ``--llama-bench PATH`` names it.
@@ -29,6 +31,7 @@ BINARY = "llama-bench"
 BUILD_DIR = os.path.join(".llama.cpp", "bin")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTION = "llamacpp"
+STEP_SHAPES = (1, 4)  # a one-token step, and one over a token and 3 drafts
 
 
 class LlamaBenchError(MtpserveError):
@@ -158,9 +161,20 @@ def our_decode_tok_s(runs, ids: list[int], tokens: int) -> float:
     return req.timings()["decode_tokens_per_second"]
 
 
-def plan_runs(num_lengths: int) -> int:
+def measured_lengths(lengths: list[int]) -> list[int]:
+    """Prompt lengths both sides run: the bench's and the step shapes."""
+    return sorted(set(lengths) | set(STEP_SHAPES))
+
+
+def plan_runs(lengths: list[int]) -> int:
     """Runs of one repeat (for the progress bar): two llama-bench runs and ours."""
-    return 2 + num_lengths + 1
+    return 2 + len(measured_lengths(lengths)) + 1
+
+
+def step_cost(pp: dict[int, list[float]]) -> list[float]:
+    """Per repeat, the time of a step over 4 tokens over that of a step over 1, from prompt tok/s
+    at those lengths."""
+    return [4 * one / four for one, four in zip(pp[1], pp[4])]
 
 
 def compare(runs, binary: str, model: str, prompts, lengths: list[int], repeats: int) -> dict:
@@ -173,14 +187,15 @@ def compare(runs, binary: str, model: str, prompts, lengths: list[int], repeats:
     depth = min(depth, runs.engine.max_model_len - tokens - 1)
     if not takes_depth(binary):
         depth = 0
-    long_ids = {n: long_prompt_ids(tok, n) for n in lengths}
+    measured = measured_lengths(lengths)
+    long_ids = {n: long_prompt_ids(tok, n) for n in measured}
     decode_ids = long_prompt_ids(tok, max(depth, 1))
-    ours_pp = {n: [] for n in lengths}
-    theirs_pp = {n: [] for n in lengths}
+    ours_pp = {n: [] for n in measured}
+    theirs_pp = {n: [] for n in measured}
     ours_dec = []
     theirs_dec = []
     for _ in range(repeats):
-        tests = run_llama_bench(binary, gguf, threads, prompt_flags(lengths))
+        tests = run_llama_bench(binary, gguf, threads, prompt_flags(measured))
         runs.progress.update()
         for test in tests:
             theirs_pp[test["n_prompt"]].append(test["tok_s"])
@@ -204,4 +219,5 @@ def compare(runs, binary: str, model: str, prompts, lengths: list[int], repeats:
         "threads": threads,
         "decode_tok_s": {"depth": depth, "tokens": tokens, **side_by_side(ours_dec, theirs_dec, "llama_cpp")},
         "prompt_tok_s": prompt_rows,
+        "step_cost_4_over_1": side_by_side(step_cost(ours_pp), step_cost(theirs_pp), "llama_cpp"),
     }

@@ -157,6 +157,10 @@ def llama_cpp_section(r: dict) -> list[str]:
     for p in r["prompt_tok_s"]:
         cells.append([f"prompt tok/s ({p['prompt_tokens']} tokens)", pm(p["mtpserve"], 0),
                       pm(p["llama_cpp"], 0), f"{pm(p['ratio'], 2)}x"])
+    c = r.get("step_cost_4_over_1")
+    if c:
+        cells.append(["a step over 4 tokens / over 1 (4 pp1 / pp4)", pm(c["mtpserve"], 2),
+                      pm(c["llama_cpp"], 2), f"{pm(c['ratio'], 2)}x"])
     lines = ["## Against llama.cpp `llama-bench` (same GGUF file, no speculation on either side)",
              "",
              f"llama.cpp build {r['build']}, backends {r['backends']}, {r['threads']} threads; "

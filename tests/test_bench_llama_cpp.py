@@ -191,10 +191,10 @@ def test_compare_alternates_with_our_engine(tiny_llama_dir, tmp_path):
     calls = [json.loads(line) for line in open(log)]
     threads = str(torch.get_num_threads())
     common = ["-m", "/models/x.gguf", "-t", threads, "-r", "1", "-o", "json"]
-    pp = common + ["-p", "16,32", "-n", "0"]
+    pp = common + ["-p", "1,4,16,32", "-n", "0"]
     tg = common + ["-p", "0", "-n", "8", "-d", str(lengths[1])]
     assert calls == [["--help"], pp, tg, pp, tg]
-    assert progress.count == 2 * llama_cpp.plan_runs(2)
+    assert progress.count == 2 * llama_cpp.plan_runs([16, 32])
     assert r["decode_tok_s"]["depth"] == lengths[1] and r["decode_tok_s"]["tokens"] == 8
     assert r["decode_tok_s"]["llama_cpp"]["runs"] == [100.0, 100.0]
     ours = r["decode_tok_s"]["mtpserve"]["runs"]
@@ -204,12 +204,16 @@ def test_compare_alternates_with_our_engine(tiny_llama_dir, tmp_path):
     for row in r["prompt_tok_s"]:
         assert row["llama_cpp"]["runs"] == [1000.0, 1000.0]
         assert row["ratio"]["runs"] == [x / 1000.0 for x in row["mtpserve"]["runs"]]
+    cost = r["step_cost_4_over_1"]
+    assert cost["llama_cpp"]["runs"] == [4.0, 4.0]  # the stand-in's 1000 tok/s at every length
+    assert len(cost["mtpserve"]["runs"]) == 2 and all(x > 0 for x in cost["mtpserve"]["runs"])
     assert (r["threads"], r["backends"], r["gguf"]) == (torch.get_num_threads(), "CPU", "/models/x.gguf")
     assert not engine.has_unfinished_requests()
     assert engine.kv.num_free_blocks == engine.kv.pool.num_blocks
     lines = llama_cpp_section(r)
     assert f"| decode tok/s (8 tokens after {lengths[1]}) |" in "\n".join(lines)
     assert sum(line.startswith("| prompt tok/s") for line in lines) == 2
+    assert sum(line.startswith("| a step over 4 tokens / over 1") for line in lines) == 1
 
 
 def test_a_failing_llama_bench_is_recorded(tiny_llama_dir, tmp_path, monkeypatch):
