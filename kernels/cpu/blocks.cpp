@@ -75,6 +75,10 @@ struct Step {
 
 namespace {
 
+// Rows from which the small per-row ops (norms, rounding, rotary, SwiGLU) are split between the
+// threads; below it a fork costs more than it saves. Rows never depend on it.
+const int PARALLEL_ROWS = 16;
+
 struct Acts {
     std::vector<int8_t> q;  // [m, k]
     std::vector<float> d;   // [m, k/32]
@@ -158,6 +162,7 @@ void quantize_rows(const float* x, int m, int k, Acts& a) {
     a.q.resize((size_t)m * k);
     a.d.resize((size_t)m * nb);
     a.s.resize((size_t)m * nb);
+#pragma omp parallel for if (m >= PARALLEL_ROWS)
     for (size_t b = 0; b < (size_t)m * nb; b++) {
         const float* xb = x + b * QK;
         __m256 sign_bit = _mm256_set1_ps(-0.0f);
@@ -279,14 +284,16 @@ void column(const QWeight& w, int n, const Acts& a, int m0, int m1, float* out, 
 // Rows of input per pass over the weight: a pass keeps its activations in cache.
 const int ROW_CHUNK = 64;
 
-// out [m, n] = a (rounded rows) times w, threads splitting the output columns.
+// out [m, n] = a (rounded rows) times w, threads splitting the output columns: each thread takes
+// the same columns of every chunk of rows and goes on to the next chunk without waiting.
 void gemm(const QWeight& w, const Acts& a, int m, float* out) {
+#pragma omp parallel
     for (int m0 = 0; m0 < m; m0 += ROW_CHUNK) {
         int m1 = m0 + ROW_CHUNK;
         if (m1 > m) {
             m1 = m;
         }
-#pragma omp parallel for schedule(static)
+#pragma omp for schedule(static) nowait
         for (int n = 0; n < w.n; n++) {
             if (w.bits == 4) {
                 column<4>(w, n, a, m0, m1, out, w.n);
@@ -297,14 +304,17 @@ void gemm(const QWeight& w, const Acts& a, int m, float* out) {
     }
 }
 
+// d: a multiple of 8 (of 32: the hidden size of block weights).
 void rms_norm(const float* x, const float* weight, int m, int d, float eps, float* out) {
+#pragma omp parallel for if (m >= PARALLEL_ROWS)
     for (int i = 0; i < m; i++) {
         const float* row = x + (size_t)i * d;
-        float sum = 0.0f;
-        for (int j = 0; j < d; j++) {
-            sum += row[j] * row[j];
+        __m256 squares = _mm256_setzero_ps();
+        for (int j = 0; j < d; j += 8) {
+            __m256 v = _mm256_loadu_ps(row + j);
+            squares = _mm256_fmadd_ps(v, v, squares);
         }
-        float inv = 1.0f / sqrtf(sum / (float)d + eps);
+        float inv = 1.0f / sqrtf(hsum(squares) / (float)d + eps);
         for (int j = 0; j < d; j++) {
             out[(size_t)i * d + j] = row[j] * inv * weight[j];
         }
@@ -337,6 +347,7 @@ void rotate(float* x, const float* cos, const float* sin, int head_dim) {
 void rotate_and_store(const Model& md, const Layer& ly, const Step& s, float* qkv) {
     int hd = md.head_dim;
     int width = (md.num_heads + 2 * md.num_kv_heads) * hd;
+#pragma omp parallel for if (s.num_tokens >= PARALLEL_ROWS)
     for (int t = 0; t < s.num_tokens; t++) {
         float* row = qkv + (size_t)t * width;
         const float* cos = md.cos + s.positions[t] * hd;
@@ -469,6 +480,7 @@ void attend(const Model& md, const Layer& ly, const Step& s, const float* qkv, f
 
 void silu_mul(const float* gate_up, int m, int inter, float* out) {
     __m256 one = _mm256_set1_ps(1.0f);
+#pragma omp parallel for if (m >= PARALLEL_ROWS)
     for (int i = 0; i < m; i++) {
         const float* gate = gate_up + (size_t)i * 2 * inter;
         const float* up = gate + inter;
