@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as T
+from conftest import make_tiny_checkpoint
 from mtp_helpers import save_random_head
 from test_quant import gguf_tensor, reference_dequantize
 
@@ -98,6 +99,15 @@ def block_engine(tiny_llama_dir):
     return LLMEngine(load_checkpoint(tiny_llama_dir), config)
 
 
+@pytest.fixture(scope="module")
+def wide_head_engine(tmp_path_factory):
+    """Heads of 96 dims: the attention's values go 64 dims at a time, then 8 at a time."""
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp("wide_heads"), "llama", hidden_size=192,
+                                num_attention_heads=2, num_key_value_heads=1, head_dim=96)
+    config = EngineConfig(num_blocks=32, spec_draft_n_max=0, quantization="int4")
+    return LLMEngine(load_checkpoint(path), config)
+
+
 def run_step(model, kv_caches, tables, starts, query_lens, fused: bool, first_id: int = 3):
     """The model's hidden states for one step, through the one-call path or the per-op one; the
     step's tokens are ids ``first_id, first_id + 1, ...``."""
@@ -112,12 +122,15 @@ def run_step(model, kv_caches, tables, starts, query_lens, fused: bool, first_id
         model.fusable = True
 
 
-def test_the_one_call_decode_step_equals_the_per_op_path(block_engine):
+@pytest.mark.parametrize("engine_name", ["block_engine", "wide_head_engine"])
+def test_the_one_call_decode_step_equals_the_per_op_path(engine_name, request):
     """Two sequences with prompts in the cache step together: one decodes a token, the other
-    verifies 4; both paths write the same KV and return the same hidden states."""
-    model = block_engine.model
+    verifies 4; both paths write the same KV and return the same hidden states (prompts of 20 and
+    33 tokens: cache blocks of 16 keys, scored 8 at a time, and shorter ones)."""
+    engine = request.getfixturevalue(engine_name)
+    model = engine.model
     assert model.fusable
-    shape = block_engine.runner.kv_caches[0][0].shape
+    shape = engine.runner.kv_caches[0][0].shape
     caches = [tuple(torch.zeros(shape) for _ in "kv") for _ in model.layers]
     tables = [[0, 1, 2], [3, 4, 5]]
     with torch.inference_mode():

@@ -408,9 +408,8 @@ void block_scores(const float* q, const float* base, size_t stride, int count, i
 // out[0 .. 8 * LANES) = the values' dims [d0, d0 + 8 * LANES) weighted by probs, key by key in
 // order; one accumulator per 8 dims, so the keys' chains of adds overlap.
 template <int LANES>
-void weighted_values(const Step& s, const float* v_base, size_t kv_size, const int32_t* table,
+void weighted_values(const float* v_base, size_t kv_size, const int32_t* table, int bs,
                      int64_t len, const float* probs, float* out) {
-    int bs = s.block_size;
     __m256 acc[LANES];
     for (int v = 0; v < LANES; v++) {
         acc[v] = _mm256_setzero_ps();
@@ -453,10 +452,10 @@ void attend_head(const Model& md, const Layer& ly, const Step& s, const float* q
     }
     int d0 = 0;
     for (; d0 + 64 <= hd; d0 += 64) {
-        weighted_values<8>(s, ly.v_cache + g * hd + d0, kv_size, table, len, scores.data(), out + d0);
+        weighted_values<8>(ly.v_cache + g * hd + d0, kv_size, table, bs, len, scores.data(), out + d0);
     }
     for (; d0 < hd; d0 += 8) {
-        weighted_values<1>(s, ly.v_cache + g * hd + d0, kv_size, table, len, scores.data(), out + d0);
+        weighted_values<1>(ly.v_cache + g * hd + d0, kv_size, table, bs, len, scores.data(), out + d0);
     }
 }
 
