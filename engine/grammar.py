@@ -54,9 +54,10 @@ def unpack(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
 class Grammar:
     """One request's matcher, and its count of the drafts verified under it. The grammar masks
     each draft MTP proposes and cuts the drafts at the first it forbids (one chosen where a
-    reduced draft vocabulary holds no allowed token), so ``num_forbidden_drafts`` (drafts
-    verified that the grammar does not allow, and those after them) stays 0. Drafts after an
-    end-of-answer draft are not counted: the answer ends there, they are never emitted."""
+    reduced draft vocabulary holds none of several allowed tokens), so
+    ``num_forbidden_drafts`` (drafts verified that the grammar does not allow, and those after
+    them) stays 0. Drafts after an end-of-answer draft are not counted: the answer ends there,
+    they are never emitted."""
 
     def __init__(self, tokenizer: llguidance.LLTokenizer, grammar: str, vocab_size: int,
                  param: str = "response_format"):
@@ -173,8 +174,12 @@ def allowed_drafts(grammar: Grammar | None, output_token_ids: list[int],
 
 
 def mask_logits(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """``logits`` with the disallowed tokens at -inf; rows with nothing allowed are left as they
-    are (a reduced draft vocabulary may hold no allowed token: that draft is then rejected)."""
+    """``logits`` with the disallowed tokens at -inf. A row whose finite logits hold no allowed
+    token (a reduced draft vocabulary without it) becomes the grammar's only token when it allows
+    one (a forced key or brace: the target, masked by the same grammar, takes it too), and is left
+    as it is otherwise (that draft is then cut)."""
     allowed = allowed.to(logits.device)
     some = (allowed & torch.isfinite(logits)).any(dim=-1, keepdim=True)
-    return logits.masked_fill(~allowed & some, float("-inf"))
+    forced = ~some & (allowed.sum(dim=-1, keepdim=True) == 1)
+    masked = logits.masked_fill(~allowed & (some | forced), float("-inf"))
+    return masked.masked_fill(allowed & forced, 0.0)

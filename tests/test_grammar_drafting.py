@@ -11,7 +11,13 @@ import torch
 from engine_helpers import make_engine
 from mtp_helpers import save_random_head
 
-from mtpserve.engine.grammar import Grammar, json_schema_grammar, lark_grammar, ll_tokenizer
+from mtpserve.engine.grammar import (
+    Grammar,
+    json_schema_grammar,
+    lark_grammar,
+    ll_tokenizer,
+    mask_logits,
+)
 from mtpserve.engine.loader import load_checkpoint
 from mtpserve.engine.loader.mtp_head import save_mtp_head
 from mtpserve.engine.sampling_params import SamplingParams
@@ -108,6 +114,22 @@ def test_reduced_draft_vocabulary_drafts_nothing_forbidden(engines, tiny_llama_d
     outputs, grammars = run(mtp, grammar, temperature=0)
     assert outputs == expected
     check_drafting(mtp, grammars, SpecStats())
+
+
+def test_a_forced_token_outside_the_draft_vocabulary_is_drafted():
+    """Rows of draft logits (-inf outside a reduced draft vocabulary) under a grammar's masks."""
+    inf = float("-inf")
+    logits = torch.tensor([[1.0, 2.0, inf, inf]] * 4)
+    allowed = torch.tensor([[True, False, False, False],   # allowed and drafted: kept
+                            [False, False, True, False],   # forced, not in the draft vocabulary
+                            [False, False, True, True],    # two allowed, neither drafted
+                            [False, False, False, False]])  # nothing allowed
+    masked = mask_logits(logits, allowed)
+    assert masked[0].tolist() == [1.0, inf, inf, inf]
+    assert masked[1].tolist() == [inf, inf, 0.0, inf]
+    assert masked[2].tolist() == logits[2].tolist() and masked[3].tolist() == logits[3].tolist()
+    # target logits are finite everywhere: the allowed tokens only
+    assert mask_logits(torch.zeros(1, 4), allowed[2:3]).tolist() == [[inf, inf, 0.0, 0.0]]
 
 
 def test_a_forbidden_draft_is_counted(engines):
