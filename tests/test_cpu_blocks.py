@@ -8,8 +8,8 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType as T
 from conftest import make_tiny_checkpoint
+from gguf import GGMLQuantizationType as T
 from mtp_helpers import save_random_head
 from test_quant import gguf_tensor, reference_dequantize
 
