@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 
-from mtpserve.cli.engine_args import resolve_device
+from mtpserve.cli.engine_args import resolve_device, resolve_quantization
 from mtpserve.engine.errors import MtpserveError
 from mtpserve.engine.loader import load_checkpoint
+from mtpserve.engine.models.quantize import QUANTIZATIONS
 from mtpserve.engine.train.mix import SOURCES, parse_mix
 from mtpserve.engine.train.prompts import KINDS
 from mtpserve.engine.train.trainer import PROMPT_MIX, TRAIN_ANSWERS, HeadTrainer, TrainConfig
@@ -52,6 +53,10 @@ def add_args(p) -> None:
     p.add_argument("--max-num-seqs", type=int, default=64, help="requests generated at once")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quantization", default="auto", choices=["auto", *QUANTIZATIONS],
+                   help="weights the base model answers the prompts with; auto: as `serve` runs "
+                        "the model on this device (int4 on the CPU block kernels for a GGUF on "
+                        "a CPU); hidden states and training use float weights")
 
 
 def parse_per_kind(text: str) -> dict:
@@ -102,8 +107,12 @@ def run(args) -> int:
         seed=args.seed,
         device=device,
         max_num_seqs=args.max_num_seqs,
+        generate_quantization=resolve_quantization(args.model, args.quantization, device),
     )
-    report = HeadTrainer(load_checkpoint(args.model), cfg).run()
+    generator = None
+    if cfg.generate_quantization != "none":
+        generator = load_checkpoint(args.model, quantized=True)
+    report = HeadTrainer(load_checkpoint(args.model), cfg, generator).run()
     shown = ("steps", "train_sequences", "train_tokens", "draft_vocab_size", "data",
              "phase_seconds")
     out = {k: report[k] for k in shown}

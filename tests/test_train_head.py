@@ -12,6 +12,7 @@ from engine_helpers import greedy, make_engine
 from mtp_helpers import save_random_head
 
 from mtpserve.cli.train_head import parse_per_kind
+from mtpserve.engine.errors import MtpserveError
 from mtpserve.engine.loader import load_checkpoint
 from mtpserve.engine.loader.mtp_head import load_mtp_head
 from mtpserve.engine.sampling_params import SamplingParams
@@ -106,6 +107,30 @@ def test_train_head_raises_acceptance_and_resumes(tiny_llama_dir, tmp_path):
     # a rerun finds the finished run and resumes instead of starting over
     again = HeadTrainer(load_checkpoint(tiny_llama_dir), cfg).run()
     assert again["resumed"] and again["steps"] == report["steps"]
+
+
+def test_answers_come_from_the_quantized_model_when_asked(tiny_llama_dir, tmp_path):
+    """generate_quantization="int4": the prompts are answered by the int4 model (as `serve` runs it on a
+    CPU), the hidden states and the training stay on float weights."""
+    cfg = TrainConfig(out=str(tmp_path / "q"), depth=2, draft_vocab=100, epochs=1, tokens_per_step=512,
+                      eval_per_kind=2, prompt_mix={"builtin": 1.0}, train_answers=8,
+                      train_per_kind={"code": 2, "chat": 2, "json": 2, "math": 2}, max_num_seqs=8,
+                      generate_quantization="int4")
+    with pytest.raises(MtpserveError, match="both or neither"):
+        HeadTrainer(load_checkpoint(tiny_llama_dir), cfg)
+    trainer = HeadTrainer(load_checkpoint(tiny_llama_dir), cfg, load_checkpoint(tiny_llama_dir, quantized=True))
+    assert trainer.generator is not trainer.engine and trainer.generator.config.quantization == "int4"
+    report = trainer.run()
+    assert report["config"]["generate_quantization"] == "int4" and report["steps"] > 0
+    data = [json.loads(line) for line in open(os.path.join(cfg.out, "data", "train.jsonl"), encoding="utf-8")]
+    prompts = [d["prompt_ids"] for d in data]
+    params = [SamplingParams(max_tokens=len(d["output_ids"]), temperature=0) for d in data]
+    # the trainer's block size: the attention's order of sums follows the cache blocks
+    int4 = make_engine(tiny_llama_dir, quantization="int4", spec_draft_n_max=0, block_size=16)
+    exact = make_engine(tiny_llama_dir, spec_draft_n_max=0, block_size=16)
+    answers = [d["output_ids"] for d in data]
+    assert [r.output_token_ids for r in int4.generate(prompts, params)] == answers
+    assert [r.output_token_ids for r in exact.generate(prompts, params)] != answers
 
 
 def _keep(store, logits):

@@ -23,7 +23,7 @@ import math
 import os
 import random
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from tqdm import tqdm
@@ -70,6 +70,10 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     max_num_seqs: int = 64  # generation batch
+    # weights the base model answers with: "none" (float, as the hidden states and the training
+    # use them) or a quantization, e.g. "int4" on the CPU block kernels, as `serve` runs a GGUF on
+    # a CPU (needs the checkpoint loaded quantized: HeadTrainer's generator_checkpoint)
+    generate_quantization: str = "none"
 
 
 def _schedule(step: int, total: int, warmup: int) -> float:
@@ -116,7 +120,13 @@ def _epoch_plan(lengths: list[int], epochs: int, tokens_per_step: int, seed: int
 
 
 class HeadTrainer:
-    def __init__(self, checkpoint, cfg: TrainConfig):
+    def __init__(self, checkpoint, cfg: TrainConfig, generator_checkpoint=None):
+        """``checkpoint``: the base model with float weights (hidden states, training);
+        ``generator_checkpoint``: the same model loaded quantized, which answers the prompts when
+        ``cfg.generate_quantization`` is not "none"."""
+        if (cfg.generate_quantization != "none") != (generator_checkpoint is not None):
+            raise MtpserveError("a quantized generator needs generate_quantization and the "
+                                "checkpoint loaded quantized, both or neither")
         self.cfg = cfg
         self.checkpoint = checkpoint
         os.makedirs(cfg.out, exist_ok=True)
@@ -133,9 +143,13 @@ class HeadTrainer:
         self.model = self.engine.model
         self.mc = checkpoint.config
         self.device = self.engine.device
+        self.generator = self.engine
+        if generator_checkpoint is not None:
+            quantized = replace(engine_config, quantization=cfg.generate_quantization)
+            self.generator = LLMEngine(generator_checkpoint, quantized)
 
     def data(self) -> tuple[list[dict], dict[str, list[dict]], dict]:
-        return recipe_records(self.engine, self.cfg)
+        return recipe_records(self.generator, self.cfg)
 
     def hidden(self, sequences: list[dict], desc: str) -> list[torch.Tensor]:
         out = []
