@@ -405,6 +405,15 @@ void block_scores(const float* q, const float* base, size_t stride, int count, i
     }
 }
 
+// Keys in cache block b of a sequence of len keys, blocks of bs.
+inline int keys_in_block(int64_t len, int64_t b, int bs) {
+    int64_t left = len - b * bs;
+    if (left < bs) {
+        return (int)left;
+    }
+    return bs;
+}
+
 // out[0 .. 8 * LANES) = the values' dims [d0, d0 + 8 * LANES) weighted by probs, key by key in
 // order; one accumulator per 8 dims, so the keys' chains of adds overlap.
 template <int LANES>
@@ -415,7 +424,7 @@ void weighted_values(const float* v_base, size_t kv_size, const int32_t* table, 
         acc[v] = _mm256_setzero_ps();
     }
     for (int64_t b = 0; b * bs < len; b++) {
-        int count = (int)(len - b * bs < bs ? len - b * bs : bs);
+        int count = keys_in_block(len, b, bs);
         const float* base = v_base + (size_t)table[b] * bs * kv_size;
         for (int i = 0; i < count; i++) {
             __m256 p = _mm256_set1_ps(probs[b * bs + i]);
@@ -441,7 +450,7 @@ void attend_head(const Model& md, const Layer& ly, const Step& s, const float* q
     int64_t num_blocks = (len + bs - 1) / bs;
     scores.resize(len);
     for (int64_t b = 0; b < num_blocks; b++) {
-        int count = (int)(len - b * bs < bs ? len - b * bs : bs);
+        int count = keys_in_block(len, b, bs);
         const float* base = ly.k_cache + (size_t)table[b] * bs * kv_size + g * hd;
         block_scores(q, base, kv_size, count, hd, md.scale, scores.data() + b * bs);
     }
