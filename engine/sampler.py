@@ -10,8 +10,13 @@ from dataclasses import dataclass
 
 import torch
 
-from mtpserve.engine.noise import TOKEN, RequestNoise, exponentials
+from mtpserve.engine.noise import TOKEN, RequestNoise, exponentials, exponentials_at
 from mtpserve.engine.sampling_params import SamplingParams
+from mtpserve.engine.truncation import truncate
+
+# a CPU race is run among the tokens with probability > 0 when they are at most this share of
+# the vocabulary (after top-k / top-p / min-p)
+SPARSE_RACE_SHARE = 8
 
 
 @dataclass
@@ -126,17 +131,7 @@ def processed_probs(logits: torch.Tensor, tensors: SamplingTensors) -> torch.Ten
                                   tensors.temperature)
         logits = logits / temperature[:, None]
     if tensors.do_top_k or tensors.do_top_p:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        if tensors.do_top_k:
-            kth = sorted_logits.gather(1, (tensors.top_k - 1)[:, None])
-            sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
-        if tensors.do_top_p:
-            sorted_probs = sorted_logits.softmax(dim=-1)
-            mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-            drop = (mass_before >= tensors.top_p[:, None]) & (tensors.top_p[:, None] < 1.0)
-            drop[:, 0] = False
-            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
+        logits = truncate(logits, tensors.top_k, tensors.top_p)
     probs = logits.softmax(dim=-1)
     if tensors.do_min_p:
         threshold = tensors.min_p[:, None] * probs.amax(dim=-1, keepdim=True)
@@ -153,8 +148,25 @@ def sample_from_probs(probs: torch.Tensor, noises: list[RequestNoise], positions
 
     Row b's E is keyed on (its request's seed, positions[b], stream), so a row's token depends only
     on its probabilities and that key, never on the rest of the batch or on earlier draws."""
-    race = exponentials(noises, positions, stream, probs.shape[-1], probs.device)
-    return (probs.float() / race).argmax(dim=-1)
+    probs = probs.float()
+    vocab = probs.shape[-1]
+    if probs.device.type == "cpu":
+        support = int((probs > 0).sum(dim=-1).max())
+        if support * SPARSE_RACE_SHARE <= vocab:
+            return _sparse_race(probs, support, noises, positions, stream)
+    race = exponentials(noises, positions, stream, vocab, probs.device)
+    return (probs / race).argmax(dim=-1)
+
+
+def _sparse_race(probs: torch.Tensor, support: int, noises: list[RequestNoise],
+                 positions: list[int], stream: int) -> torch.Tensor:
+    """The race among each row's ``support`` most likely tokens, which hold every token of
+    probability > 0: a token of probability 0 never wins, so the winner is the same, for a
+    fraction of the draws (each an integer hash and a log over the vocabulary on a CPU)."""
+    token_ids = probs.topk(support, dim=-1).indices.sort(dim=-1).values  # vocabulary order
+    race = exponentials_at(noises, positions, stream, token_ids)
+    winner = (probs.gather(1, token_ids) / race).argmax(dim=-1, keepdim=True)
+    return token_ids.gather(1, winner)[:, 0]
 
 
 def choose_tokens(penalized: torch.Tensor, tensors: SamplingTensors, params: list[SamplingParams],

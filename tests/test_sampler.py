@@ -73,6 +73,55 @@ def test_filtering_matches_reference(temperature, top_k, top_p, min_p):
         np.testing.assert_allclose(probs[row], ref, atol=1e-6, rtol=1e-5)
 
 
+def _rows_for_candidate_cuts(vocab: int) -> torch.Tensor:
+    """Rows whose top-k / top-p cuts fall among the first few largest logits and rows where they
+    do not: peaked, flat, and tied at the would-be k-th largest."""
+    g = torch.Generator().manual_seed(12)
+    peaked = torch.randn(3, vocab, generator=g) * 6
+    flat = torch.randn(3, vocab, generator=g) * 0.1
+    tied = torch.randn(2, vocab, generator=g)
+    tied[:, :40] = 9.0  # 40 tokens share the largest logit
+    return torch.cat([peaked, flat, tied])
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 0.9), (0, 0.3), (5, 1.0), (30, 1.0), (200, 0.8),
+                                         (5, 0.5), (0, 0.999)])
+def test_filtering_among_the_largest_logits_matches_reference(monkeypatch, top_k, top_p):
+    """The cut is looked for among the largest logits first, widening, the rest sorted whole; with
+    few candidates every way is taken, and every row keeps what the reference keeps."""
+    from mtpserve.engine import truncation
+    monkeypatch.setattr(truncation, "WIDTHS", (16, 64))
+    vocab = 300
+    logits = _rows_for_candidate_cuts(vocab)
+    params = [SamplingParams(temperature=1.0, top_k=top_k, top_p=top_p)] * logits.shape[0]
+    probs = processed_probs(logits, SamplingTensors.from_params(params, vocab, "cpu")).numpy()
+    for row in range(logits.shape[0]):
+        ref = ref_filtered_probs(logits[row].numpy(), 1.0, top_k, top_p, 0.0)
+        # which of several tied tokens top-p keeps is arbitrary (here and in the reference): the
+        # kept probabilities, in order, are what must agree
+        np.testing.assert_allclose(np.sort(probs[row]), np.sort(ref), atol=1e-6, rtol=1e-5)
+        if row < 6:
+            np.testing.assert_array_equal(probs[row] > 0, ref > 0)
+
+
+def test_race_among_the_kept_tokens_draws_what_the_whole_race_draws(monkeypatch):
+    """A CPU race over the tokens of probability > 0 (top-p, top-k) picks the token the race over
+    the whole vocabulary picks, for every seed and position."""
+    from mtpserve.engine import sampler
+    vocab = 4000
+    logits = torch.randn(1, vocab, generator=torch.Generator().manual_seed(13)).expand(64, vocab) * 4
+    params = [SamplingParams(temperature=0.8, top_p=0.9, top_k=300)] * 64
+    probs = processed_probs(logits, SamplingTensors.from_params(params, vocab, "cpu"))
+    assert 1 < int((probs[0] > 0).sum()) * sampler.SPARSE_RACE_SHARE <= vocab
+    noises = [RequestNoise(seed) for seed in range(64)]
+    positions = list(range(64))
+    sparse = sample_from_probs(probs, noises, positions)
+    monkeypatch.setattr(sampler, "SPARSE_RACE_SHARE", vocab + 1)  # never sparse
+    dense = sample_from_probs(probs, noises, positions)
+    assert torch.equal(sparse, dense)
+    assert len(set(dense.tolist())) > 5
+
+
 def test_filtering_keeps_at_least_one_token():
     logits = torch.tensor([[5.0, 1.0, 0.0, -1.0]])
     tensors = SamplingTensors.from_params([SamplingParams(top_p=1e-6, min_p=1.0)], 4, "cpu")
