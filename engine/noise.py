@@ -56,12 +56,9 @@ def keys(seed: int, position: int, stream: int) -> tuple[int, int]:
 
 def hashes(key_pairs: list[tuple[int, int]], token_ids: torch.Tensor) -> torch.Tensor:
     """[B, n] int64 in [0, 2**32): the hash of each row's keys with each token id
-    (token_ids: [n], the same for every row, or [B, n], a row's own)."""
+    (token_ids: [n])."""
     k = torch.tensor(key_pairs, dtype=torch.int64, device=token_ids.device).reshape(-1, 2)
-    ids = token_ids.to(torch.int64)
-    if ids.dim() == 1:
-        ids = ids[None, :]
-    h = _mix32(ids ^ k[:, :1])
+    h = _mix32(token_ids.to(torch.int64)[None, :] ^ k[:, :1])
     return _mix32(h ^ k[:, 1:])
 
 
@@ -87,14 +84,8 @@ class RequestNoise:
 def exponentials(noises: list[RequestNoise], positions: list[int], stream: int, vocab_size: int,
                  device) -> torch.Tensor:
     """[B, vocab_size] float32 Exp(1): row b is keyed on (noises[b].seed, positions[b], stream)."""
-    token_ids = torch.arange(vocab_size, dtype=torch.int64, device=device)
-    return exponentials_at(noises, positions, stream, token_ids)
-
-
-def exponentials_at(noises: list[RequestNoise], positions: list[int], stream: int,
-                    token_ids: torch.Tensor) -> torch.Tensor:
-    """``exponentials`` of the tokens ``token_ids`` only ([n] or [B, n]): the same numbers."""
     pairs = [keys(n.seed, p, stream) for n, p in zip(noises, positions)]
+    token_ids = torch.arange(vocab_size, dtype=torch.int64, device=device)
     return (-torch.log(to_uniform(hashes(pairs, token_ids)))).float()
 
 

@@ -10,13 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
-from mtpserve.engine.noise import TOKEN, RequestNoise, exponentials, exponentials_at
+from mtpserve.engine.noise import TOKEN, RequestNoise, exponentials, keys
 from mtpserve.engine.sampling_params import SamplingParams
 from mtpserve.engine.truncation import truncate
-
-# a CPU race is run among the tokens with probability > 0 when they are at most this share of
-# the vocabulary (after top-k / top-p / min-p)
-SPARSE_RACE_SHARE = 8
+from mtpserve.kernels.cpu_race import race_argmax
 
 
 @dataclass
@@ -147,26 +144,17 @@ def sample_from_probs(probs: torch.Tensor, noises: list[RequestNoise], positions
     """[B] long: one draw per row by the exponential race argmax(p / E), E ~ Exp(1) i.i.d.
 
     Row b's E is keyed on (its request's seed, positions[b], stream), so a row's token depends only
-    on its probabilities and that key, never on the rest of the batch or on earlier draws."""
+    on its probabilities and that key, never on the rest of the batch or on earlier draws. On a CPU
+    the race runs on the CPU kernels (kernels/cpu/race.cpp), which skip the tokens that cannot
+    win."""
     probs = probs.float()
-    vocab = probs.shape[-1]
     if probs.device.type == "cpu":
-        support = int((probs > 0).sum(dim=-1).max())
-        if support * SPARSE_RACE_SHARE <= vocab:
-            return _sparse_race(probs, support, noises, positions, stream)
-    race = exponentials(noises, positions, stream, vocab, probs.device)
+        pairs = [keys(n.seed, p, stream) for n, p in zip(noises, positions)]
+        tokens = race_argmax(probs, pairs)
+        if tokens is not None:
+            return tokens
+    race = exponentials(noises, positions, stream, probs.shape[-1], probs.device)
     return (probs / race).argmax(dim=-1)
-
-
-def _sparse_race(probs: torch.Tensor, support: int, noises: list[RequestNoise],
-                 positions: list[int], stream: int) -> torch.Tensor:
-    """The race among each row's ``support`` most likely tokens, which hold every token of
-    probability > 0: a token of probability 0 never wins, so the winner is the same, for a
-    fraction of the draws (each an integer hash and a log over the vocabulary on a CPU)."""
-    token_ids = probs.topk(support, dim=-1).indices.sort(dim=-1).values  # vocabulary order
-    race = exponentials_at(noises, positions, stream, token_ids)
-    winner = (probs.gather(1, token_ids) / race).argmax(dim=-1, keepdim=True)
-    return token_ids.gather(1, winner)[:, 0]
 
 
 def choose_tokens(penalized: torch.Tensor, tensors: SamplingTensors, params: list[SamplingParams],

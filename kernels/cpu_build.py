@@ -1,11 +1,12 @@
-"""Builds the CPU block kernels (kernels/cpu/blocks.cpp) at first use and loads them with ctypes.
+"""Builds the CPU kernels (kernels/cpu/*.cpp: the block kernels, the sampling race) into one library
+at first use and loads it with ctypes.
 
 The shared library is compiled once per source version into the user's cache directory
 (``$XDG_CACHE_HOME/mtpserve``, else ``~/.cache/mtpserve``; a temporary directory where that is not
 writable), a few seconds with g++; later starts load it. It is linked with OpenMP and so shares
 the OpenMP runtime PyTorch has already loaded (one thread pool, no oversubscription). Needs a C++
-compiler and an AVX2 CPU; without them the packed weights fall back to PyTorch's kernels, with
-the reason logged once. ``--no-cpu-kernels`` leaves the library unused.
+compiler and an AVX2 CPU; without them the packed weights and the sampling race fall back to
+PyTorch, with the reason logged once. ``--no-cpu-kernels`` leaves the weights to PyTorch.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "cpu" / "blocks.cpp"
+SOURCES = [Path(__file__).parent / "cpu" / name for name in ("blocks.cpp", "race.cpp")]
 FLAGS = ["-O3", "-std=c++17", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 
 _library: ctypes.CDLL | None = None
@@ -51,7 +52,7 @@ def library() -> ctypes.CDLL | None:
         _library = _load()
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         _reason = str(e)
-        logger.warning("CPU block kernels unavailable (%s): packed weights use PyTorch's kernels",
+        logger.warning("CPU kernels unavailable (%s): packed weights and sampling use PyTorch's",
                        _reason)
     return _library
 
@@ -65,23 +66,23 @@ def _load() -> ctypes.CDLL:
 
 
 def _build() -> Path:
-    """The compiled library of this source and these flags, built if not cached yet."""
-    source = SOURCE.read_bytes()
+    """The compiled library of these sources and flags, built if not cached yet."""
+    source = b"".join(path.read_bytes() for path in SOURCES)
     digest = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
-    target = cache_dir() / f"blocks-{digest}.so"
+    target = cache_dir() / f"cpu-{digest}.so"
     if target.exists():
         return target
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if compiler is None:
         raise RuntimeError("no C++ compiler (g++) on PATH")
-    logger.info("compiling the CPU block kernels (once) into %s", target.parent)
+    logger.info("compiling the CPU kernels (once) into %s", target.parent)
     # build beside the target, then rename: concurrent processes never load a partial file
     fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
-    cmd = [compiler, *FLAGS, str(SOURCE), "-o", partial]
+    cmd = [compiler, *FLAGS, *(str(path) for path in SOURCES), "-o", partial]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if done.returncode != 0:
         os.unlink(partial)
-        raise RuntimeError(f"compiling {SOURCE.name} failed: {done.stderr.strip()[-500:]}")
+        raise RuntimeError(f"compiling the CPU kernels failed: {done.stderr.strip()[-500:]}")
     os.replace(partial, target)
     return target

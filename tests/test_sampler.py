@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mtpserve.engine.errors import RequestError
-from mtpserve.engine.noise import RequestNoise
+from mtpserve.engine.noise import TOKEN, RequestNoise, keys
 from mtpserve.engine.sampler import Sampler, SamplingTensors, apply_penalties, processed_probs, sample_from_probs
 from mtpserve.engine.sampling_params import SamplingParams
 
@@ -104,22 +104,29 @@ def test_filtering_among_the_largest_logits_matches_reference(monkeypatch, top_k
             np.testing.assert_array_equal(probs[row] > 0, ref > 0)
 
 
-def test_race_among_the_kept_tokens_draws_what_the_whole_race_draws(monkeypatch):
-    """A CPU race over the tokens of probability > 0 (top-p, top-k) picks the token the race over
-    the whole vocabulary picks, for every seed and position."""
-    from mtpserve.engine import sampler
-    vocab = 4000
-    logits = torch.randn(1, vocab, generator=torch.Generator().manual_seed(13)).expand(64, vocab) * 4
-    params = [SamplingParams(temperature=0.8, top_p=0.9, top_k=300)] * 64
+@pytest.mark.parametrize("temperature,top_p", [(0.7, 1.0), (1.0, 0.9), (1.5, 1.0), (0.3, 1.0)])
+def test_cpu_race_draws_what_the_whole_race_draws(temperature, top_p):
+    """The CPU kernels' race, which skips the tokens that cannot win, picks the token of the race
+    over every token's exponential (noise.exponentials), for every seed and position."""
+    from mtpserve.engine.noise import exponentials
+    from mtpserve.kernels import cpu_blocks
+    from mtpserve.kernels.cpu_race import race_argmax
+    if not cpu_blocks.available():
+        pytest.skip("the CPU kernels do not build here")
+    vocab = 5000
+    g = torch.Generator().manual_seed(13)
+    logits = torch.randn(1, vocab, generator=g).expand(400, vocab) * 4
+    logits = logits + torch.randn(400, vocab, generator=g) * 0.5
+    params = [SamplingParams(temperature=temperature, top_p=top_p)] * 400
     probs = processed_probs(logits, SamplingTensors.from_params(params, vocab, "cpu"))
-    assert 1 < int((probs[0] > 0).sum()) * sampler.SPARSE_RACE_SHARE <= vocab
-    noises = [RequestNoise(seed) for seed in range(64)]
-    positions = list(range(64))
-    sparse = sample_from_probs(probs, noises, positions)
-    monkeypatch.setattr(sampler, "SPARSE_RACE_SHARE", vocab + 1)  # never sparse
-    dense = sample_from_probs(probs, noises, positions)
-    assert torch.equal(sparse, dense)
-    assert len(set(dense.tolist())) > 5
+    noises = [RequestNoise(seed % 7) for seed in range(400)]
+    positions = list(range(400))
+    pairs = [keys(n.seed, p, TOKEN) for n, p in zip(noises, positions)]
+    fast = race_argmax(probs, pairs)
+    whole = (probs / exponentials(noises, positions, TOKEN, vocab, "cpu")).argmax(dim=-1)
+    assert torch.equal(fast, whole)
+    assert torch.equal(sample_from_probs(probs, noises, positions), whole)
+    assert len(set(whole.tolist())) > 3
 
 
 def test_filtering_keeps_at_least_one_token():
