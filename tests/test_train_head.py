@@ -16,6 +16,7 @@ from mtpserve.engine.errors import MtpserveError
 from mtpserve.engine.loader import load_checkpoint
 from mtpserve.engine.loader.mtp_head import load_mtp_head
 from mtpserve.engine.sampling_params import SamplingParams
+from mtpserve.engine.train import trainer as trainer_module
 from mtpserve.engine.train.distill import base_hidden, chain_logits, pack
 from mtpserve.engine.train.trainer import HeadTrainer, TrainConfig
 
@@ -78,7 +79,7 @@ def _mean_acceptance(engine, prompts) -> float:
     return engine.spec_stats.mean_acceptance_length
 
 
-def test_train_head_raises_acceptance_and_resumes(tiny_llama_dir, tmp_path):
+def test_train_head_raises_acceptance_and_resumes(tiny_llama_dir, tmp_path, monkeypatch):
     out = str(tmp_path / "head")
     cfg = TrainConfig(out=out, depth=3, draft_vocab=200, epochs=2, tokens_per_step=512, eval_per_kind=4,
                       prompt_mix={"builtin": 1.0}, train_answers=48,
@@ -104,9 +105,23 @@ def test_train_head_raises_acceptance_and_resumes(tiny_llama_dir, tmp_path):
                             spec_adaptive=False)
     assert _mean_acceptance(trained, prompts) > _mean_acceptance(untrained, prompts) + 0.1
     assert drafted and set(torch.cat(drafted).tolist()) <= vocab
-    # a rerun finds the finished run and resumes instead of starting over
-    again = HeadTrainer(load_checkpoint(tiny_llama_dir), cfg).run()
+    # a rerun finds the finished run and resumes instead of starting over, with the saved hidden states
+    trainer = HeadTrainer(load_checkpoint(tiny_llama_dir), cfg)
+    computed = []
+    real_hidden = trainer_module.base_hidden
+    def counted(model, ids):
+        computed.append(ids)
+        return real_hidden(model, ids)
+    monkeypatch.setattr(trainer_module, "base_hidden", counted)
+    again = trainer.run()
     assert again["resumed"] and again["steps"] == report["steps"]
+    assert computed == []
+    # other records (here one answer changed) are not served the saved states
+    records = [json.loads(line) for line in open(os.path.join(out, "data", "eval.jsonl"), encoding="utf-8")]
+    records[0]["output_ids"] = records[0]["output_ids"][:-1]
+    hidden = trainer.hidden(records, "eval-builtin")
+    assert len(computed) == len(records)
+    assert hidden[0].shape[0] == len(records[0]["prompt_ids"]) + len(records[0]["output_ids"])
 
 
 def test_answers_come_from_the_quantized_model_when_asked(tiny_llama_dir, tmp_path):

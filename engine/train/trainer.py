@@ -10,7 +10,7 @@ self-distillation.
    base model's tokens ``depth`` steps ahead, teacher-forced (``distill.py``), against its argmax
    (hard targets) or its whole distribution (soft targets, ``soft_targets.py``).
 
-Everything lands in ``out``: the data (``data/``), the head (``mtp_head.json`` +
+Everything lands in ``out``: the data (``data/``, with the hidden states of step 2), the head (``mtp_head.json`` +
 ``mtp_head.safetensors``, loadable by ``--mtp-head``), ``trainer_state.pt`` (optimizer, position and
 learning curve; a rerun resumes from it), ``phases.json`` (wall time per phase over every session)
 and ``train_report.json``.
@@ -18,6 +18,7 @@ and ``train_report.json``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -103,6 +104,14 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def _records_key(records: list[dict], model: str) -> str:
+    """What a set's saved hidden states were computed over: the model and the token ids."""
+    digest = hashlib.sha256(model.encode())
+    for r in records:
+        digest.update(repr((r["prompt_ids"], r["output_ids"])).encode())
+    return digest.hexdigest()
+
+
 def _sequences(records: list[dict]) -> list[tuple[list[int], int]]:
     """(prompt + answer ids, where the answer starts) of each generated record."""
     return [(s["prompt_ids"] + s["output_ids"], len(s["prompt_ids"])) for s in records]
@@ -151,11 +160,24 @@ class HeadTrainer:
     def data(self) -> tuple[list[dict], dict[str, list[dict]], dict]:
         return recipe_records(self.generator, self.cfg)
 
-    def hidden(self, sequences: list[dict], desc: str) -> list[torch.Tensor]:
+    def hidden(self, sequences: list[dict], name: str) -> list[torch.Tensor]:
+        """The base model's hidden states over each record of the set ``name``, float16, kept for
+        every epoch. They are saved in ``data/`` and reused by a rerun over the same records (a
+        resumed run, or another head trained on a copy of the data)."""
+        path = os.path.join(self.cfg.out, "data", f"hidden-{name}.pt")
+        mc = self.mc
+        key = _records_key(sequences, f"{mc.architecture}:{mc.num_hidden_layers}:{mc.hidden_size}")
+        if os.path.isfile(path):
+            saved = torch.load(path, map_location=self.device)
+            if saved["key"] == key:
+                return saved["hidden"]
         out = []
-        for s in tqdm(sequences, desc=desc, unit="seq", file=sys.stderr, dynamic_ncols=True):
+        for s in tqdm(sequences, desc=f"base hidden states ({name})", unit="seq",
+                      file=sys.stderr, dynamic_ncols=True):
             ids = torch.tensor(s["prompt_ids"] + s["output_ids"], device=self.device)
-            out.append(base_hidden(self.model, ids).to(torch.float16))  # kept for every epoch
+            out.append(base_hidden(self.model, ids).to(torch.float16))
+        torch.save({"key": key, "hidden": out}, path + ".tmp")
+        os.replace(path + ".tmp", path)
         return out
 
     def layer_prefix(self, i: int) -> str:
@@ -228,7 +250,7 @@ class HeadTrainer:
 
     def eval_batches(self, name: str, records: list[dict], vocab_map) -> list[dict]:
         """The packed batches of one held-out set (hidden states computed here)."""
-        hidden = self.hidden(records, f"base hidden states (eval, {name})")
+        hidden = self.hidden(records, f"eval-{name}")
         seqs = _sequences(records)
         lengths = [len(s[0]) for s in seqs]
         plan = _batches(list(range(len(seqs))), lengths, self.cfg.tokens_per_step)
@@ -249,7 +271,7 @@ class HeadTrainer:
             vocab_map = vocab_map_of(draft_vocab, self.mc.vocab_size, train)
         mtp, resumed = self.build_head(draft_vocab)
         clock.start("hidden")
-        train_h = self.hidden(train, "base hidden states (train)")
+        train_h = self.hidden(train, "train")
         eval_batches = {name: self.eval_batches(name, records, vocab_map)
                         for name, records in evals.items()}
         clock.stop()
