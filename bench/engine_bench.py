@@ -2,7 +2,8 @@
 processing and single-stream decode with MTP off, fixed k and adaptive, acceptance per draft
 position and prompt kind, the verify-cost curve, a concurrency sweep, memory, HF transformers on
 the same model and prompts, llama.cpp's llama-bench on the same GGUF file, and decode on JSON prompts
-with and without a schema (bench/schema_bench.py)."""
+with and without a schema (bench/schema_bench.py), and acceptance alone over a whole prompt set in
+one batch (bench/acceptance_bench.py)."""
 
 from __future__ import annotations
 
@@ -16,12 +17,13 @@ import torch
 from tqdm import tqdm
 
 from mtpserve import __version__
-from mtpserve.bench import engine_runs, llama_cpp, quality, schema_bench, verify_cost
+from mtpserve.bench import acceptance_bench, engine_runs, llama_cpp, quality, schema_bench, verify_cost
 from mtpserve.bench.engine_runs import OFF, adaptive, fixed
 from mtpserve.bench.hf_compare import compare, load_hf
 from mtpserve.engine.loader.mtp_head import default_head_path
 
-SECTIONS = ("pp", "decode", "verify", "quality", "concurrency", "hf", "llamacpp", "schema")
+SECTIONS = ("pp", "decode", "verify", "quality", "concurrency", "hf", "llamacpp", "schema",
+            "acceptance")
 
 
 def skip_hf_without_transformers(sections: list[str]) -> dict | None:
@@ -86,11 +88,15 @@ def plan(args, mtp_available: bool, num_prompts: int,
             "verify": 1,
             "quality": 1,
             "llamacpp": llama_cpp.plan_runs(args.prompt_lengths),
-            "schema": num_schema_prompts * len(schema_bench.CONSTRAINTS) * len(schema_modes)}
+            "schema": num_schema_prompts * len(schema_bench.CONSTRAINTS) * len(schema_modes),
+            "acceptance": len(args.temperatures) if mtp_available else 0}
     twins = 0
     if "concurrency" in args.sections:
         twins = len(sweep_modes) - 1  # each warmed up once
-    measured = args.repeats * sum(runs[s] for s in args.sections)
+    repeated = [s for s in args.sections if s != "acceptance"]  # counts: the same every run
+    measured = args.repeats * sum(runs[s] for s in repeated)
+    if "acceptance" in args.sections:
+        measured += runs["acceptance"]
     return modes, len(decode_modes) + twins + measured
 
 
@@ -173,6 +179,10 @@ def measure(args, engine, prompts, skipped: dict[str, dict]) -> dict:
     if "schema" in args.sections:
         results["schema"] = schema_bench.measure(runs, schema_prompts, modes["schema"],
                                                  args.repeats)
+    if "acceptance" in args.sections and mtp["available"]:
+        seed = None if args.unseeded else args.seed
+        results["acceptance"] = acceptance_bench.measure(runs, prompts, max(args.k),
+                                                         args.temperatures, seed, args.ignore_eos)
     results.update(skipped)
     progress.close()
     return results

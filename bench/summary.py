@@ -186,6 +186,20 @@ def schema_section(rows: list[dict]) -> list[str]:
     return lines + table(header, cells)
 
 
+def acceptance_section(by_temperature: dict) -> list[str]:
+    lines = ["## Acceptance over the whole prompt set", "",
+             "Every prompt in one batch with a fixed number of drafts a step; counts only (per "
+             "position: accepted / drafting steps).", ""]
+    cells = []
+    for temp, result in by_temperature.items():
+        groups = [*sorted(result["by_kind"].items()), ("all", result["all"])]
+        for kind, a in groups:
+            cells.append([temp, result["k"], kind, *accepted(a), rates(a["per_position_rate"])])
+    header = ["temperature", "k", "kind", "acceptance rate", "tokens per drafting step",
+              "per position"]
+    return lines + table(header, cells)
+
+
 def engine_summary(r: dict) -> str:
     m = r["meta"]
     weights = m.get("quantization", "none")
@@ -213,6 +227,8 @@ def engine_summary(r: dict) -> str:
         lines += llama_cpp_section(r["llamacpp"])
     if r.get("schema"):
         lines += schema_section(r["schema"])
+    if r.get("acceptance"):
+        lines += acceptance_section(r["acceptance"])
     return "\n".join(lines)
 
 

@@ -175,6 +175,14 @@ def test_bench_quick(tiny_llama_dir, trained_head, prompts_file, tmp_path, capsy
     # greedy decoding is lossless (float64: no near-ties), so every mode decodes the same tokens
     assert len({row["decoded_tokens"] for row in greedy_rows}) == 1
     assert greedy_rows[1]["acceptance"]["num_accepted_tokens"] > 0  # the head was trained on these prompts
+    # the acceptance section decodes every prompt in one batch, 4 drafts fixed: greedy in float64 it drafts and
+    # accepts exactly what the k=4 runs, one prompt at a time, did
+    batched = r["acceptance"]["0"]
+    alone = greedy_rows[4]["acceptance"]
+    assert batched["k"] == 4 and set(batched["by_kind"]) == {"code", "chat"}
+    for key in ("num_drafts", "num_draft_tokens", "num_accepted_tokens"):
+        assert batched["all"][key] == alone[key]
+    check_acceptance(r["acceptance"]["0.7"]["all"], 4)
     assert [row["prompt_tokens"] for row in r["prompt_processing"]] == [32, 128]
     assert all(row["mtp_off_tok_s"]["mean"] > 0 and row["mtp_on_tok_s"]["mean"] > 0 for row in r["prompt_processing"])
     sweep = {(row["streams"], row["mode"]) for row in r["concurrency"]}
@@ -199,6 +207,7 @@ def test_bench_quick(tiny_llama_dir, trained_head, prompts_file, tmp_path, capsy
     summary = (out / "summary.md").read_text()
     assert summary in capsys.readouterr().out
     assert "| adaptive (k<=4) |" in summary and "## Concurrent streams" in summary
+    assert "## Acceptance over the whole prompt set" in summary
 
 
 def test_bench_without_mtp_head(tiny_llama_dir, prompts_file, tmp_path):
