@@ -3,7 +3,7 @@
 Sorting 49k logits costs about 2 ms a row on a CPU, as much as a decode step's attention. Both cuts
 almost always fall among the largest few hundred logits, so they are looked for among the largest
 1,024 first, then 8,192 (``topk``, a fraction of a sort's cost). A row whose cut may lie beyond
-them (a flat distribution, a large top-k, a tie with the last candidate) is sorted whole. Either
+them (a flat distribution, a large top-k, a tie with the last candidate) is taken whole. Either
 way a row keeps the same tokens, and which way it goes depends on the row alone, never on the rest
 of the batch.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-WIDTHS = (1024, 8192)  # candidates looked at, widening, before a row is sorted whole
+WIDTHS = (1024, 8192)  # candidates looked at, widening, before a row is taken whole
 
 
 def truncate(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -24,17 +24,15 @@ def truncate(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> 
     vocab = logits.shape[-1]
     out = logits.clone()
     rows = ((top_k < vocab) | (top_p < 1.0)).nonzero()[:, 0]
-    for width in WIDTHS:
+    for width in (*WIDTHS, vocab):  # the last pass holds the whole row: every row is decided
         if not len(rows):
-            return out
+            break
         some = logits[rows]
         values, order = some.topk(min(width, vocab), dim=-1)
         kept, decided = _cut(values, top_k[rows], top_p[rows], some)
         cut = torch.full_like(some[decided], float("-inf"))
         out[rows[decided]] = cut.scatter_(1, order[decided], kept[decided])
         rows = rows[~decided]
-    if len(rows):
-        out[rows] = truncate_sorted(logits[rows], top_k[rows], top_p[rows])
     return out
 
 
@@ -62,15 +60,3 @@ def _cut(values: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
     decided &= ~top_p_on | drop[:, -1] | beyond_top_k | whole
     return values, decided
 
-
-def truncate_sorted(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """``truncate`` by sorting each whole row."""
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    kth = sorted_logits.gather(1, (top_k - 1)[:, None])
-    sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
-    sorted_probs = sorted_logits.softmax(dim=-1)
-    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-    drop = (mass_before >= top_p[:, None]) & (top_p[:, None] < 1.0)
-    drop[:, 0] = False
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    return torch.empty_like(logits).scatter_(1, order, sorted_logits)

@@ -87,7 +87,7 @@ def _rows_for_candidate_cuts(vocab: int) -> torch.Tensor:
 @pytest.mark.parametrize("top_k,top_p", [(0, 0.9), (0, 0.3), (5, 1.0), (30, 1.0), (200, 0.8),
                                          (5, 0.5), (0, 0.999)])
 def test_filtering_among_the_largest_logits_matches_reference(monkeypatch, top_k, top_p):
-    """The cut is looked for among the largest logits first, widening, the rest sorted whole; with
+    """The cut is looked for among the largest logits first, widening, the rest taken whole; with
     few candidates every way is taken, and every row keeps what the reference keeps."""
     from mtpserve.engine import truncation
     monkeypatch.setattr(truncation, "WIDTHS", (16, 64))
