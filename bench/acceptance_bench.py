@@ -6,9 +6,8 @@ decode section times each prompt alone, every mode in turn)."""
 
 from __future__ import annotations
 
-from mtpserve.bench.engine_runs import fixed
+from mtpserve.bench.engine_runs import fixed, prompt_params
 from mtpserve.bench.stats import acceptance_of
-from mtpserve.engine.sampling_params import SamplingParams
 from mtpserve.engine.spec.stats import SpecStats
 
 
@@ -18,11 +17,7 @@ def measure(runs, prompts, k: int, temperatures: list[float], seed: int | None,
     ids = [p.token_ids(runs.engine.tokenizer) for p in prompts]
     out = {}
     for t in temperatures:
-        params = []
-        for i, p in enumerate(prompts):
-            request_seed = None if seed is None else seed + i
-            params.append(SamplingParams(max_tokens=p.max_tokens, temperature=t,
-                                         seed=request_seed, ignore_eos=ignore_eos))
+        params = [prompt_params(p, i, t, seed, ignore_eos) for i, p in enumerate(prompts)]
         reqs, _ = runs.run(ids, params, fixed(k))
         by_kind: dict[str, SpecStats] = {}
         merged = SpecStats()

@@ -60,6 +60,15 @@ class DecodeRun:
     drafting: SpecStats
 
 
+def prompt_params(prompt, index: int, temperature: float, seed: int | None,
+                  ignore_eos: bool) -> SamplingParams:
+    """The sampling of the ``index``-th bench prompt: its max_tokens, seed ``seed + index``
+    (None: unseeded)."""
+    request_seed = None if seed is None else seed + index
+    return SamplingParams(max_tokens=prompt.max_tokens, temperature=temperature,
+                          seed=request_seed, ignore_eos=ignore_eos)
+
+
 def tok_s(runs: list[DecodeRun]) -> float:
     seconds = sum(r.seconds for r in runs)
     return sum(r.decoded for r in runs) / seconds if seconds else 0.0
@@ -151,9 +160,7 @@ class EngineRuns:
         runs = []
         for rep in range(repeats):
             for i, (p, prompt_ids) in enumerate(zip(prompts, ids)):
-                request_seed = None if seed is None else seed + i
-                params = SamplingParams(max_tokens=p.max_tokens, temperature=temperature,
-                                        seed=request_seed, ignore_eos=ignore_eos)
+                params = prompt_params(p, i, temperature, seed, ignore_eos)
                 for mode in modes:
                     (req,), _ = self.run([prompt_ids], [params], mode)
                     decoded = max(len(req.output_token_ids) - 1, 0)
