@@ -135,7 +135,7 @@ def measure(args, engine, prompts, skipped: dict[str, dict]) -> dict:
     mtp = describe_mtp(engine, args)
     schema_prompts = []
     if "schema" in args.sections:
-        schema_prompts = schema_bench.json_prompts(args.per_kind, args.max_tokens)
+        schema_prompts = schema_bench.json_prompts(args.per_kind, args.max_tokens, args.prompts)
     modes, planned = plan(args, mtp["available"], len(prompts), len(schema_prompts))
     progress = tqdm(total=planned, desc="mtpserve bench", unit="run", file=sys.stderr,
                     dynamic_ncols=True)

@@ -12,6 +12,7 @@ import json
 from mtpserve.bench.engine_runs import OFF, DecodeRun, EngineRuns, Mode, merged_acceptance, tok_s
 from mtpserve.bench.stats import mean_std
 from mtpserve.bench.workload import BenchPrompt, load_prompts
+from mtpserve.engine.errors import MtpserveError
 from mtpserve.engine.grammar import Grammar, json_schema_grammar, ll_tokenizer
 from mtpserve.engine.sampling_params import SamplingParams
 
@@ -34,7 +35,10 @@ FUNCTION_SCHEMA = {
 
 
 def schema_for(prompt: BenchPrompt) -> dict | None:
-    """The schema of the answer ``prompt`` asks for; None for a prompt that asks for no JSON."""
+    """The schema of the answer ``prompt`` asks for (its own, from a prompts file, or that of a
+    built-in JSON prompt); None for a prompt that asks for no JSON."""
+    if prompt.schema is not None:
+        return prompt.schema
     text = prompt.text
     if text.startswith("Describe the Python module"):
         return MODULE_SCHEMA
@@ -43,10 +47,18 @@ def schema_for(prompt: BenchPrompt) -> dict | None:
     return None
 
 
-def json_prompts(count: int, max_tokens: int | None) -> list[BenchPrompt]:
-    """The first ``count`` built-in eval prompts that ask for a JSON object."""
-    prompts = load_prompts(None, ["json"], None, max_tokens)
-    return [p for p in prompts if schema_for(p) is not None][:count]
+def json_prompts(count: int | None, max_tokens: int | None,
+                 path: str | None = None) -> list[BenchPrompt]:
+    """The first ``count`` (None: all) prompts that ask for a JSON object: those of the prompts
+    file ``path`` that carry a "schema", or the built-in eval prompts of kind json."""
+    kinds = ["json"]
+    if path:
+        kinds = None
+    prompts = load_prompts(path, kinds, None, max_tokens)
+    asking = [p for p in prompts if schema_for(p) is not None]
+    if path and not asking:
+        raise MtpserveError(f'the schema section needs prompts with a "schema": {path} has none')
+    return asking[:count]
 
 
 def grammar_text(constraint: str, prompt: BenchPrompt) -> str | None:

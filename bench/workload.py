@@ -6,13 +6,13 @@ from __future__ import annotations
 import itertools
 import json
 import json.decoder
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from mtpserve.bench.requests_file import read_requests
 from mtpserve.engine.errors import MtpserveError
 from mtpserve.engine.train.prompts import KINDS, prompt_set
 
-FILE_FIELDS = {"kind", "prompt", "messages", "max_tokens"}
+FILE_FIELDS = {"kind", "prompt", "messages", "max_tokens", "schema"}
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,7 @@ class BenchPrompt:
     max_tokens: int
     messages: tuple | None = None  # a conversation, rendered with the chat template
     prompt: str | None = None  # raw text, no template
+    schema: dict | None = None  # the JSON schema of the answer asked for (the schema section)
 
     def chat_messages(self) -> list[dict]:
         if self.messages is not None:
@@ -47,6 +48,8 @@ def check_line(item: dict) -> str | None:
         return '"kind" must be a non-empty string'
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         return '"max_tokens" must be a positive integer'
+    if not isinstance(item.get("schema", {}), dict):
+        return '"schema" must be a JSON schema object'
     if messages is None:
         if not isinstance(item["prompt"], str):
             return '"prompt" must be a string'
@@ -59,12 +62,12 @@ def check_line(item: dict) -> str | None:
 
 def read_prompts_file(path: str) -> list[BenchPrompt]:
     """JSONL, one prompt a line: {"kind": ..., "prompt": ...} or {"kind": ..., "messages": [...]},
-    optional "max_tokens" (default 128)."""
+    optional "max_tokens" (default 128) and "schema" (the JSON schema of the answer asked for)."""
     prompts = []
     for item in read_requests(path, FILE_FIELDS, check_line):
         messages = tuple(item["messages"]) if "messages" in item else None
         prompts.append(BenchPrompt(item["kind"], item.get("max_tokens", 128), messages,
-                                   item.get("prompt")))
+                                   item.get("prompt"), item.get("schema")))
     return prompts
 
 
@@ -97,7 +100,7 @@ def capped(p: BenchPrompt, max_tokens: int | None) -> BenchPrompt:
     """``p`` with its max_tokens capped at ``max_tokens`` (None: as it is)."""
     if max_tokens is None:
         return p
-    return BenchPrompt(p.kind, min(p.max_tokens, max_tokens), p.messages, p.prompt)
+    return replace(p, max_tokens=min(p.max_tokens, max_tokens))
 
 
 def take_turns(groups: list[list]) -> list:

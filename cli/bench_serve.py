@@ -36,7 +36,8 @@ def add_args(p) -> None:
                    help="multi-turn: about this many tokens of system prompt opening each "
                         "conversation, its own (default 2000)")
     p.add_argument("--prompts", default=None,
-                   help="JSONL prompts as for mtpserve bench (default: built-in set)")
+                   help="JSONL prompts as for mtpserve bench, sent without a response_format "
+                        '(a line\'s "schema" is not sent) (default: built-in set)')
     p.add_argument("--kinds", type=name_list, default=None,
                    help="prompt kinds to use (default: all)")
     p.add_argument("--per-kind", type=int, default=8,

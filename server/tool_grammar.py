@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
-from mtpserve.engine.grammar import JSON_OPTIONS
+from mtpserve.engine.grammar import COMPACT_JSON_OPTIONS
 from mtpserve.server.tool_parsers.base import property_types
 from mtpserve.server.tool_parsers.deepseek_v3 import CALL_BEGIN, CALL_END, CALLS_END, SEP
 
@@ -68,7 +68,7 @@ def json_rule(schema: dict, root: dict | None = None) -> str:
     formats) are not enforced rather than refusing the request, as tool schemas often carry them."""
     if root is not None:
         schema = with_definitions(schema, root)
-    schema = {**schema, "x-guidance": {**JSON_OPTIONS, "lenient": True}}
+    schema = {**schema, "x-guidance": {**COMPACT_JSON_OPTIONS, "lenient": True}}
     return "%json " + json.dumps(schema, ensure_ascii=False)
 
 

@@ -179,3 +179,26 @@ def test_verify_reuses_the_masks_drafting_computed(engines, monkeypatch):
     fills.clear()
     drafting.verify_masks(output + drafts[:1], drafts[1:])
     assert len(fills) == len(drafts)
+
+
+def accepts(grammar: Grammar, tokenizer, text: str) -> bool:
+    """Whether ``grammar`` takes ``text`` whole and may end there."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return grammar.matcher.try_consume_tokens(ids) == len(ids) and grammar.matcher.is_accepting()
+
+
+@pytest.mark.parametrize(("text", "ok"), [
+    ('{"a": [1, 2], "b": "x"}', True),  # one line
+    ('{\n    "a": [\n        1,\n        2\n    ],\n    "b": "x"\n}', True),  # indented
+    ('{\n' + " " * 32 + '"a": [1], "b": "x"}', True),  # the longest indentation allowed
+    ('{\n' + " " * 33 + '"a": [1], "b": "x"}', False),
+    ('{\n\n    "a": [1], "b": "x"}', False),  # no blank lines: a small model could loop on them
+    ('{  "a": [1], "b": "x"}', False),
+])
+def test_json_is_written_as_models_write_it_with_whitespace_bounded(engines, text, ok):
+    _, mtp = engines
+    vocab = mtp.model_config.vocab_size
+    tok = ll_tokenizer(mtp.tokenizer, vocab, mtp.eos_token_ids)
+    schema = {"type": "object", "properties": {"a": {"type": "array", "items": {"type": "integer"}},
+                                               "b": {"type": "string"}}}
+    assert accepts(Grammar(tok, json_schema_grammar(schema), vocab), mtp.tokenizer, text) is ok

@@ -4,7 +4,9 @@ mode, grammar answers with drafts verified and none forbidden, and the summary t
 from __future__ import annotations
 
 import json
+import os
 
+import pytest
 import torch
 from engine_helpers import make_engine
 from mtp_helpers import save_random_head
@@ -12,7 +14,11 @@ from mtp_helpers import save_random_head
 from mtpserve.bench import schema_bench
 from mtpserve.bench.engine_runs import OFF, EngineRuns, fixed
 from mtpserve.bench.summary import schema_section
+from mtpserve.engine.errors import MtpserveError
+from mtpserve.engine.grammar import json_schema_grammar
 from mtpserve.engine.loader import load_checkpoint
+
+HAND_PROMPTS = os.path.join(os.path.dirname(__file__), "..", "bench", "prompts", "eval_hand.jsonl")
 
 
 class Progress:
@@ -41,3 +47,28 @@ def test_schema_section_rows(tiny_llama_dir, tmp_path):
     assert lines[0] == "## JSON prompts with and without a schema (greedy)"
     assert any(line.startswith("| json_schema | k=2 |") and line.endswith(f" of {schema_on['verified_drafts']} |")
                for line in lines)
+
+
+def test_schema_prompts_from_a_file(tmp_path):
+    """A prompts file's lines with a "schema" are the section's prompts, each with its own schema."""
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}}
+    path = tmp_path / "prompts.jsonl"
+    lines = [{"kind": "chat", "prompt": "Say hi."},
+             {"kind": "json", "prompt": "A city as JSON.", "max_tokens": 40, "schema": schema}]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    prompts = schema_bench.json_prompts(5, 32, str(path))
+    assert [(p.text, p.max_tokens, schema_bench.schema_for(p)) for p in prompts] == [
+        ("A city as JSON.", 32, schema)]
+    path.write_text(json.dumps(lines[0]) + "\n")
+    with pytest.raises(MtpserveError, match="has none"):
+        schema_bench.json_prompts(5, None, str(path))
+    path.write_text(json.dumps({**lines[1], "schema": ["not", "a", "schema"]}) + "\n")
+    with pytest.raises(MtpserveError, match='"schema" must be a JSON schema object'):
+        schema_bench.json_prompts(5, None, str(path))
+
+
+def test_every_hand_written_schema_compiles():
+    prompts = schema_bench.json_prompts(100, None, HAND_PROMPTS)
+    assert len(prompts) == 15
+    for p in prompts:
+        json_schema_grammar(p.schema)  # raises on a schema llguidance cannot compile
