@@ -4,10 +4,12 @@ model that has none (see engine/train/trainer.py)."""
 from __future__ import annotations
 
 import json
+import os
 
 from mtpserve.cli.engine_args import resolve_device, resolve_quantization
 from mtpserve.engine.errors import MtpserveError
 from mtpserve.engine.loader import load_checkpoint
+from mtpserve.engine.loader.mtp_head import default_head_path
 from mtpserve.engine.models.quantize import QUANTIZATIONS
 from mtpserve.engine.train.mix import SOURCES, parse_mix
 from mtpserve.engine.train.prompts import KINDS
@@ -22,6 +24,10 @@ def add_args(p) -> None:
     p.add_argument("--num-layers", type=int, default=1,
                    help="MTP layers (one is reused for every draft step)")
     p.add_argument("--depth", type=int, default=3, help="draft steps trained")
+    p.add_argument("--init-head", default=None,
+                   help="start from this trained head (a head directory, or 'default': the head "
+                        "shipped for the default model) and fine-tune it on this run's data, "
+                        "instead of from random weights")
     p.add_argument("--draft-vocab", type=int, default=8192,
                    help="draft vocabulary: the N most frequent "
                         "answer tokens (0: the whole vocabulary)")
@@ -87,6 +93,11 @@ def run(args) -> int:
     if args.train_answers < 1 or not args.distill_temperature > 0:
         raise MtpserveError("--train-answers must be at least 1, --distill-temperature positive")
     device = resolve_device(args.device)
+    init_head = args.init_head
+    if init_head == "default":
+        init_head = default_head_path()
+    if init_head is not None and not os.path.isdir(init_head):
+        raise MtpserveError(f"--init-head {args.init_head}: no such head directory")
     cfg = TrainConfig(
         out=args.out,
         num_layers=args.num_layers,
@@ -108,6 +119,7 @@ def run(args) -> int:
         device=device,
         max_num_seqs=args.max_num_seqs,
         generate_quantization=resolve_quantization(args.model, args.quantization, device),
+        init_head=init_head,
     )
     generator = None
     if cfg.generate_quantization != "none":

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -122,6 +124,16 @@ def test_train_head_raises_acceptance_and_resumes(tiny_llama_dir, tmp_path, monk
     hidden = trainer.hidden(records, "eval-builtin")
     assert len(computed) == len(records)
     assert hidden[0].shape[0] == len(records[0]["prompt_ids"]) + len(records[0]["output_ids"])
+    # --init-head: a new run on a copy of the data starts where the trained head ended, not from random weights
+    warm_out = str(tmp_path / "warm")
+    shutil.copytree(os.path.join(out, "data"), os.path.join(warm_out, "data"))
+    monkeypatch.setattr(trainer_module, "base_hidden", real_hidden)
+    warm = HeadTrainer(load_checkpoint(tiny_llama_dir), replace(cfg, out=warm_out, epochs=1, init_head=out)).run()
+    assert not warm["resumed"]
+    assert warm["eval_before"]["mean_acceptance_length"] == pytest.approx(after["mean_acceptance_length"], abs=0.02)
+    with pytest.raises(MtpserveError, match="holds a head of 1 layer"):
+        HeadTrainer(load_checkpoint(tiny_llama_dir), replace(cfg, out=str(tmp_path / "two"), num_layers=2,
+                                                             init_head=out)).run()
 
 
 def test_answers_come_from_the_quantized_model_when_asked(tiny_llama_dir, tmp_path):
@@ -181,6 +193,7 @@ def test_draft_vocab_is_lossless_greedy_and_sampled(tiny_llama_dir, tmp_path):
     (["--prompt-mix", "builtin=0,magpie=0"], "positive share"),
     (["--train-answers", "0"], "--train-answers"),
     (["--distill-temperature", "0"], "--distill-temperature"),
+    (["--init-head", "no/such/head"], "--init-head no/such/head: no such head directory"),
 ])
 def test_train_head_cli_rejects_bad_options(capsys, tmp_path, args, message):
     from mtpserve.cli.main import main

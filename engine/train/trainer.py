@@ -71,6 +71,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     max_num_seqs: int = 64  # generation batch
+    # a trained head to start from (fine-tuning it on this run's data) instead of random weights
+    init_head: str | None = None
     # weights the base model answers with: "none" (float, as the hidden states and the training
     # use them) or a quantization, e.g. "int4" on the CPU block kernels, as `serve` runs a GGUF on
     # a CPU (needs the checkpoint loaded quantized: HeadTrainer's generator_checkpoint)
@@ -189,16 +191,25 @@ class HeadTrainer:
         has_head = os.path.isfile(os.path.join(cfg.out, HEAD_CONFIG))
         resume = has_head and os.path.isfile(os.path.join(cfg.out, STATE))
         if resume:
-            weights, head = load_mtp_head(cfg.out, mc)
-            layers = head.get("num_nextn_predict_layers")
-            if layers != cfg.num_layers:
-                raise MtpserveError(f"{cfg.out} holds a head of {layers} layer(s), "
-                                    f"not {cfg.num_layers}: pick another --out")
+            weights = self.head_weights(cfg.out, "pick another --out")
+        elif cfg.init_head is not None:
+            weights = self.head_weights(cfg.init_head, "pick another --init-head")
         else:
             weights = init_head_weights(mc, cfg.num_layers, cfg.seed)
         mtp = build_mtp(self.model, weights, cfg.num_layers, DEEPSEEK_LAYOUT, self.layer_prefix,
                         "pre_norm", draft_vocab)
         return mtp.to(self.device).float(), resume
+
+    def head_weights(self, path: str, hint: str) -> dict:
+        """The weights of the head in ``path``, which must have ``num_layers`` layers. Its draft
+        vocabulary is not kept: the head is trained on this run's (the layers share the base
+        model's embedding and lm_head, so any subset of the vocabulary fits them)."""
+        weights, head = load_mtp_head(path, self.mc)
+        layers = head.get("num_nextn_predict_layers")
+        if layers != self.cfg.num_layers:
+            raise MtpserveError(f"{path} holds a head of {layers} layer(s), "
+                                f"not {self.cfg.num_layers}: {hint}")
+        return weights
 
     def save(self, mtp, draft_vocab, step, opt, curve, report=None) -> None:
         cfg = self.cfg
