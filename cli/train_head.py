@@ -9,7 +9,6 @@ import os
 from mtpserve.cli.engine_args import resolve_device, resolve_quantization
 from mtpserve.engine.errors import MtpserveError
 from mtpserve.engine.loader import load_checkpoint
-from mtpserve.engine.loader.mtp_head import default_head_path
 from mtpserve.engine.models.quantize import QUANTIZATIONS
 from mtpserve.engine.train.mix import SOURCES, parse_mix
 from mtpserve.engine.train.prompts import KINDS
@@ -93,10 +92,7 @@ def run(args) -> int:
     if args.train_answers < 1 or not args.distill_temperature > 0:
         raise MtpserveError("--train-answers must be at least 1, --distill-temperature positive")
     device = resolve_device(args.device)
-    init_head = args.init_head
-    if init_head == "default":
-        init_head = default_head_path()
-    if init_head is not None and not os.path.isdir(init_head):
+    if args.init_head not in (None, "default") and not os.path.isdir(args.init_head):
         raise MtpserveError(f"--init-head {args.init_head}: no such head directory")
     cfg = TrainConfig(
         out=args.out,
@@ -119,7 +115,7 @@ def run(args) -> int:
         device=device,
         max_num_seqs=args.max_num_seqs,
         generate_quantization=resolve_quantization(args.model, args.quantization, device),
-        init_head=init_head,
+        init_head=args.init_head,
     )
     generator = None
     if cfg.generate_quantization != "none":

@@ -21,9 +21,9 @@ import torch
 from mtpserve.engine.errors import RequestError
 
 _LL_TOKENIZERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-# JSON as models write it (newlines and indentation), but at most 32 whitespace characters between
-# two tokens of JSON, so a small model cannot loop on whitespace. Answers stay on the model's own
-# path, where MTP drafts are accepted most (docs/BENCHMARKS.md, structured output).
+# JSON as models write it, on one line or indented: between two tokens of JSON nothing, one space,
+# or a newline and up to 32 spaces, so a small model cannot loop on whitespace. Answers stay on the
+# model's own path, where MTP drafts are accepted most (docs/BENCHMARKS.md, structured output).
 JSON_OPTIONS = {"whitespace_flexible": False, "whitespace_pattern": r"( |\n {0,32})?",
                 "item_separator": ",", "key_separator": ":"}
 # tool-call arguments, written on one line as the tool-call formats show them

@@ -32,7 +32,12 @@ from tqdm import tqdm
 from mtpserve.engine.config import EngineConfig
 from mtpserve.engine.engine import LLMEngine
 from mtpserve.engine.errors import MtpserveError
-from mtpserve.engine.loader.mtp_head import HEAD_CONFIG, load_mtp_head, save_mtp_head
+from mtpserve.engine.loader.mtp_head import (
+    HEAD_CONFIG,
+    default_head_path,
+    load_mtp_head,
+    save_mtp_head,
+)
 from mtpserve.engine.models.mtp import DEEPSEEK_LAYOUT, build_mtp
 from mtpserve.engine.train.distill import base_hidden, mtp_loss, pack
 from mtpserve.engine.train.draft_vocab import draft_vocabulary, vocab_map_of
@@ -71,7 +76,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     max_num_seqs: int = 64  # generation batch
-    # a trained head to start from (fine-tuning it on this run's data) instead of random weights
+    # a trained head to start from (fine-tuning it on this run's data) instead of random weights:
+    # its directory, or "default" for the head shipped for the default model
     init_head: str | None = None
     # weights the base model answers with: "none" (float, as the hidden states and the training
     # use them) or a quantization, e.g. "int4" on the CPU block kernels, as `serve` runs a GGUF on
@@ -192,6 +198,8 @@ class HeadTrainer:
         resume = has_head and os.path.isfile(os.path.join(cfg.out, STATE))
         if resume:
             weights = self.head_weights(cfg.out, "pick another --out")
+        elif cfg.init_head == "default":
+            weights = self.head_weights(default_head_path(), "pick another --init-head")
         elif cfg.init_head is not None:
             weights = self.head_weights(cfg.init_head, "pick another --init-head")
         else:
