@@ -36,8 +36,9 @@ def skip_hf_without_transformers(sections: list[str]) -> dict | None:
 
 
 def skip_sections(args) -> dict[str, dict]:
-    """Drop the peer sections that cannot run here (no transformers, no llama-bench or no GGUF
-    file); per section dropped, what the results say in its place."""
+    """Drop the sections that cannot run here (the peers': no transformers, no llama-bench or no
+    GGUF file; the schema section: a prompts file without schemas); per section dropped, what the
+    results say in its place."""
     skipped = {}
     hf = skip_hf_without_transformers(args.sections)
     if hf:
@@ -45,6 +46,9 @@ def skip_sections(args) -> dict[str, dict]:
     llamacpp = llama_cpp.skip_without_llama_bench(args.sections, args.llama_bench, args.model)
     if llamacpp:
         skipped["llamacpp"] = llamacpp
+    schema = schema_bench.skip_without_schemas(args.sections, args.prompts)
+    if schema:
+        skipped["schema"] = schema
     return skipped
 
 

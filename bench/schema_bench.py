@@ -11,8 +11,7 @@ import json
 
 from mtpserve.bench.engine_runs import OFF, DecodeRun, EngineRuns, Mode, merged_acceptance, tok_s
 from mtpserve.bench.stats import mean_std
-from mtpserve.bench.workload import BenchPrompt, load_prompts
-from mtpserve.engine.errors import MtpserveError
+from mtpserve.bench.workload import BenchPrompt, load_prompts, read_prompts_file
 from mtpserve.engine.grammar import Grammar, json_schema_grammar, ll_tokenizer
 from mtpserve.engine.sampling_params import SamplingParams
 
@@ -55,10 +54,18 @@ def json_prompts(count: int | None, max_tokens: int | None,
     if path:
         kinds = None
     prompts = load_prompts(path, kinds, None, max_tokens)
-    asking = [p for p in prompts if schema_for(p) is not None]
-    if path and not asking:
-        raise MtpserveError(f'the schema section needs prompts with a "schema": {path} has none')
-    return asking[:count]
+    return [p for p in prompts if schema_for(p) is not None][:count]
+
+
+def skip_without_schemas(sections: list[str], path: str | None) -> dict | None:
+    """Drop the "schema" section when the prompts file ``path`` has no line with a "schema"; what
+    the results say in its place."""
+    if "schema" not in sections or not path:
+        return None
+    if any(p.schema is not None for p in read_prompts_file(path)):
+        return None
+    sections.remove("schema")
+    return {"skipped": f'no line of {path} carries a "schema"'}
 
 
 def grammar_text(constraint: str, prompt: BenchPrompt) -> str | None:

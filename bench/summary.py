@@ -168,7 +168,9 @@ def llama_cpp_section(r: dict) -> list[str]:
     return lines + table(["", "mtpserve", "llama.cpp", "ours / llama.cpp"], cells)
 
 
-def schema_section(rows: list[dict]) -> list[str]:
+def schema_section(rows: list[dict] | dict) -> list[str]:
+    if isinstance(rows, dict):
+        return [f"JSON prompts with and without a schema skipped: {rows['skipped']}", ""]
     lines = ["## JSON prompts with and without a schema (greedy)", "",
              "Free text, `response_format` json_object, and a json_schema of the keys each prompt "
              "asks for; speed-up against MTP off under the same constraint. Forbidden drafts: "

@@ -46,7 +46,8 @@ def add_args(p) -> None:
                    help='JSONL: {"kind": ..., "prompt": ...} or {"kind": ..., '
                         '"messages": [...]} per line, optional "max_tokens" and "schema" '
                         "(the JSON schema of the answer: the schema section runs the lines "
-                        "that have one, the other sections ignore it) "
+                        "that have one, and is skipped when none has; the other sections "
+                        "ignore it) "
                         "(default: the built-in held-out prompt set)")
     b.add_argument("--kinds", type=name_list, default=None,
                    help="prompt kinds to use (default: all)")

@@ -59,9 +59,12 @@ def test_schema_prompts_from_a_file(tmp_path):
     prompts = schema_bench.json_prompts(5, 32, str(path))
     assert [(p.text, p.max_tokens, schema_bench.schema_for(p)) for p in prompts] == [
         ("A city as JSON.", 32, schema)]
+    sections = ["decode", "schema"]
+    assert schema_bench.skip_without_schemas(sections, str(path)) is None and sections == ["decode", "schema"]
     path.write_text(json.dumps(lines[0]) + "\n")
-    with pytest.raises(MtpserveError, match="has none"):
-        schema_bench.json_prompts(5, None, str(path))
+    skipped = schema_bench.skip_without_schemas(sections, str(path))
+    assert sections == ["decode"] and 'carries a "schema"' in skipped["skipped"]
+    assert schema_section(skipped)[0].startswith("JSON prompts with and without a schema skipped: no line of")
     path.write_text(json.dumps({**lines[1], "schema": ["not", "a", "schema"]}) + "\n")
     with pytest.raises(MtpserveError, match='"schema" must be a JSON schema object'):
         schema_bench.json_prompts(5, None, str(path))
