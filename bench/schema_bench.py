@@ -11,7 +11,7 @@ import json
 
 from mtpserve.bench.engine_runs import OFF, DecodeRun, EngineRuns, Mode, merged_acceptance, tok_s
 from mtpserve.bench.stats import mean_std
-from mtpserve.bench.workload import BenchPrompt, load_prompts, read_prompts_file
+from mtpserve.bench.workload import BenchPrompt, load_prompts
 from mtpserve.engine.grammar import Grammar, json_schema_grammar, ll_tokenizer
 from mtpserve.engine.sampling_params import SamplingParams
 
@@ -62,7 +62,7 @@ def skip_without_schemas(sections: list[str], path: str | None) -> dict | None:
     the results say in its place."""
     if "schema" not in sections or not path:
         return None
-    if any(p.schema is not None for p in read_prompts_file(path)):
+    if json_prompts(None, None, path):
         return None
     sections.remove("schema")
     return {"skipped": f'no line of {path} carries a "schema"'}

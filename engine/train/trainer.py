@@ -198,10 +198,11 @@ class HeadTrainer:
         resume = has_head and os.path.isfile(os.path.join(cfg.out, STATE))
         if resume:
             weights = self.head_weights(cfg.out, "pick another --out")
-        elif cfg.init_head == "default":
-            weights = self.head_weights(default_head_path(), "pick another --init-head")
         elif cfg.init_head is not None:
-            weights = self.head_weights(cfg.init_head, "pick another --init-head")
+            init_head = cfg.init_head
+            if init_head == "default":
+                init_head = default_head_path()
+            weights = self.head_weights(init_head, "pick another --init-head")
         else:
             weights = init_head_weights(mc, cfg.num_layers, cfg.seed)
         mtp = build_mtp(self.model, weights, cfg.num_layers, DEEPSEEK_LAYOUT, self.layer_prefix,
