@@ -118,12 +118,17 @@ def test_train_head_raises_acceptance_and_resumes(tiny_llama_dir, tmp_path, monk
     again = trainer.run()
     assert again["resumed"] and again["steps"] == report["steps"]
     assert computed == []
-    # other records (here one answer changed) are not served the saved states
+    # a changed record is not served the saved states: only it is computed, the others are reused
     records = [json.loads(line) for line in open(os.path.join(out, "data", "eval.jsonl"), encoding="utf-8")]
+    saved = trainer.hidden(records, "eval-builtin")
     records[0]["output_ids"] = records[0]["output_ids"][:-1]
     hidden = trainer.hidden(records, "eval-builtin")
-    assert len(computed) == len(records)
-    assert hidden[0].shape[0] == len(records[0]["prompt_ids"]) + len(records[0]["output_ids"])
+    assert len(computed) == 1 and computed[0].tolist() == records[0]["prompt_ids"] + records[0]["output_ids"]
+    assert hidden[0].shape[0] == saved[0].shape[0] - 1
+    assert all(torch.equal(a, b) for a, b in zip(hidden[1:], saved[1:]))
+    # the new record's states were saved: a fresh trainer computes nothing
+    reloaded = HeadTrainer(load_checkpoint(tiny_llama_dir), cfg).hidden(records, "eval-builtin")
+    assert len(computed) == 1 and torch.equal(reloaded[0], hidden[0])
     # --init-head: a new run on a copy of the data starts where the trained head ended, not from random weights
     warm_out = str(tmp_path / "warm")
     shutil.copytree(os.path.join(out, "data"), os.path.join(warm_out, "data"))

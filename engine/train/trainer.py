@@ -18,7 +18,6 @@ and ``train_report.json``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -43,6 +42,7 @@ from mtpserve.engine.train.distill import base_hidden, mtp_loss, pack
 from mtpserve.engine.train.draft_vocab import draft_vocabulary, vocab_map_of
 from mtpserve.engine.train.evaluation import evaluate
 from mtpserve.engine.train.head_init import head_config, init_head_weights
+from mtpserve.engine.train.hidden_store import HiddenStore
 from mtpserve.engine.train.magpie_store import summary
 from mtpserve.engine.train.mix import recipe_records
 from mtpserve.engine.train.phases import PhaseClock
@@ -112,14 +112,6 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _records_key(records: list[dict], model: str) -> str:
-    """What a set's saved hidden states were computed over: the model and the token ids."""
-    digest = hashlib.sha256(model.encode())
-    for r in records:
-        digest.update(repr((r["prompt_ids"], r["output_ids"])).encode())
-    return digest.hexdigest()
-
-
 def _sequences(records: list[dict]) -> list[tuple[list[int], int]]:
     """(prompt + answer ids, where the answer starts) of each generated record."""
     return [(s["prompt_ids"] + s["output_ids"], len(s["prompt_ids"])) for s in records]
@@ -170,23 +162,16 @@ class HeadTrainer:
 
     def hidden(self, sequences: list[dict], name: str) -> list[torch.Tensor]:
         """The base model's hidden states over each record of the set ``name``, float16, kept for
-        every epoch. They are saved in ``data/`` and reused by a rerun over the same records (a
-        resumed run, or another head trained on a copy of the data)."""
+        every epoch and saved by record in ``data/`` (``hidden_store.py``)."""
         path = os.path.join(self.cfg.out, "data", f"hidden-{name}.pt")
         mc = self.mc
-        key = _records_key(sequences, f"{mc.architecture}:{mc.num_hidden_layers}:{mc.hidden_size}")
-        if os.path.isfile(path):
-            saved = torch.load(path, map_location=self.device)
-            if saved["key"] == key:
-                return saved["hidden"]
-        out = []
-        for s in tqdm(sequences, desc=f"base hidden states ({name})", unit="seq",
-                      file=sys.stderr, dynamic_ncols=True):
-            ids = torch.tensor(s["prompt_ids"] + s["output_ids"], device=self.device)
-            out.append(base_hidden(self.model, ids).to(torch.float16))
-        torch.save({"key": key, "hidden": out}, path + ".tmp")
-        os.replace(path + ".tmp", path)
-        return out
+        model_key = f"{mc.architecture}:{mc.num_hidden_layers}:{mc.hidden_size}"
+        store = HiddenStore(path, model_key, self.device)
+        return store.states(sequences, self.record_hidden, f"base hidden states ({name})")
+
+    def record_hidden(self, record: dict) -> torch.Tensor:
+        ids = torch.tensor(record["prompt_ids"] + record["output_ids"], device=self.device)
+        return base_hidden(self.model, ids)
 
     def layer_prefix(self, i: int) -> str:
         return f"model.layers.{self.mc.num_hidden_layers + i}."
