@@ -14,7 +14,9 @@ import torch
 from conftest import EOS_ID, IM_END_ID
 from engine_helpers import make_engine
 
+from mtpserve.bench.workload import read_prompts_file
 from mtpserve.engine.loader import load_checkpoint
+from mtpserve.engine.train.heldout import heldout_lines
 from mtpserve.engine.train.magpie import MagpieConfig, MagpieGenerator, end_of_turn_ids, user_turn_prefix
 from mtpserve.engine.train.mix import parse_mix, source_counts
 from mtpserve.engine.train.prompt_filter import PromptFilter
@@ -122,6 +124,20 @@ def test_generation_records_and_manifest(tiny_llama_dir, tmp_path):
             assert sum(1 for _ in f) == chunk["records"]
 
 
+def test_heldout_prompts_rebuild_every_conversation(tiny_llama_dir, tmp_path):
+    """Held-out Magpie records as bench prompts: the rebuilt conversation (a follow-up carries the first
+    answer) encodes to each record's own prompt."""
+    tok, _, records = _generate(tiny_llama_dir, tmp_path / "m", 12)
+    lines = heldout_lines([], records, tok, 64)
+    assert len(lines) == len(records) and any(len(line["messages"]) == 3 for line in lines)
+    for line, r in zip(lines, records):
+        assert line["kind"] == f"magpie-{r['kind']}" and line["max_tokens"] == 64
+        assert tok.encode(tok.apply_chat_template(line["messages"]), add_special_tokens=False) == r["prompt_ids"]
+    # a follow-up whose first turn is not among the records cannot be rebuilt, and is left out
+    follow_ups = [r for r in records if len(r["user"]) == 2]
+    assert heldout_lines([], follow_ups, tok, 64) == []
+
+
 def test_resumed_generation_equals_uninterrupted(tiny_llama_dir, tmp_path):
     _, first, _ = _generate(tiny_llama_dir, tmp_path / "a", 5)
     rounds_before = first.store.num_rounds
@@ -171,6 +187,13 @@ def test_train_head_with_the_magpie_source_and_resume(tiny_llama_dir, tmp_path, 
     assert set(report["eval"]["by_source"]) == {"builtin", "magpie"}
     assert report["sessions"] == 1
     manifest = json.load(open(tmp_path / "h" / "data" / "magpie" / "manifest.json"))
+    # the held-out records as a bench prompts file: every prompt encodes to its held-out record's prompt
+    tok = load_checkpoint(tiny_llama_dir).tokenizer
+    prompts = read_prompts_file(str(tmp_path / "h" / "data" / "heldout.jsonl"))
+    builtin = [json.loads(line)["prompt_ids"] for line in open(tmp_path / "h" / "data" / "eval.jsonl")]
+    assert builtin and [p.token_ids(tok) for p in prompts if p.kind.startswith("builtin-")] == builtin
+    magpie_lines = [p for p in prompts if p.kind.startswith("magpie-")]
+    assert len(magpie_lines) == report["eval_sequences"]["magpie"]
     again = HeadTrainer(load_checkpoint(tiny_llama_dir), cfg).run()
     assert again["resumed"] and again["sessions"] == 2 and again["steps"] == report["steps"]
     assert json.load(open(tmp_path / "h" / "data" / "magpie" / "manifest.json")) == manifest

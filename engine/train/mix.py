@@ -18,6 +18,7 @@ import os
 
 from mtpserve.engine.errors import MtpserveError
 from mtpserve.engine.train.data import generate_sequences
+from mtpserve.engine.train.heldout import heldout_lines, write_heldout
 from mtpserve.engine.train.magpie import MagpieConfig, MagpieGenerator, split_of
 from mtpserve.engine.train.prompts import KINDS, prompt_set
 
@@ -91,6 +92,7 @@ def recipe_records(engine, cfg) -> tuple[list[dict], dict[str, list[dict]], dict
     train = []
     evals = {}
     info = {"wanted": counts}
+    eval_prompts = []
     if "builtin" in counts:
         prompts = builtin_train_prompts(cfg.train_per_kind, counts["builtin"])
         train += generate_sequences(engine, prompts, os.path.join(folder, "train.jsonl"),
@@ -99,12 +101,17 @@ def recipe_records(engine, cfg) -> tuple[list[dict], dict[str, list[dict]], dict
         evals["builtin"] = generate_sequences(engine, eval_prompts,
                                               os.path.join(folder, "eval.jsonl"),
                                               desc="answer built-in eval prompts")
+    magpie_cfg = MagpieConfig(seed=cfg.seed)
     if "magpie" in counts:
         records, held_out, manifest = magpie_records(
-            engine, os.path.join(folder, "magpie"), counts["magpie"], cfg.eval_magpie, cfg.seed)
+            engine, os.path.join(folder, "magpie"), counts["magpie"], cfg.eval_magpie, cfg.seed,
+            magpie_cfg)
         train += records
         evals["magpie"] = held_out
         info["magpie_manifest"] = manifest
+    lines = heldout_lines(eval_prompts, evals.get("magpie", []), engine.tokenizer,
+                          magpie_cfg.max_answer_tokens)
+    write_heldout(folder, lines)
     info["train"] = {name: sum(r.get("source", "builtin") == name for r in train)
                      for name in counts}
     info["eval"] = {name: len(records) for name, records in evals.items()}

@@ -10,7 +10,8 @@ self-distillation.
    base model's tokens ``depth`` steps ahead, teacher-forced (``distill.py``), against its argmax
    (hard targets) or its whole distribution (soft targets, ``soft_targets.py``).
 
-Everything lands in ``out``: the data (``data/``, with the hidden states of step 2), the head (``mtp_head.json`` +
+Everything lands in ``out``: the data (``data/``, with the hidden states of step 2 and the held-out
+prompts as a bench prompts file, ``heldout.py``), the head (``mtp_head.json`` +
 ``mtp_head.safetensors``, loadable by ``--mtp-head``), ``trainer_state.pt`` (optimizer, position and
 learning curve; a rerun resumes from it), ``phases.json`` (wall time per phase over every session)
 and ``train_report.json``.
