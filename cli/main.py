@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None, env=None) -> int:
     except OptionError as e:
         print(f"mtpserve: error: {e}", file=sys.stderr)
         return 2
+    args.argv = argv  # as given, for reports that name their command (train-head)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

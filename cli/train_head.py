@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 
 from mtpserve.cli.engine_args import resolve_device, resolve_quantization
 from mtpserve.engine.errors import MtpserveError
@@ -120,7 +121,8 @@ def run(args) -> int:
     generator = None
     if cfg.generate_quantization != "none":
         generator = load_checkpoint(args.model, quantized=True)
-    report = HeadTrainer(load_checkpoint(args.model), cfg, generator).run()
+    command = "mtpserve " + shlex.join(args.argv)
+    report = HeadTrainer(load_checkpoint(args.model), cfg, generator).run(command)
     shown = ("steps", "train_sequences", "train_tokens", "draft_vocab_size", "data",
              "phase_seconds")
     out = {k: report[k] for k in shown}

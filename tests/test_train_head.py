@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 from dataclasses import replace
 
@@ -13,6 +14,7 @@ import torch
 from engine_helpers import greedy, make_engine
 from mtp_helpers import save_random_head
 
+from mtpserve.cli.main import main
 from mtpserve.cli.train_head import parse_per_kind
 from mtpserve.engine.errors import MtpserveError
 from mtpserve.engine.loader import load_checkpoint
@@ -133,9 +135,19 @@ def test_train_head_raises_acceptance_and_resumes(tiny_llama_dir, tmp_path, monk
     warm_out = str(tmp_path / "warm")
     shutil.copytree(os.path.join(out, "data"), os.path.join(warm_out, "data"))
     monkeypatch.setattr(trainer_module, "base_hidden", real_hidden)
-    warm = HeadTrainer(load_checkpoint(tiny_llama_dir), replace(cfg, out=warm_out, epochs=1, init_head=out)).run()
+    argv = ["train-head", "--model", str(tiny_llama_dir), "--out", warm_out, "--init-head", out, "--epochs", "1",
+            "--depth", "3", "--draft-vocab", "200", "--tokens-per-step", "512", "--eval-per-kind", "4",
+            "--prompt-mix", "builtin=1", "--train-answers", "48", "--train-per-kind", "code=24,chat=8,json=8,math=8",
+            "--eval-every", "10", "--checkpoint-every", "10", "--max-num-seqs", "16", "--device", "cpu"]
+    assert main(argv) == 0
+    warm = json.load(open(os.path.join(warm_out, "train_report.json"), encoding="utf-8"))
     assert not warm["resumed"]
     assert warm["eval_before"]["mean_acceptance_length"] == pytest.approx(after["mean_acceptance_length"], abs=0.02)
+    # the report names its command and hardware, and carries the report of the head it started from
+    assert warm["command"] == "mtpserve " + shlex.join(argv)
+    assert "PyTorch" in warm["hardware"] and report["command"] is None
+    assert warm["init_head_report"]["steps"] == report["steps"]
+    assert warm["init_head_report"]["eval"]["mean_acceptance_length"] == after["mean_acceptance_length"]
     with pytest.raises(MtpserveError, match="holds a head of 1 layer"):
         HeadTrainer(load_checkpoint(tiny_llama_dir), replace(cfg, out=str(tmp_path / "two"), num_layers=2,
                                                              init_head=out)).run()

@@ -1,11 +1,15 @@
 """Wall time per phase of a ``train-head`` run (generate, hidden, train), added up over every
-session that worked on the same ``--out`` and kept in ``phases.json`` there."""
+session that worked on the same ``--out`` and kept in ``phases.json`` there; and the hardware a
+run's report names."""
 
 from __future__ import annotations
 
 import json
 import os
+import platform
 import time
+
+import torch
 
 FILE = "phases.json"
 
@@ -41,3 +45,18 @@ class PhaseClock:
     def stop(self) -> None:
         self.lap()
         self.phase = None
+
+
+def hardware(device) -> str:
+    """Where a run's last session ran: the CPU (or GPU) and the PyTorch build."""
+    cpu = platform.processor() or platform.machine()
+    if os.path.isfile("/proc/cpuinfo"):
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    text = f"{cpu}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, PyTorch {torch.__version__}"
+    if str(device).startswith("cuda"):
+        text += f", {torch.cuda.get_device_name(device)}"
+    return text

@@ -46,7 +46,7 @@ from mtpserve.engine.train.head_init import head_config, init_head_weights
 from mtpserve.engine.train.hidden_store import HiddenStore
 from mtpserve.engine.train.magpie_store import summary
 from mtpserve.engine.train.mix import recipe_records
-from mtpserve.engine.train.phases import PhaseClock
+from mtpserve.engine.train.phases import PhaseClock, hardware
 from mtpserve.engine.train.soft_targets import Teacher, teacher_head
 
 STATE = "trainer_state.pt"
@@ -185,15 +185,28 @@ class HeadTrainer:
         if resume:
             weights = self.head_weights(cfg.out, "pick another --out")
         elif cfg.init_head is not None:
-            init_head = cfg.init_head
-            if init_head == "default":
-                init_head = default_head_path()
-            weights = self.head_weights(init_head, "pick another --init-head")
+            weights = self.head_weights(self.init_head_path(), "pick another --init-head")
         else:
             weights = init_head_weights(mc, cfg.num_layers, cfg.seed)
         mtp = build_mtp(self.model, weights, cfg.num_layers, DEEPSEEK_LAYOUT, self.layer_prefix,
                         "pre_norm", draft_vocab)
         return mtp.to(self.device).float(), resume
+
+    def init_head_path(self) -> str:
+        if self.cfg.init_head == "default":
+            return default_head_path()
+        return self.cfg.init_head
+
+    def earlier_report(self) -> dict | None:
+        """The report of the head this run starts from (``--init-head``), so a head fine-tuned in
+        stages carries every stage's command, hardware and learning curve."""
+        if self.cfg.init_head is None:
+            return None
+        path = os.path.join(self.init_head_path(), "train_report.json")
+        if not os.path.isfile(path):
+            return None
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
 
     def head_weights(self, path: str, hint: str) -> dict:
         """The weights of the head in ``path``, which must have ``num_layers`` layers. Its draft
@@ -262,7 +275,8 @@ class HeadTrainer:
         plan = _batches(list(range(len(seqs))), lengths, self.cfg.tokens_per_step)
         return [self.pack_batch(seqs, hidden, b, vocab_map) for b in plan]
 
-    def run(self) -> dict:
+    def run(self, command: str | None = None) -> dict:
+        """The whole recipe; ``command``: the command line that started it, for the report."""
         cfg = self.cfg
         clock = PhaseClock(cfg.out)
         random.seed(cfg.seed)
@@ -303,6 +317,9 @@ class HeadTrainer:
             "wall_seconds": round(sum(clock.seconds.values()), 1),
             "sessions": clock.sessions,
             "resumed": resumed,
+            "command": command,
+            "hardware": hardware(self.device),
+            "init_head_report": self.earlier_report(),
         }
         if "magpie_manifest" in data_info:
             report["data"]["magpie"] = summary(data_info["magpie_manifest"])
