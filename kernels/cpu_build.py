@@ -7,6 +7,10 @@ writable), a few seconds with g++; later starts load it. It is linked with OpenM
 the OpenMP runtime PyTorch has already loaded (one thread pool, no oversubscription). Needs a C++
 compiler and an AVX2 CPU; without them the packed weights and the sampling race fall back to
 PyTorch, with the reason logged once. ``--no-cpu-kernels`` leaves the weights to PyTorch.
+
+Where the CPU has them, the build adds AVX-512 with VNNI (two blocks per instruction in the block
+kernels), else AVX-VNNI (one ``dpbusd`` for AVX2's two multiplies; the same integers): see
+``isa_flags``.
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ logger = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).parent / "cpu" / name for name in ("blocks.cpp", "race.cpp")]
 FLAGS = ["-O3", "-std=c++17", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
+AVX512_VNNI = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")  # as /proc/cpuinfo names them
+AVX512_VNNI_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]
+AVX_VNNI_FLAGS = ["-mavxvnni"]
 
 _library: ctypes.CDLL | None = None
 _reason: str | None = None
@@ -57,29 +64,51 @@ def library() -> ctypes.CDLL | None:
     return _library
 
 
+def cpu_flags() -> set[str]:
+    """The instruction set extensions /proc/cpuinfo lists (none where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def isa_flags(cpu: set[str]) -> list[str]:
+    """Compiler flags for the extensions beyond AVX2 that the kernels use on this CPU."""
+    if all(flag in cpu for flag in AVX512_VNNI):
+        return AVX512_VNNI_FLAGS
+    if "avx_vnni" in cpu:
+        return AVX_VNNI_FLAGS
+    return []
+
+
 def _load() -> ctypes.CDLL:
     capability = torch.backends.cpu.get_cpu_capability()
     if capability not in ("AVX2", "AVX512"):
         raise RuntimeError(f"the CPU lacks AVX2 (PyTorch reports {capability})")
-    path = _build()
+    path = build(isa_flags(cpu_flags()))
     return ctypes.CDLL(str(path))
 
 
-def _build() -> Path:
-    """The compiled library of these sources and flags, built if not cached yet."""
+def build(isa: list[str]) -> Path:
+    """The library compiled from the sources with FLAGS and ``isa``, built if not cached yet."""
+    flags = FLAGS + isa
     source = b"".join(path.read_bytes() for path in SOURCES)
-    digest = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(source + " ".join(flags).encode()).hexdigest()[:16]
     target = cache_dir() / f"cpu-{digest}.so"
     if target.exists():
         return target
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if compiler is None:
         raise RuntimeError("no C++ compiler (g++) on PATH")
-    logger.info("compiling the CPU kernels (once) into %s", target.parent)
+    logger.info("compiling the CPU kernels (once, %s) into %s", " ".join(isa) or "AVX2", target.parent)
     # build beside the target, then rename: concurrent processes never load a partial file
     fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
-    cmd = [compiler, *FLAGS, *(str(path) for path in SOURCES), "-o", partial]
+    cmd = [compiler, *flags, *(str(path) for path in SOURCES), "-o", partial]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if done.returncode != 0:
         os.unlink(partial)

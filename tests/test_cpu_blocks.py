@@ -4,6 +4,8 @@ each other bit for bit; and the one-call decode step against the per-op path on 
 
 from __future__ import annotations
 
+import ctypes
+
 import gguf
 import numpy as np
 import pytest
@@ -17,7 +19,7 @@ from mtpserve.engine.config import EngineConfig
 from mtpserve.engine.engine import LLMEngine
 from mtpserve.engine.loader import load_checkpoint
 from mtpserve.engine.loader.gguf_quant import read_quantized
-from mtpserve.kernels import cpu_blocks
+from mtpserve.kernels import cpu_blocks, cpu_build
 from mtpserve.kernels.attention import TorchPagedAttention, build_metadata
 from mtpserve.kernels.cpu_blocks import BlockLinear, round_rows
 from mtpserve.kernels.quant import quantize
@@ -72,6 +74,46 @@ def test_a_row_does_not_depend_on_the_other_rows(bits):
     for rows in (1, 3, 4, 5, 9):
         apart = torch.cat([layer(x[i:i + rows]) for i in range(0, 70, rows)])
         assert torch.equal(together, apart)
+
+
+def builds_this_cpu_runs() -> dict[str, list[str]]:
+    """The instruction-set flags of each build of the kernels this CPU can run."""
+    cpu = cpu_build.cpu_flags()
+    builds = {"avx2": []}
+    if "avx_vnni" in cpu:
+        builds["avx-vnni"] = cpu_build.AVX_VNNI_FLAGS
+    if all(flag in cpu for flag in cpu_build.AVX512_VNNI):
+        builds["avx512-vnni"] = cpu_build.AVX512_VNNI_FLAGS
+    return builds
+
+
+def linear_with(library, layer: BlockLinear, x: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(x.shape[0], layer.out_features)
+    library.mtp_linear(ctypes.c_void_p(x.data_ptr()), x.shape[0], ctypes.byref(layer.struct()),
+                       ctypes.c_void_p(out.data_ptr()))
+    return out
+
+
+@pytest.mark.parametrize("in_features", [224, 256])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_every_build_this_cpu_runs_multiplies_alike(bits, in_features):
+    """Each build (AVX2; AVX-VNNI; AVX-512 VNNI, two blocks per instruction and a last block on
+    its own when their number is odd) against the float64 product of what the kernel multiplies,
+    with rows independent of each other; AVX-VNNI's integer sums are AVX2's, so its outputs are
+    the same bit for bit."""
+    layer = BlockLinear.of(quantize(torch.randn(OUT, in_features), bits, 32))
+    x = torch.randn(9, in_features)
+    exact = round_rows(x).double() @ layer.dequantize().double().t()
+    outs = {}
+    for name, isa in builds_this_cpu_runs().items():
+        library = ctypes.CDLL(str(cpu_build.build(isa)))
+        out = linear_with(library, layer, x)
+        assert (out.double() - exact).abs().max() < 1e-5 * exact.abs().max(), name
+        apart = torch.cat([linear_with(library, layer, x[i:i + 1].contiguous()) for i in range(9)])
+        assert torch.equal(out, apart), name
+        outs[name] = out
+    if "avx-vnni" in outs:
+        assert torch.equal(outs["avx-vnni"], outs["avx2"])
 
 
 def test_groups_wider_than_a_block_are_repeated_per_block():

@@ -2,9 +2,15 @@
 //   4 bits: value = code * scale + min (Q4_0, Q4_1, K-quants' sub-blocks, our own int4)
 //   8 bits: value = code * scale (Q8_0, our own int8)
 // Activations are rounded to 8 bits per block of 32 (one float scale each), so a block's dot
-// product is an integer one (AVX2 maddubs). Each output row of each input row is summed in one
-// fixed order whatever the number of input rows, so an input row's result never depends on the
-// other rows of the call: MTP's verify rows equal one-row steps bit for bit.
+// product is an integer one (AVX2 maddubs and madd; one dpbusd on a CPU with AVX-VNNI, the same
+// integers). Each output row of each input row is summed in one fixed order whatever the number of
+// input rows, so an input row's result never depends on the other rows of the call: MTP's verify
+// rows equal one-row steps bit for bit.
+//
+// Built with AVX-512 VNNI (cpu_build.py picks the flags from the CPU), a row takes two blocks per
+// instruction: half the vector ops a block, which is what a multi-row step (verify, batches,
+// prompts) is bound by; one row stays bound by the weights' memory traffic. Its sums run in
+// another order than the AVX2 build's, so the two builds differ in the last bits.
 //
 // Also here: a step of a dense Llama-family decoder stack (norms, projections, rotary, paged-KV
 // write and attention, SwiGLU) in one call, for every step over the paged cache.
@@ -83,6 +89,9 @@ struct Acts {
     std::vector<int8_t> q;  // [m, k]
     std::vector<float> d;   // [m, k/32]
     std::vector<float> s;   // [m, k/32]: d * sum of the block's codes
+#ifdef __AVX512VNNI__
+    std::vector<float> d8;  // [m, k/32 * 8]: each d 8 times, the lanes of a block's sums
+#endif
 };
 
 inline float hsum(__m256 v) {
@@ -162,6 +171,9 @@ void quantize_rows(const float* x, int m, int k, Acts& a) {
     a.q.resize((size_t)m * k);
     a.d.resize((size_t)m * nb);
     a.s.resize((size_t)m * nb);
+#ifdef __AVX512VNNI__
+    a.d8.resize((size_t)m * nb * 8);
+#endif
 #pragma omp parallel for if (m >= PARALLEL_ROWS)
     for (size_t b = 0; b < (size_t)m * nb; b++) {
         const float* xb = x + b * QK;
@@ -188,6 +200,9 @@ void quantize_rows(const float* x, int m, int k, Acts& a) {
         }
         a.d[b] = d;
         a.s[b] = d * (float)sum;
+#ifdef __AVX512VNNI__
+        _mm256_storeu_ps(a.d8.data() + b * 8, _mm256_set1_ps(d));
+#endif
     }
 }
 
@@ -212,13 +227,19 @@ inline __m256 dot_block(__m256i magnitude, __m256i sign, const int8_t* x) {
     if (BITS == 8) {
         xv = _mm256_sign_epi8(xv, sign);
     }
+#ifdef __AVXVNNI__
+    return _mm256_cvtepi32_ps(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), magnitude, xv));
+#else
     __m256i pairs = _mm256_maddubs_epi16(magnitude, xv);
     return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+#endif
 }
 
 // Sum over blocks of a weight row's minimums times the row's block sums (4 bits): the part of
-// the dot product that the codes' offset adds.
-float min_term(const float* wmin, const float* xs, int nb) {
+// the dot product that the codes' offset adds. Never inlined: inlined into the rows of a column, the
+// compiler may vectorize its scalar tail across the rows and fuse its multiply-adds there but not
+// in a one-row call, and a row's result would depend on the rows beside it.
+__attribute__((noinline)) float min_term(const float* wmin, const float* xs, int nb) {
     __m256 acc = _mm256_setzero_ps();
     int b = 0;
     for (; b + 8 <= nb; b += 8) {
@@ -230,6 +251,102 @@ float min_term(const float* wmin, const float* xs, int nb) {
     }
     return sum;
 }
+
+#ifdef __AVX512VNNI__
+
+// Two weight blocks (64 codes) as unsigned magnitudes for dpbusd, in the inputs' order; 8 bits:
+// the negative codes as a mask, to move their sign onto the activations.
+template <int BITS>
+inline __m512i load_pair(const uint8_t* codes, __mmask64* negative) {
+    if (BITS == 4) {
+        __m256i t = _mm256_loadu_si256((const __m256i*)codes);
+        __m256i low = _mm256_and_si256(t, _mm256_set1_epi8(0x0F));
+        __m256i high = _mm256_and_si256(_mm256_srli_epi16(t, 4), _mm256_set1_epi8(0x0F));
+        // 128-bit lanes [low 0, low 1, high 0, high 1] to [low 0, high 0, low 1, high 1]
+        __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1);
+        return _mm512_shuffle_i64x2(z, z, _MM_SHUFFLE(3, 1, 2, 0));
+    }
+    __m512i w = _mm512_loadu_si512(codes);
+    *negative = _mm512_movepi8_mask(w);
+    return _mm512_abs_epi8(w);
+}
+
+// A last, unpaired block, the upper half zero.
+template <int BITS>
+inline __m512i load_last(const uint8_t* codes, __mmask64* negative) {
+    __m256i sign = _mm256_setzero_si256();
+    __m512i w = _mm512_zextsi256_si512(load_block<BITS>(codes, &sign));
+    if (BITS == 8) {
+        *negative = _mm512_movepi8_mask(_mm512_zextsi256_si512(sign));
+    }
+    return w;
+}
+
+// Two blocks' dot products with 64 activation codes: 8 float partial sums per block.
+template <int BITS>
+inline __m512 dot_pair(__m512i magnitude, __mmask64 negative, __m512i x) {
+    if (BITS == 8) {
+        x = _mm512_mask_sub_epi8(x, negative, _mm512_setzero_si512(), x);
+    }
+    return _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), magnitude, x));
+}
+
+// Adds a pair of blocks (b, b + 1) of R rows into acc: each row's scales, then its dot products.
+template <int R, int BITS>
+inline void add_pair(__m512i wv, __mmask64 negative, __m512 ws, const int8_t* xq, const float* xd,
+                     int nb, int b, __m512* acc) {
+    for (int r = 0; r < R; r++) {
+        __m512 d = _mm512_mul_ps(ws, _mm512_loadu_ps(xd + ((size_t)r * nb + b) * 8));
+        __m512i xv = _mm512_loadu_si512(xq + (size_t)r * nb * QK + b * QK);
+        acc[r] = _mm512_fmadd_ps(dot_pair<BITS>(wv, negative, xv), d, acc[r]);
+    }
+}
+
+// Output column n of input rows m0 .. m0 + R, two blocks at a time (as rows_of below).
+template <int R, int BITS>
+void rows_of(const QWeight& w, int n, const Acts& a, int m0, float* out, int ldo) {
+    const int nb = w.k / QK;
+    const int block_bytes = BITS == 4 ? QK / 2 : QK;
+    const uint8_t* codes = w.codes + (size_t)n * nb * block_bytes;
+    const float* scale = w.scale + (size_t)n * nb;
+    const int8_t* xq = a.q.data() + (size_t)m0 * nb * QK;
+    const float* xd = a.d8.data() + (size_t)m0 * nb * 8;
+    // lanes 0-7 take the first block's scale, 8-15 the second's
+    const __m512i pair = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    __m512 acc[R];
+    for (int r = 0; r < R; r++) {
+        acc[r] = _mm512_setzero_ps();
+    }
+    __mmask64 negative = 0;
+    int b = 0;
+    for (; b + 2 <= nb; b += 2) {
+        __m512i wv = load_pair<BITS>(codes + b * block_bytes, &negative);
+        __m128 two = _mm_castpd_ps(_mm_load_sd((const double*)(scale + b)));
+        __m512 ws = _mm512_permutexvar_ps(pair, _mm512_castps128_ps512(two));
+        add_pair<R, BITS>(wv, negative, ws, xq, xd, nb, b, acc);
+    }
+    if (b < nb) {  // the last block, unpaired: its upper half zero
+        __m512i wv = load_last<BITS>(codes + b * block_bytes, &negative);
+        __m512 ws = _mm512_maskz_mov_ps(0x00FF, _mm512_set1_ps(scale[b]));
+        for (int r = 0; r < R; r++) {
+            const float* row_d = xd + ((size_t)r * nb + b) * 8;
+            __m512 d = _mm512_mul_ps(ws, _mm512_maskz_loadu_ps(0x00FF, row_d));
+            const int8_t* row_q = xq + (size_t)r * nb * QK + b * QK;
+            __m512i xv = _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i*)row_q));
+            acc[r] = _mm512_fmadd_ps(dot_pair<BITS>(wv, negative, xv), d, acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        float value = _mm512_reduce_add_ps(acc[r]);
+        if (BITS == 4) {
+            size_t row = (size_t)(m0 + r) * nb;
+            value += min_term(w.min + (size_t)n * nb, a.s.data() + row, nb);
+        }
+        out[(size_t)(m0 + r) * ldo + n] = value;
+    }
+}
+
+#else
 
 // Output column n of input rows m0 .. m0 + R. A weight block is unpacked once for the R rows.
 // Each row sums its blocks in order in one accumulator (few enough registers for four rows, none
@@ -265,6 +382,8 @@ void rows_of(const QWeight& w, int n, const Acts& a, int m0, float* out, int ldo
         out[(size_t)(m0 + r) * ldo + n] = value;
     }
 }
+
+#endif  // __AVX512VNNI__
 
 // Rows [m0, m1) of the column n: four at a time, then two, then one.
 template <int BITS>
