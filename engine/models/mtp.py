@@ -219,6 +219,14 @@ class MTPModule(nn.Module):
         logits = sub.new_full((*sub.shape[:-1], self.model[0].config.vocab_size), float("-inf"))
         return logits.index_copy_(-1, self.draft_vocab, sub)
 
+    def greedy_tokens(self, step: int, y: torch.Tensor) -> torch.Tensor:
+        """The argmax of ``compute_logits`` without widening the draft vocabulary's logits to the
+        whole vocabulary (it is sorted, so ties go to the same, lowest, token id)."""
+        if self.draft_vocab is None:
+            return self.compute_logits(step, y).argmax(-1)
+        layer, head = self.draft_head(step)
+        return self.draft_vocab[linear(layer.normed(y), head).argmax(-1)]
+
 
 def _restrict(head, vocab: torch.Tensor):
     """``head`` ([H, V], or a quantized one) over the outputs ``vocab`` only."""

@@ -67,6 +67,14 @@ def grammar_masked(logits: torch.Tensor, items: list[DraftInput],
     return logits
 
 
+def _plain_greedy(params: list, tensors: SamplingTensors) -> bool:
+    """Whether every draft of ``params`` is the head's argmax, unchanged by penalties (``tensors``:
+    the settings of a batch that holds them) or a grammar."""
+    if tensors.do_repetition or tensors.do_presence_frequency:
+        return False
+    return all(p.greedy and p.grammar is None for p in params)
+
+
 class MTPProposer:
     def __init__(self, mtp, kv: KVCacheManager, kv_caches: list, vocab_size: int,
                  device: torch.device, attn: AttentionBackend):
@@ -115,11 +123,15 @@ class MTPProposer:
             graphs.capture(f"MTP layer {layer}", pool)
             self.graphs.append(graphs)
 
-    def _choose(self, step, items: list[DraftInput], t: SamplingTensors, y_last: torch.Tensor,
-                drafts: list[list[int]], probs: list[list[torch.Tensor]]) -> list[int]:
-        """The next draft of each of ``items`` (``t``: their sampling settings, one row each)."""
-        logits = self.mtp.compute_logits(step, y_last).float()
+    def _choose(self, step, items: list[DraftInput], tensors: SamplingTensors, rows: list[int],
+                y_last: torch.Tensor, drafts: list[list[int]],
+                probs: list[list[torch.Tensor]]) -> list[int]:
+        """The next draft of each of ``items`` (their sampling settings: ``tensors``' ``rows``)."""
         params = [it.request.sampling_params for it in items]
+        if _plain_greedy(params, tensors):
+            return self.mtp.greedy_tokens(step, y_last).tolist()
+        t = tensors.select(torch.tensor(rows, dtype=torch.long, device=self.device))
+        logits = self.mtp.compute_logits(step, y_last).float()
         histories = [it.history + d for it, d in zip(items, drafts)]
         prompts = [it.request.prompt_token_ids for it in items]
         logits = apply_penalties(logits, t, prompts, histories)
@@ -216,8 +228,7 @@ class MTPProposer:
         y_last = y[ends]
         step = 0
         while active:
-            rows = torch.tensor(active, dtype=torch.long, device=self.device)
-            chosen = self._choose(step, [items[i] for i in active], tensors.select(rows),
+            chosen = self._choose(step, [items[i] for i in active], tensors, active,
                                   y_last[active], [drafts[i] for i in active],
                                   [probs[i] for i in active])
             for i, tok in zip(active, chosen):
