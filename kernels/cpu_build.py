@@ -10,7 +10,7 @@ PyTorch, with the reason logged once. ``--no-cpu-kernels`` leaves the weights to
 
 Where the CPU has them, the build adds AVX-512 with VNNI (two blocks per instruction in the block
 kernels), else AVX-VNNI (one ``dpbusd`` for AVX2's two multiplies; the same integers): see
-``isa_flags``.
+``isa_flags``. ``MTPSERVE_CPU_ISA=avx2`` keeps to AVX2 (to compare the builds on one machine).
 """
 
 from __future__ import annotations
@@ -78,6 +78,11 @@ def cpu_flags() -> set[str]:
 
 def isa_flags(cpu: set[str]) -> list[str]:
     """Compiler flags for the extensions beyond AVX2 that the kernels use on this CPU."""
+    wanted = os.environ.get("MTPSERVE_CPU_ISA", "auto")
+    if wanted not in ("auto", "avx2"):
+        raise RuntimeError(f"MTPSERVE_CPU_ISA must be auto or avx2, not {wanted!r}")
+    if wanted == "avx2":
+        return []
     if all(flag in cpu for flag in AVX512_VNNI):
         return AVX512_VNNI_FLAGS
     if "avx_vnni" in cpu:
