@@ -15,6 +15,7 @@ from mtpserve.engine.loader import load_checkpoint
 from mtpserve.engine.loader.mtp_head import default_head_path
 from mtpserve.engine.models.quantize import QUANTIZATIONS
 from mtpserve.kernels import cpu_blocks
+from mtpserve.kernels.cpu_build import ISA_CHOICES, choose_isa
 
 
 def add_engine_args(p: argparse.ArgumentParser, speculation: bool = True) -> None:
@@ -39,6 +40,9 @@ def add_engine_args(p: argparse.ArgumentParser, speculation: bool = True) -> Non
     g.add_argument("--no-cpu-kernels", action="store_true",
                    help="CPU: run int4/int8 weights on PyTorch's kernels instead of the block "
                         "kernels compiled (once, cached) at the first start")
+    g.add_argument("--cpu-isa", default="auto", choices=ISA_CHOICES,
+                   help="instruction sets of the CPU block kernels; auto: AVX-512 VNNI or "
+                        "AVX-VNNI where the CPU has them, else AVX2; avx2: AVX2 only (to compare)")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--num-blocks", "--kv-cache-blocks", dest="num_blocks", type=int, default=None,
@@ -94,6 +98,7 @@ def engine_config_from_args(args) -> EngineConfig:
     if args.kv_cache_memory <= 0:
         raise MtpserveError("--kv-cache-memory must be positive")
     device = resolve_device(args.device)
+    choose_isa(args.cpu_isa)  # before anything loads the kernels
     cpu_kernels = not args.no_cpu_kernels
     quantization = resolve_quantization(args.model, args.quantization, device, cpu_kernels)
     if quantization == "fp16" and device.startswith("cuda"):

@@ -10,7 +10,7 @@ PyTorch, with the reason logged once. ``--no-cpu-kernels`` leaves the weights to
 
 Where the CPU has them, the build adds AVX-512 with VNNI (two blocks per instruction in the block
 kernels), else AVX-VNNI (one ``dpbusd`` for AVX2's two multiplies; the same integers): see
-``isa_flags``. ``MTPSERVE_CPU_ISA=avx2`` keeps to AVX2 (to compare the builds on one machine).
+``isa_flags``. ``--cpu-isa avx2`` (``choose_isa``) keeps to AVX2, to compare the builds on one machine.
 """
 
 from __future__ import annotations
@@ -34,8 +34,11 @@ AVX512_VNNI = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")  # as /proc/cpu
 AVX512_VNNI_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]
 AVX_VNNI_FLAGS = ["-mavxvnni"]
 
+ISA_CHOICES = ("auto", "avx2")
+
 _library: ctypes.CDLL | None = None
 _reason: str | None = None
+_isa_choice = "auto"
 
 
 def cache_dir() -> Path:
@@ -76,12 +79,21 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def isa_flags(cpu: set[str]) -> list[str]:
-    """Compiler flags for the extensions beyond AVX2 that the kernels use on this CPU."""
-    wanted = os.environ.get("MTPSERVE_CPU_ISA", "auto")
-    if wanted not in ("auto", "avx2"):
-        raise RuntimeError(f"MTPSERVE_CPU_ISA must be auto or avx2, not {wanted!r}")
-    if wanted == "avx2":
+def choose_isa(choice: str) -> None:
+    """The instruction sets of the kernels this process loads (ISA_CHOICES), before they load."""
+    global _isa_choice
+    if choice not in ISA_CHOICES:
+        raise ValueError(f"the CPU kernels' instruction set is one of {ISA_CHOICES}, not {choice!r}")
+    if _library is not None and choice != _isa_choice:
+        raise RuntimeError(f"the CPU kernels are already loaded ({_isa_choice}); "
+                           f"{choice} needs a new process")
+    _isa_choice = choice
+
+
+def isa_flags(cpu: set[str], choice: str = "auto") -> list[str]:
+    """Compiler flags for the extensions beyond AVX2 that the kernels use on this CPU; none for
+    ``choice`` avx2."""
+    if choice == "avx2":
         return []
     if all(flag in cpu for flag in AVX512_VNNI):
         return AVX512_VNNI_FLAGS
@@ -94,7 +106,7 @@ def _load() -> ctypes.CDLL:
     capability = torch.backends.cpu.get_cpu_capability()
     if capability not in ("AVX2", "AVX512"):
         raise RuntimeError(f"the CPU lacks AVX2 (PyTorch reports {capability})")
-    path = build(isa_flags(cpu_flags()))
+    path = build(isa_flags(cpu_flags(), _isa_choice))
     return ctypes.CDLL(str(path))
 
 

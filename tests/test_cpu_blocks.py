@@ -116,16 +116,14 @@ def test_every_build_this_cpu_runs_multiplies_alike(bits, in_features):
         assert torch.equal(outs["avx-vnni"], outs["avx2"])
 
 
-def test_the_build_follows_the_cpu_and_mtpserve_cpu_isa(monkeypatch):
+def test_the_build_follows_the_cpu_unless_told_avx2():
     zen4 = {"avx2", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni"}
     assert cpu_build.isa_flags(zen4) == cpu_build.AVX512_VNNI_FLAGS
     assert cpu_build.isa_flags({"avx2", "avx_vnni"}) == cpu_build.AVX_VNNI_FLAGS
     assert cpu_build.isa_flags({"avx2", "avx512f"}) == []
-    monkeypatch.setenv("MTPSERVE_CPU_ISA", "avx2")
-    assert cpu_build.isa_flags(zen4) == []
-    monkeypatch.setenv("MTPSERVE_CPU_ISA", "avx512")
-    with pytest.raises(RuntimeError, match="auto or avx2"):
-        cpu_build.isa_flags(zen4)
+    assert cpu_build.isa_flags(zen4, "avx2") == []
+    with pytest.raises(ValueError, match="auto"):
+        cpu_build.choose_isa("avx512")
 
 
 def test_groups_wider_than_a_block_are_repeated_per_block():
