@@ -58,12 +58,12 @@ def _fits(runner, rows: int, query_len: int) -> bool:
 
 @torch.inference_mode()
 def measure_step_costs(runner, max_batch: int, max_tokens: int, n_max: int) -> StepCosts:
-    """Verify steps of up to ``max_batch`` requests and ``max_tokens`` tokens, with 0, 1 and
+    """Verify steps of up to ``max_batch`` requests and ``max_tokens`` tokens, with 0, 1, 2 and
     ``n_max`` drafts each; draft steps of up to ``max_batch`` requests."""
     model, proposer, device = runner.model, runner.proposer, runner.device
     costs = StepCosts(main={}, draft={})
     greedy = SamplingParams(temperature=0)
-    query_lens = sorted({1, 2, n_max + 1})
+    query_lens = sorted(set(range(1, min(n_max, 2) + 2)) | {n_max + 1})
     b = 1
     while b <= max_batch and _fits(runner, b, 1):
         for q in query_lens:

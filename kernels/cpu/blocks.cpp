@@ -385,12 +385,17 @@ void rows_of(const QWeight& w, int n, const Acts& a, int m0, float* out, int ldo
 
 #endif  // __AVX512VNNI__
 
-// Rows [m0, m1) of the column n: four at a time, then two, then one.
+// Rows [m0, m1) of the column n: four at a time, then three (a verify step with two drafts) or two,
+// then one.
 template <int BITS>
 void column(const QWeight& w, int n, const Acts& a, int m0, int m1, float* out, int ldo) {
     int m = m0;
     for (; m + 4 <= m1; m += 4) {
         rows_of<4, BITS>(w, n, a, m, out, ldo);
+    }
+    if (m + 3 == m1) {
+        rows_of<3, BITS>(w, n, a, m, out, ldo);
+        return;
     }
     for (; m + 2 <= m1; m += 2) {
         rows_of<2, BITS>(w, n, a, m, out, ldo);
