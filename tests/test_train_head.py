@@ -101,8 +101,8 @@ def test_train_head_raises_acceptance_and_resumes(tiny_llama_dir, tmp_path, monk
     assert len(vocab) == 200
     trained = make_engine(tiny_llama_dir, mtp_head=out, spec_draft_n_max=3, spec_adaptive=False)
     drafted = []
-    original = trained.mtp.compute_logits
-    trained.mtp.compute_logits = lambda step, y: _keep(drafted, original(step, y))
+    original = trained.mtp.greedy_tokens  # greedy drafts with no penalties take this path
+    trained.mtp.greedy_tokens = lambda step, y: _keep(drafted, original(step, y))
     data = [json.loads(line) for line in open(os.path.join(out, "data", "eval.jsonl"), encoding="utf-8")]
     prompts = [d["prompt_ids"] for d in data]
     untrained = make_engine(tiny_llama_dir, mtp_head=save_random_head(tmp_path / "r", config), spec_draft_n_max=3,
@@ -177,9 +177,9 @@ def test_answers_come_from_the_quantized_model_when_asked(tiny_llama_dir, tmp_pa
     assert [r.output_token_ids for r in exact.generate(prompts, params)] != answers
 
 
-def _keep(store, logits):
-    store.append(logits.argmax(-1))
-    return logits
+def _keep(store, tokens):
+    store.append(tokens)
+    return tokens
 
 
 def test_draft_vocab_is_lossless_greedy_and_sampled(tiny_llama_dir, tmp_path):

@@ -252,6 +252,17 @@ __attribute__((noinline)) float min_term(const float* wmin, const float* xs, int
     return sum;
 }
 
+// Writes row m of output column n: the sum of its blocks' products and, 4 bits, the minimums' part.
+template <int BITS>
+inline void store_row(float sum, const QWeight& w, const Acts& a, int n, int m, float* out,
+                      int ldo) {
+    if (BITS == 4) {
+        int nb = w.k / QK;
+        sum += min_term(w.min + (size_t)n * nb, a.s.data() + (size_t)m * nb, nb);
+    }
+    out[(size_t)m * ldo + n] = sum;
+}
+
 #ifdef __AVX512VNNI__
 
 // Two weight blocks (64 codes) as unsigned magnitudes for dpbusd, in the inputs' order; 8 bits:
@@ -337,12 +348,7 @@ void rows_of(const QWeight& w, int n, const Acts& a, int m0, float* out, int ldo
         }
     }
     for (int r = 0; r < R; r++) {
-        float value = _mm512_reduce_add_ps(acc[r]);
-        if (BITS == 4) {
-            size_t row = (size_t)(m0 + r) * nb;
-            value += min_term(w.min + (size_t)n * nb, a.s.data() + row, nb);
-        }
-        out[(size_t)(m0 + r) * ldo + n] = value;
+        store_row<BITS>(_mm512_reduce_add_ps(acc[r]), w, a, n, m0 + r, out, ldo);
     }
 }
 
@@ -374,12 +380,7 @@ void rows_of(const QWeight& w, int n, const Acts& a, int m0, float* out, int ldo
         }
     }
     for (int r = 0; r < R; r++) {
-        float value = hsum(acc[r]);
-        if (BITS == 4) {
-            size_t row = (size_t)(m0 + r) * nb;
-            value += min_term(w.min + (size_t)n * nb, a.s.data() + row, nb);
-        }
-        out[(size_t)(m0 + r) * ldo + n] = value;
+        store_row<BITS>(hsum(acc[r]), w, a, n, m0 + r, out, ldo);
     }
 }
 
