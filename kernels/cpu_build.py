@@ -106,7 +106,14 @@ def _load() -> ctypes.CDLL:
     capability = torch.backends.cpu.get_cpu_capability()
     if capability not in ("AVX2", "AVX512"):
         raise RuntimeError(f"the CPU lacks AVX2 (PyTorch reports {capability})")
-    path = build(isa_flags(cpu_flags(), _isa_choice))
+    isa = isa_flags(cpu_flags(), _isa_choice)
+    try:
+        path = build(isa)
+    except RuntimeError as e:
+        if not isa:
+            raise
+        logger.warning("CPU kernels: the %s build failed (%s); using the AVX2 one", " ".join(isa), e)
+        path = build([])
     return ctypes.CDLL(str(path))
 
 

@@ -126,6 +126,25 @@ def test_the_build_follows_the_cpu_unless_told_avx2():
         cpu_build.choose_isa("avx512")
 
 
+def test_a_failed_build_for_the_cpu_falls_back_to_avx2(monkeypatch):
+    """A compiler without the CPU's extensions still gives the kernels, built for AVX2."""
+    built = []
+    real = cpu_build.build
+
+    def build(isa):
+        built.append(isa)
+        if isa:
+            raise RuntimeError("g++: unrecognized option")
+        return real(isa)
+
+    monkeypatch.setattr(cpu_build, "build", build)
+    monkeypatch.setattr(cpu_build, "isa_flags", lambda cpu, choice: cpu_build.AVX_VNNI_FLAGS)
+    monkeypatch.setattr(cpu_build, "_library", None)
+    monkeypatch.setattr(cpu_build, "_reason", None)
+    assert cpu_build.library() is not None
+    assert built == [cpu_build.AVX_VNNI_FLAGS, []]
+
+
 def test_groups_wider_than_a_block_are_repeated_per_block():
     weight = quantize(torch.randn(OUT, IN), 4, 128)
     layer = BlockLinear.of(weight)
