@@ -63,7 +63,7 @@ def measure_step_costs(runner, max_batch: int, max_tokens: int, n_max: int) -> S
     model, proposer, device = runner.model, runner.proposer, runner.device
     costs = StepCosts(main={}, draft={})
     greedy = SamplingParams(temperature=0)
-    query_lens = sorted(set(range(1, min(n_max, 2) + 2)) | {n_max + 1})
+    query_lens = sorted({q for q in (1, 2, 3, n_max + 1) if q <= n_max + 1})
     b = 1
     while b <= max_batch and _fits(runner, b, 1):
         for q in query_lens:
