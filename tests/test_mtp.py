@@ -251,3 +251,30 @@ def test_logprobs_with_and_without_drafts(tiny_qwen3_dir, trained_head):
         for j, (chosen, top) in enumerate(req.output_logprobs):
             assert abs(chosen - float(ref[j, req.output_token_ids[j]])) < 1e-3
             assert [t for t, _ in top] == ref[j].topk(3).indices.tolist()
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=0.7), dict(temperature=0.9, top_p=0.8, top_k=20),
+                                      dict(temperature=1.3, min_p=0.05)])
+def test_sampled_drafts_over_the_draft_vocabulary_match_the_widened_logits(tiny_llama_dir, llama_head, settings):
+    """Without penalties or a grammar, sampled drafts are chosen from the draft vocabulary's logits alone; q,
+    widened with zeros, and the race's winners are those of the whole vocabulary's logits (-inf outside)."""
+    from mtpserve.engine.noise import DRAFT, RequestNoise
+    from mtpserve.engine.sampler import SamplingTensors, processed_probs, sample_from_probs
+
+    engine = make_engine(tiny_llama_dir, dtype=torch.float64, mtp_head=llama_head, spec_draft_n_max=2)
+    mtp = engine.mtp
+    vocab_size = engine.model_config.vocab_size
+    mtp.draft_vocab = torch.arange(3, vocab_size, 2)
+    mtp._draft_heads.clear()
+    y = torch.randn(6, engine.model_config.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    tensors = SamplingTensors.from_params([SamplingParams(**settings)] * 6, vocab_size, "cpu")
+    wide = processed_probs(mtp.compute_logits(1, y).float(), tensors)
+    narrow = mtp.widen(processed_probs(mtp.draft_logits(1, y).float(), tensors), 0.0)
+    torch.testing.assert_close(narrow, wide)
+    assert not narrow[:, :3].any() and not narrow[:, 4::2].any()
+    noises = [RequestNoise(seed) for seed in range(6)]
+    for position in range(20):
+        positions = [position] * 6
+        assert sample_from_probs(narrow, noises, positions, DRAFT).tolist() == \
+            sample_from_probs(wide, noises, positions, DRAFT).tolist()
+    assert mtp.vocab_ids(mtp.draft_logits(1, y).argmax(-1)).tolist() == mtp.compute_logits(1, y).argmax(-1).tolist()

@@ -208,25 +208,38 @@ class MTPModule(nn.Module):
             self._draft_heads[key] = cached
         return layer, cached[1]
 
+    def draft_logits(self, step: int, y: torch.Tensor) -> torch.Tensor:
+        """Draft logits over the draft vocabulary only, [.., N] (``vocab_ids`` maps a column to its
+        token id), or over the whole vocabulary when there is none."""
+        if self.draft_vocab is None:
+            layer, head = self.head(step)
+        else:
+            layer, head = self.draft_head(step)
+        return linear(layer.normed(y), head)
+
+    def widen(self, values: torch.Tensor, fill: float) -> torch.Tensor:
+        """Values over the draft vocabulary ([.., N]) as values over the whole vocabulary, ``fill``
+        elsewhere."""
+        if self.draft_vocab is None:
+            return values
+        out = values.new_full((*values.shape[:-1], self.model[0].config.vocab_size), fill)
+        return out.index_copy_(-1, self.draft_vocab, values)
+
+    def vocab_ids(self, columns: torch.Tensor) -> torch.Tensor:
+        """The token ids of columns of ``draft_logits``."""
+        if self.draft_vocab is None:
+            return columns
+        return self.draft_vocab[columns]
+
     def compute_logits(self, step: int, y: torch.Tensor) -> torch.Tensor:
         """Draft logits over the whole vocabulary;
         -inf outside the draft vocabulary when there is one."""
-        if self.draft_vocab is None:
-            layer, head = self.head(step)
-            return linear(layer.normed(y), head)
-        layer, head = self.draft_head(step)
-        sub = linear(layer.normed(y), head)
-        logits = sub.new_full((*sub.shape[:-1], self.model[0].config.vocab_size), float("-inf"))
-        return logits.index_copy_(-1, self.draft_vocab, sub)
+        return self.widen(self.draft_logits(step, y), float("-inf"))
 
     def greedy_tokens(self, step: int, y: torch.Tensor) -> torch.Tensor:
         """The argmax of ``compute_logits`` without widening the draft vocabulary's logits to the
         whole vocabulary (it is sorted, so ties go to the same, lowest, token id)."""
-        if self.draft_vocab is None:
-            return self.compute_logits(step, y).argmax(-1)
-        layer, head = self.draft_head(step)
-        return self.draft_vocab[linear(layer.normed(y), head).argmax(-1)]
-
+        return self.vocab_ids(self.draft_logits(step, y).argmax(-1))
 
 def _restrict(head, vocab: torch.Tensor):
     """``head`` ([H, V], or a quantized one) over the outputs ``vocab`` only."""

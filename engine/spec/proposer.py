@@ -67,12 +67,13 @@ def grammar_masked(logits: torch.Tensor, items: list[DraftInput],
     return logits
 
 
-def _plain_greedy(params: list, tensors: SamplingTensors) -> bool:
-    """Whether every draft of ``params`` is the head's argmax, unchanged by penalties (``tensors``:
-    the settings of a batch that holds them) or a grammar."""
+def _unshaped(params: list, tensors: SamplingTensors) -> bool:
+    """Whether the drafts of ``params`` depend on the head's logits alone, with no penalties
+    (``tensors``: the settings of a batch that holds them) and no grammar. Such drafts are chosen
+    over the draft vocabulary without widening its logits to the whole vocabulary."""
     if tensors.do_repetition or tensors.do_presence_frequency:
         return False
-    return all(p.greedy and p.grammar is None for p in params)
+    return all(p.grammar is None for p in params)
 
 
 class MTPProposer:
@@ -128,15 +129,20 @@ class MTPProposer:
                 probs: list[list[torch.Tensor]]) -> list[int]:
         """The next draft of each of ``items`` (their sampling settings: ``tensors``' ``rows``)."""
         params = [it.request.sampling_params for it in items]
-        if _plain_greedy(params, tensors):
+        unshaped = _unshaped(params, tensors)
+        if unshaped and all(p.greedy for p in params):
             return self.mtp.greedy_tokens(step, y_last).tolist()
         t = tensors.select(torch.tensor(rows, dtype=torch.long, device=self.device))
-        logits = self.mtp.compute_logits(step, y_last).float()
         histories = [it.history + d for it, d in zip(items, drafts)]
-        prompts = [it.request.prompt_token_ids for it in items]
-        logits = apply_penalties(logits, t, prompts, histories)
-        logits = grammar_masked(logits, items, drafts)
-        tokens = logits.argmax(-1)
+        if unshaped:  # over the draft vocabulary; q is widened for the race and for verification
+            logits = self.mtp.draft_logits(step, y_last).float()
+            tokens = self.mtp.vocab_ids(logits.argmax(-1))
+        else:
+            logits = self.mtp.compute_logits(step, y_last).float()
+            prompts = [it.request.prompt_token_ids for it in items]
+            logits = apply_penalties(logits, t, prompts, histories)
+            logits = grammar_masked(logits, items, drafts)
+            tokens = logits.argmax(-1)
         for seeded in (True, False):
             sampled = [i for i, p in enumerate(params)
                        if not p.greedy and items[i].request.noise.seeded == seeded]
@@ -144,6 +150,8 @@ class MTPProposer:
                 continue
             idx = torch.tensor(sampled, device=self.device)
             q = processed_probs(logits[idx], t.select(idx))
+            if unshaped:
+                q = self.mtp.widen(q, 0.0)
             noises = [items[i].request.noise for i in sampled]
             positions = [len(histories[i]) for i in sampled]
             tokens[idx] = sample_from_probs(q, noises, positions, TOKEN if seeded else DRAFT)
