@@ -241,6 +241,7 @@ class MTPModule(nn.Module):
         whole vocabulary (it is sorted, so ties go to the same, lowest, token id)."""
         return self.vocab_ids(self.draft_logits(step, y).argmax(-1))
 
+
 def _restrict(head, vocab: torch.Tensor):
     """``head`` ([H, V], or a quantized one) over the outputs ``vocab`` only."""
     if isinstance(head, ROW_HEADS):
