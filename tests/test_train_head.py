@@ -28,16 +28,17 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _record_draft_logits(engine):
-    """Wrap the MTP head so every draft step's logits are kept."""
+    """Wrap the MTP head so every draft step's logits are kept (``draft_logits``: every draft path computes them
+    there, once a step)."""
     seen = []
-    original = engine.mtp.compute_logits
+    original = engine.mtp.draft_logits
 
     def recording(step, y):
         out = original(step, y)
         seen.append((step, out.clone()))
         return out
 
-    engine.mtp.compute_logits = recording
+    engine.mtp.draft_logits = recording
     return seen
 
 
