@@ -55,6 +55,7 @@ def test_teacher_forced_chain_equals_engine_drafts(tiny_llama_dir, tmp_path, sta
     req = engine.add_request("r", prompt, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     engine.step()  # prefill: emits g, then drafts d1..d3 from the chain starting at the last prompt position
     assert [s for s, _ in seen] == [0, 1, 2]
+    engine_steps = list(seen)  # chain_logits below goes through the same recorded draft_logits
     drafts = req.spec_token_ids
     ids = prompt + req.output_token_ids[:1] + drafts
     hidden = base_hidden(engine.model, torch.tensor(ids))
@@ -64,7 +65,7 @@ def test_teacher_forced_chain_equals_engine_drafts(tiny_llama_dir, tmp_path, sta
         if not staircase:
             engine.mtp.layers.append(engine.mtp.layers[0])  # two "layers": plain causal attention per depth
         ours = chain_logits(engine.mtp, batch, 3)
-    for s, (_, logits) in enumerate(seen):
+    for s, (_, logits) in enumerate(engine_steps):
         same = torch.allclose(ours[s][row], logits[0], atol=1e-9, rtol=1e-9)
         assert same or (not staircase and s > 0), f"depth {s}"
         if not staircase and s > 0:

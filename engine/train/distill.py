@@ -123,9 +123,9 @@ def pack(sequences: list[tuple[list[int], int]], hidden: list[torch.Tensor], dep
 
 
 def chain_logits(mtp, batch: dict, depth: int):
-    """Logits of every depth for a packed batch, a list of [R, N]: over the head's draft vocabulary
-    when it has one (the same sliced head the engine drafts with), else over the whole
-    vocabulary."""
+    """Logits of every depth for a packed batch, a list of [R, N]: ``draft_logits``, over the head's
+    draft vocabulary when it has one (the same sliced head the engine drafts with), else over the
+    whole vocabulary."""
     staircase = len(mtp.layers) == 1
     attn = DraftChainAttention(batch["seq_ids"], staircase)
     h = batch["hidden"].to(mtp.layers[0].eh_proj.dtype)
@@ -133,8 +133,7 @@ def chain_logits(mtp, batch: dict, depth: int):
     for s in range(depth):
         attn.depth = s
         y = mtp(s, batch["inputs"][s], h, batch["positions"][s], [None] * len(mtp.layers), attn)
-        layer, head = mtp.head(s) if mtp.draft_vocab is None else mtp.draft_head(s)
-        out.append(layer.normed(y) @ head)
+        out.append(mtp.draft_logits(s, y))
         h = y
     return out
 
