@@ -2,7 +2,9 @@
 
 A verify step is timed whole, as the engine runs it: b requests of q new tokens each (the last
 verified token and q - 1 drafts) through the main model, their logits, and greedy verification
-(plain sampling when q = 1). Runs at engine start on blocks that are still free (what it writes
+(plain sampling when q = 1). A draft step is the MTP layer and its logits over the draft
+vocabulary, as every draft path computes them (only drafts under penalties or a grammar widen them
+to the whole vocabulary). Runs at engine start on blocks that are still free (what it writes
 there is overwritten before any request reads it) and takes the fastest of a few repeats per shape.
 """
 
@@ -87,7 +89,7 @@ def measure_step_costs(runner, max_batch: int, max_tokens: int, n_max: int) -> S
         def draft_step():
             proposer.attn.prepare(meta)
             y = proposer.mtp(1, ids, hidden, pos + 1, proposer.kv_caches, proposer.attn)
-            proposer.mtp.compute_logits(1, y)
+            proposer.mtp.draft_logits(1, y)
 
         costs.draft[b] = best_time(draft_step, device)
         b *= 2
