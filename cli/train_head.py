@@ -45,6 +45,9 @@ def add_args(p) -> None:
                    help="held-out built-in prompts per kind for evaluation")
     p.add_argument("--eval-magpie", type=int, default=64,
                    help="held-out Magpie conversations for evaluation")
+    p.add_argument("--magpie-skip", type=int, default=0,
+                   help="pass over the first N stored Magpie conversations (training and "
+                        "held-out alike), e.g. those an earlier stage of --init-head learnt from")
     p.add_argument("--targets", choices=("hard", "soft"), default="hard",
                    help="hard: learn the base model's tokens; soft: its whole distribution "
                         "(KL), so sampled drafts are accepted more often")
@@ -87,8 +90,10 @@ def run(args) -> int:
     for name in positive:
         if getattr(args, name) < 1:
             raise MtpserveError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.draft_vocab < 0 or args.eval_per_kind < 0 or args.eval_magpie < 0 or args.lr <= 0:
-        raise MtpserveError("--draft-vocab, --eval-per-kind and --eval-magpie must be >= 0, "
+    counts = (args.draft_vocab, args.eval_per_kind, args.eval_magpie, args.magpie_skip)
+    if min(counts) < 0 or args.lr <= 0:
+        raise MtpserveError("--draft-vocab, --eval-per-kind, --eval-magpie and --magpie-skip "
+                            "must be >= 0, "
                             "--lr positive")
     if args.train_answers < 1 or not args.distill_temperature > 0:
         raise MtpserveError("--train-answers must be at least 1, --distill-temperature positive")
@@ -105,6 +110,7 @@ def run(args) -> int:
         train_per_kind=parse_per_kind(args.train_per_kind),
         eval_per_kind=args.eval_per_kind,
         eval_magpie=args.eval_magpie,
+        magpie_skip=args.magpie_skip,
         targets=args.targets,
         distill_temperature=args.distill_temperature,
         epochs=args.epochs,

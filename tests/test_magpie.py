@@ -18,7 +18,8 @@ from mtpserve.bench.workload import read_prompts_file
 from mtpserve.engine.loader import load_checkpoint
 from mtpserve.engine.train.heldout import heldout_lines
 from mtpserve.engine.train.magpie import MagpieConfig, MagpieGenerator, end_of_turn_ids, user_turn_prefix
-from mtpserve.engine.train.mix import parse_mix, source_counts
+from mtpserve.engine.train.magpie import split_of
+from mtpserve.engine.train.mix import magpie_records, parse_mix, source_counts
 from mtpserve.engine.train.prompt_filter import PromptFilter
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -150,6 +151,20 @@ def test_resumed_generation_equals_uninterrupted(tiny_llama_dir, tmp_path):
     b = straight.store.records()
     count = sum(c["records"] for c in straight.store.manifest["chunks"][:common])
     assert count > 0 and a[:count] == b[:count]
+
+
+def test_magpie_skip_passes_over_the_first_stored_conversations(tiny_llama_dir, tmp_path):
+    """A later stage's records: with ``skip``, training and held-out records both come from the stored
+    conversations after the first ``skip``, in order, and nothing is generated while enough are stored."""
+    _, gen, _ = _generate(tiny_llama_dir, tmp_path / "m", 12)
+    stored = gen.store.records()
+    engine = make_engine(tiny_llama_dir, spec_draft_n_max=0, max_num_seqs=8)
+    train, evals, manifest = magpie_records(engine, str(tmp_path / "m"), 2, 4, 0, gen.cfg, skip=4)
+    later = stored[4:]
+    assert train == [r for r in later if split_of(r) == "train"][:2]
+    assert evals == [r for r in later if split_of(r) == "eval"][:4]
+    assert not any(r in stored[:4] for r in train + evals)
+    assert len(manifest["chunks"]) == gen.store.num_rounds
 
 
 class DropAll(KeepFinished):

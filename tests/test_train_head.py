@@ -211,6 +211,7 @@ def test_draft_vocab_is_lossless_greedy_and_sampled(tiny_llama_dir, tmp_path):
     (["--prompt-mix", "web=1"], "--prompt-mix"),
     (["--prompt-mix", "builtin=0,magpie=0"], "positive share"),
     (["--train-answers", "0"], "--train-answers"),
+    (["--magpie-skip", "-1"], "--magpie-skip"),
     (["--distill-temperature", "0"], "--distill-temperature"),
     (["--init-head", "no/such/head"], "--init-head no/such/head: no such head directory"),
 ])

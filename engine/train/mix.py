@@ -72,12 +72,15 @@ def builtin_train_prompts(per_kind: dict, count: int) -> list:
 
 
 def magpie_records(engine, folder: str, count: int, eval_count: int, seed: int,
-                   cfg: MagpieConfig | None = None) -> tuple[list[dict], list[dict], dict]:
-    """``count`` training and up to ``eval_count`` held-out Magpie records, and the manifest."""
+                   cfg: MagpieConfig | None = None,
+                   skip: int = 0) -> tuple[list[dict], list[dict], dict]:
+    """``count`` training and up to ``eval_count`` held-out Magpie records, and the manifest.
+    The first ``skip`` stored records are passed over: a later stage can learn from, and be
+    judged on, conversations an earlier stage never saw."""
     cfg = cfg or MagpieConfig(seed=seed)
     generator = MagpieGenerator(engine, folder, cfg)
     wanted = math.ceil(count * 16 / 15) + 4  # one in 16 is held out
-    records = generator.generate(wanted)
+    records = generator.generate(skip + wanted)[skip:]
     train = [r for r in records if split_of(r) == "train"][:count]
     evals = [r for r in records if split_of(r) == "eval"][:eval_count]
     return train, evals, generator.store.manifest
@@ -105,7 +108,7 @@ def recipe_records(engine, cfg) -> tuple[list[dict], dict[str, list[dict]], dict
     if "magpie" in counts:
         records, held_out, manifest = magpie_records(
             engine, os.path.join(folder, "magpie"), counts["magpie"], cfg.eval_magpie, cfg.seed,
-            magpie_cfg)
+            magpie_cfg, cfg.magpie_skip)
         train += records
         evals["magpie"] = held_out
         info["magpie_manifest"] = manifest

@@ -66,6 +66,7 @@ class TrainConfig:
     train_per_kind: dict = field(default_factory=lambda: dict(TRAIN_PER_KIND))  # built-in caps
     eval_per_kind: int = 16
     eval_magpie: int = 64  # held-out Magpie conversations evaluated
+    magpie_skip: int = 0  # stored Magpie conversations passed over (an earlier stage's)
     targets: str = "hard"  # "hard": the base model's tokens; "soft": its distribution
     distill_temperature: float = 1.0  # T of the soft targets' KL, on both sides as at inference
     epochs: int = 3
