@@ -12,6 +12,7 @@ from mtpserve.engine.errors import MtpserveError
 from mtpserve.engine.loader import load_checkpoint
 from mtpserve.engine.models.quantize import QUANTIZATIONS
 from mtpserve.engine.train.mix import SOURCES, parse_mix
+from mtpserve.engine.train.precision import PRECISIONS, resolve_precision
 from mtpserve.engine.train.prompts import KINDS
 from mtpserve.engine.train.trainer import PROMPT_MIX, TRAIN_ANSWERS, HeadTrainer, TrainConfig
 
@@ -62,6 +63,11 @@ def add_args(p) -> None:
     p.add_argument("--max-num-seqs", type=int, default=64, help="requests generated at once")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="arithmetic of the hidden-state pass and the training steps; bfloat16: "
+                        "autocast, with float32 weights, optimizer and loss; auto: bfloat16 where "
+                        "the device multiplies it natively (AVX512-BF16 or AMX CPUs, CUDA), else "
+                        "float32")
     p.add_argument("--quantization", default="auto", choices=["auto", *QUANTIZATIONS],
                    help="weights the base model answers the prompts with; auto: as `serve` runs "
                         "the model on this device (int4 on the CPU block kernels for a GGUF on "
@@ -123,6 +129,7 @@ def run(args) -> int:
         max_num_seqs=args.max_num_seqs,
         generate_quantization=resolve_quantization(args.model, args.quantization, device),
         init_head=args.init_head,
+        precision=resolve_precision(args.precision, device),
     )
     generator = None
     if cfg.generate_quantization != "none":

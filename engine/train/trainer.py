@@ -47,6 +47,7 @@ from mtpserve.engine.train.hidden_store import HiddenStore
 from mtpserve.engine.train.magpie_store import summary
 from mtpserve.engine.train.mix import recipe_records
 from mtpserve.engine.train.phases import PhaseClock, hardware
+from mtpserve.engine.train.precision import autocast
 from mtpserve.engine.train.soft_targets import Teacher, teacher_head
 
 STATE = "trainer_state.pt"
@@ -85,6 +86,9 @@ class TrainConfig:
     # use them) or a quantization, e.g. "int4" on the CPU block kernels, as `serve` runs a GGUF on
     # a CPU (needs the checkpoint loaded quantized: HeadTrainer's generator_checkpoint)
     generate_quantization: str = "none"
+    # arithmetic of the hidden-state pass and the training steps (precision.py): "float32" or
+    # "bfloat16" (autocast: float32 weights, optimizer and loss)
+    precision: str = "float32"
 
 
 def _schedule(step: int, total: int, warmup: int) -> float:
@@ -173,7 +177,8 @@ class HeadTrainer:
 
     def record_hidden(self, record: dict) -> torch.Tensor:
         ids = torch.tensor(record["prompt_ids"] + record["output_ids"], device=self.device)
-        return base_hidden(self.model, ids)
+        with autocast(self.cfg.precision, self.device):
+            return base_hidden(self.model, ids)
 
     def layer_prefix(self, i: int) -> str:
         return f"model.layers.{self.mc.num_hidden_layers + i}."
@@ -259,7 +264,8 @@ class HeadTrainer:
 
     def train_step(self, mtp, opt, params, batch: dict, teacher: Teacher | None) -> float | None:
         """One optimizer step on ``batch``; its loss (None: nothing to count, no step)."""
-        loss = mtp_loss(mtp, batch, self.cfg.depth, teacher)
+        with autocast(self.cfg.precision, self.device):
+            loss = mtp_loss(mtp, batch, self.cfg.depth, teacher)
         opt.zero_grad(set_to_none=True)
         if loss is None:
             return None
