@@ -99,10 +99,12 @@ def run(args) -> int:
     counts = (args.draft_vocab, args.eval_per_kind, args.eval_magpie, args.magpie_skip)
     if min(counts) < 0 or args.lr <= 0:
         raise MtpserveError("--draft-vocab, --eval-per-kind, --eval-magpie and --magpie-skip "
-                            "must be >= 0, "
-                            "--lr positive")
+                            "must be >= 0, --lr positive")
     if args.train_answers < 1 or not args.distill_temperature > 0:
         raise MtpserveError("--train-answers must be at least 1, --distill-temperature positive")
+    mix = parse_mix(args.prompt_mix)
+    if args.magpie_skip and "magpie" not in mix:
+        raise MtpserveError("--magpie-skip needs a magpie share in --prompt-mix")
     device = resolve_device(args.device)
     if args.init_head not in (None, "default") and not os.path.isdir(args.init_head):
         raise MtpserveError(f"--init-head {args.init_head}: no such head directory")
@@ -111,7 +113,7 @@ def run(args) -> int:
         num_layers=args.num_layers,
         depth=args.depth,
         draft_vocab=args.draft_vocab,
-        prompt_mix=parse_mix(args.prompt_mix),
+        prompt_mix=mix,
         train_answers=args.train_answers,
         train_per_kind=parse_per_kind(args.train_per_kind),
         eval_per_kind=args.eval_per_kind,

@@ -17,8 +17,7 @@ from engine_helpers import make_engine
 from mtpserve.bench.workload import read_prompts_file
 from mtpserve.engine.loader import load_checkpoint
 from mtpserve.engine.train.heldout import heldout_lines
-from mtpserve.engine.train.magpie import MagpieConfig, MagpieGenerator, end_of_turn_ids, user_turn_prefix
-from mtpserve.engine.train.magpie import split_of
+from mtpserve.engine.train.magpie import MagpieConfig, MagpieGenerator, end_of_turn_ids, split_of, user_turn_prefix
 from mtpserve.engine.train.mix import magpie_records, parse_mix, source_counts
 from mtpserve.engine.train.prompt_filter import PromptFilter
 

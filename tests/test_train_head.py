@@ -212,6 +212,7 @@ def test_draft_vocab_is_lossless_greedy_and_sampled(tiny_llama_dir, tmp_path):
     (["--prompt-mix", "builtin=0,magpie=0"], "positive share"),
     (["--train-answers", "0"], "--train-answers"),
     (["--magpie-skip", "-1"], "--magpie-skip"),
+    (["--magpie-skip", "10", "--prompt-mix", "builtin=1"], "--magpie-skip needs a magpie share"),
     (["--distill-temperature", "0"], "--distill-temperature"),
     (["--init-head", "no/such/head"], "--init-head no/such/head: no such head directory"),
 ])

@@ -4,7 +4,6 @@ really changes the arithmetic (hidden states close to float32's, not equal), and
 from __future__ import annotations
 
 import pytest
-import torch
 
 from mtpserve.engine.loader import load_checkpoint
 from mtpserve.engine.train import precision
