@@ -20,7 +20,7 @@ NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 def native_bf16(device: str) -> bool:
     if str(device).startswith("cuda"):
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     flags = cpu_flags()
     return any(flag in flags for flag in NATIVE_BF16_CPU_FLAGS)
 
