@@ -9,6 +9,7 @@ is rewritten every few minutes while states are computed, so an interrupted run 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import sys
 import time
@@ -18,6 +19,8 @@ from tqdm import tqdm
 
 SAVE_EVERY_S = 300.0
 
+logger = logging.getLogger("mtpserve.train")
+
 
 def record_key(record: dict) -> str:
     """A digest of what a record's hidden states are computed over: its token ids."""
@@ -25,9 +28,22 @@ def record_key(record: dict) -> str:
     return hashlib.sha256(repr(ids).encode()).hexdigest()
 
 
+def model_key(model, precision: str) -> str:
+    """What a store's states were computed with: the base model and the arithmetic (precision.py).
+    The model is named by a digest of its norm weights, which differ between checkpoints of one
+    shape (a base model and its instruct tune), and are small enough to hash at every start."""
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters()):
+        if "norm" in name:
+            digest.update(name.encode())
+            digest.update(param.detach().float().cpu().numpy().tobytes())
+    return f"{digest.hexdigest()[:16]}:{precision}"
+
+
 class HiddenStore:
-    """The saved states of one set. ``model_key`` names the base model; states saved for another
-    model are not used."""
+    """The saved states of one set. ``model_key`` (``model_key()``) names the base model and the
+    precision; states saved under another key are not used, so a resumed run never mixes states
+    of two models or two precisions."""
 
     def __init__(self, path: str, model_key: str, device):
         self.path = path
@@ -37,6 +53,9 @@ class HiddenStore:
             saved = torch.load(path, map_location=device)
             if saved.get("model") == model_key:
                 self.by_record = saved["by_record"]
+            else:
+                logger.warning("%s holds states of another model or precision (%s, not %s); "
+                               "computing them again", path, saved.get("model"), model_key)
 
     def save(self) -> None:
         tmp = self.path + ".tmp"

@@ -43,7 +43,7 @@ from mtpserve.engine.train.distill import base_hidden, mtp_loss, pack
 from mtpserve.engine.train.draft_vocab import draft_vocabulary, vocab_map_of
 from mtpserve.engine.train.evaluation import evaluate
 from mtpserve.engine.train.head_init import head_config, init_head_weights
-from mtpserve.engine.train.hidden_store import HiddenStore
+from mtpserve.engine.train.hidden_store import HiddenStore, model_key
 from mtpserve.engine.train.magpie_store import summary
 from mtpserve.engine.train.mix import recipe_records
 from mtpserve.engine.train.phases import PhaseClock, hardware
@@ -170,9 +170,8 @@ class HeadTrainer:
         """The base model's hidden states over each record of the set ``name``, float16, kept for
         every epoch and saved by record in ``data/`` (``hidden_store.py``)."""
         path = os.path.join(self.cfg.out, "data", f"hidden-{name}.pt")
-        mc = self.mc
-        model_key = f"{mc.architecture}:{mc.num_hidden_layers}:{mc.hidden_size}"
-        store = HiddenStore(path, model_key, self.device)
+        key = model_key(self.model, self.cfg.precision)
+        store = HiddenStore(path, key, self.device)
         return store.states(sequences, self.record_hidden, f"base hidden states ({name})")
 
     def record_hidden(self, record: dict) -> torch.Tensor:
