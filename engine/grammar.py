@@ -15,7 +15,7 @@ from __future__ import annotations
 import weakref
 
 import llguidance
-import llguidance.torch
+import llguidance.numpy
 import torch
 
 from mtpserve.engine.errors import RequestError
@@ -48,6 +48,18 @@ def json_schema_grammar(schema: dict) -> str:
 def lark_grammar(text: str) -> str:
     """A grammar in llguidance's Lark syntax; ValueError when it does not parse."""
     return llguidance.LLMatcher.grammar_from_lark(text)
+
+
+def allocate_bitmask(rows: int, vocab_size: int) -> torch.Tensor:
+    """[rows, ceil(V / 32)] int32 bit words, all tokens allowed. llguidance's numpy helpers, not
+    its torch ones: importing ``llguidance.torch`` compiles a kernel with ``torch.compile``, which
+    loads TorchDynamo and Inductor (seconds at every start) for a function the engine never calls."""
+    return torch.from_numpy(llguidance.numpy.allocate_token_bitmask(rows, vocab_size))
+
+
+def fill_bitmask(matcher: llguidance.LLMatcher, bitmask: torch.Tensor, row: int) -> None:
+    """Row ``row`` of ``bitmask`` (a CPU tensor): the tokens ``matcher`` allows next."""
+    llguidance.numpy.fill_next_token_bitmask(matcher, bitmask.numpy(), row)
 
 
 def unpack(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -116,8 +128,8 @@ class Grammar:
         the first the grammar forbids): what the draft after them may be."""
         self.sync(output_token_ids)
         consumed = self.matcher.try_consume_tokens(list(drafts))
-        bitmask = llguidance.torch.allocate_token_bitmask(1, self.vocab_size)
-        llguidance.torch.fill_next_token_bitmask(self.matcher, bitmask, 0)
+        bitmask = allocate_bitmask(1, self.vocab_size)
+        fill_bitmask(self.matcher, bitmask, 0)
         if consumed:
             self.matcher.rollback(consumed)
         self._keep(len(output_token_ids), drafts[:consumed], bitmask[0])
@@ -139,7 +151,7 @@ class Grammar:
         if kept is not None:
             bitmask[row] = kept
             return
-        llguidance.torch.fill_next_token_bitmask(self.matcher, bitmask, row)
+        fill_bitmask(self.matcher, bitmask, row)
 
     def _masks(self, output_token_ids: list[int], drafts: list[int]) -> tuple[torch.Tensor, int]:
         """[k + 1, V] bool: the tokens allowed after the output and each prefix d_1..d_j of the
@@ -148,7 +160,7 @@ class Grammar:
         used)."""
         self.sync(output_token_ids)
         rows = len(drafts) + 1
-        bitmask = llguidance.torch.allocate_token_bitmask(rows, self.vocab_size)
+        bitmask = allocate_bitmask(rows, self.vocab_size)
         consumed = 0
         for j in range(rows):
             self._fill(bitmask, j, len(output_token_ids), drafts[:j])

@@ -156,7 +156,7 @@ def test_verify_reuses_the_masks_drafting_computed(engines, monkeypatch):
     """The verify step's rows after the output and each draft prefix are the masks the draft steps
     computed for the same prefixes: taken from them (one matcher fill, for the bonus row), and
     equal to the masks a fresh matcher computes."""
-    import llguidance.torch
+    from mtpserve.engine import grammar
 
     _, mtp = engines
     vocab = mtp.model_config.vocab_size
@@ -169,8 +169,8 @@ def test_verify_reuses_the_masks_drafting_computed(engines, monkeypatch):
     for j in range(len(drafts)):
         drafting.next_mask(output, drafts[:j])
     fills = []
-    real_fill = llguidance.torch.fill_next_token_bitmask
-    monkeypatch.setattr(llguidance.torch, "fill_next_token_bitmask",
+    real_fill = grammar.fill_bitmask
+    monkeypatch.setattr(grammar, "fill_bitmask",
                         lambda *args: fills.append(1) or real_fill(*args))
     got = drafting.verify_masks(output, drafts)
     assert torch.equal(got, want)
