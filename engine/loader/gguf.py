@@ -18,6 +18,7 @@ import torch
 from mtpserve.engine.config import GenerationDefaults, ModelConfig
 from mtpserve.engine.errors import ModelLoadError
 from mtpserve.engine.loader.checkpoint import Checkpoint, most_common
+from mtpserve.engine.loader.gguf_file import GGUFFile
 from mtpserve.engine.loader.gguf_quant import read_quantized
 from mtpserve.engine.tokenizer import Tokenizer, build_byte_level_bpe, build_sentencepiece_bpe
 
@@ -94,7 +95,7 @@ def load_gguf_tokenizer(path: str) -> Tokenizer:
     return _tokenizer(meta, path)
 
 
-def _open(path) -> tuple[str, gguf.GGUFReader, dict]:
+def _open(path) -> tuple[str, GGUFFile, dict]:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ModelLoadError(f"GGUF file not found: {path}")
@@ -102,12 +103,11 @@ def _open(path) -> tuple[str, gguf.GGUFReader, dict]:
         if f.read(4) != b"GGUF":
             raise ModelLoadError(f"{path}: not a GGUF file (bad magic)")
     try:
-        reader = gguf.GGUFReader(path)
-        meta = {name: field.contents() for name, field in reader.fields.items()}
+        reader = GGUFFile(path)
     except Exception as e:  # noqa: BLE001 - gguf raises many kinds on bad/truncated files
         reason = f"{type(e).__name__}: {e}"
         raise ModelLoadError(f"{path}: truncated or corrupt GGUF file ({reason})") from None
-    return path, reader, meta
+    return path, reader, reader.metadata
 
 
 def _scalar(meta: dict, key: str, path: str, default=None, required: bool = False):
