@@ -104,7 +104,7 @@ def _open(path) -> tuple[str, GGUFFile, dict]:
             raise ModelLoadError(f"{path}: not a GGUF file (bad magic)")
     try:
         reader = GGUFFile(path)
-    except Exception as e:  # noqa: BLE001 - gguf raises many kinds on bad/truncated files
+    except Exception as e:  # noqa: BLE001 - a bad or cut file raises several kinds
         reason = f"{type(e).__name__}: {e}"
         raise ModelLoadError(f"{path}: truncated or corrupt GGUF file ({reason})") from None
     return path, reader, reader.metadata

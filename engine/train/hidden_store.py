@@ -41,21 +41,21 @@ def model_key(model, precision: str) -> str:
 
 
 class HiddenStore:
-    """The saved states of one set. ``model_key`` (``model_key()``) names the base model and the
+    """The saved states of one set. ``key`` (``model_key()``) names the base model and the
     precision; states saved under another key are not used, so a resumed run never mixes states
     of two models or two precisions."""
 
-    def __init__(self, path: str, model_key: str, device):
+    def __init__(self, path: str, key: str, device):
         self.path = path
-        self.model_key = model_key
+        self.model_key = key
         self.by_record: dict[str, torch.Tensor] = {}
         if os.path.isfile(path):
             saved = torch.load(path, map_location=device)
-            if saved.get("model") == model_key:
+            if saved.get("model") == key:
                 self.by_record = saved["by_record"]
             else:
                 logger.warning("%s holds states of another model or precision (%s, not %s); "
-                               "computing them again", path, saved.get("model"), model_key)
+                               "computing them again", path, saved.get("model"), key)
 
     def save(self) -> None:
         tmp = self.path + ".tmp"
