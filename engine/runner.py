@@ -49,6 +49,7 @@ class ModelRunner:
             self.proposer = MTPProposer(mtp, kv, mtp_caches, cfg.vocab_size, device,
                                         make_attention_backend(attention))
         self.policy = policy  # DraftPolicy: drafts per request for the next step
+        self.fused_drafts = False  # the last step's drafts ran in one kernel call
         self.graphs: CUDAGraphs | None = None  # captured forwards (capture_graphs)
         self.num_graphs = 0
         self.capture_seconds = 0.0
@@ -167,8 +168,10 @@ class ModelRunner:
                 history = []
             rows = hidden[starts[i]:starts[i] + len(next_tokens)]
             items.append(DraftInput(req, start, rows, next_tokens, history, 0))
+        requests = [items[j].request for j in drafting]
+        self.fused_drafts = self.proposer.one_call_drafter(requests) is not None
         if drafting and self.policy is not None:
-            plan = self.policy.plan([items[j].request for j in drafting], len(batch.scheduled))
+            plan = self.policy.plan(requests, len(batch.scheduled), self.fused_drafts)
             for j, k in zip(drafting, plan):
                 items[j].num_drafts = k
         result.spec_token_ids = self.proposer.propose(items)
@@ -180,4 +183,5 @@ class ModelRunner:
         if any(s.num_new_tokens - s.num_spec_tokens != 1 for s in out.scheduled):
             return
         next_drafts = [len(d) for d in result.spec_token_ids.values()]
-        self.policy.observe(len(out.scheduled), out.num_tokens, next_drafts, seconds)
+        self.policy.observe(len(out.scheduled), out.num_tokens, next_drafts, seconds,
+                            self.fused_drafts)

@@ -1,5 +1,5 @@
-"""Builds the CPU kernels (kernels/cpu/*.cpp: the block kernels, the sampling race) into one library
-at first use and loads it with ctypes.
+"""Builds the CPU kernels (kernels/cpu/*.cpp: the block kernels, the MTP draft loop, the sampling
+race) into one library at first use and loads it with ctypes.
 
 The shared library is compiled once per source version into the user's cache directory
 (``$XDG_CACHE_HOME/mtpserve``, else ``~/.cache/mtpserve``; a temporary directory where that is not
@@ -28,7 +28,9 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).parent / "cpu" / name for name in ("blocks.cpp", "race.cpp")]
+SOURCES = [Path(__file__).parent / "cpu" / name
+           for name in ("blocks.cpp", "draft.cpp", "race.cpp")]
+HEADERS = [Path(__file__).parent / "cpu" / "blocks.h"]
 FLAGS = ["-O3", "-std=c++17", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 AVX512_VNNI = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")  # as /proc/cpuinfo names them
 AVX512_VNNI_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]
@@ -120,7 +122,7 @@ def _load() -> ctypes.CDLL:
 def build(isa: list[str]) -> Path:
     """The library compiled from the sources with FLAGS and ``isa``, built if not cached yet."""
     flags = FLAGS + isa
-    source = b"".join(path.read_bytes() for path in SOURCES)
+    source = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
     digest = hashlib.sha256(source + " ".join(flags).encode()).hexdigest()[:16]
     target = cache_dir() / f"cpu-{digest}.so"
     if target.exists():

@@ -151,3 +151,22 @@ def test_near_ties_go_to_plain_decoding():
     assert 1.0 < gain(0.25) < SPEC_MARGIN
     assert policy.plan([request(policy, 0.25)], 1) == [0]
     assert policy.plan([request(policy, 0.5)], 1) == [1]
+
+
+def test_cheap_later_draft_steps_draft_deeper():
+    """Greedy drafts that run in one kernel call pay a full draft step for their first draft only: priced so,
+    a request drafts deeper, and the plan is still the best one by that cost model."""
+    costs = StepCosts(main=COSTS.main, draft={b: 0.4 + 0.01 * b for b in (1, 2, 4, 8)},
+                      fused={b: 0.02 + 0.01 * b for b in (1, 2, 4, 8)})
+    assert costs.draft_step(1, 1, fused=True) == costs.draft_step(1) > costs.draft_step(1, 2, fused=True)
+    assert costs.draft_step(1, 2, fused=False) == costs.draft_step(1)
+    policy = DraftPolicy(4, costs=costs)
+    per_step = policy.allocate([0.7], [4], 1)
+    one_call = policy.allocate([0.7], [4], 1, fused=True)
+    assert one_call[0] > per_step[0]
+
+    def rate(k: int) -> float:  # tokens per second of k drafts, from the cost model directly
+        seconds = costs.step(1, 1 + k) + sum(costs.draft_step(1, depth, fused=True) for depth in range(1, k + 1))
+        return sum(0.7 ** j for j in range(k + 1)) / seconds * (SPEC_MARGIN if k == 0 else 1.0)
+
+    assert rate(one_call[0]) == max(rate(k) for k in range(5))

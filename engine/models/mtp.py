@@ -23,6 +23,7 @@ from torch import nn
 
 from mtpserve.engine.errors import ModelLoadError
 from mtpserve.engine.models.llama import _copy, _param, _set_linear, _take
+from mtpserve.kernels import cpu_draft
 from mtpserve.kernels.cpu_decoder import FusedDecoder, layer_fits
 from mtpserve.kernels.linear import linear
 from mtpserve.kernels.quant import ROW_HEADS
@@ -156,6 +157,7 @@ class MTPModule(nn.Module):
         self.register_buffer("draft_vocab", draft_vocab)
         self._draft_heads: dict[int, tuple] = {}  # step -> (head, restricted head, dtype)
         self._fused_blocks: dict[int, FusedDecoder] = {}  # layer -> its block as one call
+        self._drafter: cpu_draft.FusedDrafter | None = None
 
     def embed(self, layer: MTPLayer, input_ids: torch.Tensor) -> torch.Tensor:
         if layer.embed_tokens is not None:
@@ -170,7 +172,9 @@ class MTPModule(nn.Module):
         layer = self.layers[i]
         model = self.model[0]
         embeds = self.embed(layer, input_ids)
-        fused = self._fused(i, kv_caches[i], attn)
+        fused = None
+        if attn.meta is not None:  # a paged cache
+            fused = self._fused(i, kv_caches[i])
         if fused is not None:  # the block in one kernel call; its KV slot is one before
             y = fused.run(layer.block_input(embeds, hidden), positions, attn.meta, positions - 1)
             return layer.fed_back(y)
@@ -178,11 +182,11 @@ class MTPModule(nn.Module):
         sin = model.sin[positions]
         return layer(embeds, hidden, cos, sin, kv_caches[i], attn)
 
-    def _fused(self, i: int, kv_cache, attn) -> FusedDecoder | None:
+    def _fused(self, i: int, kv_cache) -> FusedDecoder | None:
         """Layer ``i``'s block as one kernel call (kernels/cpu_decoder.py) where the main model
         runs so and the block fits; else None."""
         model = self.model[0]
-        if not model.fusable or attn.meta is None:
+        if not model.fusable:
             return None
         block = self.layers[i].block
         if not layer_fits(block):
@@ -191,6 +195,31 @@ class MTPModule(nn.Module):
                                   model.sin, [kv_cache])
         self._fused_blocks[i] = fused
         return fused
+
+    def fused_drafter(self, kv_caches: list) -> cpu_draft.FusedDrafter | None:
+        """The greedy draft loop in one kernel call (kernels/cpu_draft.py) where there is one MTP
+        layer, its block runs fused and its weights are block weights; else None."""
+        if len(self.layers) != 1:
+            return None
+        block = self._fused(0, kv_caches[0])
+        if block is None:
+            return None
+        layer = self.layers[0]
+        embed = layer.embed_tokens
+        model = self.model[0]
+        if embed is None and getattr(model, "embed_tokens", None) is None:
+            embed = model.lm_head
+        if self.draft_vocab is None:
+            head = self.head(0)[1]
+        else:
+            head = self.draft_head(0)[1]
+        if not cpu_draft.fits(layer, embed, head):
+            return None
+        cached = self._drafter
+        if cached is None or cached.block is not block or cached.head is not head:
+            cached = cpu_draft.FusedDrafter(layer, block, embed, head, self.draft_vocab)
+            self._drafter = cached
+        return cached
 
     def head(self, step: int) -> tuple[MTPLayer, torch.Tensor]:
         layer = self.layers[min(step, len(self.layers) - 1)]

@@ -5,7 +5,8 @@ estimate ``a``; its j-th draft is accepted with probability about ``a^j``. A ste
 requests that verify ``n`` tokens in all, with ``r_j`` requests drafting a j-th token, costs
 ``C = T(B, n) + sum_j D(r_j)``, where ``T`` is the measured time of a verify step (main model,
 logits and verification; ``n = B`` is plain decoding) and ``D(r)`` that of one draft step over ``r``
-requests, both measured when the engine starts (``calibrate.py``).
+requests, both measured when the engine starts (``calibrate.py``). Greedy drafts that run in one
+kernel call (kernels/cpu_draft.py) price their later steps at what a step of that loop costs.
 
 The policy starts from plain decoding (``B`` tokens per ``T(B, B)``) and adds drafts across the
 batch in order of their expected acceptance ``a_i^j``, keeping the number of drafts that gives the
@@ -57,10 +58,13 @@ def _interp(table: dict[int, float], x: float) -> float:
 @dataclass
 class StepCosts:
     """Measured seconds: ``main[(b, q)]`` for a step of b requests with q tokens each (main model,
-    logits, sampling or verification), ``draft[b]`` for one draft step over b requests."""
+    logits, sampling or verification), ``draft[b]`` for one draft step over b requests, and
+    ``fused[b]`` for a later draft step of the greedy loop that runs in one kernel call
+    (kernels/cpu_draft.py; empty where there is none): its first step stays a ``draft`` one."""
 
     main: dict[tuple[int, int], float] = field(default_factory=lambda: {(1, 1): 1.0})
     draft: dict[int, float] = field(default_factory=lambda: {1: 0.0})
+    fused: dict[int, float] = field(default_factory=dict)
 
     def at_batch(self, batch_size: int) -> dict[int, float]:
         """Step seconds by tokens per request, for a batch of ``batch_size`` requests."""
@@ -73,8 +77,14 @@ class StepCosts:
         """A step of ``batch_size`` requests verifying ``num_tokens`` tokens in all."""
         return _interp(self.at_batch(batch_size), num_tokens / batch_size)
 
-    def draft_step(self, rows: int) -> float:
-        return _interp(self.draft, rows) if rows else 0.0
+    def draft_step(self, rows: int, depth: int = 1, fused: bool = False) -> float:
+        """Draft step ``depth`` (1: the first) over ``rows`` requests; ``fused``: the requests'
+        drafts run in one kernel call."""
+        if not rows:
+            return 0.0
+        if fused and depth > 1 and self.fused:
+            return _interp(self.fused, rows)
+        return _interp(self.draft, rows)
 
 
 @dataclass
@@ -153,19 +163,23 @@ class DraftPolicy:
     def free(self, request_id: str) -> None:
         self.estimates.pop(request_id, None)
 
-    def allocate(self, rates: list[float], limits: list[int], batch_size: int) -> list[int]:
+    def allocate(self, rates: list[float], limits: list[int], batch_size: int,
+                 fused: bool = False) -> list[int]:
         """Drafts per request that maximise the batch's expected tokens per second; ``batch_size``
-        counts every request in the step, those that cannot draft included."""
+        counts every request in the step, those that cannot draft included; ``fused``: their
+        drafts run in one kernel call."""
         row = self.costs.at_batch(batch_size)
         plain = _interp(row, 1.0)
         b = self.fit.scale(batch_size)
-        draft_cost: dict[int, float] = {}
+        draft_cost: dict[tuple[int, bool], float] = {}
 
         def cost(num_tokens: int, depth_rows: list[int]) -> float:
-            for r in depth_rows:
-                if r not in draft_cost:
-                    draft_cost[r] = self.costs.draft_step(r)
-            drafting = sum(draft_cost[r] for r in depth_rows)
+            drafting = 0.0
+            for depth, r in enumerate(depth_rows):
+                key = (r, depth > 1)
+                if key not in draft_cost:
+                    draft_cost[key] = self.costs.draft_step(r, depth, fused)
+                drafting += draft_cost[key]
             extra = _interp(row, num_tokens / batch_size) - plain + drafting
             return plain + b * extra
 
@@ -190,14 +204,15 @@ class DraftPolicy:
             drafts[i] += 1
         return drafts
 
-    def plan(self, requests: list, batch_size: int) -> list[int]:
-        """Drafts to propose for each of ``requests``' next step (a batch of ``batch_size``)."""
+    def plan(self, requests: list, batch_size: int, fused: bool = False) -> list[int]:
+        """Drafts to propose for each of ``requests``' next step (a batch of ``batch_size``);
+        ``fused``: their drafts run in one kernel call."""
         limits = [self.limit(r) for r in requests]
         if not self.adaptive:
             return limits
         estimates = [self.estimate(r.request_id) for r in requests]
         rates = [est.rate for est in estimates]
-        drafts = self.allocate(rates, limits, batch_size)
+        drafts = self.allocate(rates, limits, batch_size, fused)
         due = []
         for i, est in enumerate(estimates):
             if drafts[i] or not limits[i]:
@@ -208,7 +223,7 @@ class DraftPolicy:
                 due.append(i)
         if due:  # probe where drafting would pay if the text turned predictable
             probe_rates = [PROBE_RATE if i in due else a for i, a in enumerate(rates)]
-            hopeful = self.allocate(probe_rates, limits, batch_size)
+            hopeful = self.allocate(probe_rates, limits, batch_size, fused)
             for i in due:
                 if hopeful[i]:
                     estimates[i].steps_without_drafts = 0
@@ -216,14 +231,17 @@ class DraftPolicy:
         return drafts
 
     def observe(self, batch_size: int, num_tokens: int, next_drafts: list[int],
-                seconds: float) -> None:
+                seconds: float, fused: bool = False) -> None:
         """A pure decode step over ``num_tokens`` tokens (drafts included) took ``seconds``,
-        drafting ``next_drafts`` tokens per request for the next step included."""
+        drafting ``next_drafts`` tokens per request for the next step included (``fused``: in one
+        kernel call)."""
         if not (self.adaptive and self.n_max) or seconds <= 0:
             return
         row = self.costs.at_batch(batch_size)
         plain = _interp(row, 1.0)
-        drafting = sum(self.costs.draft_step(sum(k >= j for k in next_drafts))
-                       for j in range(1, max(next_drafts, default=0) + 1))
+        drafting = 0.0
+        for depth in range(1, max(next_drafts, default=0) + 1):
+            rows = sum(k >= depth for k in next_drafts)
+            drafting += self.costs.draft_step(rows, depth, fused)
         extra = _interp(row, num_tokens / batch_size) - plain + drafting
         self.fit.observe(batch_size, plain, extra, seconds)

@@ -67,6 +67,15 @@ def grammar_masked(logits: torch.Tensor, items: list[DraftInput],
     return logits
 
 
+def _plain_greedy(params) -> bool:
+    """Greedy, with no penalties and no grammar: a draft is the head's argmax."""
+    if not params.greedy or params.grammar is not None:
+        return False
+    if params.repetition_penalty != 1.0:
+        return False
+    return params.presence_penalty == 0.0 and params.frequency_penalty == 0.0
+
+
 def _unshaped(params: list, tensors: SamplingTensors) -> bool:
     """Whether the drafts of ``params`` depend on the head's logits alone, with no penalties
     (``tensors``: the settings of a batch that holds them) and no grammar. Such drafts are chosen
@@ -201,6 +210,29 @@ class MTPProposer:
             y = self._run(j, reqs, tokens, torch.cat(rows), starts, lengths)
         return first
 
+    def one_call_drafter(self, requests: list[Request]):
+        """The MTP layer's greedy draft loop in one kernel call (kernels/cpu_draft.py), where every
+        one of ``requests`` drafts the head's argmax and the layer runs fused; else None."""
+        if not requests:
+            return None
+        if not all(_plain_greedy(r.sampling_params) for r in requests):
+            return None
+        return self.mtp.fused_drafter(self.kv_caches)
+
+    def _draft_fused(self, drafter, items: list[DraftInput], active: list[int],
+                     y_last: torch.Tensor, drafts: list[list[int]]) -> None:
+        """Fills ``drafts`` of the ``active`` items in one call of ``drafter``."""
+        last = []
+        tables = []
+        for i in active:
+            it = items[i]
+            last.append(it.start + len(it.next_tokens) - 1)
+            tables.append(self.kv.block_tables[it.request.request_id])
+        counts = [items[i].num_drafts for i in active]
+        rows = drafter.draft(y_last[active], last, counts, tables, self.kv.block_size)
+        for i, row in zip(active, rows):
+            drafts[i] = row
+
     @torch.inference_mode()
     def propose(self, items: list[DraftInput]) -> dict[str, list[int]]:
         """Drafts per request id; the q of unseeded sampled requests' drafts go
@@ -234,6 +266,10 @@ class MTPProposer:
         drafts: list[list[int]] = [[] for _ in items]
         probs: list[list[torch.Tensor]] = [[] for _ in items]
         y_last = y[ends]
+        drafter = self.one_call_drafter([reqs[i] for i in active])
+        if drafter is not None:
+            self._draft_fused(drafter, items, active, y_last, drafts)
+            active = []
         step = 0
         while active:
             chosen = self._choose(step, [items[i] for i in active], tensors, active,

@@ -15,84 +15,18 @@
 // Also here: a step of a dense Llama-family decoder stack (norms, projections, rotary, paged-KV
 // write and attention, SwiGLU) in one call, for every step over the paged cache.
 //
-// Built at first use (kernels/cpu_build.py) and called through ctypes; the structs below mirror
-// the ctypes ones in kernels/cpu_blocks.py.
+// Built at first use (kernels/cpu_build.py) and called through ctypes; the structs of blocks.h
+// mirror the ctypes ones in kernels/cpu_blocks.py and kernels/cpu_decoder.py.
 
-#include <immintrin.h>
-#include <math.h>
-#include <stdint.h>
-#include <string.h>
-
-#include <vector>
-
-#define QK 32
-
-extern "C" {
-
-struct QWeight {
-    const uint8_t* codes;  // bits 4: [n, k/2], byte j of a block = value j (low), j + 16 (high)
-                           // bits 8: [n, k] int8
-    const float* scale;    // [n, k/32]
-    const float* min;      // [n, k/32], bits 4 only
-    int32_t bits;
-    int32_t n;
-    int32_t k;
-};
-
-struct Layer {
-    const float* input_norm;         // [hidden]
-    const float* post_norm;          // [hidden]
-    QWeight qkv;                     // [q + 2 kv, hidden]
-    const float* qkv_bias;           // [q + 2 kv] or null
-    QWeight o;                       // [hidden, q]
-    const float* o_bias;             // [hidden] or null
-    QWeight gate_up;                 // [2 inter, hidden]
-    QWeight down;                    // [hidden, inter]
-    float* k_cache;                  // [blocks, block_size, kv_heads, head_dim]
-    float* v_cache;
-};
-
-struct Model {
-    int32_t num_layers;
-    int32_t hidden;
-    int32_t num_heads;
-    int32_t num_kv_heads;
-    int32_t head_dim;
-    int32_t intermediate;
-    float eps;
-    float scale;        // attention scale
-    const float* cos;   // [positions, head_dim]: [cos, cos]
-    const float* sin;   // [positions, head_dim]: [-sin, sin]
-    const Layer* layers;
-};
-
-struct Step {
-    int32_t num_tokens;
-    const int64_t* positions;     // [T], rotary positions
-    const int64_t* kv_positions;  // [T], positions in the KV cache (MTP layers: rotary - 1)
-    const int64_t* slots;         // [T], -1: not written
-    const int32_t* token_seq;     // [T], the token's row of block_tables
-    const int32_t* block_tables;  // [B, bt_stride]
-    int32_t bt_stride;
-    int32_t block_size;
-};
-
-}  // extern "C"
+#include "blocks.h"
 
 namespace {
+
+using blocks::Acts;
 
 // Rows from which the small per-row ops (norms, rounding, rotary, SwiGLU) are split between the
 // threads; below it a fork costs more than it saves. Rows never depend on it.
 const int PARALLEL_ROWS = 16;
-
-struct Acts {
-    std::vector<int8_t> q;  // [m, k]
-    std::vector<float> d;   // [m, k/32]
-    std::vector<float> s;   // [m, k/32]: d * sum of the block's codes
-#ifdef __AVX512VNNI__
-    std::vector<float> d8;  // [m, k/32 * 8]: each d 8 times, the lanes of a block's sums
-#endif
-};
 
 inline float hsum(__m256 v) {
     __m128 lo = _mm256_castps256_ps128(v);
@@ -429,22 +363,6 @@ void gemm(const QWeight& w, const Acts& a, int m, float* out) {
     }
 }
 
-// d: a multiple of 8 (of 32: the hidden size of block weights).
-void rms_norm(const float* x, const float* weight, int m, int d, float eps, float* out) {
-#pragma omp parallel for if (m >= PARALLEL_ROWS)
-    for (int i = 0; i < m; i++) {
-        const float* row = x + (size_t)i * d;
-        __m256 squares = _mm256_setzero_ps();
-        for (int j = 0; j < d; j += 8) {
-            __m256 v = _mm256_loadu_ps(row + j);
-            squares = _mm256_fmadd_ps(v, v, squares);
-        }
-        float inv = 1.0f / sqrtf(hsum(squares) / (float)d + eps);
-        for (int j = 0; j < d; j++) {
-            out[(size_t)i * d + j] = row[j] * inv * weight[j];
-        }
-    }
-}
 
 void add_bias(float* x, const float* bias, int m, int n) {
     if (bias == nullptr) {
@@ -633,10 +551,26 @@ void add_into(float* x, const float* y, size_t count) {
     }
 }
 
-struct Buffers {
-    std::vector<float> normed, qkv, attn, proj, gate_up, act;
-    Acts acts;
-};
+}  // namespace
+
+namespace blocks {
+
+// d: a multiple of 8 (of 32: the hidden size of block weights).
+void rms_norm(const float* x, const float* weight, int m, int d, float eps, float* out) {
+#pragma omp parallel for if (m >= PARALLEL_ROWS)
+    for (int i = 0; i < m; i++) {
+        const float* row = x + (size_t)i * d;
+        __m256 squares = _mm256_setzero_ps();
+        for (int j = 0; j < d; j += 8) {
+            __m256 v = _mm256_loadu_ps(row + j);
+            squares = _mm256_fmadd_ps(v, v, squares);
+        }
+        float inv = 1.0f / sqrtf(hsum(squares) / (float)d + eps);
+        for (int j = 0; j < d; j++) {
+            out[(size_t)i * d + j] = row[j] * inv * weight[j];
+        }
+    }
+}
 
 void project(const QWeight& w, const float* x, int m, Acts& acts, float* out) {
     quantize_rows(x, m, w.k, acts);
@@ -670,9 +604,14 @@ void layer_forward(const Model& md, const Layer& ly, const Step& s, float* x, Bu
     add_into(x, b.proj.data(), (size_t)T * H);
 }
 
-}  // namespace
+}  // namespace blocks
 
 extern "C" {
+
+using blocks::Acts;
+using blocks::Buffers;
+using blocks::project;
+using blocks::layer_forward;
 
 // out [m, w.n] = x [m, w.k] times the block weight w (x rounded to 8-bit blocks first).
 void mtp_linear(const float* x, int32_t m, const QWeight* w, float* out) {

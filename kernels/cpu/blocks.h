@@ -1,0 +1,93 @@
+// What the CPU kernels' sources share: the structs ctypes mirrors (kernels/cpu_blocks.py,
+// kernels/cpu_decoder.py, kernels/cpu_draft.py) and the steps the MTP draft loop (draft.cpp)
+// takes from the block kernels (blocks.cpp).
+
+#pragma once
+
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <vector>
+
+#define QK 32
+
+extern "C" {
+
+struct QWeight {
+    const uint8_t* codes;  // bits 4: [n, k/2], byte j of a block = value j (low), j + 16 (high)
+                           // bits 8: [n, k] int8
+    const float* scale;    // [n, k/32]
+    const float* min;      // [n, k/32], bits 4 only
+    int32_t bits;
+    int32_t n;
+    int32_t k;
+};
+
+struct Layer {
+    const float* input_norm;         // [hidden]
+    const float* post_norm;          // [hidden]
+    QWeight qkv;                     // [q + 2 kv, hidden]
+    const float* qkv_bias;           // [q + 2 kv] or null
+    QWeight o;                       // [hidden, q]
+    const float* o_bias;             // [hidden] or null
+    QWeight gate_up;                 // [2 inter, hidden]
+    QWeight down;                    // [hidden, inter]
+    float* k_cache;                  // [blocks, block_size, kv_heads, head_dim]
+    float* v_cache;
+};
+
+struct Model {
+    int32_t num_layers;
+    int32_t hidden;
+    int32_t num_heads;
+    int32_t num_kv_heads;
+    int32_t head_dim;
+    int32_t intermediate;
+    float eps;
+    float scale;        // attention scale
+    const float* cos;   // [positions, head_dim]: [cos, cos]
+    const float* sin;   // [positions, head_dim]: [-sin, sin]
+    const Layer* layers;
+};
+
+struct Step {
+    int32_t num_tokens;
+    const int64_t* positions;     // [T], rotary positions
+    const int64_t* kv_positions;  // [T], positions in the KV cache (MTP layers: rotary - 1)
+    const int64_t* slots;         // [T], -1: not written
+    const int32_t* token_seq;     // [T], the token's row of block_tables
+    const int32_t* block_tables;  // [B, bt_stride]
+    int32_t bt_stride;
+    int32_t block_size;
+};
+
+}  // extern "C"
+
+namespace blocks {
+
+struct Acts {
+    std::vector<int8_t> q;  // [m, k]
+    std::vector<float> d;   // [m, k/32]
+    std::vector<float> s;   // [m, k/32]: d * sum of the block's codes
+#ifdef __AVX512VNNI__
+    std::vector<float> d8;  // [m, k/32 * 8]: each d 8 times, the lanes of a block's sums
+#endif
+};
+
+struct Buffers {
+    std::vector<float> normed, qkv, attn, proj, gate_up, act;
+    Acts acts;
+};
+
+// out [m, d] = rows of x [m, d] normalized (root mean square) times weight; out may be x.
+void rms_norm(const float* x, const float* weight, int m, int d, float eps, float* out);
+
+// out [m, w.n] = x [m, w.k] rounded to 8-bit blocks, times w.
+void project(const QWeight& w, const float* x, int m, Acts& acts, float* out);
+
+// One decoder layer of md over the step's tokens: x [T, hidden], the residual stream, in place.
+void layer_forward(const Model& md, const Layer& ly, const Step& s, float* x, Buffers& b);
+
+}  // namespace blocks

@@ -1,0 +1,178 @@
+// The greedy draft steps of one MTP layer in one call: for each draft step, the token embedding,
+// enorm / hnorm, eh_proj, the decoder block over the paged MTP KV, the head over the draft
+// vocabulary and its argmax. On a 2-core CPU a draft step's ~20 PyTorch ops and their Python cost
+// more than its weights; here a step costs what its projections cost.
+//
+// Each row is one request: its fed-back state y after draft step 0 (the pass over what the main
+// model computed), the KV position of its last computed token, and how many drafts it wants.
+// Step s (1 ..) reads row r's draft s - 1 at rotary position last + s + 1 and writes the MTP KV
+// at position last + s, as the per-step path does (engine/models/mtp.py).
+
+#include "blocks.h"
+
+extern "C" {
+
+struct DraftLayer {
+    const float* enorm;          // [hidden]
+    const float* hnorm;          // [hidden]
+    QWeight eh_proj;             // [hidden, 2 hidden]
+    const float* shared_norm;    // [hidden]
+    QWeight embed;               // [vocab, hidden]: the token embeddings, read row by row
+    QWeight head;                // [draft vocab, hidden]
+    const int64_t* vocab_ids;    // [head.n]: the token of each head row; null: the row itself
+    int32_t hidden_first;        // eh_proj reads [hnorm(h), enorm(e)]
+    int32_t post_norm_feedback;  // the next step reads shared_norm(y), not y
+};
+
+}  // extern "C"
+
+namespace {
+
+using blocks::Acts;
+using blocks::Buffers;
+
+// Row `token` of an embedding stored as a block weight, dequantized into out [w.k].
+void embed_row(const QWeight& w, int64_t token, float* out) {
+    int nb = w.k / QK;
+    const float* scale = w.scale + token * nb;
+    if (w.bits == 8) {
+        const int8_t* codes = (const int8_t*)w.codes + token * w.k;
+        for (int j = 0; j < w.k; j++) {
+            out[j] = (float)codes[j] * scale[j / QK];
+        }
+        return;
+    }
+    const uint8_t* codes = w.codes + token * (w.k / 2);
+    const float* mins = w.min + token * nb;
+    for (int b = 0; b < nb; b++) {
+        for (int j = 0; j < QK / 2; j++) {
+            uint8_t byte = codes[b * QK / 2 + j];
+            out[b * QK + j] = (float)(byte & 0x0F) * scale[b] + mins[b];
+            out[b * QK + j + QK / 2] = (float)(byte >> 4) * scale[b] + mins[b];
+        }
+    }
+}
+
+// The index of the largest of count floats (the first one on ties, as torch.argmax).
+int64_t argmax(const float* x, int count) {
+    int64_t best = 0;
+    for (int i = 1; i < count; i++) {
+        if (x[i] > x[best]) {
+            best = i;
+        }
+    }
+    return best;
+}
+
+struct DraftBuffers {
+    std::vector<float> normed, logits, embeds, pair;
+    Acts acts;
+    Buffers block;
+};
+
+// tokens[i] = the greedy draft of fed-back state y[i] (m rows).
+void choose(const Model& md, const DraftLayer& dl, const float* y, int m, DraftBuffers& b,
+            int64_t* tokens) {
+    int H = md.hidden;
+    const float* normed = y;
+    if (!dl.post_norm_feedback) {
+        b.normed.resize((size_t)m * H);
+        blocks::rms_norm(y, dl.shared_norm, m, H, md.eps, b.normed.data());
+        normed = b.normed.data();
+    }
+    b.logits.resize((size_t)m * dl.head.n);
+    blocks::project(dl.head, normed, m, b.acts, b.logits.data());
+    for (int i = 0; i < m; i++) {
+        int64_t column = argmax(b.logits.data() + (size_t)i * dl.head.n, dl.head.n);
+        tokens[i] = column;
+        if (dl.vocab_ids != nullptr) {
+            tokens[i] = dl.vocab_ids[column];
+        }
+    }
+}
+
+// x [m, hidden] = eh_proj of the normed embeddings of tokens and the normed states y.
+void block_input(const Model& md, const DraftLayer& dl, const int64_t* tokens, const float* y,
+                 int m, DraftBuffers& b, float* x) {
+    int H = md.hidden;
+    b.embeds.resize((size_t)m * H);
+    b.pair.resize((size_t)m * 2 * H);
+    for (int i = 0; i < m; i++) {
+        embed_row(dl.embed, tokens[i], b.embeds.data() + (size_t)i * H);
+    }
+    int e_at = dl.hidden_first ? H : 0;
+    int h_at = H - e_at;
+    for (int i = 0; i < m; i++) {
+        float* row = b.pair.data() + (size_t)i * 2 * H;
+        blocks::rms_norm(b.embeds.data() + (size_t)i * H, dl.enorm, 1, H, md.eps, row + e_at);
+        blocks::rms_norm(y + (size_t)i * H, dl.hnorm, 1, H, md.eps, row + h_at);
+    }
+    blocks::project(dl.eh_proj, b.pair.data(), m, b.acts, x);
+}
+
+}  // namespace
+
+extern "C" {
+
+// Greedy drafts of m requests, draft step 0 included: drafts [m, width], row r's first
+// num_drafts[r] filled. y [m, hidden]: each request's fed-back state after step 0 (overwritten);
+// last [m]: the KV position of its last computed token; md: the MTP layer's decoder block (one
+// layer) over its KV cache; s: block_tables and block_size (one row per request) only.
+void mtp_draft_greedy(const Model* md, const DraftLayer* dl, const Step* s, float* y,
+                      const int64_t* last, const int32_t* num_drafts, int32_t m, int32_t width,
+                      int64_t* drafts) {
+    int H = md->hidden;
+    DraftBuffers b;
+    std::vector<int64_t> tokens(m);
+    choose(*md, *dl, y, m, b, tokens.data());
+    std::vector<int32_t> rows;  // the requests still drafting, in order
+    for (int r = 0; r < m; r++) {
+        drafts[(size_t)r * width] = tokens[r];
+        rows.push_back(r);
+    }
+    std::vector<int64_t> positions, kv_positions, slots;
+    std::vector<float> x, ys;
+    for (int step = 1; step < width; step++) {
+        std::vector<int32_t> still;
+        for (int32_t r : rows) {
+            if (num_drafts[r] > step) {
+                still.push_back(r);
+            }
+        }
+        rows = still;
+        int n = (int)rows.size();
+        if (n == 0) {
+            break;
+        }
+        ys.resize((size_t)n * H);
+        positions.resize(n);
+        kv_positions.resize(n);
+        slots.resize(n);
+        for (int i = 0; i < n; i++) {
+            int r = rows[i];
+            tokens[i] = drafts[(size_t)r * width + step - 1];
+            memcpy(ys.data() + (size_t)i * H, y + (size_t)r * H, sizeof(float) * H);
+            int64_t kv = last[r] + step;
+            const int32_t* table = s->block_tables + (size_t)r * s->bt_stride;
+            kv_positions[i] = kv;
+            positions[i] = kv + 1;
+            slots[i] = (int64_t)table[kv / s->block_size] * s->block_size + kv % s->block_size;
+        }
+        x.resize((size_t)n * H);
+        block_input(*md, *dl, tokens.data(), ys.data(), n, b, x.data());
+        Step st = {n, positions.data(), kv_positions.data(), slots.data(), rows.data(),
+                   s->block_tables, s->bt_stride, s->block_size};
+        blocks::layer_forward(*md, md->layers[0], st, x.data(), b.block);
+        if (dl->post_norm_feedback) {
+            blocks::rms_norm(x.data(), dl->shared_norm, n, H, md->eps, x.data());
+        }
+        choose(*md, *dl, x.data(), n, b, tokens.data());
+        for (int i = 0; i < n; i++) {
+            int r = rows[i];
+            drafts[(size_t)r * width + step] = tokens[i];
+            memcpy(y + (size_t)r * H, x.data() + (size_t)i * H, sizeof(float) * H);
+        }
+    }
+}
+
+}  // extern "C"

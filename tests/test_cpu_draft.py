@@ -1,0 +1,102 @@
+"""The greedy draft loop in one kernel call (kernels/cpu/draft.cpp) against the per-step path it replaces
+(engine/spec/proposer.py: the MTP layer, its head and argmax one step at a time), on the GGUF model's block weights
+and the shipped head."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from mtpserve.engine.config import EngineConfig
+from mtpserve.engine.engine import LLMEngine
+from mtpserve.engine.loader.gguf import default_gguf_path, load_gguf
+from mtpserve.engine.loader.mtp_head import default_head_path
+from mtpserve.engine.sampling_params import SamplingParams
+from mtpserve.kernels import cpu_blocks
+
+pytestmark = pytest.mark.skipif(not cpu_blocks.available(), reason="no C++ compiler or no AVX2")
+
+CHATS = [
+    "Write a Python function that reverses a list.",
+    "Why do leaves change color in autumn?",
+    "List three fruits as a JSON array.",
+]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    config = EngineConfig(kv_cache_memory_bytes=64 * 2**20, quantization="int4", mtp_head=default_head_path(),
+                          spec_draft_n_max=3, spec_adaptive=False, enable_prefix_caching=False)
+    return LLMEngine(load_gguf(default_gguf_path(), quantized=True), config)
+
+
+def prompts(engine) -> list[list[int]]:
+    tok = engine.tokenizer
+    out = []
+    for chat in CHATS:
+        out.append(tok.encode(tok.apply_chat_template([{"role": "user", "content": chat}]), add_special_tokens=False))
+    return out
+
+
+def recorded_drafts(engine, monkeypatch, one_call: bool, spec_n_max: list[int | None]):
+    """Every proposal of a batch of the prompts, greedy (request i drafting up to ``spec_n_max[i]``), and the
+    requests."""
+    proposer = engine.runner.proposer
+    if not one_call:
+        monkeypatch.setattr(proposer, "one_call_drafter", lambda requests: None)
+    propose = proposer.propose
+    proposals = []
+
+    def spy(items):
+        out = propose(items)
+        proposals.append(out)
+        return out
+
+    monkeypatch.setattr(proposer, "propose", spy)
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    reqs = [engine.add_request(f"r{i}", p, params, spec_n_max=n) for i, (p, n) in
+            enumerate(zip(prompts(engine), spec_n_max))]
+    while any(not r.status.finished for r in reqs):
+        engine.step()
+    monkeypatch.undo()
+    return proposals, reqs
+
+
+def by_request(proposals: list[dict[str, list[int]]]) -> dict[str, list[list[int]]]:
+    """Each request's drafts, step by step."""
+    out: dict[str, list[list[int]]] = {}
+    for proposal in proposals:
+        for rid, drafts in proposal.items():
+            out.setdefault(rid, []).append(drafts)
+    return out
+
+
+def test_greedy_requests_draft_in_one_call(engine):
+    proposer = engine.runner.proposer
+    greedy = SimpleNamespace(sampling_params=SamplingParams(temperature=0))
+    assert proposer.one_call_drafter([greedy, greedy]) is not None
+    for params in (SamplingParams(temperature=0.7), SamplingParams(temperature=0, repetition_penalty=1.2)):
+        assert proposer.one_call_drafter([greedy, SimpleNamespace(sampling_params=params)]) is None
+
+
+@pytest.mark.parametrize("spec_n_max", [[None, None, None], [3, 1, 2]])
+def test_drafts_equal_the_per_step_path(engine, monkeypatch, spec_n_max):
+    """The same drafts, step by step, for a batch whose requests draft 3 tokens each, and for one whose requests draft
+    3, 1 and 2 (rows leave the loop at different steps). Both multiply the same rounded activations by the same
+    block weights; only their norms differ in the last bits (C++ here, PyTorch there), which could part them only at
+    a near tie of the head's logits, and these prompts have none."""
+    fused, fused_reqs = recorded_drafts(engine, monkeypatch, True, spec_n_max)
+    per_step, per_step_reqs = recorded_drafts(engine, monkeypatch, False, spec_n_max)
+    for a, b in zip(fused_reqs, per_step_reqs):
+        assert a.output_token_ids == b.output_token_ids  # verification keeps both lossless
+    fused, per_step = by_request(fused), by_request(per_step)
+    assert [[len(d) for d in fused[rid]] for rid in fused] == [[len(d) for d in per_step[rid]] for rid in fused]
+    assert [len(fused[f"r{i}"][0]) for i in range(len(CHATS))] == [n or 3 for n in spec_n_max]
+    num_drafts, num_equal = 0, 0
+    for rid, proposals in fused.items():
+        for da, db in zip(proposals, per_step[rid]):
+            num_drafts += len(da)
+            num_equal += sum(x == y for x, y in zip(da, db))
+    assert num_drafts > 100
+    assert num_equal == num_drafts
