@@ -463,7 +463,7 @@ def test_prompts_are_cached_while_speculation_is_backed_off(tiny_qwen3_dir, trai
     head, _, prompts = trained_head
     on, off = engines(tiny_qwen3_dir, mtp_head=head, spec_draft_n_max=2)
     for engine in (on, off):
-        engine.policy.plan = lambda requests, batch_size: [0] * len(requests)
+        engine.policy.plan = lambda requests, batch_size, fused=False: [0] * len(requests)
     first, second = (on.generate([p], GREEDY)[0] for p in prompts[:2])
     assert on.spec_stats.num_draft_tokens == 0
     assert (first.num_cached_tokens, second.num_cached_tokens) == (0, 28)
