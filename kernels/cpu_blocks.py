@@ -23,7 +23,7 @@ BLOCK = 32
 class QWeightStruct(ctypes.Structure):
     _fields_ = [("codes", ctypes.c_void_p), ("scale", ctypes.c_void_p),
                 ("min", ctypes.c_void_p), ("bits", ctypes.c_int32), ("n", ctypes.c_int32),
-                ("k", ctypes.c_int32)]
+                ("k", ctypes.c_int32), ("tiled", ctypes.c_int32)]
 
 
 def available() -> bool:
@@ -50,15 +50,55 @@ def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
     return packed.reshape(out_features, in_features // 2).contiguous()
 
 
+def tile_width() -> int:
+    """Columns per tile of the tiled 4-bit kernel, 0 where the build has none (no AVX-512 VNNI)."""
+    lib = library()
+    if lib is None:
+        return 0
+    return lib.mtp_tile_width()
+
+
+def tile_codes(codes: torch.Tensor, tile: int) -> torch.Tensor:
+    """Packed 4-bit codes ``[out, in / 2]`` in tiles of ``tile`` outputs: per tile and block, four
+    groups of ``tile`` x 4 bytes, byte 4 j + i of group h being byte 4 h + i of output j's block (its
+    inputs 4 h + i and 16 + 4 h + i), so that a 32-bit lane of the kernel's vector is one output."""
+    out_features, half = codes.shape
+    grid = codes.view(out_features // tile, tile, half // (BLOCK // 2), 4, 4)
+    return grid.permute(0, 2, 3, 1, 4).contiguous().view(out_features, half)
+
+
+def untile_codes(codes: torch.Tensor, tile: int) -> torch.Tensor:
+    """``tile_codes`` undone."""
+    out_features, half = codes.shape
+    grid = codes.view(out_features // tile, half // (BLOCK // 2), 4, tile, 4)
+    return grid.permute(0, 3, 1, 2, 4).contiguous().view(out_features, half)
+
+
+def tile_blocks(values: torch.Tensor, tile: int) -> torch.Tensor:
+    """Per-block values ``[out, blocks]`` in tiles of ``tile`` outputs: ``[out / tile, blocks, tile]``."""
+    out_features, blocks = values.shape
+    grid = values.view(out_features // tile, tile, blocks)
+    return grid.permute(0, 2, 1).contiguous().view(out_features, blocks)
+
+
+def untile_blocks(values: torch.Tensor, tile: int) -> torch.Tensor:
+    """``tile_blocks`` undone."""
+    out_features, blocks = values.shape
+    grid = values.view(out_features // tile, blocks, tile)
+    return grid.permute(0, 2, 1).contiguous().view(out_features, blocks)
+
+
 class BlockLinear(nn.Module):
     """A projection ``[out, in]`` in blocks of 32 for the CPU block kernels. Its rows can be read
     one by one, so it also serves as a tied embedding and as a draft head over a vocabulary
     subset."""
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
-                 bits: int):
+                 bits: int, tile: int = 0):
+        """``tile``: the buffers are in tiles of this many outputs (``tile_codes``), 0: in rows."""
         super().__init__()
         self.bits = bits
+        self.tile = tile
         self.out_features = scales.shape[0]
         self.in_features = scales.shape[1] * BLOCK
         self.register_buffer("codes", codes)
@@ -67,13 +107,21 @@ class BlockLinear(nn.Module):
         self._struct = None
 
     @classmethod
-    def of(cls, weight) -> BlockLinear:
-        """The block form of a QuantizedWeight (groups of any multiple of 32)."""
+    def of(cls, weight, tiled: bool = False) -> BlockLinear:
+        """The block form of a QuantizedWeight (groups of any multiple of 32). ``tiled``: 4-bit
+        weights go in tiles for the tiled kernel where the build has it and the outputs divide
+        into tiles; a projection's rows are then no longer read one by one (not for heads)."""
         scales = per_block(weight.scales, weight.group_size)
-        if weight.bits == 4:
-            mins = per_block(weight.zeros, weight.group_size)
-            return cls(pack_nibbles(weight.codes), scales, mins, 4)
-        return cls(weight.codes.to(torch.int8).contiguous(), scales, None, 8)
+        if weight.bits == 8:
+            return cls(weight.codes.to(torch.int8).contiguous(), scales, None, 8)
+        codes = pack_nibbles(weight.codes)
+        mins = per_block(weight.zeros, weight.group_size)
+        tile = 0
+        if tiled:
+            tile = tile_width()
+        if tile == 0 or weight.shape[0] % tile:
+            return cls(codes, scales, mins, 4)
+        return cls(tile_codes(codes, tile), tile_blocks(scales, tile), tile_blocks(mins, tile), 4, tile)
 
     def struct(self) -> QWeightStruct:
         """The kernel's view of this weight (pointers into its buffers)."""
@@ -82,7 +130,8 @@ class BlockLinear(nn.Module):
             if self.mins is not None:
                 mins = self.mins.data_ptr()
             self._struct = QWeightStruct(self.codes.data_ptr(), self.scales.data_ptr(), mins,
-                                         self.bits, self.out_features, self.in_features)
+                                         self.bits, self.out_features, self.in_features,
+                                         int(self.tile > 0))
         return self._struct
 
     def _apply(self, fn, recurse=True):
@@ -100,10 +149,10 @@ class BlockLinear(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         """The float32 ``[out, in]`` weight."""
-        return dequantize_blocks(self.codes, self.scales, self.mins, self.bits)
+        return dequantize_blocks(*self._in_rows(), self.bits)
 
     def rows(self, index: torch.Tensor) -> BlockLinear:
-        """The projection onto the outputs ``index`` only."""
+        """The projection onto the outputs ``index`` only (in rows)."""
         codes, scales, mins = self._picked(index)
         return BlockLinear(codes.contiguous(), scales.contiguous(), mins, self.bits)
 
@@ -112,12 +161,19 @@ class BlockLinear(nn.Module):
         codes, scales, mins = self._picked(index)
         return dequantize_blocks(codes, scales, mins, self.bits).to(dtype)
 
+    def _in_rows(self) -> tuple:
+        """Codes, scales and minimums (None for 8 bits), one row per output (untiled)."""
+        if self.tile == 0:
+            return self.codes, self.scales, self.mins
+        return (untile_codes(self.codes, self.tile), untile_blocks(self.scales, self.tile),
+                untile_blocks(self.mins, self.tile))
+
     def _picked(self, index: torch.Tensor) -> tuple:
         """Codes, scales and minimums (None for 8 bits) of the outputs ``index``."""
-        mins = None
-        if self.mins is not None:
-            mins = self.mins[index].contiguous()
-        return self.codes[index], self.scales[index], mins
+        codes, scales, mins = self._in_rows()
+        if mins is not None:
+            mins = mins[index].contiguous()
+        return codes[index], scales[index], mins
 
 
 def dequantize_blocks(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,

@@ -46,11 +46,20 @@ def gguf_rounded(x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(gguf.quants.dequantize(raw, T.Q8_0).astype(np.float64))
 
 
+def expected_tile(bits: int, tiled: bool) -> int:
+    """The tile of a weight of OUT outputs: 4 bits, asked for, and a build with the tiled kernel."""
+    if bits == 4 and tiled:
+        return cpu_blocks.tile_width()
+    return 0
+
+
+@pytest.mark.parametrize("tiled", [False, True])
 @pytest.mark.parametrize("rows", [1, 4, 7, 70])
 @pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q8_0, T.Q4_K])
-def test_block_linear_matches_gguf(qtype, rows):
+def test_block_linear_matches_gguf(qtype, rows, tiled):
     tensor = gguf_weight(qtype)
-    layer = BlockLinear.of(read_quantized(tensor))
+    layer = BlockLinear.of(read_quantized(tensor), tiled)
+    assert layer.tile == expected_tile(8 if qtype == T.Q8_0 else 4, tiled)
     x = torch.randn(rows, IN, generator=torch.Generator().manual_seed(rows))
     out = layer(x).double()
     weight = reference_dequantize(tensor).double()
@@ -66,12 +75,14 @@ def test_block_linear_matches_gguf(qtype, rows):
     assert (out - unrounded).norm() < 0.025 * unrounded.norm()
 
 
+@pytest.mark.parametrize("tiled", [False, True])
 @pytest.mark.parametrize("bits", [4, 8])
-def test_a_row_does_not_depend_on_the_other_rows(bits):
-    layer = BlockLinear.of(quantize(torch.randn(OUT, IN), bits, 32))
+def test_a_row_does_not_depend_on_the_other_rows(bits, tiled):
+    layer = BlockLinear.of(quantize(torch.randn(OUT, IN), bits, 32), tiled)
+    assert layer.tile == expected_tile(bits, tiled)
     x = torch.randn(70, IN)
     together = layer(x)
-    for rows in (1, 3, 4, 5, 9):
+    for rows in (1, 3, 4, 5, 8, 9, 13):
         apart = torch.cat([layer(x[i:i + rows]) for i in range(0, 70, rows)])
         assert torch.equal(together, apart)
 
@@ -145,9 +156,12 @@ def test_a_failed_build_for_the_cpu_falls_back_to_avx2(monkeypatch):
     assert built == [cpu_build.AVX_VNNI_FLAGS, []]
 
 
-def test_groups_wider_than_a_block_are_repeated_per_block():
+@pytest.mark.parametrize("tiled", [False, True])
+def test_groups_wider_than_a_block_are_repeated_per_block(tiled):
+    """Also the rows of a tiled weight: its buffers untiled give back the weight."""
     weight = quantize(torch.randn(OUT, IN), 4, 128)
-    layer = BlockLinear.of(weight)
+    layer = BlockLinear.of(weight, tiled)
+    assert layer.tile == expected_tile(4, tiled)
     assert torch.equal(layer.dequantize(), weight.dequantize())
     index = torch.tensor([5, 0, 77])
     assert torch.equal(layer.rows(index).dequantize(), weight.dequantize()[index])

@@ -286,6 +286,70 @@ void rows_of(const QWeight& w, int n, const Acts& a, int m0, float* out, int ldo
     }
 }
 
+// Columns 16 t .. 16 t + 15 of input rows m0 .. m0 + R, from 4-bit weights in tiles of 16 columns
+// (cpu_blocks.py: tile_codes): per block, four 64-byte vectors whose byte 4 j + i holds column j's
+// inputs 4 h + i (low nibble) and 16 + 4 h + i (high nibble). A dpbusd lane is a column, fed four
+// inputs of a row at once, so each row of a block takes eight dpbusd and one conversion to float
+// for all 16 columns, where the column kernel above takes a dpbusd, a conversion and a scale per
+// column and pair of blocks; the weights are unpacked once for the R rows. Each row sums its
+// blocks in order in its own accumulator, whatever R is, and no lane is summed across.
+template <int R>
+void tile_rows(const QWeight& w, int t, const Acts& a, int m0, float* out, int ldo) {
+    const int nb = w.k / QK;
+    const uint8_t* codes = w.codes + (size_t)t * nb * TILE * QK / 2;
+    const float* scale = w.scale + (size_t)t * nb * TILE;
+    const float* mins = w.min + (size_t)t * nb * TILE;
+    const __m512i low_bits = _mm512_set1_epi8(0x0F);
+    __m512 acc[R];
+    for (int r = 0; r < R; r++) {
+        acc[r] = _mm512_setzero_ps();
+    }
+    for (int b = 0; b < nb; b++) {
+        __m512i wv[8];
+        for (int h = 0; h < 4; h++) {
+            __m512i v = _mm512_loadu_si512(codes + ((size_t)b * 4 + h) * 64);
+            wv[h] = _mm512_and_si512(v, low_bits);
+            wv[h + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low_bits);
+        }
+        __m512 ws = _mm512_loadu_ps(scale + (size_t)b * TILE);
+        __m512 wm = _mm512_loadu_ps(mins + (size_t)b * TILE);
+        for (int r = 0; r < R; r++) {
+            size_t rb = (size_t)(m0 + r) * nb + b;
+            const int8_t* xq = a.q.data() + rb * QK;
+            __m512i dot = _mm512_setzero_si512();
+            for (int g = 0; g < 8; g++) {
+                int32_t four;
+                memcpy(&four, xq + 4 * g, 4);
+                dot = _mm512_dpbusd_epi32(dot, wv[g], _mm512_set1_epi32(four));
+            }
+            __m512 d = _mm512_mul_ps(ws, _mm512_set1_ps(a.d[rb]));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), d, acc[r]);
+            acc[r] = _mm512_fmadd_ps(wm, _mm512_set1_ps(a.s[rb]), acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        _mm512_storeu_ps(out + (size_t)(m0 + r) * ldo + (size_t)t * TILE, acc[r]);
+    }
+}
+
+// Rows [m0, m1) of the tile t: eight at a time, then the rest in one call.
+void tile(const QWeight& w, int t, const Acts& a, int m0, int m1, float* out, int ldo) {
+    int m = m0;
+    for (; m + 8 <= m1; m += 8) {
+        tile_rows<8>(w, t, a, m, out, ldo);
+    }
+    switch (m1 - m) {
+        case 7: tile_rows<7>(w, t, a, m, out, ldo); break;
+        case 6: tile_rows<6>(w, t, a, m, out, ldo); break;
+        case 5: tile_rows<5>(w, t, a, m, out, ldo); break;
+        case 4: tile_rows<4>(w, t, a, m, out, ldo); break;
+        case 3: tile_rows<3>(w, t, a, m, out, ldo); break;
+        case 2: tile_rows<2>(w, t, a, m, out, ldo); break;
+        case 1: tile_rows<1>(w, t, a, m, out, ldo); break;
+        default: break;
+    }
+}
+
 #else
 
 // Output column n of input rows m0 .. m0 + R. A weight block is unpacked once for the R rows.
@@ -352,6 +416,15 @@ void gemm(const QWeight& w, const Acts& a, int m, float* out) {
         if (m1 > m) {
             m1 = m;
         }
+#ifdef __AVX512VNNI__
+        if (w.tiled) {
+#pragma omp for schedule(static) nowait
+            for (int t = 0; t < w.n / TILE; t++) {
+                tile(w, t, a, m0, m1, out, w.n);
+            }
+            continue;
+        }
+#endif
 #pragma omp for schedule(static) nowait
         for (int n = 0; n < w.n; n++) {
             if (w.bits == 4) {
@@ -626,6 +699,16 @@ void mtp_round_rows(const float* x, int32_t m, int32_t k, float* out) {
     for (size_t i = 0; i < (size_t)m * k; i++) {
         out[i] = acts.q[i] * acts.d[i / QK];
     }
+}
+
+// Columns per tile of a tiled weight (cpu_blocks.py: tile_codes); 0 where the build has no tiled
+// kernel (no AVX-512 VNNI): weights stay in rows.
+int32_t mtp_tile_width() {
+#ifdef __AVX512VNNI__
+    return TILE;
+#else
+    return 0;
+#endif
 }
 
 // Every decoder layer of md over the step's tokens: x [T, hidden], the residual stream, in place.

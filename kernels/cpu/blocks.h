@@ -12,6 +12,7 @@
 #include <vector>
 
 #define QK 32
+#define TILE 16
 
 extern "C" {
 
@@ -23,6 +24,8 @@ struct QWeight {
     int32_t bits;
     int32_t n;
     int32_t k;
+    int32_t tiled;         // bits 4 in tiles of TILE columns (cpu_blocks.py: tile_codes): codes
+                           // [n/TILE, k/32, 4, TILE, 4], scale and min [n/TILE, k/32, TILE]
 };
 
 struct Layer {
