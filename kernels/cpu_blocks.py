@@ -51,27 +51,26 @@ def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
 
 
 def tile_width() -> int:
-    """Columns per tile of the tiled 4-bit kernel, 0 where the build has none (no AVX-512 VNNI)."""
+    """Outputs per tile of the tiled kernel, 0 where the build has none (no AVX-512 VNNI)."""
     lib = library()
     if lib is None:
         return 0
     return lib.mtp_tile_width()
 
 
-def tile_codes(codes: torch.Tensor, tile: int) -> torch.Tensor:
-    """Packed 4-bit codes ``[out, in / 2]`` in tiles of ``tile`` outputs: per tile and block, four
-    groups of ``tile`` x 4 bytes, byte 4 j + i of group h being byte 4 h + i of output j's block (its
-    inputs 4 h + i and 16 + 4 h + i), so that a 32-bit lane of the kernel's vector is one output."""
-    out_features, half = codes.shape
-    grid = codes.view(out_features // tile, tile, half // (BLOCK // 2), 4, 4)
-    return grid.permute(0, 2, 3, 1, 4).contiguous().view(out_features, half)
+def block_bytes(bits: int) -> int:
+    return BLOCK * bits // 8
 
 
-def untile_codes(codes: torch.Tensor, tile: int) -> torch.Tensor:
-    """``tile_codes`` undone."""
-    out_features, half = codes.shape
-    grid = codes.view(out_features // tile, half // (BLOCK // 2), 4, tile, 4)
-    return grid.permute(0, 3, 1, 2, 4).contiguous().view(out_features, half)
+def tile_codes(codes: torch.Tensor, bits: int, tile: int) -> torch.Tensor:
+    """Codes ``[out, in * bits / 8]`` in tiles of ``tile`` outputs: per tile and block, groups of
+    ``tile`` x 4 bytes (4 groups for 4 bits, 8 for 8 bits), byte 4 j + i of group g being byte
+    4 g + i of output j's block (4 bits: its inputs 4 g + i and 16 + 4 g + i), so that a 32-bit lane
+    of the kernel's vector is one output."""
+    out_features, row_bytes = codes.shape
+    size = block_bytes(bits)
+    grid = codes.view(out_features // tile, tile, row_bytes // size, size // 4, 4)
+    return grid.permute(0, 2, 3, 1, 4).contiguous().view(out_features, row_bytes)
 
 
 def tile_blocks(values: torch.Tensor, tile: int) -> torch.Tensor:
@@ -81,11 +80,19 @@ def tile_blocks(values: torch.Tensor, tile: int) -> torch.Tensor:
     return grid.permute(0, 2, 1).contiguous().view(out_features, blocks)
 
 
-def untile_blocks(values: torch.Tensor, tile: int) -> torch.Tensor:
-    """``tile_blocks`` undone."""
+def tiled_code_rows(codes: torch.Tensor, bits: int, tile: int, index: torch.Tensor) -> torch.Tensor:
+    """Outputs ``index`` of tiled codes, one row each as before ``tile_codes``."""
+    out_features, row_bytes = codes.shape
+    size = block_bytes(bits)
+    grid = codes.view(out_features // tile, row_bytes // size, size // 4, tile, 4)
+    return grid[index // tile, :, :, index % tile].reshape(len(index), row_bytes)
+
+
+def tiled_block_rows(values: torch.Tensor, tile: int, index: torch.Tensor) -> torch.Tensor:
+    """Outputs ``index`` of tiled per-block values, as before ``tile_blocks``."""
     out_features, blocks = values.shape
     grid = values.view(out_features // tile, blocks, tile)
-    return grid.permute(0, 2, 1).contiguous().view(out_features, blocks)
+    return grid[index // tile, :, index % tile]
 
 
 class BlockLinear(nn.Module):
@@ -94,34 +101,39 @@ class BlockLinear(nn.Module):
     subset."""
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
-                 bits: int, tile: int = 0):
-        """``tile``: the buffers are in tiles of this many outputs (``tile_codes``), 0: in rows."""
+                 bits: int, tiled: bool = False):
+        """One row of codes, scales and minimums (4 bits) per output. ``tiled``: kept in tiles for
+        the tiled kernel (``tile_codes``) where the build has it and the outputs fill whole tiles."""
         super().__init__()
         self.bits = bits
-        self.tile = tile
         self.out_features = scales.shape[0]
         self.in_features = scales.shape[1] * BLOCK
+        self.tile = 0
+        if tiled and self.out_features % max(tile_width(), 1) == 0:
+            self.tile = tile_width()
+        starts = None
+        if self.tile:
+            if bits == 8:  # the 8-bit kernel's integer sums start at -128 times the block's code sum
+                blocks = codes.view(self.out_features, -1, BLOCK).sum(-1, dtype=torch.int32)
+                starts = tile_blocks(-128 * blocks, self.tile)
+            else:
+                mins = tile_blocks(mins, self.tile)
+            codes = tile_codes(codes, bits, self.tile)
+            scales = tile_blocks(scales, self.tile)
         self.register_buffer("codes", codes)
         self.register_buffer("scales", scales)
         self.register_buffer("mins", mins)
+        self.register_buffer("starts", starts)
         self._struct = None
 
     @classmethod
     def of(cls, weight, tiled: bool = False) -> BlockLinear:
-        """The block form of a QuantizedWeight (groups of any multiple of 32). ``tiled``: 4-bit
-        weights go in tiles for the tiled kernel where the build has it and the outputs divide
-        into tiles; a projection's rows are then no longer read one by one (not for heads)."""
+        """The block form of a QuantizedWeight (groups of any multiple of 32)."""
         scales = per_block(weight.scales, weight.group_size)
-        if weight.bits == 8:
-            return cls(weight.codes.to(torch.int8).contiguous(), scales, None, 8)
-        codes = pack_nibbles(weight.codes)
-        mins = per_block(weight.zeros, weight.group_size)
-        tile = 0
-        if tiled:
-            tile = tile_width()
-        if tile == 0 or weight.shape[0] % tile:
-            return cls(codes, scales, mins, 4)
-        return cls(tile_codes(codes, tile), tile_blocks(scales, tile), tile_blocks(mins, tile), 4, tile)
+        if weight.bits == 4:
+            mins = per_block(weight.zeros, weight.group_size)
+            return cls(pack_nibbles(weight.codes), scales, mins, 4, tiled)
+        return cls(weight.codes.to(torch.int8).contiguous(), scales, None, 8, tiled)
 
     def struct(self) -> QWeightStruct:
         """The kernel's view of this weight (pointers into its buffers)."""
@@ -129,6 +141,8 @@ class BlockLinear(nn.Module):
             mins = 0
             if self.mins is not None:
                 mins = self.mins.data_ptr()
+            if self.starts is not None:
+                mins = self.starts.data_ptr()
             self._struct = QWeightStruct(self.codes.data_ptr(), self.scales.data_ptr(), mins,
                                          self.bits, self.out_features, self.in_features,
                                          int(self.tile > 0))
@@ -149,31 +163,30 @@ class BlockLinear(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         """The float32 ``[out, in]`` weight."""
-        return dequantize_blocks(*self._in_rows(), self.bits)
+        return dequantize_blocks(*self._picked(torch.arange(self.out_features)), self.bits)
 
     def rows(self, index: torch.Tensor) -> BlockLinear:
-        """The projection onto the outputs ``index`` only (in rows)."""
+        """The projection onto the outputs ``index`` only (tiled if this one is)."""
         codes, scales, mins = self._picked(index)
-        return BlockLinear(codes.contiguous(), scales.contiguous(), mins, self.bits)
+        return BlockLinear(codes.contiguous(), scales.contiguous(), mins, self.bits, self.tile > 0)
 
     def embedding(self, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows ``index`` dequantized: ``[len(index), in]``."""
         codes, scales, mins = self._picked(index)
         return dequantize_blocks(codes, scales, mins, self.bits).to(dtype)
 
-    def _in_rows(self) -> tuple:
-        """Codes, scales and minimums (None for 8 bits), one row per output (untiled)."""
-        if self.tile == 0:
-            return self.codes, self.scales, self.mins
-        return (untile_codes(self.codes, self.tile), untile_blocks(self.scales, self.tile),
-                untile_blocks(self.mins, self.tile))
-
     def _picked(self, index: torch.Tensor) -> tuple:
-        """Codes, scales and minimums (None for 8 bits) of the outputs ``index``."""
-        codes, scales, mins = self._in_rows()
-        if mins is not None:
-            mins = mins[index].contiguous()
-        return codes[index], scales[index], mins
+        """Codes, scales and minimums (None for 8 bits) of the outputs ``index``, a row each."""
+        if self.tile == 0:
+            mins = None
+            if self.mins is not None:
+                mins = self.mins[index].contiguous()
+            return self.codes[index], self.scales[index], mins
+        mins = None
+        if self.mins is not None:
+            mins = tiled_block_rows(self.mins, self.tile, index)
+        return (tiled_code_rows(self.codes, self.bits, self.tile, index),
+                tiled_block_rows(self.scales, self.tile, index), mins)
 
 
 def dequantize_blocks(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,

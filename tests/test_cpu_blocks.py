@@ -46,9 +46,9 @@ def gguf_rounded(x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(gguf.quants.dequantize(raw, T.Q8_0).astype(np.float64))
 
 
-def expected_tile(bits: int, tiled: bool) -> int:
-    """The tile of a weight of OUT outputs: 4 bits, asked for, and a build with the tiled kernel."""
-    if bits == 4 and tiled:
+def expected_tile(tiled: bool) -> int:
+    """The tile of a weight of OUT outputs: asked for, and a build with the tiled kernel."""
+    if tiled:
         return cpu_blocks.tile_width()
     return 0
 
@@ -59,7 +59,7 @@ def expected_tile(bits: int, tiled: bool) -> int:
 def test_block_linear_matches_gguf(qtype, rows, tiled):
     tensor = gguf_weight(qtype)
     layer = BlockLinear.of(read_quantized(tensor), tiled)
-    assert layer.tile == expected_tile(8 if qtype == T.Q8_0 else 4, tiled)
+    assert layer.tile == expected_tile(tiled)
     x = torch.randn(rows, IN, generator=torch.Generator().manual_seed(rows))
     out = layer(x).double()
     weight = reference_dequantize(tensor).double()
@@ -79,7 +79,7 @@ def test_block_linear_matches_gguf(qtype, rows, tiled):
 @pytest.mark.parametrize("bits", [4, 8])
 def test_a_row_does_not_depend_on_the_other_rows(bits, tiled):
     layer = BlockLinear.of(quantize(torch.randn(OUT, IN), bits, 32), tiled)
-    assert layer.tile == expected_tile(bits, tiled)
+    assert layer.tile == expected_tile(tiled)
     x = torch.randn(70, IN)
     together = layer(x)
     for rows in (1, 3, 4, 5, 8, 9, 13):
@@ -157,15 +157,22 @@ def test_a_failed_build_for_the_cpu_falls_back_to_avx2(monkeypatch):
 
 
 @pytest.mark.parametrize("tiled", [False, True])
-def test_groups_wider_than_a_block_are_repeated_per_block(tiled):
-    """Also the rows of a tiled weight: its buffers untiled give back the weight."""
-    weight = quantize(torch.randn(OUT, IN), 4, 128)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_groups_wider_than_a_block_are_repeated_per_block(bits, tiled):
+    """Also the rows of a tiled weight: read back from its tiles, they give back the weight; a
+    projection onto 16 of its outputs is tiled too, and multiplies as the whole one does."""
+    weight = quantize(torch.randn(OUT, IN), bits, 128)
     layer = BlockLinear.of(weight, tiled)
-    assert layer.tile == expected_tile(4, tiled)
+    assert layer.tile == expected_tile(tiled)
     assert torch.equal(layer.dequantize(), weight.dequantize())
     index = torch.tensor([5, 0, 77])
     assert torch.equal(layer.rows(index).dequantize(), weight.dequantize()[index])
     assert torch.equal(layer.embedding(index, torch.float32), weight.dequantize()[index])
+    sixteen = torch.arange(80, 64, -1)
+    part = layer.rows(sixteen)
+    assert part.tile == expected_tile(tiled)
+    x = torch.randn(3, IN)
+    assert torch.equal(part(x), layer(x)[:, sixteen])
 
 
 def test_rounding_keeps_zero_rows_and_halves_to_even():

@@ -60,7 +60,7 @@ def _prepare(module: nn.Module, name: str, quantization: str, group_size: int,
         bits = _bits(quantization, head, value.shape[0], group_size)
         value = quantize(value.t(), bits, _group(bits, value.shape[0], group_size, blocks))
     if blocks and cpu_blocks.fits(value):
-        _replace(module, name, cpu_blocks.BlockLinear.of(value, tiled=not head))
+        _replace(module, name, cpu_blocks.BlockLinear.of(value, tiled=True))
         return
     if head or quantization == "int8":
         _replace(module, name, Int8Linear.of(value, device))

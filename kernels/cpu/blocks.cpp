@@ -107,6 +107,7 @@ void quantize_rows(const float* x, int m, int k, Acts& a) {
     a.s.resize((size_t)m * nb);
 #ifdef __AVX512VNNI__
     a.d8.resize((size_t)m * nb * 8);
+    a.u.resize((size_t)m * k);
 #endif
 #pragma omp parallel for if (m >= PARALLEL_ROWS)
     for (size_t b = 0; b < (size_t)m * nb; b++) {
@@ -136,6 +137,10 @@ void quantize_rows(const float* x, int m, int k, Acts& a) {
         a.s[b] = d * (float)sum;
 #ifdef __AVX512VNNI__
         _mm256_storeu_ps(a.d8.data() + b * 8, _mm256_set1_ps(d));
+        uint8_t* ub = a.u.data() + b * QK;
+        for (int j = 0; j < QK; j++) {
+            ub[j] = (uint8_t)(qb[j] + 128);
+        }
 #endif
     }
 }
@@ -286,45 +291,75 @@ void rows_of(const QWeight& w, int n, const Acts& a, int m0, float* out, int ldo
     }
 }
 
-// Columns 16 t .. 16 t + 15 of input rows m0 .. m0 + R, from 4-bit weights in tiles of 16 columns
-// (cpu_blocks.py: tile_codes): per block, four 64-byte vectors whose byte 4 j + i holds column j's
-// inputs 4 h + i (low nibble) and 16 + 4 h + i (high nibble). A dpbusd lane is a column, fed four
-// inputs of a row at once, so each row of a block takes eight dpbusd and one conversion to float
-// for all 16 columns, where the column kernel above takes a dpbusd, a conversion and a scale per
-// column and pair of blocks; the weights are unpacked once for the R rows. Each row sums its
-// blocks in order in its own accumulator, whatever R is, and no lane is summed across.
-template <int R>
+// A tile's block b of 4-bit codes as the eight dpbusd operands of its input groups (4 g .. 4 g + 3):
+// four 64-byte vectors whose byte 4 j + i holds column j's inputs 4 h + i (low nibble) and
+// 16 + 4 h + i (high nibble).
+inline void load_tile4(const uint8_t* codes, __m512i* wv) {
+    const __m512i low_bits = _mm512_set1_epi8(0x0F);
+    for (int h = 0; h < 4; h++) {
+        __m512i v = _mm512_loadu_si512(codes + h * 64);
+        wv[h] = _mm512_and_si512(v, low_bits);
+        wv[h + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low_bits);
+    }
+}
+
+// Four bytes of a row's codes as one 32-bit lane, repeated in every lane.
+inline __m512i four_of(const void* x) {
+    int32_t four;
+    memcpy(&four, x, 4);
+    return _mm512_set1_epi32(four);
+}
+
+// Columns 16 t .. 16 t + 15 of input rows m0 .. m0 + R, from weights in tiles of 16 columns
+// (cpu_blocks.py: tile_codes). A dpbusd lane is a column, fed four inputs of a row at once, so each
+// row of a block takes eight dpbusd and one conversion to float for all 16 columns, where the column
+// kernel above takes a dpbusd, a conversion and a scale per column and pair of blocks; the weights
+// are unpacked once for the R rows. 4 bits: unsigned codes times the signed activations, plus the
+// minimums' part; 8 bits: the activations made unsigned (q + 128) times the signed codes, from a
+// start of -128 times the block's code sum, which is the integer sum of the codes times q. Each row
+// sums its blocks in order in its own accumulator, whatever R is, and no lane is summed across.
+template <int R, int BITS>
 void tile_rows(const QWeight& w, int t, const Acts& a, int m0, float* out, int ldo) {
     const int nb = w.k / QK;
-    const uint8_t* codes = w.codes + (size_t)t * nb * TILE * QK / 2;
+    const int block_bytes = BITS == 4 ? QK / 2 : QK;
+    const uint8_t* codes = w.codes + (size_t)t * nb * TILE * block_bytes;
     const float* scale = w.scale + (size_t)t * nb * TILE;
     const float* mins = w.min + (size_t)t * nb * TILE;
-    const __m512i low_bits = _mm512_set1_epi8(0x0F);
+    const int32_t* starts = (const int32_t*)w.min + (size_t)t * nb * TILE;
     __m512 acc[R];
     for (int r = 0; r < R; r++) {
         acc[r] = _mm512_setzero_ps();
     }
     for (int b = 0; b < nb; b++) {
         __m512i wv[8];
-        for (int h = 0; h < 4; h++) {
-            __m512i v = _mm512_loadu_si512(codes + ((size_t)b * 4 + h) * 64);
-            wv[h] = _mm512_and_si512(v, low_bits);
-            wv[h + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low_bits);
+        if (BITS == 4) {
+            load_tile4(codes + (size_t)b * TILE * block_bytes, wv);
+        } else {
+            for (int g = 0; g < 8; g++) {
+                wv[g] = _mm512_loadu_si512(codes + ((size_t)b * 8 + g) * 64);
+            }
         }
         __m512 ws = _mm512_loadu_ps(scale + (size_t)b * TILE);
-        __m512 wm = _mm512_loadu_ps(mins + (size_t)b * TILE);
         for (int r = 0; r < R; r++) {
             size_t rb = (size_t)(m0 + r) * nb + b;
-            const int8_t* xq = a.q.data() + rb * QK;
-            __m512i dot = _mm512_setzero_si512();
-            for (int g = 0; g < 8; g++) {
-                int32_t four;
-                memcpy(&four, xq + 4 * g, 4);
-                dot = _mm512_dpbusd_epi32(dot, wv[g], _mm512_set1_epi32(four));
+            __m512i dot;
+            if (BITS == 4) {
+                dot = _mm512_setzero_si512();
+                for (int g = 0; g < 8; g++) {
+                    dot = _mm512_dpbusd_epi32(dot, wv[g], four_of(a.q.data() + rb * QK + 4 * g));
+                }
+            } else {
+                dot = _mm512_loadu_si512(starts + (size_t)b * TILE);
+                for (int g = 0; g < 8; g++) {
+                    dot = _mm512_dpbusd_epi32(dot, four_of(a.u.data() + rb * QK + 4 * g), wv[g]);
+                }
             }
             __m512 d = _mm512_mul_ps(ws, _mm512_set1_ps(a.d[rb]));
             acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), d, acc[r]);
-            acc[r] = _mm512_fmadd_ps(wm, _mm512_set1_ps(a.s[rb]), acc[r]);
+            if (BITS == 4) {
+                __m512 wm = _mm512_loadu_ps(mins + (size_t)b * TILE);
+                acc[r] = _mm512_fmadd_ps(wm, _mm512_set1_ps(a.s[rb]), acc[r]);
+            }
         }
     }
     for (int r = 0; r < R; r++) {
@@ -333,19 +368,20 @@ void tile_rows(const QWeight& w, int t, const Acts& a, int m0, float* out, int l
 }
 
 // Rows [m0, m1) of the tile t: eight at a time, then the rest in one call.
+template <int BITS>
 void tile(const QWeight& w, int t, const Acts& a, int m0, int m1, float* out, int ldo) {
     int m = m0;
     for (; m + 8 <= m1; m += 8) {
-        tile_rows<8>(w, t, a, m, out, ldo);
+        tile_rows<8, BITS>(w, t, a, m, out, ldo);
     }
     switch (m1 - m) {
-        case 7: tile_rows<7>(w, t, a, m, out, ldo); break;
-        case 6: tile_rows<6>(w, t, a, m, out, ldo); break;
-        case 5: tile_rows<5>(w, t, a, m, out, ldo); break;
-        case 4: tile_rows<4>(w, t, a, m, out, ldo); break;
-        case 3: tile_rows<3>(w, t, a, m, out, ldo); break;
-        case 2: tile_rows<2>(w, t, a, m, out, ldo); break;
-        case 1: tile_rows<1>(w, t, a, m, out, ldo); break;
+        case 7: tile_rows<7, BITS>(w, t, a, m, out, ldo); break;
+        case 6: tile_rows<6, BITS>(w, t, a, m, out, ldo); break;
+        case 5: tile_rows<5, BITS>(w, t, a, m, out, ldo); break;
+        case 4: tile_rows<4, BITS>(w, t, a, m, out, ldo); break;
+        case 3: tile_rows<3, BITS>(w, t, a, m, out, ldo); break;
+        case 2: tile_rows<2, BITS>(w, t, a, m, out, ldo); break;
+        case 1: tile_rows<1, BITS>(w, t, a, m, out, ldo); break;
         default: break;
     }
 }
@@ -420,7 +456,11 @@ void gemm(const QWeight& w, const Acts& a, int m, float* out) {
         if (w.tiled) {
 #pragma omp for schedule(static) nowait
             for (int t = 0; t < w.n / TILE; t++) {
-                tile(w, t, a, m0, m1, out, w.n);
+                if (w.bits == 4) {
+                    tile<4>(w, t, a, m0, m1, out, w.n);
+                } else {
+                    tile<8>(w, t, a, m0, m1, out, w.n);
+                }
             }
             continue;
         }

@@ -20,12 +20,14 @@ struct QWeight {
     const uint8_t* codes;  // bits 4: [n, k/2], byte j of a block = value j (low), j + 16 (high)
                            // bits 8: [n, k] int8
     const float* scale;    // [n, k/32]
-    const float* min;      // [n, k/32], bits 4 only
+    const float* min;      // bits 4: [n, k/32]; bits 8 tiled: int32, -128 times each block's
+                           // code sum (the start of the kernel's integer sums); else null
     int32_t bits;
     int32_t n;
     int32_t k;
-    int32_t tiled;         // bits 4 in tiles of TILE columns (cpu_blocks.py: tile_codes): codes
-                           // [n/TILE, k/32, 4, TILE, 4], scale and min [n/TILE, k/32, TILE]
+    int32_t tiled;         // in tiles of TILE columns (cpu_blocks.py: tile_codes): codes
+                           // [n/TILE, k/32, groups, TILE, 4] bytes (groups: 4 for 4 bits, 8 for
+                           // 8 bits), scale and min [n/TILE, k/32, TILE]
 };
 
 struct Layer {
@@ -76,6 +78,7 @@ struct Acts {
     std::vector<float> s;   // [m, k/32]: d * sum of the block's codes
 #ifdef __AVX512VNNI__
     std::vector<float> d8;  // [m, k/32 * 8]: each d 8 times, the lanes of a block's sums
+    std::vector<uint8_t> u; // [m, k]: q + 128, the unsigned operand of the 8-bit tiled kernel
 #endif
 };
 

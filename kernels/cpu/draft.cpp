@@ -31,19 +31,51 @@ namespace {
 using blocks::Acts;
 using blocks::Buffers;
 
+// Row `token`'s codes, scales and minimums (4 bits) of a tiled weight, gathered into rows' order.
+void untile_row(const QWeight& w, int64_t token, std::vector<uint8_t>& codes,
+                std::vector<float>& scale, std::vector<float>& mins) {
+    int nb = w.k / QK;
+    int block_bytes = w.bits == 4 ? QK / 2 : QK;
+    int64_t t = token / TILE;
+    int j = token % TILE;
+    codes.resize((size_t)nb * block_bytes);
+    scale.resize(nb);
+    mins.resize(nb);
+    for (int b = 0; b < nb; b++) {
+        size_t tb = (size_t)t * nb + b;
+        for (int g = 0; g < block_bytes / 4; g++) {
+            memcpy(&codes[b * block_bytes + 4 * g], w.codes + ((tb * block_bytes / 4 + g) * TILE + j) * 4, 4);
+        }
+        scale[b] = w.scale[tb * TILE + j];
+        if (w.bits == 4) {
+            mins[b] = w.min[tb * TILE + j];
+        }
+    }
+}
+
 // Row `token` of an embedding stored as a block weight, dequantized into out [w.k].
 void embed_row(const QWeight& w, int64_t token, float* out) {
     int nb = w.k / QK;
+    const uint8_t* codes = w.codes + token * (w.k * w.bits / 8);
     const float* scale = w.scale + token * nb;
+    const float* mins = nullptr;
+    if (w.bits == 4) {
+        mins = w.min + token * nb;
+    }
+    std::vector<uint8_t> tiled_codes;
+    std::vector<float> tiled_scale, tiled_mins;
+    if (w.tiled) {
+        untile_row(w, token, tiled_codes, tiled_scale, tiled_mins);
+        codes = tiled_codes.data();
+        scale = tiled_scale.data();
+        mins = tiled_mins.data();
+    }
     if (w.bits == 8) {
-        const int8_t* codes = (const int8_t*)w.codes + token * w.k;
         for (int j = 0; j < w.k; j++) {
-            out[j] = (float)codes[j] * scale[j / QK];
+            out[j] = (float)(int8_t)codes[j] * scale[j / QK];
         }
         return;
     }
-    const uint8_t* codes = w.codes + token * (w.k / 2);
-    const float* mins = w.min + token * nb;
     for (int b = 0; b < nb; b++) {
         for (int j = 0; j < QK / 2; j++) {
             uint8_t byte = codes[b * QK / 2 + j];
