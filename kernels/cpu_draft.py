@@ -1,9 +1,12 @@
-"""An MTP layer's greedy draft steps in one call to the CPU kernels (kernels/cpu/draft.cpp).
+"""An MTP layer's draft steps in one call to the CPU kernels (kernels/cpu/draft.cpp).
 
 The per-step path (engine/spec/proposer.py) spends most of a draft step in Python and small
 PyTorch ops on a 2-core CPU; this loop runs every step of every drafting request in C++, from the
 fed-back states of draft step 0 to the drafts. It follows the per-step path's ops (same block
-weights and rounded activations) to float32 rounding: the norms are the block kernels' own.
+weights and rounded activations) to float32 rounding: the norms are the block kernels' own. A
+request drafts greedily (the argmax) or samples with a temperature alone: q = softmax(logits / T)
+over the draft vocabulary, and the exponential race over q on the keys the caller gives
+(engine/noise.py), as the per-step path samples.
 """
 
 from __future__ import annotations
@@ -26,6 +29,10 @@ class DraftLayerStruct(ctypes.Structure):
                 ("post_norm_feedback", ctypes.c_int32)]
 
 
+class DraftSamplingStruct(ctypes.Structure):
+    _fields_ = [("temperatures", _ptr), ("keys", _ptr), ("probs", _ptr)]
+
+
 def fits(layer, embed, head) -> bool:
     """Whether an MTP layer's projection, the embedding its tokens read and its (draft) head are
     all block weights."""
@@ -33,7 +40,7 @@ def fits(layer, embed, head) -> bool:
 
 
 class FusedDrafter:
-    """One MTP layer's greedy draft loop: its block (bound to its KV cache), the token embedding
+    """One MTP layer's draft loop: its block (bound to its KV cache), the token embedding
     and the head over the draft vocabulary (``vocab_ids``: its rows' tokens, None: all)."""
 
     def __init__(self, layer, block: FusedDecoder, embed: BlockLinear, head: BlockLinear,
@@ -50,9 +57,14 @@ class FusedDrafter:
             int(layer.layout.hidden_first), int(layer.feedback == "post_norm"))
 
     def draft(self, y: torch.Tensor, last: list[int], num_drafts: list[int],
-              tables: list[list[int]], block_size: int) -> list[list[int]]:
+              tables: list[list[int]], block_size: int, temperatures: list[float] | None = None,
+              keys: list[list[tuple[int, int]]] | None = None, want_probs: bool = False):
         """Drafts of each request: ``y`` [m, hidden] their fed-back states after draft step 0,
-        ``last`` the KV position of their last computed token, ``tables`` their block tables."""
+        ``last`` the KV position of their last computed token, ``tables`` their block tables.
+        ``temperatures``: 0 for a greedy request (None: all greedy); a sampled request's draft j
+        races on ``keys[r][j]``. Returns the drafts, and with ``want_probs`` the q of each draft
+        over the draft vocabulary, [m, max(num_drafts), N] (rows of greedy drafts unset), else
+        None."""
         y = y.float().clone(memory_format=torch.contiguous_format)  # the kernel writes it
         width = max(num_drafts)
         drafts = torch.empty(len(last), width, dtype=torch.long)
@@ -62,9 +74,28 @@ class FusedDrafter:
         last_positions = torch.tensor(last, dtype=torch.long)
         counts = torch.tensor(num_drafts, dtype=torch.int32)
         step = StepStruct(0, 0, 0, 0, 0, block_tables.data_ptr(), columns, block_size)
-        library().mtp_draft_greedy(
-            ctypes.byref(self.block.model), ctypes.byref(self.struct), ctypes.byref(step),
-            _ptr(y.data_ptr()), _ptr(last_positions.data_ptr()), _ptr(counts.data_ptr()),
-            len(last), width, _ptr(drafts.data_ptr()))
-        rows = drafts.tolist()
-        return [row[:n] for row, n in zip(rows, num_drafts)]
+        sampling, held = self._sampling(len(last), width, temperatures, keys, want_probs)
+        library().mtp_draft(
+            ctypes.byref(self.block.model), ctypes.byref(self.struct), ctypes.byref(sampling),
+            ctypes.byref(step), _ptr(y.data_ptr()), _ptr(last_positions.data_ptr()),
+            _ptr(counts.data_ptr()), len(last), width, _ptr(drafts.data_ptr()))
+        rows = [row[:n] for row, n in zip(drafts.tolist(), num_drafts)]
+        if want_probs:
+            return rows, held[-1]
+        return rows, None
+
+    def _sampling(self, m: int, width: int, temperatures, keys, want_probs: bool):
+        """The kernel's DraftSampling and the tensors it points into (kept alive by the caller)."""
+        if temperatures is None:
+            return DraftSamplingStruct(0, 0, 0), []
+        temps = torch.tensor(temperatures, dtype=torch.float32)
+        pairs = torch.zeros(m, width, 2, dtype=torch.int64)
+        for r, row in enumerate(keys):
+            if row:
+                pairs[r, :len(row)] = torch.tensor(row, dtype=torch.int64)
+        held = [temps, pairs]
+        probs = 0
+        if want_probs:
+            held.append(torch.empty(m, width, self.head.out_features))
+            probs = held[-1].data_ptr()
+        return DraftSamplingStruct(temps.data_ptr(), pairs.data_ptr(), probs), held

@@ -7,11 +7,13 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from mtpserve.engine.config import EngineConfig
 from mtpserve.engine.engine import LLMEngine
 from mtpserve.engine.loader.gguf import default_gguf_path, load_gguf
 from mtpserve.engine.loader.mtp_head import default_head_path
+from mtpserve.engine.noise import RequestNoise
 from mtpserve.engine.sampling_params import SamplingParams
 from mtpserve.kernels import cpu_blocks
 
@@ -39,9 +41,14 @@ def prompts(engine) -> list[list[int]]:
     return out
 
 
-def recorded_drafts(engine, monkeypatch, one_call: bool, spec_n_max: list[int | None]):
-    """Every proposal of a batch of the prompts, greedy (request i drafting up to ``spec_n_max[i]``), and the
-    requests."""
+GREEDY = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+
+
+def recorded_drafts(engine, monkeypatch, one_call: bool, spec_n_max: list[int | None], params=GREEDY,
+                    noise: RequestNoise | None = None, probs: list | None = None):
+    """Every proposal of a batch of the prompts (request i drafting up to ``spec_n_max[i]``), and the requests.
+    ``noise``: every request's randomness (in place of the one it was given); ``probs``: gets the draft q of each
+    proposal (unseeded sampling)."""
     proposer = engine.runner.proposer
     if not one_call:
         monkeypatch.setattr(proposer, "one_call_drafter", lambda requests: None)
@@ -51,12 +58,16 @@ def recorded_drafts(engine, monkeypatch, one_call: bool, spec_n_max: list[int | 
     def spy(items):
         out = propose(items)
         proposals.append(out)
+        if probs is not None:
+            probs.append({rid: proposer.draft_probs[rid].clone() for rid in out if rid in proposer.draft_probs})
         return out
 
     monkeypatch.setattr(proposer, "propose", spy)
-    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
     reqs = [engine.add_request(f"r{i}", p, params, spec_n_max=n) for i, (p, n) in
             enumerate(zip(prompts(engine), spec_n_max))]
+    if noise is not None:
+        for r in reqs:
+            r.noise = noise
     while any(not r.status.finished for r in reqs):
         engine.step()
     monkeypatch.undo()
@@ -72,12 +83,25 @@ def by_request(proposals: list[dict[str, list[int]]]) -> dict[str, list[list[int
     return out
 
 
-def test_greedy_requests_draft_in_one_call(engine):
+def test_greedy_and_temperature_only_requests_draft_in_one_call(engine):
     proposer = engine.runner.proposer
     greedy = SimpleNamespace(sampling_params=SamplingParams(temperature=0))
+    warm = SimpleNamespace(sampling_params=SamplingParams(temperature=0.7, top_k=-1))
     assert proposer.one_call_drafter([greedy, greedy]) is not None
-    for params in (SamplingParams(temperature=0.7), SamplingParams(temperature=0, repetition_penalty=1.2)):
+    assert proposer.one_call_drafter([greedy, warm]) is not None
+    for params in (SamplingParams(temperature=0.7, top_p=0.9), SamplingParams(temperature=0.7, top_k=40),
+                   SamplingParams(temperature=0.7, min_p=0.05), SamplingParams(temperature=0, repetition_penalty=1.2)):
         assert proposer.one_call_drafter([greedy, SimpleNamespace(sampling_params=params)]) is None
+
+
+def count_equal(fused: dict, per_step: dict) -> tuple[int, int]:
+    """Drafts in all, and drafts equal at the same step and place."""
+    num_drafts, num_equal = 0, 0
+    for rid, proposals in fused.items():
+        for da, db in zip(proposals, per_step[rid]):
+            num_drafts += len(da)
+            num_equal += sum(x == y for x, y in zip(da, db))
+    return num_drafts, num_equal
 
 
 @pytest.mark.parametrize("spec_n_max", [[None, None, None], [3, 1, 2]])
@@ -93,10 +117,45 @@ def test_drafts_equal_the_per_step_path(engine, monkeypatch, spec_n_max):
     fused, per_step = by_request(fused), by_request(per_step)
     assert [[len(d) for d in fused[rid]] for rid in fused] == [[len(d) for d in per_step[rid]] for rid in fused]
     assert [len(fused[f"r{i}"][0]) for i in range(len(CHATS))] == [n or 3 for n in spec_n_max]
-    num_drafts, num_equal = 0, 0
-    for rid, proposals in fused.items():
-        for da, db in zip(proposals, per_step[rid]):
-            num_drafts += len(da)
-            num_equal += sum(x == y for x, y in zip(da, db))
+    num_drafts, num_equal = count_equal(fused, per_step)
     assert num_drafts > 100
     assert num_equal == num_drafts
+
+
+def test_seeded_sampled_drafts_equal_the_per_step_path(engine, monkeypatch):
+    """At T = 0.7 with a seed, the drafts race on the keys the emitted tokens race on: the same drafts as the
+    per-step path's draws (PyTorch's softmax and race there; ours here, which could part them only at a near tie of
+    two races), and the same text."""
+    params = SamplingParams(temperature=0.7, seed=7, max_tokens=48, ignore_eos=True)
+    fused, fused_reqs = recorded_drafts(engine, monkeypatch, True, [None] * 3, params)
+    per_step, per_step_reqs = recorded_drafts(engine, monkeypatch, False, [None] * 3, params)
+    for a, b in zip(fused_reqs, per_step_reqs):
+        assert a.output_token_ids == b.output_token_ids
+    num_drafts, num_equal = count_equal(by_request(fused), by_request(per_step))
+    assert num_drafts > 50
+    assert num_equal == num_drafts
+
+
+def test_unseeded_sampled_drafts_and_their_q_equal_the_per_step_path(engine, monkeypatch):
+    """Without a seed (rejection sampling), the same drafts from the draft stream, and the q that verification reads
+    a distribution close to the per-step path's: equal to rounding for the first draft, drawn from the same state;
+    later ones within 0.05 in total variation (seen: at most 0.015), as the two loops' norms differ in the last bits,
+    which can move an activation across a rounding step of its 8-bit block, and that step's logits with it."""
+    params = SamplingParams(temperature=0.7, max_tokens=32, ignore_eos=True)
+    noise = RequestNoise(1234, seeded=False)
+    fused_q, per_step_q = [], []
+    fused, _ = recorded_drafts(engine, monkeypatch, True, [None] * 3, params, noise, fused_q)
+    per_step, _ = recorded_drafts(engine, monkeypatch, False, [None] * 3, params, noise, per_step_q)
+    num_drafts, num_equal = count_equal(by_request(fused), by_request(per_step))
+    assert num_drafts > 30
+    assert num_equal == num_drafts
+    compared = 0
+    for a, b in zip(fused_q, per_step_q):
+        assert a.keys() == b.keys()
+        for rid in a:
+            assert torch.allclose(a[rid].sum(-1), torch.ones(len(a[rid])))
+            distance = (a[rid] - b[rid]).abs().sum(-1) / 2  # total variation, per draft
+            assert distance[0] < 1e-5  # both from the same state: the softmax's rounding only
+            assert distance.max() < 0.05
+            compared += 1
+    assert compared > 10

@@ -32,6 +32,7 @@ from mtpserve.engine.cuda_graph import CUDAGraphs
 from mtpserve.engine.grammar import allowed_drafts, mask_logits
 from mtpserve.engine.kv_cache import KVCacheManager
 from mtpserve.engine.noise import DRAFT, TOKEN
+from mtpserve.engine.noise import keys as noise_keys
 from mtpserve.engine.request import Request
 from mtpserve.engine.sampler import (
     SamplingTensors,
@@ -67,13 +68,28 @@ def grammar_masked(logits: torch.Tensor, items: list[DraftInput],
     return logits
 
 
-def _plain_greedy(params) -> bool:
-    """Greedy, with no penalties and no grammar: a draft is the head's argmax."""
-    if not params.greedy or params.grammar is not None:
+def _plain(params) -> bool:
+    """No penalties, no grammar, and greedy or shaped by a temperature alone: a draft is the head's
+    argmax or a draw from softmax(logits / T) (kernels/cpu_draft.py draws it)."""
+    if params.grammar is not None or params.repetition_penalty != 1.0:
         return False
-    if params.repetition_penalty != 1.0:
+    if params.presence_penalty != 0.0 or params.frequency_penalty != 0.0:
         return False
-    return params.presence_penalty == 0.0 and params.frequency_penalty == 0.0
+    if params.greedy:
+        return True
+    return params.top_p == 1.0 and params.top_k in (0, -1) and params.min_p == 0.0
+
+
+def _race_keys(item: DraftInput) -> list[tuple[int, int]]:
+    """The keys of the races that pick a sampled request's drafts, as ``_choose`` keys them: its
+    noise at the output position of each draft, on the token stream where its seed came from the
+    request (drafts coupled to the tokens verification draws), else the draft stream."""
+    noise = item.request.noise
+    stream = DRAFT
+    if noise.seeded:
+        stream = TOKEN
+    first = len(item.history)
+    return [noise_keys(noise.seed, first + j, stream) for j in range(item.num_drafts)]
 
 
 def _unshaped(params: list, tensors: SamplingTensors) -> bool:
@@ -211,27 +227,43 @@ class MTPProposer:
         return first
 
     def one_call_drafter(self, requests: list[Request]):
-        """The MTP layer's greedy draft loop in one kernel call (kernels/cpu_draft.py), where every
-        one of ``requests`` drafts the head's argmax and the layer runs fused; else None."""
+        """The MTP layer's draft loop in one kernel call (kernels/cpu_draft.py), where every one of
+        ``requests`` drafts the head's argmax or samples with a temperature alone, and the layer
+        runs fused; else None."""
         if not requests:
             return None
-        if not all(_plain_greedy(r.sampling_params) for r in requests):
+        if not all(_plain(r.sampling_params) for r in requests):
             return None
         return self.mtp.fused_drafter(self.kv_caches)
 
     def _draft_fused(self, drafter, items: list[DraftInput], active: list[int],
-                     y_last: torch.Tensor, drafts: list[list[int]]) -> None:
-        """Fills ``drafts`` of the ``active`` items in one call of ``drafter``."""
-        last = []
-        tables = []
+                     y_last: torch.Tensor, drafts: list[list[int]],
+                     probs: list[list[torch.Tensor]]) -> None:
+        """Fills ``drafts`` of the ``active`` items in one call of ``drafter``, and ``probs`` (the
+        q of each draft over the whole vocabulary) of the unseeded sampled ones."""
+        last, tables, temperatures, race_keys = [], [], [], []
         for i in active:
             it = items[i]
             last.append(it.start + len(it.next_tokens) - 1)
             tables.append(self.kv.block_tables[it.request.request_id])
+            temperatures.append(0.0)
+            race_keys.append([])
+            params = it.request.sampling_params
+            if not params.greedy:
+                temperatures[-1] = params.temperature
+                race_keys[-1] = _race_keys(it)
         counts = [items[i].num_drafts for i in active]
-        rows = drafter.draft(y_last[active], last, counts, tables, self.kv.block_size)
+        if all(t == 0.0 for t in temperatures):
+            temperatures = None
+        unseeded = [j for j, i in enumerate(active)
+                    if race_keys[j] and not items[i].request.noise.seeded]
+        rows, q = drafter.draft(y_last[active], last, counts, tables, self.kv.block_size,
+                                temperatures, race_keys, bool(unseeded))
         for i, row in zip(active, rows):
             drafts[i] = row
+        for j in unseeded:
+            i = active[j]
+            probs[i] = list(self.mtp.widen(q[j, :len(rows[j])], 0.0))
 
     @torch.inference_mode()
     def propose(self, items: list[DraftInput]) -> dict[str, list[int]]:
@@ -268,7 +300,7 @@ class MTPProposer:
         y_last = y[ends]
         drafter = self.one_call_drafter([reqs[i] for i in active])
         if drafter is not None:
-            self._draft_fused(drafter, items, active, y_last, drafts)
+            self._draft_fused(drafter, items, active, y_last, drafts, probs)
             active = []
         step = 0
         while active:

@@ -23,6 +23,8 @@
 namespace {
 
 using blocks::Acts;
+using blocks::exp_shifted;
+using blocks::max_of;
 
 // Rows from which the small per-row ops (norms, rounding, rotary, SwiGLU) are split between the
 // threads; below it a fork costs more than it saves. Rows never depend on it.
@@ -55,6 +57,10 @@ inline __m256 exp8(__m256 x) {
     __m256i biased = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
     return _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(biased, 23)));
 }
+
+}  // namespace
+
+namespace blocks {
 
 // e^(x[i] - shift) in place for count floats (the tail padded through a small buffer); returns
 // their sum, added in 8 lanes then across them.
@@ -98,6 +104,10 @@ float max_of(const float* x, int64_t count) {
     }
     return top;
 }
+
+}  // namespace blocks
+
+namespace {
 
 // Rounds rows of x [m, k] to 8-bit blocks.
 void quantize_rows(const float* x, int m, int k, Acts& a) {

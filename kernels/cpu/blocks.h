@@ -96,4 +96,14 @@ void project(const QWeight& w, const float* x, int m, Acts& acts, float* out);
 // One decoder layer of md over the step's tokens: x [T, hidden], the residual stream, in place.
 void layer_forward(const Model& md, const Layer& ly, const Step& s, float* x, Buffers& b);
 
+// The largest of count floats.
+float max_of(const float* x, int64_t count);
+
+// e^(x[i] - shift) in place for count floats; returns their sum.
+float exp_shifted(float* x, int64_t count, float shift);
+
+// The index i of the winner of the exponential race over probabilities p [count] whose tokens are
+// ids[i] (null: i), keyed on (key0, key1) (race.cpp, engine/noise.py).
+int64_t race_row(const float* p, const int64_t* ids, int64_t count, uint32_t key0, uint32_t key1);
+
 }  // namespace blocks

@@ -1,7 +1,8 @@
-// The greedy draft steps of one MTP layer in one call: for each draft step, the token embedding,
+// The draft steps of one MTP layer in one call: for each draft step, the token embedding,
 // enorm / hnorm, eh_proj, the decoder block over the paged MTP KV, the head over the draft
-// vocabulary and its argmax. On a 2-core CPU a draft step's ~20 PyTorch ops and their Python cost
-// more than its weights; here a step costs what its projections cost.
+// vocabulary and its argmax, or, sampling with a temperature, the softmax and the exponential race
+// of engine/noise.py. On a 2-core CPU a draft step's ~20 PyTorch ops and their Python cost more
+// than its weights; here a step costs what its projections cost.
 //
 // Each row is one request: its fed-back state y after draft step 0 (the pass over what the main
 // model computed), the KV position of its last computed token, and how many drafts it wants.
@@ -22,6 +23,13 @@ struct DraftLayer {
     const int64_t* vocab_ids;    // [head.n]: the token of each head row; null: the row itself
     int32_t hidden_first;        // eh_proj reads [hnorm(h), enorm(e)]
     int32_t post_norm_feedback;  // the next step reads shared_norm(y), not y
+};
+
+// How each request of a draft call picks its drafts.
+struct DraftSampling {
+    const float* temperatures;  // [m]: 0 greedy (the argmax), else the race over softmax(logits / T)
+    const int64_t* keys;        // [m, width, 2]: the keys of the race of each request's draft j
+    float* probs;               // [m, width, head.n]: the q each sampled draft was drawn from, or null
 };
 
 }  // extern "C"
@@ -102,23 +110,57 @@ struct DraftBuffers {
     Buffers block;
 };
 
-// tokens[i] = the greedy draft of fed-back state y[i] (m rows).
-void choose(const Model& md, const DraftLayer& dl, const float* y, int m, DraftBuffers& b,
-            int64_t* tokens) {
+// Row `column` of the draft head as a token id.
+inline int64_t token_of(const DraftLayer& dl, int64_t column) {
+    if (dl.vocab_ids == nullptr) {
+        return column;
+    }
+    return dl.vocab_ids[column];
+}
+
+// The column drawn from logits [n] of request r's draft `step`: q = softmax(logits / T) in place
+// (as engine/sampler.py processed_probs does with a temperature alone), kept in sp.probs if
+// asked, then the race over q keyed on the request's keys for this draft.
+int64_t sample_column(const DraftLayer& dl, const DraftSampling& sp, int r, int step, int width,
+                      float* logits) {
+    int n = dl.head.n;
+    float temperature = sp.temperatures[r];
+    for (int j = 0; j < n; j++) {
+        logits[j] /= temperature;
+    }
+    float inv = 1.0f / blocks::exp_shifted(logits, n, blocks::max_of(logits, n));
+    for (int j = 0; j < n; j++) {
+        logits[j] *= inv;
+    }
+    size_t at = (size_t)r * width + step;
+    if (sp.probs != nullptr) {
+        memcpy(sp.probs + at * n, logits, sizeof(float) * n);
+    }
+    uint32_t key0 = (uint32_t)sp.keys[2 * at];
+    uint32_t key1 = (uint32_t)sp.keys[2 * at + 1];
+    return blocks::race_row(logits, dl.vocab_ids, n, key0, key1);
+}
+
+// tokens[i] = the draft `step` of request rows[i] from its fed-back state y[i] (n rows): the
+// argmax of its draft logits, or a draw from them (DraftSampling).
+void choose(const Model& md, const DraftLayer& dl, const DraftSampling& sp, const float* y,
+            const int32_t* rows, int n, int step, int width, DraftBuffers& b, int64_t* tokens) {
     int H = md.hidden;
     const float* normed = y;
     if (!dl.post_norm_feedback) {
-        b.normed.resize((size_t)m * H);
-        blocks::rms_norm(y, dl.shared_norm, m, H, md.eps, b.normed.data());
+        b.normed.resize((size_t)n * H);
+        blocks::rms_norm(y, dl.shared_norm, n, H, md.eps, b.normed.data());
         normed = b.normed.data();
     }
-    b.logits.resize((size_t)m * dl.head.n);
-    blocks::project(dl.head, normed, m, b.acts, b.logits.data());
-    for (int i = 0; i < m; i++) {
-        int64_t column = argmax(b.logits.data() + (size_t)i * dl.head.n, dl.head.n);
-        tokens[i] = column;
-        if (dl.vocab_ids != nullptr) {
-            tokens[i] = dl.vocab_ids[column];
+    b.logits.resize((size_t)n * dl.head.n);
+    blocks::project(dl.head, normed, n, b.acts, b.logits.data());
+    for (int i = 0; i < n; i++) {
+        float* logits = b.logits.data() + (size_t)i * dl.head.n;
+        int r = rows[i];
+        if (sp.temperatures == nullptr || sp.temperatures[r] <= 0.0f) {
+            tokens[i] = token_of(dl, argmax(logits, dl.head.n));
+        } else {
+            tokens[i] = token_of(dl, sample_column(dl, sp, r, step, width, logits));
         }
     }
 }
@@ -146,21 +188,23 @@ void block_input(const Model& md, const DraftLayer& dl, const int64_t* tokens, c
 
 extern "C" {
 
-// Greedy drafts of m requests, draft step 0 included: drafts [m, width], row r's first
-// num_drafts[r] filled. y [m, hidden]: each request's fed-back state after step 0 (overwritten);
-// last [m]: the KV position of its last computed token; md: the MTP layer's decoder block (one
-// layer) over its KV cache; s: block_tables and block_size (one row per request) only.
-void mtp_draft_greedy(const Model* md, const DraftLayer* dl, const Step* s, float* y,
-                      const int64_t* last, const int32_t* num_drafts, int32_t m, int32_t width,
-                      int64_t* drafts) {
+// Drafts of m requests, draft step 0 included: drafts [m, width], row r's first num_drafts[r]
+// filled, each picked as sp says. y [m, hidden]: each request's fed-back state after step 0
+// (overwritten); last [m]: the KV position of its last computed token; md: the MTP layer's decoder
+// block (one layer) over its KV cache; s: block_tables and block_size (one row per request) only.
+void mtp_draft(const Model* md, const DraftLayer* dl, const DraftSampling* sp, const Step* s,
+               float* y, const int64_t* last, const int32_t* num_drafts, int32_t m, int32_t width,
+               int64_t* drafts) {
     int H = md->hidden;
     DraftBuffers b;
     std::vector<int64_t> tokens(m);
-    choose(*md, *dl, y, m, b, tokens.data());
     std::vector<int32_t> rows;  // the requests still drafting, in order
     for (int r = 0; r < m; r++) {
-        drafts[(size_t)r * width] = tokens[r];
         rows.push_back(r);
+    }
+    choose(*md, *dl, *sp, y, rows.data(), m, 0, width, b, tokens.data());
+    for (int r = 0; r < m; r++) {
+        drafts[(size_t)r * width] = tokens[r];
     }
     std::vector<int64_t> positions, kv_positions, slots;
     std::vector<float> x, ys;
@@ -198,7 +242,7 @@ void mtp_draft_greedy(const Model* md, const DraftLayer* dl, const Step* s, floa
         if (dl->post_norm_feedback) {
             blocks::rms_norm(x.data(), dl->shared_norm, n, H, md->eps, x.data());
         }
-        choose(*md, *dl, x.data(), n, b, tokens.data());
+        choose(*md, *dl, *sp, x.data(), rows.data(), n, step, width, b, tokens.data());
         for (int i = 0; i < n; i++) {
             int r = rows[i];
             drafts[(size_t)r * width + step] = tokens[i];

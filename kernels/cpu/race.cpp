@@ -10,8 +10,7 @@
 // of a double log (the C library's against PyTorch's), which the rounding to float32 hides for all
 // but about one value in 10^8.
 
-#include <math.h>
-#include <stdint.h>
+#include "blocks.h"
 
 static inline uint32_t mix32(uint32_t x) {
     x ^= x >> 16;
@@ -21,14 +20,20 @@ static inline uint32_t mix32(uint32_t x) {
     return x ^ (x >> 16);
 }
 
-static int64_t race_row(const float* p, int64_t vocab, uint32_t key0, uint32_t key1) {
+namespace blocks {
+
+int64_t race_row(const float* p, const int64_t* ids, int64_t count, uint32_t key0, uint32_t key1) {
     const double unit = 1.0 / 4294967296.0;
     float best = 0.0f;
     int64_t winner = 0;
-    for (int64_t t = 0; t < vocab; t++) {
-        float pt = p[t];
+    for (int64_t i = 0; i < count; i++) {
+        float pt = p[i];
         if (!(pt > 0.0f)) {
             continue;
+        }
+        int64_t t = i;
+        if (ids != nullptr) {
+            t = ids[i];
         }
         uint32_t h = mix32(mix32((uint32_t)t ^ key0) ^ key1);
         double u = ((double)h + 0.5) * unit;
@@ -39,11 +44,13 @@ static int64_t race_row(const float* p, int64_t vocab, uint32_t key0, uint32_t k
         float quotient = pt / e;
         if (quotient > best) {
             best = quotient;
-            winner = t;
+            winner = i;
         }
     }
     return winner;
 }
+
+}  // namespace blocks
 
 extern "C" {
 
@@ -52,8 +59,8 @@ void race_argmax(const float* probs, const int64_t* keys, int64_t rows, int64_t 
                  int64_t* out) {
 #pragma omp parallel for if (rows > 1)
     for (int64_t r = 0; r < rows; r++) {
-        out[r] = race_row(probs + r * vocab, vocab, (uint32_t)keys[2 * r],
-                          (uint32_t)keys[2 * r + 1]);
+        out[r] = blocks::race_row(probs + r * vocab, nullptr, vocab, (uint32_t)keys[2 * r],
+                                  (uint32_t)keys[2 * r + 1]);
     }
 }
 
