@@ -109,8 +109,10 @@ class BlockLinear(nn.Module):
         self.out_features = scales.shape[0]
         self.in_features = scales.shape[1] * BLOCK
         self.tile = 0
-        if tiled and self.out_features % max(tile_width(), 1) == 0:
-            self.tile = tile_width()
+        if tiled:
+            width = tile_width()
+            if width and self.out_features % width == 0:
+                self.tile = width
         starts = None
         if self.tile:
             if bits == 8:  # the 8-bit kernel's integer sums start at -128 times the block's code sum
@@ -177,16 +179,20 @@ class BlockLinear(nn.Module):
 
     def _picked(self, index: torch.Tensor) -> tuple:
         """Codes, scales and minimums (None for 8 bits) of the outputs ``index``, a row each."""
-        if self.tile == 0:
-            mins = None
-            if self.mins is not None:
-                mins = self.mins[index].contiguous()
-            return self.codes[index], self.scales[index], mins
         mins = None
         if self.mins is not None:
-            mins = tiled_block_rows(self.mins, self.tile, index)
-        return (tiled_code_rows(self.codes, self.bits, self.tile, index),
-                tiled_block_rows(self.scales, self.tile, index), mins)
+            mins = self._block_rows(self.mins, index)
+        return self._code_rows(index), self._block_rows(self.scales, index), mins
+
+    def _code_rows(self, index: torch.Tensor) -> torch.Tensor:
+        if self.tile == 0:
+            return self.codes[index]
+        return tiled_code_rows(self.codes, self.bits, self.tile, index)
+
+    def _block_rows(self, values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        if self.tile == 0:
+            return values[index].contiguous()
+        return tiled_block_rows(values, self.tile, index)
 
 
 def dequantize_blocks(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,

@@ -1,4 +1,4 @@
-"""The greedy draft loop in one kernel call (kernels/cpu/draft.cpp) against the per-step path it replaces
+"""The draft loop in one kernel call (kernels/cpu/draft.cpp), greedy and sampled, against the per-step path it replaces
 (engine/spec/proposer.py: the MTP layer, its head and argmax one step at a time), on the GGUF model's block weights
 and the shipped head."""
 

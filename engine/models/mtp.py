@@ -197,7 +197,7 @@ class MTPModule(nn.Module):
         return fused
 
     def fused_drafter(self, kv_caches: list) -> cpu_draft.FusedDrafter | None:
-        """The greedy draft loop in one kernel call (kernels/cpu_draft.py) where there is one MTP
+        """The draft loop in one kernel call (kernels/cpu_draft.py) where there is one MTP
         layer, its block runs fused and its weights are block weights; else None."""
         if len(self.layers) != 1:
             return None

@@ -4,7 +4,7 @@ A verify step is timed whole, as the engine runs it: b requests of q new tokens 
 verified token and q - 1 drafts) through the main model, their logits, and greedy verification
 (plain sampling when q = 1). A draft step is the MTP layer and its logits over the draft
 vocabulary, as every draft path computes them (only drafts under penalties or a grammar widen them
-to the whole vocabulary); where greedy drafts run in one kernel call, a later step of that loop is
+to the whole vocabulary); where drafts run in one kernel call, a later step of that loop (greedy) is
 timed too. Runs at engine start on blocks that are still free (what it writes
 there is overwritten before any request reads it) and takes the fastest of a few repeats per shape.
 """
@@ -102,7 +102,7 @@ def measure_step_costs(runner, max_batch: int, max_tokens: int, n_max: int) -> S
 
 
 def _fused_step(runner, drafter, rows: int, n_max: int, hidden: torch.Tensor) -> float:
-    """A later draft step of the one-call greedy loop over ``rows`` requests: the loop with
+    """A later draft step of the one-call loop over ``rows`` greedy requests: the loop with
     ``n_max`` drafts less the loop with one (its first step, the head alone), per step."""
     width = max(n_max, 2)
     meta, _ = _metadata(runner, rows, width + 1, runner.device)

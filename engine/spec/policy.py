@@ -5,8 +5,8 @@ estimate ``a``; its j-th draft is accepted with probability about ``a^j``. A ste
 requests that verify ``n`` tokens in all, with ``r_j`` requests drafting a j-th token, costs
 ``C = T(B, n) + sum_j D(r_j)``, where ``T`` is the measured time of a verify step (main model,
 logits and verification; ``n = B`` is plain decoding) and ``D(r)`` that of one draft step over ``r``
-requests, both measured when the engine starts (``calibrate.py``). Greedy drafts that run in one
-kernel call (kernels/cpu_draft.py) price their later steps at what a step of that loop costs.
+requests, both measured when the engine starts (``calibrate.py``). Drafts that run in one kernel
+call (kernels/cpu_draft.py) price their later steps at what a step of that loop costs.
 
 The policy starts from plain decoding (``B`` tokens per ``T(B, B)``) and adds drafts across the
 batch in order of their expected acceptance ``a_i^j``, keeping the number of drafts that gives the
@@ -59,7 +59,7 @@ def _interp(table: dict[int, float], x: float) -> float:
 class StepCosts:
     """Measured seconds: ``main[(b, q)]`` for a step of b requests with q tokens each (main model,
     logits, sampling or verification), ``draft[b]`` for one draft step over b requests, and
-    ``fused[b]`` for a later draft step of the greedy loop that runs in one kernel call
+    ``fused[b]`` for a later draft step of the loop that runs in one kernel call
     (kernels/cpu_draft.py; empty where there is none): its first step stays a ``draft`` one."""
 
     main: dict[tuple[int, int], float] = field(default_factory=lambda: {(1, 1): 1.0})
