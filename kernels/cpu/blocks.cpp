@@ -8,9 +8,11 @@
 // rows equal one-row steps bit for bit.
 //
 // Built with AVX-512 VNNI (cpu_build.py picks the flags from the CPU), a row takes two blocks per
-// instruction: half the vector ops a block, which is what a multi-row step (verify, batches,
-// prompts) is bound by; one row stays bound by the weights' memory traffic. Its sums run in
-// another order than the AVX2 build's, so the two builds differ in the last bits.
+// instruction, and weights kept in tiles of 16 outputs (cpu_blocks.py: tile_codes; every weight
+// the engine loads) take the tiled kernel: one output per 32-bit lane, so a row of a block costs
+// a few vector ops for 16 outputs. The vector ops are what a multi-row step (verify, batches,
+// prompts) is bound by; one row stays bound by the weights' memory traffic. Its sums run in another
+// order than the AVX2 build's, so the two builds differ in the last bits.
 //
 // Also here: a step of a dense Llama-family decoder stack (norms, projections, rotary, paged-KV
 // write and attention, SwiGLU) in one call, for every step over the paged cache.
@@ -485,7 +487,6 @@ void gemm(const QWeight& w, const Acts& a, int m, float* out) {
         }
     }
 }
-
 
 void add_bias(float* x, const float* bias, int m, int n) {
     if (bias == nullptr) {
