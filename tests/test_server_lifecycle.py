@@ -209,7 +209,8 @@ def test_seeded_requests_repeat_exactly_whatever_the_drafting(tiny_qwen3_dir, tm
         lambda: None,
         lambda: setattr(engine.policy.fit, "scale", lambda batch_size: 0.05),
         lambda: setattr(engine.policy.fit, "scale", lambda batch_size: 50.0),
-        lambda: setattr(engine.policy, "plan", lambda requests, batch_size: [rng.randint(0, 3) for _ in requests]),
+        lambda: setattr(engine.policy, "plan",
+                        lambda requests, batch_size, fused=False: [rng.randint(0, 3) for _ in requests]),
     ]
     texts, drafted = [], []
     try:
