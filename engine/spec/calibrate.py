@@ -94,7 +94,7 @@ def measure_step_costs(runner, max_batch: int, max_tokens: int, n_max: int) -> S
             proposer.mtp.draft_logits(1, y)
 
         costs.draft[b] = best_time(draft_step, device)
-        drafter = proposer.mtp.fused_drafter(proposer.kv_caches)
+        drafter = proposer.drafter
         if drafter is not None and _fits(runner, b, n_max + 1):
             costs.fused[b] = _fused_step(runner, drafter, b, n_max, hidden.float())
         b *= 2

@@ -24,7 +24,7 @@ is preempted.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
+from functools import cached_property, partial
 
 import torch
 
@@ -234,6 +234,12 @@ class MTPProposer:
             return None
         if not all(_plain(r.sampling_params) for r in requests):
             return None
+        return self.drafter
+
+    @cached_property
+    def drafter(self):
+        """The MTP layer's one-call draft loop, or None (``MTPModule.fused_drafter``): its weights
+        and KV caches are the proposer's for its whole life, so it is looked up once."""
         return self.mtp.fused_drafter(self.kv_caches)
 
     def _draft_fused(self, drafter, items: list[DraftInput], active: list[int],
