@@ -4,9 +4,10 @@ The per-step path (engine/spec/proposer.py) spends most of a draft step in Pytho
 PyTorch ops on a 2-core CPU; this loop runs every step of every drafting request in C++, from the
 fed-back states of draft step 0 to the drafts. It follows the per-step path's ops (same block
 weights and rounded activations) to float32 rounding: the norms are the block kernels' own. A
-request drafts greedily (the argmax) or samples with a temperature alone: q = softmax(logits / T)
-over the draft vocabulary, and the exponential race over q on the keys the caller gives
-(engine/noise.py), as the per-step path samples.
+request drafts greedily (the argmax) or samples: q over the draft vocabulary as
+engine/sampler.py's processed_probs makes it (temperature, top-k, top-p, min-p), and the
+exponential race over q on the keys the caller gives (engine/noise.py), as the per-step path
+samples.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ class DraftLayerStruct(ctypes.Structure):
 
 
 class DraftSamplingStruct(ctypes.Structure):
-    _fields_ = [("temperatures", _ptr), ("keys", _ptr), ("probs", _ptr)]
+    _fields_ = [("temperatures", _ptr), ("top_k", _ptr), ("top_p", _ptr), ("min_p", _ptr),
+                ("keys", _ptr), ("probs", _ptr)]
 
 
 def fits(layer, embed, head) -> bool:
@@ -57,11 +59,11 @@ class FusedDrafter:
             int(layer.layout.hidden_first), int(layer.feedback == "post_norm"))
 
     def draft(self, y: torch.Tensor, last: list[int], num_drafts: list[int],
-              tables: list[list[int]], block_size: int, temperatures: list[float] | None = None,
+              tables: list[list[int]], block_size: int, params: list | None = None,
               keys: list[list[tuple[int, int]]] | None = None, want_probs: bool = False):
         """Drafts of each request: ``y`` [m, hidden] their fed-back states after draft step 0,
         ``last`` the KV position of their last computed token, ``tables`` their block tables.
-        ``temperatures``: 0 for a greedy request (None: all greedy); a sampled request's draft j
+        ``params``: each request's SamplingParams (None: all greedy); a sampled request's draft j
         races on ``keys[r][j]``. Returns the drafts, and with ``want_probs`` the q of each draft
         over the draft vocabulary, [m, max(num_drafts), N] (rows of greedy drafts unset), else
         None."""
@@ -74,7 +76,7 @@ class FusedDrafter:
         last_positions = torch.tensor(last, dtype=torch.long)
         counts = torch.tensor(num_drafts, dtype=torch.int32)
         step = StepStruct(0, 0, 0, 0, 0, block_tables.data_ptr(), columns, block_size)
-        sampling, held = self._sampling(len(last), width, temperatures, keys, want_probs)
+        sampling, held = self._sampling(len(last), width, params, keys, want_probs)
         library().mtp_draft(
             ctypes.byref(self.block.model), ctypes.byref(self.struct), ctypes.byref(sampling),
             ctypes.byref(step), _ptr(y.data_ptr()), _ptr(last_positions.data_ptr()),
@@ -84,18 +86,26 @@ class FusedDrafter:
             return rows, held[-1]
         return rows, None
 
-    def _sampling(self, m: int, width: int, temperatures, keys, want_probs: bool):
+    def _sampling(self, m: int, width: int, params, keys, want_probs: bool):
         """The kernel's DraftSampling and the tensors it points into (kept alive by the caller)."""
-        if temperatures is None:
-            return DraftSamplingStruct(0, 0, 0), []
-        temps = torch.tensor(temperatures, dtype=torch.float32)
+        if params is None:
+            return DraftSamplingStruct(0, 0, 0, 0, 0, 0), []
+        temps = torch.zeros(m, dtype=torch.float32)  # 0: greedy
+        for r, p in enumerate(params):
+            if not p.greedy:
+                temps[r] = p.temperature
+        top_k = torch.tensor([max(p.top_k, 0) for p in params], dtype=torch.int32)
+        top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)
+        min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32)
         pairs = torch.zeros(m, width, 2, dtype=torch.int64)
         for r, row in enumerate(keys):
             if row:
                 pairs[r, :len(row)] = torch.tensor(row, dtype=torch.int64)
-        held = [temps, pairs]
+        held = [temps, top_k, top_p, min_p, pairs]
         probs = 0
         if want_probs:
             held.append(torch.empty(m, width, self.head.out_features))
             probs = held[-1].data_ptr()
-        return DraftSamplingStruct(temps.data_ptr(), pairs.data_ptr(), probs), held
+        struct = DraftSamplingStruct(temps.data_ptr(), top_k.data_ptr(), top_p.data_ptr(),
+                                     min_p.data_ptr(), pairs.data_ptr(), probs)
+        return struct, held

@@ -83,14 +83,15 @@ def by_request(proposals: list[dict[str, list[int]]]) -> dict[str, list[list[int
     return out
 
 
-def test_greedy_and_temperature_only_requests_draft_in_one_call(engine):
+def test_requests_without_penalties_or_grammars_draft_in_one_call(engine):
     proposer = engine.runner.proposer
     greedy = SimpleNamespace(sampling_params=SamplingParams(temperature=0))
-    warm = SimpleNamespace(sampling_params=SamplingParams(temperature=0.7, top_k=-1))
     assert proposer.one_call_drafter([greedy, greedy]) is not None
-    assert proposer.one_call_drafter([greedy, warm]) is not None
-    for params in (SamplingParams(temperature=0.7, top_p=0.9), SamplingParams(temperature=0.7, top_k=40),
-                   SamplingParams(temperature=0.7, min_p=0.05), SamplingParams(temperature=0, repetition_penalty=1.2)):
+    for params in (SamplingParams(temperature=0.7, top_k=-1), SamplingParams(temperature=0.7, top_p=0.9, top_k=40,
+                                                                             min_p=0.05)):
+        assert proposer.one_call_drafter([greedy, SimpleNamespace(sampling_params=params)]) is not None
+    for params in (SamplingParams(temperature=0, repetition_penalty=1.2), SamplingParams(temperature=0.7,
+                                                                                          presence_penalty=0.5)):
         assert proposer.one_call_drafter([greedy, SimpleNamespace(sampling_params=params)]) is None
 
 
@@ -122,11 +123,12 @@ def test_drafts_equal_the_per_step_path(engine, monkeypatch, spec_n_max):
     assert num_equal == num_drafts
 
 
-def test_seeded_sampled_drafts_equal_the_per_step_path(engine, monkeypatch):
-    """At T = 0.7 with a seed, the drafts race on the keys the emitted tokens race on: the same drafts as the
-    per-step path's draws (PyTorch's softmax and race there; ours here, which could part them only at a near tie of
-    two races), and the same text."""
-    params = SamplingParams(temperature=0.7, seed=7, max_tokens=48, ignore_eos=True)
+@pytest.mark.parametrize("shape", [{}, {"top_p": 0.9}, {"top_k": 20}, {"min_p": 0.1}, {"top_k": 50, "top_p": 0.8}])
+def test_seeded_sampled_drafts_equal_the_per_step_path(engine, monkeypatch, shape):
+    """At T = 0.7 with a seed, with and without top-k, top-p and min-p, the drafts race on the keys the emitted tokens
+    race on: the same drafts as the per-step path's draws (PyTorch's cuts, softmax and race there; ours here, which
+    could part them only at a near tie of two races or of a cut), and the same text."""
+    params = SamplingParams(temperature=0.7, seed=7, max_tokens=48, ignore_eos=True, **shape)
     fused, fused_reqs = recorded_drafts(engine, monkeypatch, True, [None] * 3, params)
     per_step, per_step_reqs = recorded_drafts(engine, monkeypatch, False, [None] * 3, params)
     for a, b in zip(fused_reqs, per_step_reqs):
@@ -136,12 +138,13 @@ def test_seeded_sampled_drafts_equal_the_per_step_path(engine, monkeypatch):
     assert num_equal == num_drafts
 
 
-def test_unseeded_sampled_drafts_and_their_q_equal_the_per_step_path(engine, monkeypatch):
+@pytest.mark.parametrize("shape", [{}, {"top_p": 0.9, "min_p": 0.02}])
+def test_unseeded_sampled_drafts_and_their_q_equal_the_per_step_path(engine, monkeypatch, shape):
     """Without a seed (rejection sampling), the same drafts from the draft stream, and the q that verification reads
     a distribution close to the per-step path's: equal to rounding for the first draft, drawn from the same state;
     later ones within 0.05 in total variation (seen: at most 0.015), as the two loops' norms differ in the last bits,
     which can move an activation across a rounding step of its 8-bit block, and that step's logits with it."""
-    params = SamplingParams(temperature=0.7, max_tokens=32, ignore_eos=True)
+    params = SamplingParams(temperature=0.7, max_tokens=32, ignore_eos=True, **shape)
     noise = RequestNoise(1234, seeded=False)
     fused_q, per_step_q = [], []
     fused, _ = recorded_drafts(engine, monkeypatch, True, [None] * 3, params, noise, fused_q)

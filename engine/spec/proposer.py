@@ -69,15 +69,11 @@ def grammar_masked(logits: torch.Tensor, items: list[DraftInput],
 
 
 def _plain(params) -> bool:
-    """No penalties, no grammar, and greedy or shaped by a temperature alone: a draft is the head's
-    argmax or a draw from softmax(logits / T) (kernels/cpu_draft.py draws it)."""
+    """No penalties and no grammar: a draft is the head's argmax, or a draw from its logits shaped
+    by the temperature, top-k, top-p and min-p alone (kernels/cpu_draft.py draws it)."""
     if params.grammar is not None or params.repetition_penalty != 1.0:
         return False
-    if params.presence_penalty != 0.0 or params.frequency_penalty != 0.0:
-        return False
-    if params.greedy:
-        return True
-    return params.top_p == 1.0 and params.top_k in (0, -1) and params.min_p == 0.0
+    return params.presence_penalty == 0.0 and params.frequency_penalty == 0.0
 
 
 def _race_keys(item: DraftInput) -> list[tuple[int, int]]:
@@ -227,9 +223,8 @@ class MTPProposer:
         return first
 
     def one_call_drafter(self, requests: list[Request]):
-        """The MTP layer's draft loop in one kernel call (kernels/cpu_draft.py), where every one of
-        ``requests`` drafts the head's argmax or samples with a temperature alone, and the layer
-        runs fused; else None."""
+        """The MTP layer's draft loop in one kernel call (kernels/cpu_draft.py), where none of
+        ``requests`` has penalties or a grammar and the layer runs fused; else None."""
         if not requests:
             return None
         if not all(_plain(r.sampling_params) for r in requests):
@@ -247,24 +242,22 @@ class MTPProposer:
                      probs: list[list[torch.Tensor]]) -> None:
         """Fills ``drafts`` of the ``active`` items in one call of ``drafter``, and ``probs`` (the
         q of each draft over the whole vocabulary) of the unseeded sampled ones."""
-        last, tables, temperatures, race_keys = [], [], [], []
+        last, tables, params, race_keys = [], [], [], []
         for i in active:
             it = items[i]
             last.append(it.start + len(it.next_tokens) - 1)
             tables.append(self.kv.block_tables[it.request.request_id])
-            temperatures.append(0.0)
+            params.append(it.request.sampling_params)
             race_keys.append([])
-            params = it.request.sampling_params
-            if not params.greedy:
-                temperatures[-1] = params.temperature
+            if not params[-1].greedy:
                 race_keys[-1] = _race_keys(it)
         counts = [items[i].num_drafts for i in active]
-        if all(t == 0.0 for t in temperatures):
-            temperatures = None
+        if all(p.greedy for p in params):
+            params = None
         unseeded = [j for j, i in enumerate(active)
                     if race_keys[j] and not items[i].request.noise.seeded]
         rows, q = drafter.draft(y_last[active], last, counts, tables, self.kv.block_size,
-                                temperatures, race_keys, bool(unseeded))
+                                params, race_keys, bool(unseeded))
         for i, row in zip(active, rows):
             drafts[i] = row
         for j in unseeded:

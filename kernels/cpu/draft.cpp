@@ -1,13 +1,15 @@
 // The draft steps of one MTP layer in one call: for each draft step, the token embedding,
 // enorm / hnorm, eh_proj, the decoder block over the paged MTP KV, the head over the draft
-// vocabulary and its argmax, or, sampling with a temperature, the softmax and the exponential race
-// of engine/noise.py. On a 2-core CPU a draft step's ~20 PyTorch ops and their Python cost more
+// vocabulary and its argmax, or, sampling, q (temperature, top-k, top-p, min-p) and the exponential
+// race of engine/noise.py. On a 2-core CPU a draft step's ~20 PyTorch ops and their Python cost more
 // than its weights; here a step costs what its projections cost.
 //
 // Each row is one request: its fed-back state y after draft step 0 (the pass over what the main
 // model computed), the KV position of its last computed token, and how many drafts it wants.
 // Step s (1 ..) reads row r's draft s - 1 at rotary position last + s + 1 and writes the MTP KV
 // at position last + s, as the per-step path does (engine/models/mtp.py).
+
+#include <algorithm>
 
 #include "blocks.h"
 
@@ -27,7 +29,10 @@ struct DraftLayer {
 
 // How each request of a draft call picks its drafts.
 struct DraftSampling {
-    const float* temperatures;  // [m]: 0 greedy (the argmax), else the race over softmax(logits / T)
+    const float* temperatures;  // [m]: 0 greedy (the argmax), else the race over q
+    const int32_t* top_k;       // [m]: q's top-k, 0 off (null: off for all)
+    const float* top_p;         // [m]: q's top-p, 1 off
+    const float* min_p;         // [m]: q's min-p, 0 off
     const int64_t* keys;        // [m, width, 2]: the keys of the race of each request's draft j
     float* probs;               // [m, width, head.n]: the q each sampled draft was drawn from, or null
 };
@@ -118,9 +123,87 @@ inline int64_t token_of(const DraftLayer& dl, int64_t column) {
     return dl.vocab_ids[column];
 }
 
-// The column drawn from logits [n] of request r's draft `step`: q = softmax(logits / T) in place
-// (as engine/sampler.py processed_probs does with a temperature alone), kept in sp.probs if
-// asked, then the race over q keyed on the request's keys for this draft.
+// Top-k, then top-p, of logits x [n] as engine/truncation.py cuts them: the dropped ones set to
+// -inf. Top-k keeps every logit tied with the k-th largest; top-p keeps the tokens, in descending
+// order (ties by column), whose mass before them under the top-k renormalized distribution is below
+// top_p; the largest always stays. Returns whether any is dropped.
+bool truncate(float* x, int n, int top_k, float top_p) {
+    bool k_on = top_k > 0 && top_k < n;
+    bool p_on = top_p < 1.0f;
+    if (!k_on && !p_on) {
+        return false;
+    }
+    std::vector<int> order(n);
+    for (int j = 0; j < n; j++) {
+        order[j] = j;
+    }
+    std::sort(order.begin(), order.end(), [x](int a, int b) {
+        return x[a] > x[b] || (x[a] == x[b] && a < b);
+    });
+    if (k_on) {
+        float kth = x[order[top_k - 1]];
+        for (int j = 0; j < n; j++) {
+            if (x[j] < kth) {
+                x[j] = -INFINITY;
+            }
+        }
+    }
+    if (!p_on) {
+        return true;
+    }
+    float most = x[order[0]];
+    double total = 0.0;
+    for (int j = 0; j < n; j++) {
+        total += exp((double)x[j] - most);
+    }
+    double before = 0.0;
+    for (int i = 0; i < n; i++) {
+        int c = order[i];
+        if (i > 0 && before >= top_p) {
+            x[c] = -INFINITY;
+            continue;
+        }
+        before += exp((double)x[c] - most) / total;
+    }
+    return true;
+}
+
+// Softmax of logits x [n] in place, the -inf ones 0.
+void softmax(float* x, int n, bool truncated) {
+    float most = blocks::max_of(x, n);
+    float total = 0.0f;
+    if (truncated) {
+        for (int j = 0; j < n; j++) {
+            x[j] = x[j] == -INFINITY ? 0.0f : expf(x[j] - most);
+            total += x[j];
+        }
+    } else {
+        total = blocks::exp_shifted(x, n, most);
+    }
+    float inv = 1.0f / total;
+    for (int j = 0; j < n; j++) {
+        x[j] *= inv;
+    }
+}
+
+// Probabilities q [n] below min_p times the largest set to 0, the rest renormalized.
+void keep_min_p(float* q, int n, float min_p) {
+    float threshold = min_p * blocks::max_of(q, n);
+    float total = 0.0f;
+    for (int j = 0; j < n; j++) {
+        if (q[j] < threshold) {
+            q[j] = 0.0f;
+        }
+        total += q[j];
+    }
+    for (int j = 0; j < n; j++) {
+        q[j] /= total;
+    }
+}
+
+// The column drawn from logits [n] of request r's draft `step`: q as engine/sampler.py
+// processed_probs makes it (the temperature, top-k and top-p, softmax, min-p) in place, kept in
+// sp.probs if asked, then the race over q keyed on the request's keys for this draft.
 int64_t sample_column(const DraftLayer& dl, const DraftSampling& sp, int r, int step, int width,
                       float* logits) {
     int n = dl.head.n;
@@ -128,9 +211,13 @@ int64_t sample_column(const DraftLayer& dl, const DraftSampling& sp, int r, int 
     for (int j = 0; j < n; j++) {
         logits[j] /= temperature;
     }
-    float inv = 1.0f / blocks::exp_shifted(logits, n, blocks::max_of(logits, n));
-    for (int j = 0; j < n; j++) {
-        logits[j] *= inv;
+    bool truncated = false;
+    if (sp.top_k != nullptr) {
+        truncated = truncate(logits, n, sp.top_k[r], sp.top_p[r]);
+    }
+    softmax(logits, n, truncated);
+    if (sp.min_p != nullptr && sp.min_p[r] > 0.0f) {
+        keep_min_p(logits, n, sp.min_p[r]);
     }
     size_t at = (size_t)r * width + step;
     if (sp.probs != nullptr) {
