@@ -1,11 +1,7 @@
 """Adaptive draft length, chosen for the whole batch.
 
 Each request keeps a decayed count of accepted vs. tried drafts, giving a per-token acceptance
-estimate ``a``, and the same counts per draft position: ``a_j`` (j > 1), the acceptance of its j-th
-draft once the ones before it were accepted, drawn towards ``a`` by ``POSITION_PRIOR`` drafts (text
-that is predictable tends to stay so, and later drafts land more often than the first: a geometric
-``a^j`` would draft too little on it); ``a_1 = a``. Its j-th draft is accepted with probability
-``a_1 ... a_j``. A step over ``B``
+estimate ``a``; its j-th draft is accepted with probability about ``a^j``. A step over ``B``
 requests that verify ``n`` tokens in all, with ``r_j`` requests drafting a j-th token, costs
 ``C = T(B, n) + sum_j D(r_j)``, where ``T`` is the measured time of a verify step (main model,
 logits and verification; ``n = B`` is plain decoding) and ``D(r)`` that of one draft step over ``r``
@@ -36,7 +32,6 @@ from dataclasses import dataclass, field
 
 DECAY = 0.9
 PRIOR_ACCEPTED, PRIOR_TRIED = 1.0, 2.0  # a = 0.5 before any observation
-POSITION_PRIOR = 2.0  # a draft position's own counts are drawn towards a by this many drafts
 PROBE_EVERY = 8
 PROBE_MAX = 128
 PROBE_RATE = 0.9  # a probe is due only where drafting would pay at this acceptance
@@ -98,10 +93,6 @@ class AcceptanceEstimate:
     tried: float = PRIOR_TRIED
     steps_without_drafts: int = 0
     probe_wait: int = PROBE_EVERY
-    # per draft position (0: the first draft), decayed: drafts accepted there, and drafts tried there
-    # (a position is tried where every draft before it was accepted)
-    position_accepted: list[float] = field(default_factory=list)
-    position_tried: list[float] = field(default_factory=list)
 
     def observe(self, num_drafts: int, num_accepted: int) -> None:
         if num_drafts == 0:
@@ -110,34 +101,10 @@ class AcceptanceEstimate:
         rejected = 1 if num_accepted < num_drafts else 0
         self.accepted = DECAY * self.accepted + num_accepted
         self.tried = DECAY * self.tried + num_accepted + rejected
-        reached = min(num_drafts, num_accepted + 1)
-        while len(self.position_tried) < reached:
-            self.position_accepted.append(0.0)
-            self.position_tried.append(0.0)
-        for j in range(reached):
-            self.position_tried[j] = DECAY * self.position_tried[j] + 1
-            self.position_accepted[j] = DECAY * self.position_accepted[j]
-            if j < num_accepted:
-                self.position_accepted[j] += 1
 
     @property
     def rate(self) -> float:
         return self.accepted / self.tried
-
-    def rates(self, n: int) -> list[float]:
-        """``a_1 .. a_n``: the acceptance of each of n drafts once the ones before it were accepted.
-        The first is ``rate``, which every accepted draft informs (steadier than the first
-        position's own counts, one a step); each later one is its position's counts drawn
-        towards ``rate`` (which it is where a position has none)."""
-        out = [self.rate]
-        for j in range(1, n):
-            accepted = POSITION_PRIOR * self.rate
-            tried = POSITION_PRIOR
-            if j < len(self.position_tried):
-                accepted += self.position_accepted[j]
-                tried += self.position_tried[j]
-            out.append(accepted / tried)
-        return out
 
 
 class StepFit:
@@ -196,10 +163,9 @@ class DraftPolicy:
     def free(self, request_id: str) -> None:
         self.estimates.pop(request_id, None)
 
-    def allocate(self, rates: list[list[float]], limits: list[int], batch_size: int,
+    def allocate(self, rates: list[float], limits: list[int], batch_size: int,
                  fused: bool = False) -> list[int]:
-        """Drafts per request that maximise the batch's expected tokens per second; ``rates[i]``:
-        request i's ``a_1 .. a_n`` (``AcceptanceEstimate.rates``, n >= its limit); ``batch_size``
+        """Drafts per request that maximise the batch's expected tokens per second; ``batch_size``
         counts every request in the step, those that cannot draft included; ``fused``: their
         drafts run in one kernel call."""
         row = self.costs.at_batch(batch_size)
@@ -218,11 +184,9 @@ class DraftPolicy:
             return plain + b * extra
 
         candidates = []  # (expected acceptance of request i's j-th draft, -j, i)
-        for i, (position_rates, n) in enumerate(zip(rates, limits)):
-            gain = 1.0
+        for i, (rate, n) in enumerate(zip(rates, limits)):
             for j in range(1, n + 1):
-                gain *= position_rates[j - 1]
-                candidates.append((gain, -j, i))
+                candidates.append((rate ** j, -j, i))
         # most likely drafts first; a request's j-th draft after its (j-1)-th
         candidates.sort(reverse=True)
         depth_rows = [0] * (max(limits, default=0) + 1)
@@ -247,7 +211,7 @@ class DraftPolicy:
         if not self.adaptive:
             return limits
         estimates = [self.estimate(r.request_id) for r in requests]
-        rates = [est.rates(n) for est, n in zip(estimates, limits)]
+        rates = [est.rate for est in estimates]
         drafts = self.allocate(rates, limits, batch_size, fused)
         due = []
         for i, est in enumerate(estimates):
@@ -258,11 +222,7 @@ class DraftPolicy:
             if est.steps_without_drafts >= est.probe_wait:
                 due.append(i)
         if due:  # probe where drafting would pay if the text turned predictable
-            probe_rates = []
-            for i, (a, n) in enumerate(zip(rates, limits)):
-                if i in due:
-                    a = [PROBE_RATE] * n
-                probe_rates.append(a)
+            probe_rates = [PROBE_RATE if i in due else a for i, a in enumerate(rates)]
             hopeful = self.allocate(probe_rates, limits, batch_size, fused)
             for i in due:
                 if hopeful[i]:
