@@ -127,7 +127,7 @@ inline int64_t token_of(const DraftLayer& dl, int64_t column) {
 // -inf. Top-k keeps every logit tied with the k-th largest; top-p keeps the tokens, in descending
 // order (ties by column), whose mass before them under the top-k renormalized distribution is below
 // top_p; the largest always stays. Returns whether any is dropped.
-bool truncate(float* x, int n, int top_k, float top_p) {
+bool cut_logits(float* x, int n, int top_k, float top_p) {
     bool k_on = top_k > 0 && top_k < n;
     bool p_on = top_p < 1.0f;
     if (!k_on && !p_on) {
@@ -213,7 +213,7 @@ int64_t sample_column(const DraftLayer& dl, const DraftSampling& sp, int r, int 
     }
     bool truncated = false;
     if (sp.top_k != nullptr) {
-        truncated = truncate(logits, n, sp.top_k[r], sp.top_p[r]);
+        truncated = cut_logits(logits, n, sp.top_k[r], sp.top_p[r]);
     }
     softmax(logits, n, truncated);
     if (sp.min_p != nullptr && sp.min_p[r] > 0.0f) {
