@@ -76,18 +76,21 @@ class FusedDrafter:
         last_positions = torch.tensor(last, dtype=torch.long)
         counts = torch.tensor(num_drafts, dtype=torch.int32)
         step = StepStruct(0, 0, 0, 0, 0, block_tables.data_ptr(), columns, block_size)
-        sampling, held = self._sampling(len(last), width, params, keys, want_probs)
+        probs = None
+        if want_probs:
+            probs = torch.empty(len(last), width, self.head.out_features)
+        sampling, held = self._sampling(len(last), width, params, keys, probs)
         library().mtp_draft(
             ctypes.byref(self.block.model), ctypes.byref(self.struct), ctypes.byref(sampling),
             ctypes.byref(step), _ptr(y.data_ptr()), _ptr(last_positions.data_ptr()),
             _ptr(counts.data_ptr()), len(last), width, _ptr(drafts.data_ptr()))
         rows = [row[:n] for row, n in zip(drafts.tolist(), num_drafts)]
-        if want_probs:
-            return rows, held[-1]
-        return rows, None
+        return rows, probs
 
-    def _sampling(self, m: int, width: int, params, keys, want_probs: bool):
-        """The kernel's DraftSampling and the tensors it points into (kept alive by the caller)."""
+    @staticmethod
+    def _sampling(m: int, width: int, params, keys, probs: torch.Tensor | None):
+        """The kernel's DraftSampling (``probs``: where q goes, or None) and the tensors it points
+        into (kept alive by the caller)."""
         if params is None:
             return DraftSamplingStruct(0, 0, 0, 0, 0, 0), []
         temps = torch.zeros(m, dtype=torch.float32)  # 0: greedy
@@ -101,11 +104,9 @@ class FusedDrafter:
         for r, row in enumerate(keys):
             if row:
                 pairs[r, :len(row)] = torch.tensor(row, dtype=torch.int64)
-        held = [temps, top_k, top_p, min_p, pairs]
-        probs = 0
-        if want_probs:
-            held.append(torch.empty(m, width, self.head.out_features))
-            probs = held[-1].data_ptr()
+        probs_at = 0
+        if probs is not None:
+            probs_at = probs.data_ptr()
         struct = DraftSamplingStruct(temps.data_ptr(), top_k.data_ptr(), top_p.data_ptr(),
-                                     min_p.data_ptr(), pairs.data_ptr(), probs)
-        return struct, held
+                                     min_p.data_ptr(), pairs.data_ptr(), probs_at)
+        return struct, [temps, top_k, top_p, min_p, pairs]

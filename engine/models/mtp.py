@@ -157,7 +157,6 @@ class MTPModule(nn.Module):
         self.register_buffer("draft_vocab", draft_vocab)
         self._draft_heads: dict[int, tuple] = {}  # step -> (head, restricted head, dtype)
         self._fused_blocks: dict[int, FusedDecoder] = {}  # layer -> its block as one call
-        self._drafter: cpu_draft.FusedDrafter | None = None
 
     def embed(self, layer: MTPLayer, input_ids: torch.Tensor) -> torch.Tensor:
         if layer.embed_tokens is not None:
@@ -198,7 +197,8 @@ class MTPModule(nn.Module):
 
     def fused_drafter(self, kv_caches: list) -> cpu_draft.FusedDrafter | None:
         """The draft loop in one kernel call (kernels/cpu_draft.py) where there is one MTP
-        layer, its block runs fused and its weights are block weights; else None."""
+        layer, its block runs fused and its weights are block weights; else None. Built anew:
+        the proposer keeps the one it uses."""
         if len(self.layers) != 1:
             return None
         block = self._fused(0, kv_caches[0])
@@ -215,11 +215,7 @@ class MTPModule(nn.Module):
             head = self.draft_head(0)[1]
         if not cpu_draft.fits(layer, embed, head):
             return None
-        cached = self._drafter
-        if cached is None or cached.block is not block or cached.head is not head:
-            cached = cpu_draft.FusedDrafter(layer, block, embed, head, self.draft_vocab)
-            self._drafter = cached
-        return cached
+        return cpu_draft.FusedDrafter(layer, block, embed, head, self.draft_vocab)
 
     def head(self, step: int) -> tuple[MTPLayer, torch.Tensor]:
         layer = self.layers[min(step, len(self.layers) - 1)]

@@ -119,7 +119,6 @@ void quantize_rows(const float* x, int m, int k, Acts& a) {
     a.s.resize((size_t)m * nb);
 #ifdef __AVX512VNNI__
     a.d8.resize((size_t)m * nb * 8);
-    a.u.resize((size_t)m * k);
 #endif
 #pragma omp parallel for if (m >= PARALLEL_ROWS)
     for (size_t b = 0; b < (size_t)m * nb; b++) {
@@ -149,13 +148,20 @@ void quantize_rows(const float* x, int m, int k, Acts& a) {
         a.s[b] = d * (float)sum;
 #ifdef __AVX512VNNI__
         _mm256_storeu_ps(a.d8.data() + b * 8, _mm256_set1_ps(d));
-        uint8_t* ub = a.u.data() + b * QK;
-        for (int j = 0; j < QK; j++) {
-            ub[j] = (uint8_t)(qb[j] + 128);
-        }
 #endif
     }
 }
+
+#ifdef __AVX512VNNI__
+// a.u = the rounded codes plus 128: the unsigned operand of the 8-bit tiled kernel (only it needs
+// them, so only its projections make them).
+void unsigned_codes(Acts& a) {
+    a.u.resize(a.q.size());
+    for (size_t i = 0; i < a.q.size(); i++) {
+        a.u[i] = (uint8_t)(a.q[i] + 128);
+    }
+}
+#endif
 
 // A weight block (32 codes) as unsigned magnitudes for maddubs, and its signed codes (8 bits:
 // the activations take the weight's sign, so that |w| * (x * sign(w)) = w * x).
@@ -698,6 +704,11 @@ void rms_norm(const float* x, const float* weight, int m, int d, float eps, floa
 
 void project(const QWeight& w, const float* x, int m, Acts& acts, float* out) {
     quantize_rows(x, m, w.k, acts);
+#ifdef __AVX512VNNI__
+    if (w.tiled && w.bits == 8) {
+        unsigned_codes(acts);
+    }
+#endif
     gemm(w, acts, m, out);
 }
 

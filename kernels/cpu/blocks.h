@@ -79,6 +79,7 @@ struct Acts {
 #ifdef __AVX512VNNI__
     std::vector<float> d8;  // [m, k/32 * 8]: each d 8 times, the lanes of a block's sums
     std::vector<uint8_t> u; // [m, k]: q + 128, the unsigned operand of the 8-bit tiled kernel
+                            // (made by the projections that use it only)
 #endif
 };
 

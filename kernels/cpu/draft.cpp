@@ -174,7 +174,11 @@ void softmax(float* x, int n, bool truncated) {
     float total = 0.0f;
     if (truncated) {
         for (int j = 0; j < n; j++) {
-            x[j] = x[j] == -INFINITY ? 0.0f : expf(x[j] - most);
+            if (x[j] == -INFINITY) {
+                x[j] = 0.0f;
+            } else {
+                x[j] = expf(x[j] - most);
+            }
             total += x[j];
         }
     } else {
