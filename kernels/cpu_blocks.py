@@ -51,11 +51,16 @@ def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
 
 
 def tile_width() -> int:
-    """Outputs per tile of the tiled kernel, 0 where the build has none (no AVX-512 VNNI)."""
+    """Outputs per tile of the tiled kernel (16 with AVX-512 VNNI, else 8); 0 without the kernels."""
     lib = library()
     if lib is None:
         return 0
     return lib.mtp_tile_width()
+
+
+def tile_starts() -> bool:
+    """Whether 8-bit tiles carry their blocks' start sums (the AVX-512 VNNI kernel's)."""
+    return bool(library().mtp_tile_starts())
 
 
 def block_bytes(bits: int) -> int:
@@ -115,10 +120,10 @@ class BlockLinear(nn.Module):
                 self.tile = width
         starts = None
         if self.tile:
-            if bits == 8:  # the 8-bit kernel's integer sums start at -128 times the block's code sum
+            if bits == 8 and tile_starts():  # its integer sums start at -128 times the code sum
                 blocks = codes.view(self.out_features, -1, BLOCK).sum(-1, dtype=torch.int32)
                 starts = tile_blocks(-128 * blocks, self.tile)
-            else:
+            if bits == 4:
                 mins = tile_blocks(mins, self.tile)
             codes = tile_codes(codes, bits, self.tile)
             scales = tile_blocks(scales, self.tile)

@@ -7,12 +7,12 @@
 // input rows, so an input row's result never depends on the other rows of the call: MTP's verify
 // rows equal one-row steps bit for bit.
 //
-// Built with AVX-512 VNNI (cpu_build.py picks the flags from the CPU), a row takes two blocks per
-// instruction, and weights kept in tiles of 16 outputs (cpu_blocks.py: tile_codes; every weight
-// the engine loads) take the tiled kernel: one output per 32-bit lane, so a row of a block costs
-// a few vector ops for 16 outputs. The vector ops are what a multi-row step (verify, batches,
-// prompts) is bound by; one row stays bound by the weights' memory traffic. Its sums run in another
-// order than the AVX2 build's, so the two builds differ in the last bits.
+// Weights kept in tiles (cpu_blocks.py: tile_codes; every weight the engine loads) take the tiled
+// kernel: one output per 32-bit lane, so a row of a block costs a few vector ops for a whole tile
+// of outputs (16 with AVX-512 VNNI, which cpu_build.py picks from the CPU, else 8). The vector ops
+// are what a multi-row step (verify, batches, prompts) is bound by. Weights in rows take the column
+// kernel (with AVX-512 VNNI two blocks per instruction). The builds sum in different orders, so
+// they differ in the last bits.
 //
 // Also here: a step of a dense Llama-family decoder stack (norms, projections, rotary, paged-KV
 // write and attention, SwiGLU) in one call, for every step over the paged cache.
@@ -385,25 +385,6 @@ void tile_rows(const QWeight& w, int t, const Acts& a, int m0, float* out, int l
     }
 }
 
-// Rows [m0, m1) of the tile t: eight at a time, then the rest in one call.
-template <int BITS>
-void tile(const QWeight& w, int t, const Acts& a, int m0, int m1, float* out, int ldo) {
-    int m = m0;
-    for (; m + 8 <= m1; m += 8) {
-        tile_rows<8, BITS>(w, t, a, m, out, ldo);
-    }
-    switch (m1 - m) {
-        case 7: tile_rows<7, BITS>(w, t, a, m, out, ldo); break;
-        case 6: tile_rows<6, BITS>(w, t, a, m, out, ldo); break;
-        case 5: tile_rows<5, BITS>(w, t, a, m, out, ldo); break;
-        case 4: tile_rows<4, BITS>(w, t, a, m, out, ldo); break;
-        case 3: tile_rows<3, BITS>(w, t, a, m, out, ldo); break;
-        case 2: tile_rows<2, BITS>(w, t, a, m, out, ldo); break;
-        case 1: tile_rows<1, BITS>(w, t, a, m, out, ldo); break;
-        default: break;
-    }
-}
-
 #else
 
 // Output column n of input rows m0 .. m0 + R. A weight block is unpacked once for the R rows.
@@ -436,7 +417,135 @@ void rows_of(const QWeight& w, int n, const Acts& a, int m0, float* out, int ldo
     }
 }
 
+
+// A tile's block b of 4-bit codes as the eight operands of its input groups (4 g .. 4 g + 3):
+// four 32-byte vectors whose byte 4 j + i holds column j's inputs 4 h + i (low nibble) and
+// 16 + 4 h + i (high nibble).
+inline void load_tile4(const uint8_t* codes, __m256i* wv) {
+    const __m256i low_bits = _mm256_set1_epi8(0x0F);
+    for (int h = 0; h < 4; h++) {
+        __m256i v = _mm256_loadu_si256((const __m256i*)(codes + h * 32));
+        wv[h] = _mm256_and_si256(v, low_bits);
+        wv[h + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low_bits);
+    }
+}
+
+// Four bytes of a row's codes as one 32-bit lane, repeated in every lane.
+inline __m256i four_of(const void* x) {
+    int32_t four;
+    memcpy(&four, x, 4);
+    return _mm256_set1_epi32(four);
+}
+
+// A row's block of 4-bit tiled codes: the integer dot product of each column (lane). Without
+// VNNI, maddubs pairs (at most 2 * 15 * 127) add up over the eight groups in 16 bits (at most
+// 30480, no overflow) before one madd widens them.
+inline __m256i tile_dot4(const __m256i* wv, const int8_t* x) {
+#ifdef __AVXVNNI__
+    __m256i dot = _mm256_setzero_si256();
+    for (int g = 0; g < 8; g++) {
+        dot = _mm256_dpbusd_avx_epi32(dot, wv[g], four_of(x + 4 * g));
+    }
+    return dot;
+#else
+    __m256i pairs = _mm256_setzero_si256();
+    for (int g = 0; g < 8; g++) {
+        pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(wv[g], four_of(x + 4 * g)));
+    }
+    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+#endif
+}
+
+// A row's block of 8-bit tiled codes: the weights' magnitudes times the activations given the
+// weights' signs (pairs at most 2 * 128 * 127, no saturation), widened per group.
+inline __m256i tile_dot8(const __m256i* magnitude, const __m256i* sign, const int8_t* x) {
+    __m256i dot = _mm256_setzero_si256();
+    for (int g = 0; g < 8; g++) {
+        __m256i xv = _mm256_sign_epi8(four_of(x + 4 * g), sign[g]);
+#ifdef __AVXVNNI__
+        dot = _mm256_dpbusd_avx_epi32(dot, magnitude[g], xv);
+#else
+        __m256i pairs = _mm256_maddubs_epi16(magnitude[g], xv);
+        dot = _mm256_add_epi32(dot, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+#endif
+    }
+    return dot;
+}
+
+// Columns 8 t .. 8 t + 7 of input rows m0 .. m0 + R, from weights in tiles of 8 columns
+// (cpu_blocks.py: tile_codes): a 32-bit lane is a column, fed four inputs of a row at once, so a
+// row of a block costs eight multiplies and one conversion to float for all 8 columns, where the
+// column kernel takes a multiply, a widening, a conversion and a scale per column. The weights are
+// unpacked once for the R rows. Each row sums its blocks in order in its own accumulator, whatever
+// R is, and no lane is summed across.
+template <int R, int BITS>
+void tile_rows(const QWeight& w, int t, const Acts& a, int m0, float* out, int ldo) {
+    const int nb = w.k / QK;
+    const int block_bytes = BITS == 4 ? QK / 2 : QK;
+    const uint8_t* codes = w.codes + (size_t)t * nb * TILE * block_bytes;
+    const float* scale = w.scale + (size_t)t * nb * TILE;
+    const float* mins = nullptr;
+    if (BITS == 4) {
+        mins = w.min + (size_t)t * nb * TILE;
+    }
+    __m256 acc[R];
+    for (int r = 0; r < R; r++) {
+        acc[r] = _mm256_setzero_ps();
+    }
+    for (int b = 0; b < nb; b++) {
+        __m256i wv[8];
+        __m256i sign[8];
+        if (BITS == 4) {
+            load_tile4(codes + (size_t)b * TILE * block_bytes, wv);
+        } else {
+            for (int g = 0; g < 8; g++) {
+                sign[g] = _mm256_loadu_si256((const __m256i*)(codes + ((size_t)b * 8 + g) * 32));
+                wv[g] = _mm256_sign_epi8(sign[g], sign[g]);
+            }
+        }
+        __m256 ws = _mm256_loadu_ps(scale + (size_t)b * TILE);
+        for (int r = 0; r < R; r++) {
+            size_t rb = (size_t)(m0 + r) * nb + b;
+            const int8_t* x = a.q.data() + rb * QK;
+            __m256i dot;
+            if (BITS == 4) {
+                dot = tile_dot4(wv, x);
+            } else {
+                dot = tile_dot8(wv, sign, x);
+            }
+            __m256 d = _mm256_mul_ps(ws, _mm256_set1_ps(a.d[rb]));
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), d, acc[r]);
+            if (BITS == 4) {
+                __m256 wm = _mm256_loadu_ps(mins + (size_t)b * TILE);
+                acc[r] = _mm256_fmadd_ps(wm, _mm256_set1_ps(a.s[rb]), acc[r]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        _mm256_storeu_ps(out + (size_t)(m0 + r) * ldo + (size_t)t * TILE, acc[r]);
+    }
+}
+
 #endif  // __AVX512VNNI__
+
+// Rows [m0, m1) of the tile t: eight at a time, then the rest in one call.
+template <int BITS>
+void tile(const QWeight& w, int t, const Acts& a, int m0, int m1, float* out, int ldo) {
+    int m = m0;
+    for (; m + 8 <= m1; m += 8) {
+        tile_rows<8, BITS>(w, t, a, m, out, ldo);
+    }
+    switch (m1 - m) {
+        case 7: tile_rows<7, BITS>(w, t, a, m, out, ldo); break;
+        case 6: tile_rows<6, BITS>(w, t, a, m, out, ldo); break;
+        case 5: tile_rows<5, BITS>(w, t, a, m, out, ldo); break;
+        case 4: tile_rows<4, BITS>(w, t, a, m, out, ldo); break;
+        case 3: tile_rows<3, BITS>(w, t, a, m, out, ldo); break;
+        case 2: tile_rows<2, BITS>(w, t, a, m, out, ldo); break;
+        case 1: tile_rows<1, BITS>(w, t, a, m, out, ldo); break;
+        default: break;
+    }
+}
 
 // Rows [m0, m1) of the column n: four at a time, then three (a verify step with two drafts) or two,
 // then one.
@@ -470,7 +579,6 @@ void gemm(const QWeight& w, const Acts& a, int m, float* out) {
         if (m1 > m) {
             m1 = m;
         }
-#ifdef __AVX512VNNI__
         if (w.tiled) {
 #pragma omp for schedule(static) nowait
             for (int t = 0; t < w.n / TILE; t++) {
@@ -482,7 +590,6 @@ void gemm(const QWeight& w, const Acts& a, int m, float* out) {
             }
             continue;
         }
-#endif
 #pragma omp for schedule(static) nowait
         for (int n = 0; n < w.n; n++) {
             if (w.bits == 4) {
@@ -763,11 +870,16 @@ void mtp_round_rows(const float* x, int32_t m, int32_t k, float* out) {
     }
 }
 
-// Columns per tile of a tiled weight (cpu_blocks.py: tile_codes); 0 where the build has no tiled
-// kernel (no AVX-512 VNNI): weights stay in rows.
+// Columns per tile of a tiled weight (cpu_blocks.py: tile_codes): 16 with AVX-512 VNNI, else 8.
 int32_t mtp_tile_width() {
-#ifdef __AVX512VNNI__
     return TILE;
+}
+
+// Whether 8-bit tiled weights carry their start sums (-128 times each block's code sum) in min:
+// the AVX-512 VNNI kernel multiplies unsigned activations (q + 128) by the signed codes.
+int32_t mtp_tile_starts() {
+#ifdef __AVX512VNNI__
+    return 1;
 #else
     return 0;
 #endif

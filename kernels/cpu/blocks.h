@@ -12,7 +12,11 @@
 #include <vector>
 
 #define QK 32
+#ifdef __AVX512VNNI__
 #define TILE 16
+#else
+#define TILE 8
+#endif
 
 extern "C" {
 
@@ -20,8 +24,9 @@ struct QWeight {
     const uint8_t* codes;  // bits 4: [n, k/2], byte j of a block = value j (low), j + 16 (high)
                            // bits 8: [n, k] int8
     const float* scale;    // [n, k/32]
-    const float* min;      // bits 4: [n, k/32]; bits 8 tiled: int32, -128 times each block's
-                           // code sum (the start of the kernel's integer sums); else null
+    const float* min;      // bits 4: [n, k/32]; bits 8 tiled with AVX-512 VNNI: int32, -128
+                           // times each block's code sum (the start of the kernel's integer
+                           // sums); else null
     int32_t bits;
     int32_t n;
     int32_t k;
