@@ -417,19 +417,6 @@ void rows_of(const QWeight& w, int n, const Acts& a, int m0, float* out, int ldo
     }
 }
 
-
-// A tile's block b of 4-bit codes as the eight operands of its input groups (4 g .. 4 g + 3):
-// four 32-byte vectors whose byte 4 j + i holds column j's inputs 4 h + i (low nibble) and
-// 16 + 4 h + i (high nibble).
-inline void load_tile4(const uint8_t* codes, __m256i* wv) {
-    const __m256i low_bits = _mm256_set1_epi8(0x0F);
-    for (int h = 0; h < 4; h++) {
-        __m256i v = _mm256_loadu_si256((const __m256i*)(codes + h * 32));
-        wv[h] = _mm256_and_si256(v, low_bits);
-        wv[h + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low_bits);
-    }
-}
-
 // Four bytes of a row's codes as one 32-bit lane, repeated in every lane.
 inline __m256i four_of(const void* x) {
     int32_t four;
@@ -437,39 +424,61 @@ inline __m256i four_of(const void* x) {
     return _mm256_set1_epi32(four);
 }
 
-// A row's block of 4-bit tiled codes: the integer dot product of each column (lane). Without
-// VNNI, maddubs pairs (at most 2 * 15 * 127) add up over the eight groups in 16 bits (at most
-// 30480, no overflow) before one madd widens them.
-inline __m256i tile_dot4(const __m256i* wv, const int8_t* x) {
+// The integer dot products of a tile's block of 4-bit codes with R rows' blocks x[r] (one column a
+// lane). The block is four 32-byte vectors; byte 4 j + i of vector h holds column j's inputs
+// 4 h + i (low nibble) and 16 + 4 h + i (high nibble). Each vector is unpacked once and used by
+// every row at once, so the rows' sums stay in registers. Without VNNI, maddubs pairs (at most
+// 2 * 15 * 127) add up over the block in 16 bits (at most 30480, no overflow) before one madd
+// widens them.
+template <int R>
+inline void tile_dots4(const uint8_t* codes, const int8_t* const* x, __m256i* dot) {
+    const __m256i low_bits = _mm256_set1_epi8(0x0F);
+    for (int r = 0; r < R; r++) {
+        dot[r] = _mm256_setzero_si256();
+    }
+    for (int h = 0; h < 4; h++) {
+        __m256i v = _mm256_loadu_si256((const __m256i*)(codes + h * 32));
+        __m256i low = _mm256_and_si256(v, low_bits);
+        __m256i high = _mm256_and_si256(_mm256_srli_epi16(v, 4), low_bits);
+        for (int r = 0; r < R; r++) {
 #ifdef __AVXVNNI__
-    __m256i dot = _mm256_setzero_si256();
-    for (int g = 0; g < 8; g++) {
-        dot = _mm256_dpbusd_avx_epi32(dot, wv[g], four_of(x + 4 * g));
-    }
-    return dot;
+            dot[r] = _mm256_dpbusd_avx_epi32(dot[r], low, four_of(x[r] + 4 * h));
+            dot[r] = _mm256_dpbusd_avx_epi32(dot[r], high, four_of(x[r] + 16 + 4 * h));
 #else
-    __m256i pairs = _mm256_setzero_si256();
-    for (int g = 0; g < 8; g++) {
-        pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(wv[g], four_of(x + 4 * g)));
+            __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(low, four_of(x[r] + 4 * h)),
+                                             _mm256_maddubs_epi16(high, four_of(x[r] + 16 + 4 * h)));
+            dot[r] = _mm256_add_epi16(dot[r], pairs);
+#endif
+        }
     }
-    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+#ifndef __AVXVNNI__
+    for (int r = 0; r < R; r++) {
+        dot[r] = _mm256_madd_epi16(dot[r], _mm256_set1_epi16(1));
+    }
 #endif
 }
 
-// A row's block of 8-bit tiled codes: the weights' magnitudes times the activations given the
-// weights' signs (pairs at most 2 * 128 * 127, no saturation), widened per group.
-inline __m256i tile_dot8(const __m256i* magnitude, const __m256i* sign, const int8_t* x) {
-    __m256i dot = _mm256_setzero_si256();
-    for (int g = 0; g < 8; g++) {
-        __m256i xv = _mm256_sign_epi8(four_of(x + 4 * g), sign[g]);
-#ifdef __AVXVNNI__
-        dot = _mm256_dpbusd_avx_epi32(dot, magnitude[g], xv);
-#else
-        __m256i pairs = _mm256_maddubs_epi16(magnitude[g], xv);
-        dot = _mm256_add_epi32(dot, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
-#endif
+// The same for a tile's block of 8-bit codes (eight 32-byte vectors, inputs 4 g .. 4 g + 3 in
+// vector g): the weights' magnitudes times the rows' codes given the weights' signs (pairs at most
+// 2 * 128 * 127, no saturation), widened per vector.
+template <int R>
+inline void tile_dots8(const uint8_t* codes, const int8_t* const* x, __m256i* dot) {
+    for (int r = 0; r < R; r++) {
+        dot[r] = _mm256_setzero_si256();
     }
-    return dot;
+    for (int g = 0; g < 8; g++) {
+        __m256i sign = _mm256_loadu_si256((const __m256i*)(codes + g * 32));
+        __m256i magnitude = _mm256_sign_epi8(sign, sign);
+        for (int r = 0; r < R; r++) {
+            __m256i xv = _mm256_sign_epi8(four_of(x[r] + 4 * g), sign);
+#ifdef __AVXVNNI__
+            dot[r] = _mm256_dpbusd_avx_epi32(dot[r], magnitude, xv);
+#else
+            __m256i pairs = _mm256_maddubs_epi16(magnitude, xv);
+            dot[r] = _mm256_add_epi32(dot[r], _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+#endif
+        }
+    }
 }
 
 // Columns 8 t .. 8 t + 7 of input rows m0 .. m0 + R, from weights in tiles of 8 columns
@@ -493,28 +502,21 @@ void tile_rows(const QWeight& w, int t, const Acts& a, int m0, float* out, int l
         acc[r] = _mm256_setzero_ps();
     }
     for (int b = 0; b < nb; b++) {
-        __m256i wv[8];
-        __m256i sign[8];
+        const int8_t* x[R];
+        for (int r = 0; r < R; r++) {
+            x[r] = a.q.data() + ((size_t)(m0 + r) * nb + b) * QK;
+        }
+        __m256i dot[R];
         if (BITS == 4) {
-            load_tile4(codes + (size_t)b * TILE * block_bytes, wv);
+            tile_dots4<R>(codes + (size_t)b * TILE * block_bytes, x, dot);
         } else {
-            for (int g = 0; g < 8; g++) {
-                sign[g] = _mm256_loadu_si256((const __m256i*)(codes + ((size_t)b * 8 + g) * 32));
-                wv[g] = _mm256_sign_epi8(sign[g], sign[g]);
-            }
+            tile_dots8<R>(codes + (size_t)b * TILE * block_bytes, x, dot);
         }
         __m256 ws = _mm256_loadu_ps(scale + (size_t)b * TILE);
         for (int r = 0; r < R; r++) {
             size_t rb = (size_t)(m0 + r) * nb + b;
-            const int8_t* x = a.q.data() + rb * QK;
-            __m256i dot;
-            if (BITS == 4) {
-                dot = tile_dot4(wv, x);
-            } else {
-                dot = tile_dot8(wv, sign, x);
-            }
             __m256 d = _mm256_mul_ps(ws, _mm256_set1_ps(a.d[rb]));
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), d, acc[r]);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r]), d, acc[r]);
             if (BITS == 4) {
                 __m256 wm = _mm256_loadu_ps(mins + (size_t)b * TILE);
                 acc[r] = _mm256_fmadd_ps(wm, _mm256_set1_ps(a.s[rb]), acc[r]);
