@@ -178,9 +178,12 @@ class BlockLinear(nn.Module):
         return BlockLinear(codes.contiguous(), scales.contiguous(), mins, self.bits, self.tile > 0)
 
     def embedding(self, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Rows ``index`` dequantized: ``[len(index), in]``."""
-        codes, scales, mins = self._picked(index)
-        return dequantize_blocks(codes, scales, mins, self.bits).to(dtype)
+        """Rows ``index`` dequantized: ``[*index.shape, in]``."""
+        ids = index.reshape(-1).to(torch.int64).contiguous()
+        out = torch.empty(len(ids), self.in_features)
+        library().mtp_embed_rows(ctypes.byref(self.struct()), ctypes.c_void_p(ids.data_ptr()),
+                                 len(ids), ctypes.c_void_p(out.data_ptr()))
+        return out.to(dtype).view(*index.shape, self.in_features)
 
     def _picked(self, index: torch.Tensor) -> tuple:
         """Codes, scales and minimums (None for 8 bits) of the outputs ``index``, a row each."""

@@ -66,8 +66,9 @@ void untile_row(const QWeight& w, int64_t token, std::vector<uint8_t>& codes,
     }
 }
 
-// Row `token` of an embedding stored as a block weight, dequantized into out [w.k].
-void embed_row(const QWeight& w, int64_t token, float* out) {
+// Row `token` of an embedding stored as a block weight, dequantized into out [w.k]: code times
+// scale, rounded, plus the minimum, as kernels/quant.py dequantizes (no fused multiply-add).
+__attribute__((optimize("fp-contract=off"))) void embed_row(const QWeight& w, int64_t token, float* out) {
     int nb = w.k / QK;
     const uint8_t* codes = w.codes + token * (w.k * w.bits / 8);
     const float* scale = w.scale + token * nb;
@@ -339,6 +340,14 @@ void mtp_draft(const Model* md, const DraftLayer* dl, const DraftSampling* sp, c
             drafts[(size_t)r * width + step] = tokens[i];
             memcpy(y + (size_t)r * H, x.data() + (size_t)i * H, sizeof(float) * H);
         }
+    }
+}
+
+
+// Rows ids [n] of an embedding stored as a block weight, dequantized into out [n, w.k].
+void mtp_embed_rows(const QWeight* w, const int64_t* ids, int32_t n, float* out) {
+    for (int32_t i = 0; i < n; i++) {
+        embed_row(*w, ids[i], out + (size_t)i * w->k);
     }
 }
 
