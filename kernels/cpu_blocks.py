@@ -108,7 +108,7 @@ class BlockLinear(nn.Module):
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
                  bits: int, tiled: bool = False):
         """One row of codes, scales and minimums (4 bits) per output. ``tiled``: kept in tiles for
-        the tiled kernel (``tile_codes``) where the build has it and the outputs fill whole tiles."""
+        the tiled kernel (``tile_codes``) where the kernels load and the outputs fill whole tiles."""
         super().__init__()
         self.bits = bits
         self.out_features = scales.shape[0]

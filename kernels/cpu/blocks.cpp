@@ -358,6 +358,10 @@ void tile_rows(const QWeight& w, int t, const Acts& a, int m0, float* out, int l
             }
         }
         __m512 ws = _mm512_loadu_ps(scale + (size_t)b * TILE);
+        __m512 wm = _mm512_setzero_ps();
+        if (BITS == 4) {
+            wm = _mm512_loadu_ps(mins + (size_t)b * TILE);
+        }
         for (int r = 0; r < R; r++) {
             size_t rb = (size_t)(m0 + r) * nb + b;
             __m512i dot;
@@ -375,7 +379,6 @@ void tile_rows(const QWeight& w, int t, const Acts& a, int m0, float* out, int l
             __m512 d = _mm512_mul_ps(ws, _mm512_set1_ps(a.d[rb]));
             acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), d, acc[r]);
             if (BITS == 4) {
-                __m512 wm = _mm512_loadu_ps(mins + (size_t)b * TILE);
                 acc[r] = _mm512_fmadd_ps(wm, _mm512_set1_ps(a.s[rb]), acc[r]);
             }
         }
@@ -513,12 +516,15 @@ void tile_rows(const QWeight& w, int t, const Acts& a, int m0, float* out, int l
             tile_dots8<R>(codes + (size_t)b * TILE * block_bytes, x, dot);
         }
         __m256 ws = _mm256_loadu_ps(scale + (size_t)b * TILE);
+        __m256 wm = _mm256_setzero_ps();
+        if (BITS == 4) {
+            wm = _mm256_loadu_ps(mins + (size_t)b * TILE);
+        }
         for (int r = 0; r < R; r++) {
             size_t rb = (size_t)(m0 + r) * nb + b;
             __m256 d = _mm256_mul_ps(ws, _mm256_set1_ps(a.d[rb]));
             acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r]), d, acc[r]);
             if (BITS == 4) {
-                __m256 wm = _mm256_loadu_ps(mins + (size_t)b * TILE);
                 acc[r] = _mm256_fmadd_ps(wm, _mm256_set1_ps(a.s[rb]), acc[r]);
             }
         }

@@ -343,7 +343,6 @@ void mtp_draft(const Model* md, const DraftLayer* dl, const DraftSampling* sp, c
     }
 }
 
-
 // Rows ids [n] of an embedding stored as a block weight, dequantized into out [n, w.k].
 void mtp_embed_rows(const QWeight* w, const int64_t* ids, int32_t n, float* out) {
     for (int32_t i = 0; i < n; i++) {
