@@ -1,8 +1,8 @@
 """An MTP layer's draft steps in one call to the CPU kernels (kernels/cpu/draft.cpp).
 
 The per-step path (engine/spec/proposer.py) spends most of a draft step in Python and small
-PyTorch ops on a 2-core CPU; this loop runs every step of every drafting request in C++, from the
-fed-back states of draft step 0 to the drafts. It follows the per-step path's ops (same block
+PyTorch ops on a 2-core CPU; this loop runs every step of every drafting request in C++, from
+draft step 0 (the MTP layer over what the main model computed) to the drafts. It follows the per-step path's ops (same block
 weights and rounded activations) to float32 rounding: the norms are the block kernels' own. A
 request drafts greedily (the argmax) or samples: q over the draft vocabulary as
 engine/sampler.py's processed_probs makes it (temperature, top-k, top-p, min-p), and the
@@ -58,32 +58,38 @@ class FusedDrafter:
             layer.shared_norm.data_ptr(), embed.struct(), head.struct(), ids,
             int(layer.layout.hidden_first), int(layer.feedback == "post_norm"))
 
-    def draft(self, y: torch.Tensor, last: list[int], num_drafts: list[int],
-              tables: list[list[int]], block_size: int, params: list | None = None,
-              keys: list[list[tuple[int, int]]] | None = None, want_probs: bool = False):
-        """Drafts of each request: ``y`` [m, hidden] their fed-back states after draft step 0,
-        ``last`` the KV position of their last computed token, ``tables`` their block tables.
-        ``params``: each request's SamplingParams (None: all greedy); a sampled request's draft j
-        races on ``keys[r][j]``. Returns the drafts, and with ``want_probs`` the q of each draft
-        over the draft vocabulary, [m, max(num_drafts), N] (rows of greedy drafts unset), else
-        None."""
-        y = y.float().clone(memory_format=torch.contiguous_format)  # the kernel writes it
-        width = max(num_drafts)
-        drafts = torch.empty(len(last), width, dtype=torch.long)
+    def propose(self, hidden: torch.Tensor, tokens: list[int], starts: list[int],
+                lengths: list[int], num_drafts: list[int], tables: list[list[int]],
+                block_size: int, params: list | None = None,
+                keys: list[list[tuple[int, int]]] | None = None, want_probs: bool = False):
+        """Draft step 0 and the drafts of each request: the MTP layer over ``lengths[r]`` positions
+        from ``starts[r]`` on (``hidden`` [T, hidden] the main model's states there, ``tokens`` [T]
+        the token after each), then up to ``num_drafts[r]`` drafts from its last row (0: only its
+        MTP KV is filled). ``tables``: the block tables. ``params``: each request's
+        SamplingParams (None: all greedy); a sampled request's draft j races on ``keys[r][j]``.
+        Returns the drafts, and with ``want_probs`` the q of each draft over the draft vocabulary,
+        [m, max(num_drafts), N] (rows of greedy drafts unset), else None."""
+        m = len(starts)
+        hidden = hidden.float().contiguous()
+        token_ids = torch.tensor(tokens, dtype=torch.long)
+        start_positions = torch.tensor(starts, dtype=torch.long)
+        length_counts = torch.tensor(lengths, dtype=torch.int32)
+        counts = torch.tensor(num_drafts, dtype=torch.int32)
+        width = max(max(num_drafts), 1)
+        drafts = torch.empty(m, width, dtype=torch.long)
         columns = max(len(t) for t in tables)
         padded = [t + [0] * (columns - len(t)) for t in tables]
         block_tables = torch.tensor(padded, dtype=torch.int32)
-        last_positions = torch.tensor(last, dtype=torch.long)
-        counts = torch.tensor(num_drafts, dtype=torch.int32)
         step = StepStruct(0, 0, 0, 0, 0, block_tables.data_ptr(), columns, block_size)
         probs = None
         if want_probs:
-            probs = torch.empty(len(last), width, self.head.out_features)
-        sampling, held = self._sampling(len(last), width, params, keys, probs)
-        library().mtp_draft(
+            probs = torch.empty(m, width, self.head.out_features)
+        sampling, held = self._sampling(m, width, params, keys, probs)
+        library().mtp_propose(
             ctypes.byref(self.block.model), ctypes.byref(self.struct), ctypes.byref(sampling),
-            ctypes.byref(step), _ptr(y.data_ptr()), _ptr(last_positions.data_ptr()),
-            _ptr(counts.data_ptr()), len(last), width, _ptr(drafts.data_ptr()))
+            ctypes.byref(step), _ptr(hidden.data_ptr()), _ptr(token_ids.data_ptr()),
+            _ptr(start_positions.data_ptr()), _ptr(length_counts.data_ptr()),
+            _ptr(counts.data_ptr()), m, width, _ptr(drafts.data_ptr()))
         rows = [row[:n] for row, n in zip(drafts.tolist(), num_drafts)]
         return rows, probs
 

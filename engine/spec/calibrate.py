@@ -4,8 +4,8 @@ A verify step is timed whole, as the engine runs it: b requests of q new tokens 
 verified token and q - 1 drafts) through the main model, their logits, and greedy verification
 (plain sampling when q = 1). A draft step is the MTP layer and its logits over the draft
 vocabulary, as every draft path computes them (only drafts under penalties or a grammar widen them
-to the whole vocabulary); where drafts run in one kernel call, a later step of that loop (greedy) is
-timed too. Runs at engine start on blocks that are still free (what it writes
+to the whole vocabulary); where drafts run in one kernel call, that loop's first step and a later one
+(greedy) are timed too. Runs at engine start on blocks that are still free (what it writes
 there is overwritten before any request reads it) and takes the fastest of a few repeats per shape.
 """
 
@@ -96,22 +96,27 @@ def measure_step_costs(runner, max_batch: int, max_tokens: int, n_max: int) -> S
         costs.draft[b] = best_time(draft_step, device)
         drafter = proposer.drafter
         if drafter is not None and _fits(runner, b, n_max + 1):
-            costs.fused[b] = _fused_step(runner, drafter, b, n_max, hidden.float())
+            first, later = _fused_steps(runner, drafter, b, n_max, hidden.float())
+            costs.fused_first[b] = first
+            costs.fused[b] = later
         b *= 2
     return costs
 
 
-def _fused_step(runner, drafter, rows: int, n_max: int, hidden: torch.Tensor) -> float:
-    """A later draft step of the one-call loop over ``rows`` greedy requests: the loop with
-    ``n_max`` drafts less the loop with one (its first step, the head alone), per step."""
+def _fused_steps(runner, drafter, rows: int, n_max: int,
+                 hidden: torch.Tensor) -> tuple[float, float]:
+    """Draft steps of the one-call loop over ``rows`` greedy requests of one new token each: the
+    first (the MTP pass over that token and the head), and a later one (the loop with ``n_max``
+    drafts less the loop with one, per step)."""
     width = max(n_max, 2)
     meta, _ = _metadata(runner, rows, width + 1, runner.device)
     tables = meta.block_tables.tolist()
     bs = runner.block_size
 
     def loop(num_drafts: int):
-        drafter.draft(hidden, [CONTEXT] * rows, [num_drafts] * rows, tables, bs)
+        drafter.propose(hidden, [0] * rows, [CONTEXT] * rows, [1] * rows, [num_drafts] * rows,
+                        tables, bs)
 
     more = best_time(partial(loop, width), runner.device)
     one = best_time(partial(loop, 1), runner.device)
-    return max(more - one, 0.0) / (width - 1)
+    return one, max(more - one, 0.0) / (width - 1)

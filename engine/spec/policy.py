@@ -59,11 +59,12 @@ def _interp(table: dict[int, float], x: float) -> float:
 class StepCosts:
     """Measured seconds: ``main[(b, q)]`` for a step of b requests with q tokens each (main model,
     logits, sampling or verification), ``draft[b]`` for one draft step over b requests, and
-    ``fused[b]`` for a later draft step of the loop that runs in one kernel call
-    (kernels/cpu_draft.py; empty where there is none): its first step stays a ``draft`` one."""
+    ``fused_first[b]`` and ``fused[b]`` for the first and a later draft step of the loop that
+    runs in one kernel call (kernels/cpu_draft.py; empty where there is none)."""
 
     main: dict[tuple[int, int], float] = field(default_factory=lambda: {(1, 1): 1.0})
     draft: dict[int, float] = field(default_factory=lambda: {1: 0.0})
+    fused_first: dict[int, float] = field(default_factory=dict)
     fused: dict[int, float] = field(default_factory=dict)
 
     def at_batch(self, batch_size: int) -> dict[int, float]:
@@ -84,6 +85,8 @@ class StepCosts:
             return 0.0
         if fused and depth > 1 and self.fused:
             return _interp(self.fused, rows)
+        if fused and self.fused_first:
+            return _interp(self.fused_first, rows)
         return _interp(self.draft, rows)
 
 

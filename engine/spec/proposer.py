@@ -237,49 +237,34 @@ class MTPProposer:
         and KV caches are the proposer's for its whole life, so it is looked up once."""
         return self.mtp.fused_drafter(self.kv_caches)
 
-    def _draft_fused(self, drafter, items: list[DraftInput], active: list[int],
-                     y_last: torch.Tensor, drafts: list[list[int]],
-                     probs: list[list[torch.Tensor]]) -> None:
-        """Fills ``drafts`` of the ``active`` items in one call of ``drafter``, and ``probs`` (the
-        q of each draft over the whole vocabulary) of the unseeded sampled ones."""
-        last, tables, params, race_keys = [], [], [], []
-        for i in active:
-            it = items[i]
-            last.append(it.start + len(it.next_tokens) - 1)
+    def _propose_fused(self, drafter, items: list[DraftInput]):
+        """Draft step 0 and every draft of ``items`` in one call of ``drafter``: (drafts, the q of
+        each draft over the whole vocabulary for unseeded sampled requests, else [])."""
+        tables, params, race_keys, tokens = [], [], [], []
+        for it in items:
             tables.append(self.kv.block_tables[it.request.request_id])
             params.append(it.request.sampling_params)
             race_keys.append([])
-            if not params[-1].greedy:
+            if it.num_drafts and not params[-1].greedy:
                 race_keys[-1] = _race_keys(it)
-        counts = [items[i].num_drafts for i in active]
+            tokens.extend(it.next_tokens)
         if all(p.greedy for p in params):
             params = None
-        unseeded = [j for j, i in enumerate(active)
-                    if race_keys[j] and not items[i].request.noise.seeded]
-        rows, q = drafter.draft(y_last[active], last, counts, tables, self.kv.block_size,
-                                params, race_keys, bool(unseeded))
-        for i, row in zip(active, rows):
-            drafts[i] = row
-        for j in unseeded:
-            i = active[j]
-            probs[i] = list(self.mtp.widen(q[j, :len(rows[j])], 0.0))
+        unseeded = [i for i, it in enumerate(items)
+                    if race_keys[i] and not it.request.noise.seeded]
+        hidden = torch.cat([it.hidden for it in items])
+        drafts, q = drafter.propose(hidden, tokens, [it.start for it in items],
+                                    [len(it.next_tokens) for it in items],
+                                    [it.num_drafts for it in items], tables, self.kv.block_size,
+                                    params, race_keys, bool(unseeded))
+        probs: list[list[torch.Tensor]] = [[] for _ in items]
+        for i in unseeded:
+            probs[i] = list(self.mtp.widen(q[i, :len(drafts[i])], 0.0))
+        return drafts, probs
 
-    @torch.inference_mode()
-    def propose(self, items: list[DraftInput]) -> dict[str, list[int]]:
-        """Drafts per request id; the q of unseeded sampled requests' drafts go
-        to ``draft_probs``."""
-        for it in items:
-            self.draft_probs.pop(it.request.request_id, None)
-        items = self._defer_or_merge(items)
-        if not items:
-            return {}
-        bs = self.kv.block_size
-        for it in items:  # draft steps 1..k-1 write the MTP KV of positions beyond this step's
-            last = it.start + len(it.next_tokens) - 1
-            need = last + max(it.num_drafts, 1)
-            if it.num_drafts > 1 and not self.kv.allocate_slots(it.request.request_id, need):
-                have = len(self.kv.block_tables[it.request.request_id]) * bs
-                it.num_drafts = max(1, min(it.num_drafts, have - last))
+    def _propose_per_step(self, items: list[DraftInput], active: list[int]):
+        """Draft step 0, then one draft step at a time for the ``active`` items: (drafts, the q of
+        each draft for unseeded sampled requests, else [])."""
         reqs = [it.request for it in items]
         starts = [it.start for it in items]
         lengths = [len(it.next_tokens) for it in items]
@@ -287,20 +272,13 @@ class MTPProposer:
         for it in items:
             tokens.extend(it.next_tokens)
         y = self._run(0, reqs, tokens, torch.cat([it.hidden for it in items]), starts, lengths)
-        for it in items:  # verified positions only: the prefix cache may now keep these blocks
-            self.kv.mark_draft_kv(it.request.request_id, it.start + len(it.next_tokens))
         ends = torch.tensor(lengths, device=self.device).cumsum(0) - 1
         y = self._chain(items, reqs, tokens, starts, lengths, y, ends)
         req_params = [r.sampling_params for r in reqs]
         tensors = SamplingTensors.from_params(req_params, self.vocab_size, self.device)
-        active = [i for i, it in enumerate(items) if it.num_drafts > 0]  # the others only fill
         drafts: list[list[int]] = [[] for _ in items]
         probs: list[list[torch.Tensor]] = [[] for _ in items]
         y_last = y[ends]
-        drafter = self.one_call_drafter([reqs[i] for i in active])
-        if drafter is not None:
-            self._draft_fused(drafter, items, active, y_last, drafts, probs)
-            active = []
         step = 0
         while active:
             chosen = self._choose(step, [items[i] for i in active], tensors, active,
@@ -318,6 +296,32 @@ class MTPProposer:
             y_last = y_last.clone()
             y_last[still] = y_step
             active = still
+        return drafts, probs
+
+    @torch.inference_mode()
+    def propose(self, items: list[DraftInput]) -> dict[str, list[int]]:
+        """Drafts per request id; the q of unseeded sampled requests' drafts go
+        to ``draft_probs``."""
+        for it in items:
+            self.draft_probs.pop(it.request.request_id, None)
+        items = self._defer_or_merge(items)
+        if not items:
+            return {}
+        bs = self.kv.block_size
+        for it in items:  # draft steps 1..k-1 write the MTP KV of positions beyond this step's
+            last = it.start + len(it.next_tokens) - 1
+            need = last + max(it.num_drafts, 1)
+            if it.num_drafts > 1 and not self.kv.allocate_slots(it.request.request_id, need):
+                have = len(self.kv.block_tables[it.request.request_id]) * bs
+                it.num_drafts = max(1, min(it.num_drafts, have - last))
+        active = [i for i, it in enumerate(items) if it.num_drafts > 0]  # the others only fill
+        drafter = self.one_call_drafter([items[i].request for i in active])
+        if drafter is not None:
+            drafts, probs = self._propose_fused(drafter, items)
+        else:
+            drafts, probs = self._propose_per_step(items, active)
+        for it in items:  # verified positions only: the prefix cache may now keep these blocks
+            self.kv.mark_draft_kv(it.request.request_id, it.start + len(it.next_tokens))
         out = {}
         for i, it in enumerate(items):
             if it.num_drafts == 0:

@@ -4,9 +4,9 @@
 // race of engine/noise.py. On a 2-core CPU a draft step's ~20 PyTorch ops and their Python cost more
 // than its weights; here a step costs what its projections cost.
 //
-// Each row is one request: its fed-back state y after draft step 0 (the pass over what the main
-// model computed), the KV position of its last computed token, and how many drafts it wants.
-// Step s (1 ..) reads row r's draft s - 1 at rotary position last + s + 1 and writes the MTP KV
+// Step 0 runs the MTP layer over the positions the main model computed (several a request: its
+// last verified token and the accepted drafts, or a prompt chunk); its last row per request
+// continues. Step s (1 ..) reads row r's draft s - 1 at rotary position last + s + 1 and writes the MTP KV
 // at position last + s, as the per-step path does (engine/models/mtp.py).
 
 #include <algorithm>
@@ -276,30 +276,33 @@ void block_input(const Model& md, const DraftLayer& dl, const int64_t* tokens, c
     blocks::project(dl.eh_proj, b.pair.data(), m, b.acts, x);
 }
 
-}  // namespace
-
-extern "C" {
-
-// Drafts of m requests, draft step 0 included: drafts [m, width], row r's first num_drafts[r]
-// filled, each picked as sp says. y [m, hidden]: each request's fed-back state after step 0
-// (overwritten); last [m]: the KV position of its last computed token; md: the MTP layer's decoder
-// block (one layer) over its KV cache; s: block_tables and block_size (one row per request) only.
-void mtp_draft(const Model* md, const DraftLayer* dl, const DraftSampling* sp, const Step* s,
-               float* y, const int64_t* last, const int32_t* num_drafts, int32_t m, int32_t width,
-               int64_t* drafts) {
-    int H = md->hidden;
-    DraftBuffers b;
-    std::vector<int64_t> tokens(m);
+// The drafts of the rows r with num_drafts[r] > 0 (mtp_propose's drafts): y [m, hidden] each
+// request's fed-back state after step 0 (overwritten), last [m] the KV position of its last
+// computed token.
+void draft_loop(const Model& md, const DraftLayer& dl, const DraftSampling& sp, const Step& s,
+                float* y, const int64_t* last, const int32_t* num_drafts, int m, int width,
+                DraftBuffers& b, int64_t* drafts) {
+    int H = md.hidden;
     std::vector<int32_t> rows;  // the requests still drafting, in order
     for (int r = 0; r < m; r++) {
-        rows.push_back(r);
+        if (num_drafts[r] > 0) {
+            rows.push_back(r);
+        }
     }
-    choose(*md, *dl, *sp, y, rows.data(), m, 0, width, b, tokens.data());
-    for (int r = 0; r < m; r++) {
-        drafts[(size_t)r * width] = tokens[r];
+    int n = (int)rows.size();
+    if (n == 0) {
+        return;
+    }
+    std::vector<int64_t> tokens(n);
+    std::vector<float> x, ys((size_t)n * H);
+    for (int i = 0; i < n; i++) {
+        memcpy(ys.data() + (size_t)i * H, y + (size_t)rows[i] * H, sizeof(float) * H);
+    }
+    choose(md, dl, sp, ys.data(), rows.data(), n, 0, width, b, tokens.data());
+    for (int i = 0; i < n; i++) {
+        drafts[(size_t)rows[i] * width] = tokens[i];
     }
     std::vector<int64_t> positions, kv_positions, slots;
-    std::vector<float> x, ys;
     for (int step = 1; step < width; step++) {
         std::vector<int32_t> still;
         for (int32_t r : rows) {
@@ -308,7 +311,7 @@ void mtp_draft(const Model* md, const DraftLayer* dl, const DraftSampling* sp, c
             }
         }
         rows = still;
-        int n = (int)rows.size();
+        n = (int)rows.size();
         if (n == 0) {
             break;
         }
@@ -321,26 +324,73 @@ void mtp_draft(const Model* md, const DraftLayer* dl, const DraftSampling* sp, c
             tokens[i] = drafts[(size_t)r * width + step - 1];
             memcpy(ys.data() + (size_t)i * H, y + (size_t)r * H, sizeof(float) * H);
             int64_t kv = last[r] + step;
-            const int32_t* table = s->block_tables + (size_t)r * s->bt_stride;
+            const int32_t* table = s.block_tables + (size_t)r * s.bt_stride;
             kv_positions[i] = kv;
             positions[i] = kv + 1;
-            slots[i] = (int64_t)table[kv / s->block_size] * s->block_size + kv % s->block_size;
+            slots[i] = (int64_t)table[kv / s.block_size] * s.block_size + kv % s.block_size;
         }
         x.resize((size_t)n * H);
-        block_input(*md, *dl, tokens.data(), ys.data(), n, b, x.data());
+        block_input(md, dl, tokens.data(), ys.data(), n, b, x.data());
         Step st = {n, positions.data(), kv_positions.data(), slots.data(), rows.data(),
-                   s->block_tables, s->bt_stride, s->block_size};
-        blocks::layer_forward(*md, md->layers[0], st, x.data(), b.block);
-        if (dl->post_norm_feedback) {
-            blocks::rms_norm(x.data(), dl->shared_norm, n, H, md->eps, x.data());
+                   s.block_tables, s.bt_stride, s.block_size};
+        blocks::layer_forward(md, md.layers[0], st, x.data(), b.block);
+        if (dl.post_norm_feedback) {
+            blocks::rms_norm(x.data(), dl.shared_norm, n, H, md.eps, x.data());
         }
-        choose(*md, *dl, *sp, x.data(), rows.data(), n, step, width, b, tokens.data());
+        choose(md, dl, sp, x.data(), rows.data(), n, step, width, b, tokens.data());
         for (int i = 0; i < n; i++) {
             int r = rows[i];
             drafts[(size_t)r * width + step] = tokens[i];
             memcpy(y + (size_t)r * H, x.data() + (size_t)i * H, sizeof(float) * H);
         }
     }
+}
+
+}  // namespace
+
+extern "C" {
+
+// Draft step 0 and the drafts of m requests in one call: the MTP layer over the lengths[r]
+// positions from starts[r] on that the main model computed for request r (hidden [T, hidden] its
+// states there, tokens [T] the token after each), writing their MTP KV, then drafts [m, width], row
+// r's first num_drafts[r] filled (none where it is 0: it only fills its KV), each picked as sp
+// says. md: the MTP layer's decoder block (one layer) over its KV cache; s: block_tables and
+// block_size (one row per request) only.
+void mtp_propose(const Model* md, const DraftLayer* dl, const DraftSampling* sp, const Step* s,
+                 const float* hidden, const int64_t* tokens, const int64_t* starts,
+                 const int32_t* lengths, const int32_t* num_drafts, int32_t m, int32_t width,
+                 int64_t* drafts) {
+    int H = md->hidden;
+    DraftBuffers b;
+    std::vector<int64_t> positions, kv_positions, slots, last(m);
+    std::vector<int32_t> token_seq;
+    for (int r = 0; r < m; r++) {
+        const int32_t* table = s->block_tables + (size_t)r * s->bt_stride;
+        for (int i = 0; i < lengths[r]; i++) {
+            int64_t kv = starts[r] + i;
+            kv_positions.push_back(kv);
+            positions.push_back(kv + 1);
+            slots.push_back((int64_t)table[kv / s->block_size] * s->block_size + kv % s->block_size);
+            token_seq.push_back(r);
+        }
+        last[r] = starts[r] + lengths[r] - 1;
+    }
+    int T = (int)positions.size();
+    std::vector<float> x((size_t)T * H);
+    block_input(*md, *dl, tokens, hidden, T, b, x.data());
+    Step st = {T, positions.data(), kv_positions.data(), slots.data(), token_seq.data(),
+               s->block_tables, s->bt_stride, s->block_size};
+    blocks::layer_forward(*md, md->layers[0], st, x.data(), b.block);
+    std::vector<float> y((size_t)m * H);
+    int64_t end = -1;
+    for (int r = 0; r < m; r++) {
+        end += lengths[r];
+        memcpy(y.data() + (size_t)r * H, x.data() + (size_t)end * H, sizeof(float) * H);
+    }
+    if (dl->post_norm_feedback) {
+        blocks::rms_norm(y.data(), dl->shared_norm, m, H, md->eps, y.data());
+    }
+    draft_loop(*md, *dl, *sp, *s, y.data(), last.data(), num_drafts, m, width, b, drafts);
 }
 
 // Rows ids [n] of an embedding stored as a block weight, dequantized into out [n, w.k].
