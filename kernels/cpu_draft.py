@@ -2,12 +2,12 @@
 
 The per-step path (engine/spec/proposer.py) spends most of a draft step in Python and small
 PyTorch ops on a 2-core CPU; this loop runs every step of every drafting request in C++, from
-draft step 0 (the MTP layer over what the main model computed) to the drafts. It follows the per-step path's ops (same block
-weights and rounded activations) to float32 rounding: the norms are the block kernels' own. A
-request drafts greedily (the argmax) or samples: q over the draft vocabulary as
-engine/sampler.py's processed_probs makes it (temperature, top-k, top-p, min-p), and the
-exponential race over q on the keys the caller gives (engine/noise.py), as the per-step path
-samples.
+draft step 0 (the MTP layer over what the main model computed) to the drafts. It follows the
+per-step path's ops (same block weights and rounded activations) to float32 rounding: the norms
+are the block kernels' own. A request drafts greedily (the argmax) or samples: q over the draft
+vocabulary as engine/sampler.py's processed_probs makes it (temperature, top-k, top-p, min-p),
+and the exponential race over q on the keys the caller gives (engine/noise.py), as the per-step
+path samples.
 """
 
 from __future__ import annotations
