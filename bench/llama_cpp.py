@@ -50,6 +50,15 @@ def find_llama_bench() -> str | None:
     return None
 
 
+def shown_path(path: str) -> str:
+    """``path`` as a report shows it: relative to the repository where it lies inside it, else its
+    file name (a report names no folder of the machine it ran on)."""
+    full = os.path.abspath(path)
+    if full.startswith(REPO + os.sep):
+        return os.path.relpath(full, REPO)
+    return os.path.basename(full)
+
+
 def gguf_file(model: str) -> str | None:
     """The GGUF file that ``--model`` names ('default': the default model's); None for an HF
     model directory."""
@@ -210,12 +219,12 @@ def compare(runs, binary: str, model: str, prompts, lengths: list[int], repeats:
     for n in lengths:
         prompt_rows.append({"prompt_tokens": n, **side_by_side(ours_pp[n], theirs_pp[n], "llama_cpp")})
     return {
-        "llama_bench": binary,
+        "llama_bench": shown_path(binary),
         "build": about["build"],
         "backends": about["backends"],
         "cpu": about["cpu"],
         "model_type": about["model_type"],
-        "gguf": gguf,
+        "gguf": shown_path(gguf),
         "threads": threads,
         "decode_tok_s": {"depth": depth, "tokens": tokens, **side_by_side(ours_dec, theirs_dec, "llama_cpp")},
         "prompt_tok_s": prompt_rows,
