@@ -6,8 +6,8 @@
 //
 // Step 0 runs the MTP layer over the positions the main model computed (several a request: its
 // last verified token and the accepted drafts, or a prompt chunk); its last row per request
-// continues. Step s (1 ..) reads row r's draft s - 1 at rotary position last + s + 1 and writes the MTP KV
-// at position last + s, as the per-step path does (engine/models/mtp.py).
+// continues. Step s (1 ..) reads row r's draft s - 1 at rotary position last + s + 1 and writes
+// the MTP KV at position last + s, as the per-step path does (engine/models/mtp.py).
 
 #include <algorithm>
 
