@@ -166,6 +166,26 @@ def test_magpie_skip_passes_over_the_first_stored_conversations(tiny_llama_dir, 
     assert len(manifest["chunks"]) == gen.store.num_rounds
 
 
+def test_a_store_copied_one_folder_too_deep_is_refused_not_generated_again(tmp_path):
+    """Stored conversations copied into a subfolder of the store (``cp -r stored data/magpie`` where
+    ``data/magpie`` existed): a clear error that says where they are, and nothing written or removed."""
+    from mtpserve.engine.errors import MtpserveError
+    from mtpserve.engine.train.magpie_store import MANIFEST, MagpieStore
+
+    settings = {"seed": 1}
+    inner = tmp_path / "magpie" / "model-seed-1"
+    inner.mkdir(parents=True)
+    (inner / MANIFEST).write_text(json.dumps({"format": "mtpserve-magpie", "settings": settings, "chunks": []}))
+    with pytest.raises(MtpserveError, match="model-seed-1"):
+        MagpieStore(str(tmp_path / "magpie"), settings)
+    assert sorted(os.listdir(tmp_path / "magpie")) == ["model-seed-1"]
+    assert os.listdir(inner) == [MANIFEST]
+    for name in os.listdir(inner):
+        os.replace(inner / name, tmp_path / "magpie" / name)
+    assert MagpieStore(str(tmp_path / "magpie"), settings).num_rounds == 0
+    assert MagpieStore(str(tmp_path / "fresh"), settings).num_rounds == 0
+
+
 class DropAll(KeepFinished):
     def reason(self, text, finished=True, opener=""):
         return "too_short"

@@ -23,6 +23,8 @@ class MagpieStore:
         os.makedirs(path, exist_ok=True)
         self.manifest = {"format": "mtpserve-magpie", "settings": settings, "chunks": []}
         file = os.path.join(path, MANIFEST)
+        if not os.path.isfile(file):
+            _refuse_nested(path)
         if os.path.isfile(file):
             with open(file, encoding="utf-8") as f:
                 stored = json.load(f)
@@ -55,6 +57,15 @@ class MagpieStore:
         with open(file + ".tmp", "w", encoding="utf-8") as f:
             json.dump(self.manifest, f, indent=1)
         os.replace(file + ".tmp", file)
+
+
+def _refuse_nested(path: str) -> None:
+    """A store copied one folder too deep (``cp -r stored path`` where ``path`` already existed)
+    would be passed over and every conversation generated again, hours on a CPU: refuse it."""
+    for name in sorted(os.listdir(path)):
+        if os.path.isfile(os.path.join(path, name, MANIFEST)):
+            raise MtpserveError(f"{path} has no {MANIFEST} but {os.path.join(path, name)} has: move "
+                                f"that folder's files up into {path} to use the stored conversations")
 
 
 def summary(manifest: dict) -> dict:
