@@ -25,13 +25,13 @@ class MagpieStore:
         file = os.path.join(path, MANIFEST)
         if not os.path.isfile(file):
             _refuse_nested(path)
-        if os.path.isfile(file):
-            with open(file, encoding="utf-8") as f:
-                stored = json.load(f)
-            if stored.get("settings") != settings:
-                raise MtpserveError(f"{path} holds Magpie data made with other settings "
-                                    f"({stored.get('settings')}): pick another --out")
-            self.manifest = stored
+            return
+        with open(file, encoding="utf-8") as f:
+            stored = json.load(f)
+        if stored.get("settings") != settings:
+            raise MtpserveError(f"{path} holds Magpie data made with other settings "
+                                f"({stored.get('settings')}): pick another --out")
+        self.manifest = stored
 
     @property
     def num_rounds(self) -> int:
