@@ -44,11 +44,22 @@ def prompts(engine) -> list[list[int]]:
 GREEDY = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
 
 
-def recorded_drafts(engine, monkeypatch, one_call: bool, spec_n_max: list[int | None], params=GREEDY,
-                    noise: RequestNoise | None = None, probs: list | None = None):
-    """Every proposal of a batch of the prompts (request i drafting up to ``spec_n_max[i]``), and the requests.
-    ``noise``: every request's randomness (in place of the one it was given); ``probs``: gets the draft q of each
-    proposal (unseeded sampling)."""
+def run_batch(engine, monkeypatch, params, spec_n_max: list[int | None], noise: RequestNoise | None = None) -> list:
+    """Generate the prompts in one batch (request i drafting up to ``spec_n_max[i]``; ``noise``: every request's
+    randomness, in place of the one it was given), then undo ``monkeypatch``'s spies; the requests."""
+    reqs = [engine.add_request(f"r{i}", p, params, spec_n_max=n) for i, (p, n) in
+            enumerate(zip(prompts(engine), spec_n_max))]
+    if noise is not None:
+        for r in reqs:
+            r.noise = noise
+    while any(not r.status.finished for r in reqs):
+        engine.step()
+    monkeypatch.undo()
+    return reqs
+
+
+def recorded_drafts(engine, monkeypatch, one_call: bool, spec_n_max: list[int | None], params=GREEDY):
+    """Every proposal of a batch of the prompts (request i drafting up to ``spec_n_max[i]``), and the requests."""
     proposer = engine.runner.proposer
     if not one_call:
         monkeypatch.setattr(proposer, "one_call_drafter", lambda requests: None)
@@ -58,19 +69,10 @@ def recorded_drafts(engine, monkeypatch, one_call: bool, spec_n_max: list[int | 
     def spy(items):
         out = propose(items)
         proposals.append(out)
-        if probs is not None:
-            probs.append({rid: proposer.draft_probs[rid].clone() for rid in out if rid in proposer.draft_probs})
         return out
 
     monkeypatch.setattr(proposer, "propose", spy)
-    reqs = [engine.add_request(f"r{i}", p, params, spec_n_max=n) for i, (p, n) in
-            enumerate(zip(prompts(engine), spec_n_max))]
-    if noise is not None:
-        for r in reqs:
-            r.noise = noise
-    while any(not r.status.finished for r in reqs):
-        engine.step()
-    monkeypatch.undo()
+    reqs = run_batch(engine, monkeypatch, params, spec_n_max)
     return proposals, reqs
 
 
@@ -125,13 +127,7 @@ def paired_drafts(engine, monkeypatch, params=GREEDY, noise: RequestNoise | None
 
     monkeypatch.setattr(proposer.mtp, "greedy_tokens", recording_greedy_tokens)
     monkeypatch.setattr(proposer, "_propose_fused", both)
-    reqs = [engine.add_request(f"p{i}", p, params) for i, p in enumerate(prompts(engine))]
-    if noise is not None:
-        for r in reqs:
-            r.noise = noise
-    while any(not r.status.finished for r in reqs):
-        engine.step()
-    monkeypatch.undo()
+    run_batch(engine, monkeypatch, params, [None] * len(CHATS), noise)
     return pairs
 
 
