@@ -149,7 +149,7 @@ def build_engine(args) -> LLMEngine:
     """One engine for every mode:
     MTP layers loaded with the largest k as cap, adaptive costs measured."""
     engine_args = argparse.Namespace(**vars(args), no_spec=False, spec_draft_n_max=max(args.k),
-                                     spec_adaptive="on")
+                                     spec_adaptive="on", spec_draft_p_min=None)
     engine = engine_from_args(engine_args)
     too_long = [n for n in args.prompt_lengths if n + 2 > engine.max_model_len]
     if {"pp", "llamacpp"} & set(args.sections) and too_long:
@@ -173,7 +173,8 @@ def run_random_weights(args) -> int:
         raise MtpserveError("--random-weights runs without MTP: leave out --mtp-head")
     args.quantization = "none"
     base = engine_config_from_args(argparse.Namespace(**vars(args), no_spec=True,
-                                                      spec_draft_n_max=0, spec_adaptive="off"))
+                                                      spec_draft_n_max=0, spec_adaptive="off",
+                                                      spec_draft_p_min=None))
     config = decode_speed.engine_config(
         batch_sizes, decode_speed.PROMPT_LEN, decode_speed.STEPS, device=base.device,
         dtype=base.dtype, block_size=base.block_size, attention_backend=base.attention_backend,

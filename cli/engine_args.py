@@ -72,6 +72,10 @@ def add_engine_args(p: argparse.ArgumentParser, speculation: bool = True) -> Non
         s.add_argument("--spec-adaptive", default="on", choices=["on", "off"],
                        help="on: draft length follows acceptance and "
                             "batch size; off: always --spec-draft-n-max")
+        s.add_argument("--spec-draft-p-min", type=float, default=None,
+                       help="stop a request's drafts where the MTP head's confidence in them all "
+                            "(the product of each draft's top probability) falls below this "
+                            "(default: 0.25 with --spec-adaptive on, 0 = off with it off)")
     s.add_argument("--mtp-feedback", default="pre_norm", choices=["pre_norm", "post_norm"],
                    help="hidden state fed back between draft steps "
                         "(MTP block output, or after its shared norm)")
@@ -95,6 +99,8 @@ def engine_config_from_args(args) -> EngineConfig:
             raise MtpserveError(f"--{name.replace('_', '-')} must be at least 1")
     if args.spec_draft_n_max < 0:
         raise MtpserveError("--spec-draft-n-max must be >= 0")
+    if args.spec_draft_p_min is not None and not 0 <= args.spec_draft_p_min < 1:
+        raise MtpserveError("--spec-draft-p-min must be in [0, 1)")
     if args.kv_cache_memory <= 0:
         raise MtpserveError("--kv-cache-memory must be positive")
     device = resolve_device(args.device)
@@ -114,6 +120,7 @@ def engine_config_from_args(args) -> EngineConfig:
         dtype=dtype, device=device, quantization=quantization,
         quantization_group_size=args.quantization_group_size, cpu_kernels=cpu_kernels,
         spec_draft_n_max=draft_n_max, spec_adaptive=args.spec_adaptive == "on",
+        spec_draft_p_min=args.spec_draft_p_min,
         mtp_head=args.mtp_head, mtp_feedback=args.mtp_feedback,
         attention_backend=args.attention_backend, enforce_eager=args.enforce_eager)
 

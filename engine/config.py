@@ -113,6 +113,10 @@ class EngineConfig:
     # speculative decoding with the model's MTP layers
     spec_draft_n_max: int = 3  # 0 disables
     spec_adaptive: bool = True  # False: always draft spec_draft_n_max tokens
+    # a request's drafts stop where the head's confidence in them all (the product of each draft's
+    # largest probability) falls below this; None: spec/policy.py's DRAFT_P_MIN when adaptive, 0
+    # (off) with a fixed draft length
+    spec_draft_p_min: float | None = None
     mtp_head: str | None = None  # standalone head directory for a model without MTP layers
     # hidden fed back between draft steps: the block output ("pre_norm") or after the shared norm
     mtp_feedback: str = "pre_norm"

@@ -102,7 +102,7 @@ class LLMEngine:
         self.prefix_caching = self._enable_prefix_caching()
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.max_model_len)
-        self.policy = DraftPolicy(num_spec, config.spec_adaptive)
+        self.policy = DraftPolicy(num_spec, config.spec_adaptive, p_min=config.spec_draft_p_min)
         self.runner = ModelRunner(self.model, self.kv, self.num_blocks, config.dtype, self.device,
                                   self.mtp, self.policy, self.attention_backend)
         self._capture_graphs(num_spec)

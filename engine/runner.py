@@ -174,7 +174,16 @@ class ModelRunner:
             plan = self.policy.plan(requests, len(batch.scheduled), self.fused_drafts)
             for j, k in zip(drafting, plan):
                 items[j].num_drafts = k
-        result.spec_token_ids = self.proposer.propose(items)
+        p_min = 0.0
+        if self.policy is not None:
+            p_min = self.policy.p_min
+        result.spec_token_ids = self.proposer.propose(items, p_min)
+        if self.policy is None:
+            return
+        for j in drafting:
+            request_id = items[j].request.request_id
+            if items[j].num_drafts and not result.spec_token_ids.get(request_id):
+                self.policy.observe_cut(request_id)
 
     def _observe_step(self, out: SchedulerOutput, result: StepResult, seconds: float) -> None:
         """A pure decode step (no prompt chunk) prices speculation for the policy's fit."""

@@ -61,12 +61,15 @@ class FusedDrafter:
     def propose(self, hidden: torch.Tensor, tokens: list[int], starts: list[int],
                 lengths: list[int], num_drafts: list[int], tables: list[list[int]],
                 block_size: int, params: list | None = None,
-                keys: list[list[tuple[int, int]]] | None = None, want_probs: bool = False):
+                keys: list[list[tuple[int, int]]] | None = None, want_probs: bool = False,
+                p_min: float = 0.0):
         """Draft step 0 and the drafts of each request: the MTP layer over ``lengths[r]`` positions
         from ``starts[r]`` on (``hidden`` [T, hidden] the main model's states there, ``tokens`` [T]
         the token after each), then up to ``num_drafts[r]`` drafts from its last row (0: only its
         MTP KV is filled). ``tables``: the block tables. ``params``: each request's
         SamplingParams (None: all greedy); a sampled request's draft j races on ``keys[r][j]``.
+        ``p_min`` > 0: a request's drafts stop where the product of the head's confidences in them
+        (the largest probability of each draft's distribution) falls below it.
         Returns the drafts, and with ``want_probs`` the q of each draft over the draft vocabulary,
         [m, max(num_drafts), N] (rows of greedy drafts unset), else None."""
         m = len(starts)
@@ -89,8 +92,8 @@ class FusedDrafter:
             ctypes.byref(self.block.model), ctypes.byref(self.struct), ctypes.byref(sampling),
             ctypes.byref(step), _ptr(hidden.data_ptr()), _ptr(token_ids.data_ptr()),
             _ptr(start_positions.data_ptr()), _ptr(length_counts.data_ptr()),
-            _ptr(counts.data_ptr()), m, width, _ptr(drafts.data_ptr()))
-        rows = [row[:n] for row, n in zip(drafts.tolist(), num_drafts)]
+            _ptr(counts.data_ptr()), m, width, ctypes.c_float(p_min), _ptr(drafts.data_ptr()))
+        rows = [row[:n] for row, n in zip(drafts.tolist(), counts.tolist())]
         return rows, probs
 
     @staticmethod

@@ -68,3 +68,20 @@ def test_clear_errors(capsys, tmp_path):
     bad.write_text("hello")
     code, _, err = run(capsys, "--model", str(bad), "--prompt", "x")
     assert code == 2 and "GGUF" in err
+
+
+def test_confidence_cut_option(capsys, tiny_llama_dir, tmp_path):
+    """``--spec-draft-p-min`` applies with a fixed draft length too: a random head is never 99% sure of a draft, so
+    every chain is cut and nothing is drafted; out of [0, 1) it is refused."""
+    head = save_random_head(tmp_path / "head", load_checkpoint(tiny_llama_dir).config)
+    common = ("--model", tiny_llama_dir, "--prompt", "Hello world", "--max-tokens", "12", "--temperature", "0",
+              "--ignore-eos", "--json", "--mtp-head", head, "--spec-adaptive", "off")
+    code, out, _ = run(capsys, *common, "--spec-draft-p-min", "0.99")
+    assert code == 0
+    cut = json.loads(out)
+    assert cut["metrics"]["speculative"]["num_draft_tokens"] == 0
+    code, out, _ = run(capsys, *common)
+    assert json.loads(out)["metrics"]["speculative"]["num_draft_tokens"] > 0
+    assert json.loads(out)["token_ids"] == cut["token_ids"]
+    code, _, err = run(capsys, *common, "--spec-draft-p-min", "1.5")
+    assert code != 0 and "--spec-draft-p-min must be in [0, 1)" in err

@@ -66,8 +66,8 @@ def recorded_drafts(engine, monkeypatch, one_call: bool, spec_n_max: list[int | 
     propose = proposer.propose
     proposals = []
 
-    def spy(items):
-        out = propose(items)
+    def spy(items, p_min=0.0):
+        out = propose(items, p_min)
         proposals.append(out)
         return out
 
@@ -101,31 +101,42 @@ def paired_drafts(engine, monkeypatch, params=GREEDY, noise: RequestNoise | None
     """Every proposal of a batch of the prompts made by both paths from the same state: the per-step path first, then
     the one-call path, whose drafts and KV the engine keeps. Per request and proposal: (one-call drafts, per-step
     drafts, the per-step path's margin between its two largest draft logits at each draft (greedy; else None),
-    one-call q, per-step q (unseeded sampling; else empty))."""
+    one-call q, per-step q (unseeded sampling; else empty), the per-step path's top draft probability at each draft
+    (greedy; else None))."""
     proposer = engine.runner.proposer
     one_call = proposer._propose_fused
-    greedy_tokens = proposer.mtp.greedy_tokens
-    margins = []
+    draft_logits = proposer.mtp.draft_logits
+    margins, tops = [], []
     pairs = []
 
-    def recording_greedy_tokens(step, y):
-        top = proposer.mtp.draft_logits(step, y).float().topk(2, -1).values
+    def recording_draft_logits(step, y):
+        logits = draft_logits(step, y)
+        top = logits.float().topk(2, -1).values
         margins.append((top[:, 0] - top[:, 1]).tolist())
-        return greedy_tokens(step, y)
+        tops.append(torch.softmax(logits.float(), -1).amax(-1).tolist())
+        return logits
 
-    def both(drafter, items):
+    def per_draft(values, items, active, per_step) -> list[list]:
+        """Recorded rows of values, one a draft step, as each item's list (None where not drafted)."""
+        out = [[None] * it.num_drafts for it in items]
+        for step, row in enumerate(values):
+            reached = [i for i in active if items[i].num_drafts > step and len(per_step[i]) >= step]
+            for i, value in zip(reached, row):
+                out[i][step] = value
+        return out
+
+    def both(drafter, items, p_min):
         margins.clear()
+        tops.clear()
         active = [i for i, it in enumerate(items) if it.num_drafts]
-        per_step, per_step_q = proposer._propose_per_step(items, active)
-        item_margins = [[None] * it.num_drafts for it in items]
-        for step, row in enumerate(margins):
-            for i, margin in zip([i for i in active if items[i].num_drafts > step], row):
-                item_margins[i][step] = margin
-        drafts, q = one_call(drafter, items)
-        pairs.extend(zip(drafts, per_step, item_margins, q, per_step_q))
+        per_step, per_step_q = proposer._propose_per_step(items, active, p_min)
+        item_margins = per_draft(margins, items, active, per_step)
+        item_tops = per_draft(tops, items, active, per_step)
+        drafts, q = one_call(drafter, items, p_min)
+        pairs.extend(zip(drafts, per_step, item_margins, q, per_step_q, item_tops))
         return drafts, q
 
-    monkeypatch.setattr(proposer.mtp, "greedy_tokens", recording_greedy_tokens)
+    monkeypatch.setattr(proposer.mtp, "draft_logits", recording_draft_logits)
     monkeypatch.setattr(proposer, "_propose_fused", both)
     run_batch(engine, monkeypatch, params, [None] * len(CHATS), noise)
     return pairs
@@ -136,7 +147,7 @@ def count_equal(pairs: list[tuple], max_margin: float | None = None) -> tuple[in
     drafts after it continue from different tokens); with ``max_margin``, the per-step path's two best logits must be
     within it there (a near tie)."""
     compared, parted = 0, 0
-    for drafts, per_step, margins, _, _ in pairs:
+    for drafts, per_step, margins, *_ in pairs:
         assert len(drafts) == len(per_step)
         for j, (a, b) in enumerate(zip(drafts, per_step)):
             compared += 1
@@ -196,7 +207,7 @@ def test_unseeded_sampled_drafts_and_their_q_equal_the_per_step_path(engine, mon
     assert compared > 30
     assert parted <= compared // 30
     distances = []
-    for drafts, per_step, _, q, per_step_q in pairs:
+    for drafts, per_step, _, q, per_step_q, _ in pairs:
         if not drafts or drafts[0] != per_step[0]:
             continue
         a = torch.stack(q)
@@ -206,3 +217,37 @@ def test_unseeded_sampled_drafts_and_their_q_equal_the_per_step_path(engine, mon
     assert len(distances) > 10
     assert max(distances) < 0.1
     assert sum(d < 1e-3 for d in distances) >= 0.9 * len(distances)
+
+
+def test_confidence_cut_stops_each_chain_where_the_head_doubts(engine, monkeypatch):
+    """With p_min, a chain keeps its drafts while the product of the head's top probabilities (PyTorch's softmax of
+    its draft logits on the per-step path) stays at or above p_min, and stops at the first draft that takes it below.
+    The one-call path cuts at the same draft but where the product is within 0.01 of p_min or the drafts part at a
+    near tie of the head's two best logits (its norms differ in the last bits)."""
+    p_min = 0.3
+    monkeypatch.setattr(engine.policy, "explicit_p_min", p_min)
+    pairs = paired_drafts(engine, monkeypatch)
+    cut, whole, differ = 0, 0, 0
+    for drafts, per_step, margins, _, _, tops in pairs:
+        reached = [t for t in tops if t is not None]
+        if not reached:
+            continue
+        chain = [float(x) for x in torch.tensor(reached, dtype=torch.float64).cumprod(0)]
+        kept = len(per_step)
+        assert all(c >= p_min for c in chain[:kept])
+        if kept < len(tops):
+            assert chain[kept] < p_min
+            cut += 1
+        else:
+            whole += 1
+        if drafts != per_step:
+            differ += 1
+            same = 0
+            while same < min(len(drafts), kept) and drafts[same] == per_step[same]:
+                same += 1
+            if same < min(len(drafts), kept):
+                assert margins[same] < 0.1
+            else:
+                assert abs(chain[same] - p_min) < 0.01
+    assert cut > 20 and whole > 20
+    assert differ <= (cut + whole) // 30

@@ -204,8 +204,8 @@ def test_two_chained_layers_match_a_dense_recomputation(tiny_llama_dir, tmp_path
     records = []
     propose = engine.runner.proposer.propose
 
-    def recording(items):
-        out = propose(items)
+    def recording(items, p_min=0.0):
+        out = propose(items, p_min)
         for it in items:
             if it.request.request_id in out:
                 records.append((it.start + len(it.next_tokens) - 1, out[it.request.request_id]))

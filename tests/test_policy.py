@@ -1,10 +1,18 @@
-"""Adaptive draft length policy, without a model."""
+"""Adaptive draft length policy, without a model. Most tests price drafts with the acceptance rates alone
+(``p_min=0.0``); the last ones add the confidence cut that adaptive drafting uses by default."""
 
 import itertools
 import random
 from types import SimpleNamespace
 
-from mtpserve.engine.spec.policy import PROBE_EVERY, SPEC_MARGIN, AcceptanceEstimate, DraftPolicy, StepCosts
+from mtpserve.engine.spec.policy import (
+    DRAFT_P_MIN,
+    PROBE_EVERY,
+    SPEC_MARGIN,
+    AcceptanceEstimate,
+    DraftPolicy,
+    StepCosts,
+)
 
 # a CPU-like cost curve: a step costs a fixed part plus a part per verified token; drafting is cheap
 COSTS = StepCosts(main={(b, q): 1.0 + 0.12 * b * q for b in (1, 2, 4, 8, 16, 32, 64) for q in (1, 2, 4)},
@@ -45,20 +53,20 @@ def test_step_costs_interpolate_the_table():
 
 
 def test_k_follows_acceptance():
-    policy = DraftPolicy(4, costs=COSTS)
+    policy = DraftPolicy(4, costs=COSTS, p_min=0.0)
     ks = [policy.plan([request(policy, rate)], 1)[0] for rate in (0.05, 0.5, 0.8, 0.95)]
     assert ks == sorted(ks) and ks[0] == 0 and ks[-1] == 4
 
 
 def test_backs_off_for_large_batches():
-    policy = DraftPolicy(4, costs=COSTS)
+    policy = DraftPolicy(4, costs=COSTS, p_min=0.0)
     assert policy.plan([request(policy, 0.7)], 1)[0] > 0
     assert policy.plan([request(policy, 0.7) for _ in range(32)], 32) == [0] * 32  # verifying costs more than it saves
 
 
 def test_one_plan_for_the_batch():
     """In one batch, requests whose drafts miss draft less than those whose drafts land."""
-    policy = DraftPolicy(3, costs=COSTS)
+    policy = DraftPolicy(3, costs=COSTS, p_min=0.0)
     reqs = [request(policy, rate) for rate in (0.9, 0.1, 0.9, 0.5)]
     plan = policy.plan(reqs, 4)
     assert plan[0] == plan[2] >= plan[3] >= plan[1] and plan[0] > plan[1]
@@ -68,7 +76,7 @@ def test_one_plan_for_the_batch():
 
 def test_allocation_is_near_the_best_plan():
     """Against every possible plan of a small batch, scored by the cost model itself."""
-    policy = DraftPolicy(3, costs=COSTS)
+    policy = DraftPolicy(3, costs=COSTS, p_min=0.0)
     rng = random.Random(0)
     for _ in range(40):
         batch = rng.choice([1, 2, 3, 5, 9])
@@ -81,7 +89,7 @@ def test_allocation_is_near_the_best_plan():
 def test_fixed_and_per_request_limits():
     policy = DraftPolicy(3, adaptive=False, costs=COSTS)
     assert policy.plan([request(policy, 0.0)], 64) == [3]
-    policy = DraftPolicy(3, costs=COSTS)
+    policy = DraftPolicy(3, costs=COSTS, p_min=0.0)
     assert policy.plan([request(policy, 0.99, n_max=1), request(policy, 0.99, n_max=0)], 2) == [1, 0]
 
 
@@ -93,7 +101,7 @@ def test_estimate_and_probes():
     for _ in range(60):
         est.observe(3, 0)
     assert est.rate < 0.1
-    policy = DraftPolicy(3, costs=COSTS)
+    policy = DraftPolicy(3, costs=COSTS, p_min=0.0)
     req = request(policy, 0.0)
     ks = [policy.plan([req], 1)[0] for _ in range(PROBE_EVERY)]
     assert ks == [0] * (PROBE_EVERY - 1) + [1]  # one probe
@@ -105,7 +113,7 @@ def test_estimate_and_probes():
 def test_probes_only_where_drafting_could_pay():
     """A batch that drafts nothing still probes, so a predictable batch can find out that it is; a batch in
     which even very predictable text would not pay for drafting does not."""
-    policy = DraftPolicy(3, costs=COSTS)
+    policy = DraftPolicy(3, costs=COSTS, p_min=0.0)
     reqs = [request(policy, 0.3) for _ in range(8)]
     plans = [policy.plan(reqs, 8) for _ in range(PROBE_EVERY)]
     assert all(k == 0 for plan in plans[:-1] for k in plan) and plans[-1] == [1] * 8
@@ -122,7 +130,7 @@ def step_seconds(batch_size, num_tokens, next_drafts, spec_scale):
 
 
 def test_measured_steps_reprice_speculation():
-    policy = DraftPolicy(3, costs=COSTS)
+    policy = DraftPolicy(3, costs=COSTS, p_min=0.0)
     reqs = [request(policy, 0.8) for _ in range(8)]
     assert sum(policy.plan(reqs, 8)) > 0  # by the start-up timings drafting pays at 8
     assert policy.fit.scale(8) == 1.0
@@ -138,7 +146,7 @@ def test_measured_steps_reprice_speculation():
 
 
 def test_plain_steps_leave_the_price_of_speculation_alone():
-    policy = DraftPolicy(3, costs=COSTS)
+    policy = DraftPolicy(3, costs=COSTS, p_min=0.0)
     for _ in range(50):
         policy.observe(4, 4, [], 2 * COSTS.step(4, 4))  # a slow machine, no drafting
     assert policy.fit.scale(4) == 1.0
@@ -146,7 +154,7 @@ def test_plain_steps_leave_the_price_of_speculation_alone():
 
 def test_near_ties_go_to_plain_decoding():
     """At batch 1 a draft accepted a quarter of the time is worth about 7% by the cost model: not enough."""
-    policy = DraftPolicy(1, costs=COSTS)
+    policy = DraftPolicy(1, costs=COSTS, p_min=0.0)
     gain = lambda a: (1 + a) / (COSTS.step(1, 2) + COSTS.draft_step(1)) * COSTS.step(1, 1)  # noqa: E731
     assert 1.0 < gain(0.25) < SPEC_MARGIN
     assert policy.plan([request(policy, 0.25)], 1) == [0]
@@ -160,7 +168,7 @@ def test_cheap_later_draft_steps_draft_deeper():
                       fused={b: 0.02 + 0.01 * b for b in (1, 2, 4, 8)})
     assert costs.draft_step(1, 1, fused=True) == costs.draft_step(1) > costs.draft_step(1, 2, fused=True)
     assert costs.draft_step(1, 2, fused=False) == costs.draft_step(1)
-    policy = DraftPolicy(4, costs=costs)
+    policy = DraftPolicy(4, costs=costs, p_min=0.0)
     per_step = policy.allocate([0.7], [4], 1)
     one_call = policy.allocate([0.7], [4], 1, fused=True)
     assert one_call[0] > per_step[0]
@@ -170,3 +178,38 @@ def test_cheap_later_draft_steps_draft_deeper():
         return sum(0.7 ** j for j in range(k + 1)) / seconds * (SPEC_MARGIN if k == 0 else 1.0)
 
     assert rate(one_call[0]) == max(rate(k) for k in range(5))
+
+
+def test_confidence_cut_is_on_by_default_when_adaptive_and_explicit_anywhere():
+    assert DraftPolicy(3).p_min == DRAFT_P_MIN > 0
+    assert DraftPolicy(3, adaptive=False).p_min == 0.0  # a fixed k drafts exactly k
+    assert DraftPolicy(3, adaptive=False, p_min=0.4).p_min == 0.4
+    assert DraftPolicy(3, p_min=0.0).p_min == 0.0
+
+
+def test_with_the_cut_a_request_that_drafts_plans_its_limit():
+    """The cut, not the mean rate, sets how far a chain goes: a request the rates let draft plans its whole limit,
+    one they do not plans none, and a large batch still drafts nothing."""
+    policy = DraftPolicy(4, costs=COSTS)
+    rate_only = DraftPolicy(4, costs=COSTS, p_min=0.0)
+    for rate in (0.05, 0.5, 0.8):
+        r = request(policy, rate)
+        set_rate(rate_only, r, rate)
+        planned = rate_only.plan([r], 1)[0]
+        assert policy.plan([r], 1)[0] == (4 if planned else 0)
+    assert rate_only.plan([request(rate_only, 0.5)], 1)[0] < 4  # so the cut's plan differs somewhere
+    assert policy.plan([request(policy, 0.7) for _ in range(32)], 32) == [0] * 32
+    assert policy.plan([request(policy, 0.7, n_max=2)], 1) == [2]
+
+
+def test_a_chain_cut_before_its_first_draft_counts_as_a_miss():
+    """Text the head cannot predict (every chain cut at once) stops drafting, MTP pass and all."""
+    policy = DraftPolicy(3, costs=COSTS)
+    r = request(policy)
+    assert policy.plan([r], 1)[0] == 3
+    before = policy.estimate(r.request_id).rate
+    policy.observe_cut(r.request_id)
+    assert policy.estimate(r.request_id).rate < before
+    for _ in range(30):
+        policy.observe_cut(r.request_id)
+    assert policy.plan([r], 1)[0] == 0

@@ -103,8 +103,8 @@ def test_train_head_raises_acceptance_and_resumes(tiny_llama_dir, tmp_path, monk
     assert len(vocab) == 200
     trained = make_engine(tiny_llama_dir, mtp_head=out, spec_draft_n_max=3, spec_adaptive=False)
     drafted = []
-    original = trained.mtp.greedy_tokens  # greedy drafts with no penalties take this path
-    trained.mtp.greedy_tokens = lambda step, y: _keep(drafted, original(step, y))
+    original = trained.mtp.vocab_ids  # every draft's token id comes from here
+    trained.mtp.vocab_ids = lambda columns: _keep(drafted, original(columns))
     data = [json.loads(line) for line in open(os.path.join(out, "data", "eval.jsonl"), encoding="utf-8")]
     prompts = [d["prompt_ids"] for d in data]
     untrained = make_engine(tiny_llama_dir, mtp_head=save_random_head(tmp_path / "r", config), spec_draft_n_max=3,

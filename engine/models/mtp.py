@@ -261,11 +261,6 @@ class MTPModule(nn.Module):
         -inf outside the draft vocabulary when there is one."""
         return self.widen(self.draft_logits(step, y), float("-inf"))
 
-    def greedy_tokens(self, step: int, y: torch.Tensor) -> torch.Tensor:
-        """The argmax of ``compute_logits`` without widening the draft vocabulary's logits to the
-        whole vocabulary (it is sorted, so ties go to the same, lowest, token id)."""
-        return self.vocab_ids(self.draft_logits(step, y).argmax(-1))
-
 
 def _restrict(head, vocab: torch.Tensor):
     """``head`` ([H, V], or a quantized one) over the outputs ``vocab`` only."""

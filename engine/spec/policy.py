@@ -37,6 +37,8 @@ PROBE_MAX = 128
 PROBE_RATE = 0.9  # a probe is due only where drafting would pay at this acceptance
 # drafting is planned only when it is expected this much faster than plain decoding
 SPEC_MARGIN = 1.1
+# the confidence cut of adaptive drafting (docs/BENCHMARKS.md, "Confidence cut")
+DRAFT_P_MIN = 0.25
 FIT_DECAY = 0.98  # StepFit: weight of a measured step after 1, 2, ... newer ones
 FIT_PRIOR = 2.0  # StepFit: the calibration counts as this many steps ...
 PRIOR_X2 = 0.25  # ... each with speculation priced at half a plain step (x = 0.5)
@@ -144,12 +146,24 @@ class StepFit:
 
 
 class DraftPolicy:
-    def __init__(self, n_max: int, adaptive: bool = True, costs: StepCosts | None = None):
+    def __init__(self, n_max: int, adaptive: bool = True, costs: StepCosts | None = None,
+                 p_min: float | None = None):
+        """``p_min``: the confidence cut (None: DRAFT_P_MIN when adaptive, else off)."""
         self.n_max = n_max
         self.adaptive = adaptive
         self.costs = costs or StepCosts()
         self.fit = StepFit()
         self.estimates: dict[str, AcceptanceEstimate] = {}  # per request id
+        self.explicit_p_min = p_min
+
+    @property
+    def p_min(self) -> float:
+        """Where a request's drafts stop: the head's confidence that they are all accepted."""
+        if self.explicit_p_min is not None:
+            return self.explicit_p_min
+        if self.adaptive:
+            return DRAFT_P_MIN
+        return 0.0
 
     def limit(self, request) -> int:
         return self.n_max if request.spec_n_max is None else request.spec_n_max
@@ -162,6 +176,11 @@ class DraftPolicy:
 
     def observe_acceptance(self, request_id: str, num_drafts: int, num_accepted: int) -> None:
         self.estimate(request_id).observe(num_drafts, num_accepted)
+
+    def observe_cut(self, request_id: str) -> None:
+        """A request planned drafts but the confidence cut left none: counted as one rejected
+        draft, so text the head cannot predict stops drafting (and its MTP pass) altogether."""
+        self.estimate(request_id).observe(1, 0)
 
     def free(self, request_id: str) -> None:
         self.estimates.pop(request_id, None)
@@ -216,6 +235,8 @@ class DraftPolicy:
         estimates = [self.estimate(r.request_id) for r in requests]
         rates = [est.rate for est in estimates]
         drafts = self.allocate(rates, limits, batch_size, fused)
+        if self.p_min > 0:  # the confidence cut, not the mean rate, sets how far a chain goes
+            drafts = [limit if k else 0 for k, limit in zip(drafts, limits)]
         due = []
         for i, est in enumerate(estimates):
             if drafts[i] or not limits[i]:

@@ -147,12 +147,16 @@ class MTPProposer:
 
     def _choose(self, step, items: list[DraftInput], tensors: SamplingTensors, rows: list[int],
                 y_last: torch.Tensor, drafts: list[list[int]],
-                probs: list[list[torch.Tensor]]) -> list[int]:
-        """The next draft of each of ``items`` (their sampling settings: ``tensors``' ``rows``)."""
+                probs: list[list[torch.Tensor]]) -> tuple[list[int], list[float]]:
+        """The next draft of each of ``items`` (their sampling settings: ``tensors``' ``rows``),
+        and the head's confidence in it: the largest probability of the softmax of its logits
+        (greedy) or of q (sampled), as kernels/cpu_draft.py gives it."""
         params = [it.request.sampling_params for it in items]
         unshaped = _unshaped(params, tensors)
-        if unshaped and all(p.greedy for p in params):
-            return self.mtp.greedy_tokens(step, y_last).tolist()
+        if unshaped and all(p.greedy for p in params):  # the argmax over the draft vocabulary
+            logits = self.mtp.draft_logits(step, y_last).float()
+            tokens = self.mtp.vocab_ids(logits.argmax(-1))
+            return tokens.tolist(), torch.softmax(logits, -1).amax(-1).tolist()
         t = tensors.select(torch.tensor(rows, dtype=torch.long, device=self.device))
         histories = [it.history + d for it, d in zip(items, drafts)]
         if unshaped:  # over the draft vocabulary; q is widened for the race and for verification
@@ -164,6 +168,7 @@ class MTPProposer:
             logits = apply_penalties(logits, t, prompts, histories)
             logits = grammar_masked(logits, items, drafts)
             tokens = logits.argmax(-1)
+        confidence = torch.softmax(logits, -1).amax(-1)
         for seeded in (True, False):
             sampled = [i for i, p in enumerate(params)
                        if not p.greedy and items[i].request.noise.seeded == seeded]
@@ -171,6 +176,7 @@ class MTPProposer:
                 continue
             idx = torch.tensor(sampled, device=self.device)
             q = processed_probs(logits[idx], t.select(idx))
+            confidence[idx] = q.amax(-1)
             if unshaped:
                 q = self.mtp.widen(q, 0.0)
             noises = [items[i].request.noise for i in sampled]
@@ -179,7 +185,7 @@ class MTPProposer:
             for row, i in enumerate(sampled):
                 if not seeded:
                     probs[i].append(q[row])
-        return tokens.tolist()
+        return tokens.tolist(), confidence.tolist()
 
     def _defer_or_merge(self, items: list[DraftInput]) -> list[DraftInput]:
         """Park the inputs of requests that draft nothing; prepend parked inputs to those
@@ -237,7 +243,7 @@ class MTPProposer:
         and KV caches are the proposer's for its whole life, so it is looked up once."""
         return self.mtp.fused_drafter(self.kv_caches)
 
-    def _propose_fused(self, drafter, items: list[DraftInput]):
+    def _propose_fused(self, drafter, items: list[DraftInput], p_min: float):
         """Draft step 0 and every draft of ``items`` in one call of ``drafter``: (drafts, the q of
         each draft over the whole vocabulary for unseeded sampled requests, else [])."""
         tables, params, race_keys, tokens = [], [], [], []
@@ -256,15 +262,16 @@ class MTPProposer:
         drafts, q = drafter.propose(hidden, tokens, [it.start for it in items],
                                     [len(it.next_tokens) for it in items],
                                     [it.num_drafts for it in items], tables, self.kv.block_size,
-                                    params, race_keys, bool(unseeded))
+                                    params, race_keys, bool(unseeded), p_min)
         probs: list[list[torch.Tensor]] = [[] for _ in items]
         for i in unseeded:
             probs[i] = list(self.mtp.widen(q[i, :len(drafts[i])], 0.0))
         return drafts, probs
 
-    def _propose_per_step(self, items: list[DraftInput], active: list[int]):
+    def _propose_per_step(self, items: list[DraftInput], active: list[int], p_min: float):
         """Draft step 0, then one draft step at a time for the ``active`` items: (drafts, the q of
-        each draft for unseeded sampled requests, else [])."""
+        each draft for unseeded sampled requests, else []). A chain stops where the product of
+        the head's confidences in its drafts falls below ``p_min``."""
         reqs = [it.request for it in items]
         starts = [it.start for it in items]
         lengths = [len(it.next_tokens) for it in items]
@@ -279,14 +286,20 @@ class MTPProposer:
         drafts: list[list[int]] = [[] for _ in items]
         probs: list[list[torch.Tensor]] = [[] for _ in items]
         y_last = y[ends]
+        chain = [1.0] * len(items)
         step = 0
         while active:
-            chosen = self._choose(step, [items[i] for i in active], tensors, active,
-                                  y_last[active], [drafts[i] for i in active],
-                                  [probs[i] for i in active])
-            for i, tok in zip(active, chosen):
+            chosen, confidence = self._choose(step, [items[i] for i in active], tensors, active,
+                                              y_last[active], [drafts[i] for i in active],
+                                              [probs[i] for i in active])
+            still = []
+            for i, tok, conf in zip(active, chosen, confidence):
+                chain[i] *= conf
+                if p_min > 0 and chain[i] < p_min:
+                    continue
                 drafts[i].append(tok)
-            still = [i for i in active if len(drafts[i]) < items[i].num_drafts]
+                if len(drafts[i]) < items[i].num_drafts:
+                    still.append(i)
             if not still:
                 break
             step += 1
@@ -299,9 +312,10 @@ class MTPProposer:
         return drafts, probs
 
     @torch.inference_mode()
-    def propose(self, items: list[DraftInput]) -> dict[str, list[int]]:
+    def propose(self, items: list[DraftInput], p_min: float = 0.0) -> dict[str, list[int]]:
         """Drafts per request id; the q of unseeded sampled requests' drafts go
-        to ``draft_probs``."""
+        to ``draft_probs``. ``p_min`` > 0: a request's drafts stop where the product of the head's
+        confidences in them falls below it (the head's own estimate that they are all accepted)."""
         for it in items:
             self.draft_probs.pop(it.request.request_id, None)
         items = self._defer_or_merge(items)
@@ -317,9 +331,9 @@ class MTPProposer:
         active = [i for i, it in enumerate(items) if it.num_drafts > 0]  # the others only fill
         drafter = self.one_call_drafter([items[i].request for i in active])
         if drafter is not None:
-            drafts, probs = self._propose_fused(drafter, items)
+            drafts, probs = self._propose_fused(drafter, items, p_min)
         else:
-            drafts, probs = self._propose_per_step(items, active)
+            drafts, probs = self._propose_per_step(items, active, p_min)
         for it in items:  # verified positions only: the prefix cache may now keep these blocks
             self.kv.mark_draft_kv(it.request.request_id, it.start + len(it.next_tokens))
         out = {}

@@ -234,25 +234,35 @@ int64_t sample_column(const DraftLayer& dl, const DraftSampling& sp, int r, int 
 }
 
 // tokens[i] = the draft `step` of request rows[i] from its fed-back state y[i] (n rows): the
-// argmax of its draft logits, or a draw from them (DraftSampling).
+// argmax of its draft logits, or a draw from them (DraftSampling). With conf, conf[i] = the head's
+// probability of its likeliest token: the softmax's largest (greedy) or q's largest (sampled).
 void choose(const Model& md, const DraftLayer& dl, const DraftSampling& sp, const float* y,
-            const int32_t* rows, int n, int step, int width, DraftBuffers& b, int64_t* tokens) {
+            const int32_t* rows, int n, int step, int width, DraftBuffers& b, int64_t* tokens,
+            float* conf) {
     int H = md.hidden;
+    int N = dl.head.n;
     const float* normed = y;
     if (!dl.post_norm_feedback) {
         b.normed.resize((size_t)n * H);
         blocks::rms_norm(y, dl.shared_norm, n, H, md.eps, b.normed.data());
         normed = b.normed.data();
     }
-    b.logits.resize((size_t)n * dl.head.n);
+    b.logits.resize((size_t)n * N);
     blocks::project(dl.head, normed, n, b.acts, b.logits.data());
     for (int i = 0; i < n; i++) {
-        float* logits = b.logits.data() + (size_t)i * dl.head.n;
+        float* logits = b.logits.data() + (size_t)i * N;
         int r = rows[i];
         if (sp.temperatures == nullptr || sp.temperatures[r] <= 0.0f) {
-            tokens[i] = token_of(dl, argmax(logits, dl.head.n));
+            int64_t column = argmax(logits, N);
+            tokens[i] = token_of(dl, column);
+            if (conf != nullptr) {
+                conf[i] = 1.0f / blocks::exp_shifted(logits, N, logits[column]);
+            }
         } else {
             tokens[i] = token_of(dl, sample_column(dl, sp, r, step, width, logits));
+            if (conf != nullptr) {
+                conf[i] = blocks::max_of(logits, N);
+            }
         }
     }
 }
@@ -276,12 +286,27 @@ void block_input(const Model& md, const DraftLayer& dl, const int64_t* tokens, c
     blocks::project(dl.eh_proj, b.pair.data(), m, b.acts, x);
 }
 
+// Whether request r's chain goes on after its draft `step`: the running product of the head's
+// confidences (`chain`) stays at or above p_min (0: always). A draft that takes it below is
+// dropped and num_drafts[r] becomes the drafts kept.
+bool keep_draft(float p_min, float conf, int r, int step, float* chain, int32_t* num_drafts) {
+    if (p_min <= 0.0f) {
+        return true;
+    }
+    chain[r] *= conf;
+    if (chain[r] >= p_min) {
+        return true;
+    }
+    num_drafts[r] = step;
+    return false;
+}
+
 // The drafts of the rows r with num_drafts[r] > 0 (mtp_propose's drafts): y [m, hidden] each
 // request's fed-back state after step 0 (overwritten), last [m] the KV position of its last
-// computed token.
+// computed token. A chain stops early where keep_draft says so.
 void draft_loop(const Model& md, const DraftLayer& dl, const DraftSampling& sp, const Step& s,
-                float* y, const int64_t* last, const int32_t* num_drafts, int m, int width,
-                DraftBuffers& b, int64_t* drafts) {
+                float* y, const int64_t* last, int32_t* num_drafts, int m, int width,
+                float p_min, DraftBuffers& b, int64_t* drafts) {
     int H = md.hidden;
     std::vector<int32_t> rows;  // the requests still drafting, in order
     for (int r = 0; r < m; r++) {
@@ -294,13 +319,16 @@ void draft_loop(const Model& md, const DraftLayer& dl, const DraftSampling& sp, 
         return;
     }
     std::vector<int64_t> tokens(n);
-    std::vector<float> x, ys((size_t)n * H);
+    std::vector<float> x, ys((size_t)n * H), conf(n), chain(m, 1.0f);
+    float* confs = p_min > 0.0f ? conf.data() : nullptr;
     for (int i = 0; i < n; i++) {
         memcpy(ys.data() + (size_t)i * H, y + (size_t)rows[i] * H, sizeof(float) * H);
     }
-    choose(md, dl, sp, ys.data(), rows.data(), n, 0, width, b, tokens.data());
+    choose(md, dl, sp, ys.data(), rows.data(), n, 0, width, b, tokens.data(), confs);
     for (int i = 0; i < n; i++) {
-        drafts[(size_t)rows[i] * width] = tokens[i];
+        if (keep_draft(p_min, conf[i], rows[i], 0, chain.data(), num_drafts)) {
+            drafts[(size_t)rows[i] * width] = tokens[i];
+        }
     }
     std::vector<int64_t> positions, kv_positions, slots;
     for (int step = 1; step < width; step++) {
@@ -337,11 +365,13 @@ void draft_loop(const Model& md, const DraftLayer& dl, const DraftSampling& sp, 
         if (dl.post_norm_feedback) {
             blocks::rms_norm(x.data(), dl.shared_norm, n, H, md.eps, x.data());
         }
-        choose(md, dl, sp, x.data(), rows.data(), n, step, width, b, tokens.data());
+        choose(md, dl, sp, x.data(), rows.data(), n, step, width, b, tokens.data(), confs);
         for (int i = 0; i < n; i++) {
             int r = rows[i];
-            drafts[(size_t)r * width + step] = tokens[i];
             memcpy(y + (size_t)r * H, x.data() + (size_t)i * H, sizeof(float) * H);
+            if (keep_draft(p_min, conf[i], r, step, chain.data(), num_drafts)) {
+                drafts[(size_t)r * width + step] = tokens[i];
+            }
         }
     }
 }
@@ -354,12 +384,13 @@ extern "C" {
 // positions from starts[r] on that the main model computed for request r (hidden [T, hidden] its
 // states there, tokens [T] the token after each), writing their MTP KV, then drafts [m, width], row
 // r's first num_drafts[r] filled (none where it is 0: it only fills its KV), each picked as sp
-// says. md: the MTP layer's decoder block (one layer) over its KV cache; s: block_tables and
+// says; with p_min > 0 a chain stops where the product of the head's confidences in its drafts
+// falls below p_min, and num_drafts[r] becomes the drafts made. md: the MTP layer's decoder block (one layer) over its KV cache; s: block_tables and
 // block_size (one row per request) only.
 void mtp_propose(const Model* md, const DraftLayer* dl, const DraftSampling* sp, const Step* s,
                  const float* hidden, const int64_t* tokens, const int64_t* starts,
-                 const int32_t* lengths, const int32_t* num_drafts, int32_t m, int32_t width,
-                 int64_t* drafts) {
+                 const int32_t* lengths, int32_t* num_drafts, int32_t m, int32_t width,
+                 float p_min, int64_t* drafts) {
     int H = md->hidden;
     DraftBuffers b;
     std::vector<int64_t> positions, kv_positions, slots, last(m);
@@ -390,7 +421,8 @@ void mtp_propose(const Model* md, const DraftLayer* dl, const DraftSampling* sp,
     if (dl->post_norm_feedback) {
         blocks::rms_norm(y.data(), dl->shared_norm, m, H, md->eps, y.data());
     }
-    draft_loop(*md, *dl, *sp, *s, y.data(), last.data(), num_drafts, m, width, b, drafts);
+    draft_loop(*md, *dl, *sp, *s, y.data(), last.data(), num_drafts, m, width, p_min, b,
+               drafts);
 }
 
 // Rows ids [n] of an embedding stored as a block weight, dequantized into out [n, w.k].
