@@ -13,6 +13,7 @@ from mtpserve.engine.spec.policy import (
     DraftPolicy,
     StepCosts,
 )
+from mtpserve.engine.sampling_params import SamplingParams
 
 # a CPU-like cost curve: a step costs a fixed part plus a part per verified token; drafting is cheap
 COSTS = StepCosts(main={(b, q): 1.0 + 0.12 * b * q for b in (1, 2, 4, 8, 16, 32, 64) for q in (1, 2, 4)},
@@ -20,11 +21,12 @@ COSTS = StepCosts(main={(b, q): 1.0 + 0.12 * b * q for b in (1, 2, 4, 8, 16, 32,
 
 
 REQUEST_IDS = itertools.count()
+GREEDY = SamplingParams(temperature=0)
 
 
 def request(policy: DraftPolicy, rate: float | None = None, n_max=None):
     """A request as the policy sees it (its id and limit), with ``policy``'s estimate of it set to ``rate``."""
-    r = SimpleNamespace(request_id=f"r{next(REQUEST_IDS)}", spec_n_max=n_max)
+    r = SimpleNamespace(request_id=f"r{next(REQUEST_IDS)}", spec_n_max=n_max, sampling_params=GREEDY)
     if rate is not None:
         set_rate(policy, r, rate)
     return r
@@ -187,9 +189,10 @@ def test_confidence_cut_is_on_by_default_when_adaptive_and_explicit_anywhere():
     assert DraftPolicy(3, p_min=0.0).p_min == 0.0
 
 
-def test_with_the_cut_a_request_that_drafts_plans_its_limit():
-    """The cut, not the mean rate, sets how far a chain goes: a request the rates let draft plans its whole limit,
-    one they do not plans none, and a large batch still drafts nothing."""
+def test_with_the_cut_a_greedy_request_that_drafts_plans_its_limit():
+    """The cut, not the mean rate, sets how far a greedy chain goes: a request the rates let draft plans its whole
+    limit, one they do not plans none, a sampled one keeps the rates' length, and a large batch still drafts
+    nothing."""
     policy = DraftPolicy(4, costs=COSTS)
     rate_only = DraftPolicy(4, costs=COSTS, p_min=0.0)
     for rate in (0.05, 0.5, 0.8):
@@ -200,6 +203,10 @@ def test_with_the_cut_a_request_that_drafts_plans_its_limit():
     assert rate_only.plan([request(rate_only, 0.5)], 1)[0] < 4  # so the cut's plan differs somewhere
     assert policy.plan([request(policy, 0.7) for _ in range(32)], 32) == [0] * 32
     assert policy.plan([request(policy, 0.7, n_max=2)], 1) == [2]
+    sampled = request(policy, 0.5)
+    sampled.sampling_params = SamplingParams(temperature=0.7)
+    set_rate(rate_only, sampled, 0.5)
+    assert policy.plan([sampled], 1) == rate_only.plan([sampled], 1)
 
 
 def test_a_chain_cut_before_its_first_draft_counts_as_a_miss():

@@ -226,6 +226,20 @@ class DraftPolicy:
             drafts[i] += 1
         return drafts
 
+    @staticmethod
+    def _lengthen_greedy_chains(requests: list, drafts: list[int], limits: list[int]) -> list[int]:
+        """With the confidence cut, a greedy request that drafts at all plans its whole limit: the
+        head's confidence in its argmax is close to the chance it is accepted (docs/BENCHMARKS.md,
+        "Confidence cut"), so the cut, not the mean rate, says how far a chain should go. A sampled
+        request keeps the rates' length: its draft is any token of q, and q's top probability says
+        less of whether the target accepts it."""
+        out = []
+        for r, k, limit in zip(requests, drafts, limits):
+            if k and r.sampling_params.greedy:
+                k = limit
+            out.append(k)
+        return out
+
     def plan(self, requests: list, batch_size: int, fused: bool = False) -> list[int]:
         """Drafts to propose for each of ``requests``' next step (a batch of ``batch_size``);
         ``fused``: their drafts run in one kernel call."""
@@ -235,8 +249,8 @@ class DraftPolicy:
         estimates = [self.estimate(r.request_id) for r in requests]
         rates = [est.rate for est in estimates]
         drafts = self.allocate(rates, limits, batch_size, fused)
-        if self.p_min > 0:  # the confidence cut, not the mean rate, sets how far a chain goes
-            drafts = [limit if k else 0 for k, limit in zip(drafts, limits)]
+        if self.p_min > 0:
+            drafts = self._lengthen_greedy_chains(requests, drafts, limits)
         due = []
         for i, est in enumerate(estimates):
             if drafts[i] or not limits[i]:
