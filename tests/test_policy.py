@@ -5,6 +5,7 @@ import itertools
 import random
 from types import SimpleNamespace
 
+from mtpserve.engine.sampling_params import SamplingParams
 from mtpserve.engine.spec.policy import (
     DRAFT_P_MIN,
     PROBE_EVERY,
@@ -13,7 +14,6 @@ from mtpserve.engine.spec.policy import (
     DraftPolicy,
     StepCosts,
 )
-from mtpserve.engine.sampling_params import SamplingParams
 
 # a CPU-like cost curve: a step costs a fixed part plus a part per verified token; drafting is cheap
 COSTS = StepCosts(main={(b, q): 1.0 + 0.12 * b * q for b in (1, 2, 4, 8, 16, 32, 64) for q in (1, 2, 4)},
