@@ -23,6 +23,11 @@ batch is not drafting (a batch whose requests turn out predictable starts drafti
 which no text could make drafting pay does not probe at all. Each rejected probe doubles that wait
 (up to ``PROBE_MAX``), an accepted one resets it. A probe costs one verified token and the MTP pass
 over the positions the request skipped while not drafting.
+
+Adaptive drafting also cuts each chain at the head's confidence (``p_min``, ``DRAFT_P_MIN`` unless
+given): the proposer stops a request's drafts where the product of their top probabilities falls
+below it. A greedy request that drafts at all then plans its whole limit and leaves the length to
+the cut; a chain cut before its first draft counts as one missed draft (``observe_cut``).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ PROBE_MAX = 128
 PROBE_RATE = 0.9  # a probe is due only where drafting would pay at this acceptance
 # drafting is planned only when it is expected this much faster than plain decoding
 SPEC_MARGIN = 1.1
-# the confidence cut of adaptive drafting (docs/BENCHMARKS.md, "Confidence cut")
+# the confidence cut of adaptive drafting (docs/BENCHMARKS.md, "Results: the confidence cut")
 DRAFT_P_MIN = 0.25
 FIT_DECAY = 0.98  # StepFit: weight of a measured step after 1, 2, ... newer ones
 FIT_PRIOR = 2.0  # StepFit: the calibration counts as this many steps ...
@@ -230,7 +235,7 @@ class DraftPolicy:
     def _lengthen_greedy_chains(requests: list, drafts: list[int], limits: list[int]) -> list[int]:
         """With the confidence cut, a greedy request that drafts at all plans its whole limit: the
         head's confidence in its argmax is close to the chance it is accepted (docs/BENCHMARKS.md,
-        "Confidence cut"), so the cut, not the mean rate, says how far a chain should go. A sampled
+        "Results: the confidence cut"), so the cut, not the mean rate, says how far a chain should go. A sampled
         request keeps the rates' length: its draft is any token of q, and q's top probability says
         less of whether the target accepts it."""
         out = []
