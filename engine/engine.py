@@ -200,6 +200,8 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         draft_vocab = len(self.draft_vocab) if self.draft_vocab is not None else vocab
         mode = "adaptive" if self.config.spec_adaptive else "fixed"
+        if self.policy.p_min > 0:
+            mode += f", chains cut below confidence {self.policy.p_min:g}"
         return (f"MTP {len(self.mtp.layers)} layer(s), draft vocabulary {draft_vocab} of {vocab}, "
                 f"up to {self.policy.n_max} drafts per step ({mode})")
 
