@@ -1,14 +1,12 @@
-"""The head's confidence in each draft (the top probability of its draft softmax) and whether the draft was accepted,
-greedy, fixed k, on the per-step draft path (whose logits PyTorch computes).
+"""The head's confidence in each draft (the top probability of its draft softmax, greedy; of q, sampled) and how
+many drafts were accepted, fixed k, on the per-step draft path (whose logits PyTorch computes).
 
-    python docs/bench/confidence-cut/record_confidence.py PROMPTS.jsonl K OUT.json
+    python docs/bench/confidence-cut/record_confidence.py PROMPTS.jsonl K OUT.json [TEMPERATURE]
 
-Writes [kind, [confidence of draft 1..k], accepted drafts] per verify step.
+Writes [kind, [confidence of draft 1..k], accepted drafts] per verify step; a sampled prompt i is seeded with i.
 """
 import json
 import sys
-
-import torch
 
 from mtpserve.engine.config import EngineConfig
 from mtpserve.engine.engine import LLMEngine
@@ -17,27 +15,29 @@ from mtpserve.engine.loader.mtp_head import default_head_path
 from mtpserve.engine.sampling_params import SamplingParams
 
 prompts_file, k, out_file = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+temperature = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0
 config = EngineConfig(quantization="int4", mtp_head=default_head_path(), spec_draft_n_max=k, spec_adaptive=False)
 engine = LLMEngine(load_gguf(default_gguf_path(), quantized=True), config)
 proposer = engine.runner.proposer
 proposer.one_call_drafter = lambda requests: None  # the per-step path
-draft_logits = proposer.mtp.draft_logits
+choose = proposer._choose
 confidences = []
 
 
-def recording(step, y):
-    logits = draft_logits(step, y)
-    confidences.append(torch.softmax(logits.float(), -1).amax(-1).tolist())
-    return logits
+def recording(*args):
+    tokens, confidence = choose(*args)
+    confidences.append(confidence)
+    return tokens, confidence
 
 
-proposer.mtp.draft_logits = recording
+proposer._choose = recording
 tok = engine.tokenizer
 records = []
 for i, line in enumerate(open(prompts_file, encoding="utf-8")):
     row = json.loads(line)
     ids = tok.encode(tok.apply_chat_template(row["messages"]), add_special_tokens=False)
-    req = engine.add_request(f"p{i}", ids, SamplingParams(temperature=0, max_tokens=128))
+    params = SamplingParams(temperature=temperature, max_tokens=128, seed=i)
+    req = engine.add_request(f"p{i}", ids, params)
     pending = None
     while not req.status.finished:
         confidences.clear()
