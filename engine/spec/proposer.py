@@ -146,17 +146,19 @@ class MTPProposer:
             self.graphs.append(graphs)
 
     def _choose(self, step, items: list[DraftInput], tensors: SamplingTensors, rows: list[int],
-                y_last: torch.Tensor, drafts: list[list[int]],
-                probs: list[list[torch.Tensor]]) -> tuple[list[int], list[float]]:
+                y_last: torch.Tensor, drafts: list[list[int]], probs: list[list[torch.Tensor]],
+                confident: bool) -> tuple[list[int], list[float] | None]:
         """The next draft of each of ``items`` (their sampling settings: ``tensors``' ``rows``),
-        and the head's confidence in it: the largest probability of the softmax of its logits
-        (greedy) or of q (sampled), as kernels/cpu_draft.py gives it."""
+        and with ``confident`` the head's confidence in it: the largest probability of the softmax
+        of its logits (greedy) or of q (sampled), as kernels/cpu_draft.py gives it (else None)."""
         params = [it.request.sampling_params for it in items]
         unshaped = _unshaped(params, tensors)
         if unshaped and all(p.greedy for p in params):  # the argmax over the draft vocabulary
-            logits = self.mtp.draft_logits(step, y_last).float()
-            tokens = self.mtp.vocab_ids(logits.argmax(-1))
-            return tokens.tolist(), torch.softmax(logits, -1).amax(-1).tolist()
+            logits = self.mtp.draft_logits(step, y_last)
+            tokens = self.mtp.vocab_ids(logits.argmax(-1)).tolist()
+            if not confident:
+                return tokens, None
+            return tokens, torch.softmax(logits.float(), -1).amax(-1).tolist()
         t = tensors.select(torch.tensor(rows, dtype=torch.long, device=self.device))
         histories = [it.history + d for it, d in zip(items, drafts)]
         if unshaped:  # over the draft vocabulary; q is widened for the race and for verification
@@ -168,7 +170,9 @@ class MTPProposer:
             logits = apply_penalties(logits, t, prompts, histories)
             logits = grammar_masked(logits, items, drafts)
             tokens = logits.argmax(-1)
-        confidence = torch.softmax(logits, -1).amax(-1)
+        confidence = None
+        if confident:
+            confidence = torch.softmax(logits, -1).amax(-1)
         for seeded in (True, False):
             sampled = [i for i, p in enumerate(params)
                        if not p.greedy and items[i].request.noise.seeded == seeded]
@@ -176,7 +180,8 @@ class MTPProposer:
                 continue
             idx = torch.tensor(sampled, device=self.device)
             q = processed_probs(logits[idx], t.select(idx))
-            confidence[idx] = q.amax(-1)
+            if confident:
+                confidence[idx] = q.amax(-1)
             if unshaped:
                 q = self.mtp.widen(q, 0.0)
             noises = [items[i].request.noise for i in sampled]
@@ -185,6 +190,8 @@ class MTPProposer:
             for row, i in enumerate(sampled):
                 if not seeded:
                     probs[i].append(q[row])
+        if confidence is None:
+            return tokens.tolist(), None
         return tokens.tolist(), confidence.tolist()
 
     def _defer_or_merge(self, items: list[DraftInput]) -> list[DraftInput]:
@@ -291,12 +298,13 @@ class MTPProposer:
         while active:
             chosen, confidence = self._choose(step, [items[i] for i in active], tensors, active,
                                               y_last[active], [drafts[i] for i in active],
-                                              [probs[i] for i in active])
+                                              [probs[i] for i in active], p_min > 0)
             still = []
-            for i, tok, conf in zip(active, chosen, confidence):
-                chain[i] *= conf
-                if p_min > 0 and chain[i] < p_min:
-                    continue
+            for j, (i, tok) in enumerate(zip(active, chosen)):
+                if confidence is not None:
+                    chain[i] *= confidence[j]
+                    if chain[i] < p_min:
+                        continue
                 drafts[i].append(tok)
                 if len(drafts[i]) < items[i].num_drafts:
                     still.append(i)

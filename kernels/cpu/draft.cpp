@@ -116,6 +116,12 @@ struct DraftBuffers {
     Buffers block;
 };
 
+// The cache slot of KV position kv of request r (row r of s's block tables).
+inline int64_t slot_of(const Step& s, int r, int64_t kv) {
+    const int32_t* table = s.block_tables + (size_t)r * s.bt_stride;
+    return (int64_t)table[kv / s.block_size] * s.block_size + kv % s.block_size;
+}
+
 // Row `column` of the draft head as a token id.
 inline int64_t token_of(const DraftLayer& dl, int64_t column) {
     if (dl.vocab_ids == nullptr) {
@@ -352,10 +358,9 @@ void draft_loop(const Model& md, const DraftLayer& dl, const DraftSampling& sp, 
             tokens[i] = drafts[(size_t)r * width + step - 1];
             memcpy(ys.data() + (size_t)i * H, y + (size_t)r * H, sizeof(float) * H);
             int64_t kv = last[r] + step;
-            const int32_t* table = s.block_tables + (size_t)r * s.bt_stride;
             kv_positions[i] = kv;
             positions[i] = kv + 1;
-            slots[i] = (int64_t)table[kv / s.block_size] * s.block_size + kv % s.block_size;
+            slots[i] = slot_of(s, r, kv);
         }
         x.resize((size_t)n * H);
         block_input(md, dl, tokens.data(), ys.data(), n, b, x.data());
@@ -385,8 +390,8 @@ extern "C" {
 // states there, tokens [T] the token after each), writing their MTP KV, then drafts [m, width], row
 // r's first num_drafts[r] filled (none where it is 0: it only fills its KV), each picked as sp
 // says; with p_min > 0 a chain stops where the product of the head's confidences in its drafts
-// falls below p_min, and num_drafts[r] becomes the drafts made. md: the MTP layer's decoder block (one layer) over its KV cache; s: block_tables and
-// block_size (one row per request) only.
+// falls below p_min, and num_drafts[r] becomes the drafts made. md: the MTP layer's decoder block
+// (one layer) over its KV cache; s: block_tables and block_size (one row per request) only.
 void mtp_propose(const Model* md, const DraftLayer* dl, const DraftSampling* sp, const Step* s,
                  const float* hidden, const int64_t* tokens, const int64_t* starts,
                  const int32_t* lengths, int32_t* num_drafts, int32_t m, int32_t width,
@@ -396,12 +401,11 @@ void mtp_propose(const Model* md, const DraftLayer* dl, const DraftSampling* sp,
     std::vector<int64_t> positions, kv_positions, slots, last(m);
     std::vector<int32_t> token_seq;
     for (int r = 0; r < m; r++) {
-        const int32_t* table = s->block_tables + (size_t)r * s->bt_stride;
         for (int i = 0; i < lengths[r]; i++) {
             int64_t kv = starts[r] + i;
             kv_positions.push_back(kv);
             positions.push_back(kv + 1);
-            slots.push_back((int64_t)table[kv / s->block_size] * s->block_size + kv % s->block_size);
+            slots.push_back(slot_of(*s, r, kv));
             token_seq.push_back(r);
         }
         last[r] = starts[r] + lengths[r] - 1;

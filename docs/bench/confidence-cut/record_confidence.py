@@ -20,6 +20,9 @@ config = EngineConfig(quantization="int4", mtp_head=default_head_path(), spec_dr
 engine = LLMEngine(load_gguf(default_gguf_path(), quantized=True), config)
 proposer = engine.runner.proposer
 proposer.one_call_drafter = lambda requests: None  # the per-step path
+# the draft path computes its confidences only under a cut: one too low to cut anything (a draft's top probability
+# is at least 1 / vocabulary, so k <= 5 drafts keep a product above 1e-24)
+engine.policy.explicit_p_min = 1e-30
 choose = proposer._choose
 confidences = []
 
