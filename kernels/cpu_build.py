@@ -1,5 +1,5 @@
-"""Builds the CPU kernels (kernels/cpu/*.cpp: the block kernels, the MTP draft loop, the sampling
-race) into one library at first use and loads it with ctypes.
+"""Builds the CPU kernels (kernels/cpu/*.cpp: the block kernels, attention, the MTP draft loop, the
+sampling race) into one library at first use and loads it with ctypes.
 
 The shared library is compiled once per source version into the user's cache directory
 (``$XDG_CACHE_HOME/mtpserve``, else ``~/.cache/mtpserve``; a temporary directory where that is not
@@ -29,7 +29,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).parent / "cpu" / name
-           for name in ("blocks.cpp", "draft.cpp", "race.cpp")]
+           for name in ("blocks.cpp", "attention.cpp", "draft.cpp", "race.cpp")]
 HEADERS = [Path(__file__).parent / "cpu" / "blocks.h"]
 FLAGS = ["-O3", "-std=c++17", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 AVX512_VNNI = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")  # as /proc/cpuinfo names them

@@ -200,6 +200,16 @@ def wide_head_engine(tmp_path_factory):
     return LLMEngine(load_checkpoint(path), config)
 
 
+@pytest.fixture(scope="module")
+def narrow_head_engine(tmp_path_factory):
+    """Heads of 40 dims, not whole 16-float registers: the attention goes 8 dims at a time, as the
+    AVX2 build always does."""
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp("narrow_heads"), "llama", hidden_size=96,
+                                num_attention_heads=4, num_key_value_heads=2, head_dim=40)
+    config = EngineConfig(num_blocks=32, spec_draft_n_max=0, quantization="int4")
+    return LLMEngine(load_checkpoint(path), config)
+
+
 def run_step(model, kv_caches, tables, starts, query_lens, fused: bool, first_id: int = 3):
     """The model's hidden states for one step, through the one-call path or the per-op one; the
     step's tokens are ids ``first_id, first_id + 1, ...``."""
@@ -214,7 +224,7 @@ def run_step(model, kv_caches, tables, starts, query_lens, fused: bool, first_id
         model.fusable = True
 
 
-@pytest.mark.parametrize("engine_name", ["block_engine", "wide_head_engine"])
+@pytest.mark.parametrize("engine_name", ["block_engine", "wide_head_engine", "narrow_head_engine"])
 def test_the_one_call_decode_step_equals_the_per_op_path(engine_name, request):
     """Two sequences with prompts in the cache step together: one decodes a token, the other
     verifies 4; both paths write the same KV and return the same hidden states (prompts of 20 and

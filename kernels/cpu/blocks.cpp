@@ -15,7 +15,7 @@
 // they differ in the last bits.
 //
 // Also here: a step of a dense Llama-family decoder stack (norms, projections, rotary, paged-KV
-// write and attention, SwiGLU) in one call, for every step over the paged cache.
+// write and attention (attention.cpp), SwiGLU) in one call, for every step over the paged cache.
 //
 // Built at first use (kernels/cpu_build.py) and called through ctypes; the structs of blocks.h
 // mirror the ctypes ones in kernels/cpu_blocks.py and kernels/cpu_decoder.py.
@@ -26,20 +26,12 @@ namespace {
 
 using blocks::Acts;
 using blocks::exp_shifted;
+using blocks::hsum;
 using blocks::max_of;
 
 // Rows from which the small per-row ops (norms, rounding, rotary, SwiGLU) are split between the
 // threads; below it a fork costs more than it saves. Rows never depend on it.
 const int PARALLEL_ROWS = 16;
-
-inline float hsum(__m256 v) {
-    __m128 lo = _mm256_castps256_ps128(v);
-    __m128 hi = _mm256_extractf128_ps(v, 1);
-    lo = _mm_add_ps(lo, hi);
-    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-    lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-    return _mm_cvtss_f32(lo);
-}
 
 // e^x for 8 floats: x = n ln2 + r, e^r by Cephes' expf polynomial (about 1 ulp), times 2^n.
 inline __m256 exp8(__m256 x) {
@@ -653,127 +645,6 @@ void rotate_and_store(const Model& md, const Layer& ly, const Step& s, float* qk
     }
 }
 
-// q's dot products with 8 keys (key j at k + j * stride), scaled, into scores[0 .. 8): q is loaded
-// once for the 8 keys and the 8 sums are reduced together.
-inline void eight_scores(const float* q, const float* k, size_t stride, int head_dim, float scale,
-                         float* scores) {
-    __m256 acc[8];
-    for (int j = 0; j < 8; j++) {
-        acc[j] = _mm256_setzero_ps();
-    }
-    for (int d = 0; d < head_dim; d += 8) {
-        __m256 qv = _mm256_loadu_ps(q + d);
-        for (int j = 0; j < 8; j++) {
-            acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + j * stride + d), acc[j]);
-        }
-    }
-    __m256 low = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
-    __m256 high = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
-    __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(low, high, 0x20),
-                                _mm256_permute2f128_ps(low, high, 0x31));
-    _mm256_storeu_ps(scores, _mm256_mul_ps(sums, _mm256_set1_ps(scale)));
-}
-
-// The scaled dot products of q with the first count keys of a cache block (key i at
-// base + i * stride): eight at a time, then one by one. Which way a key goes depends only on its
-// index and count, both fixed by the query's position, never on the other tokens of the step.
-void block_scores(const float* q, const float* base, size_t stride, int count, int head_dim,
-                  float scale, float* scores) {
-    int i = 0;
-    for (; i + 8 <= count; i += 8) {
-        eight_scores(q, base + i * stride, stride, head_dim, scale, scores + i);
-    }
-    for (; i < count; i++) {
-        const float* k = base + i * stride;
-        __m256 acc = _mm256_setzero_ps();
-        for (int d = 0; d < head_dim; d += 8) {
-            acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(k + d), acc);
-        }
-        scores[i] = hsum(acc) * scale;
-    }
-}
-
-// Keys in cache block b of a sequence of len keys, blocks of bs.
-inline int keys_in_block(int64_t len, int64_t b, int bs) {
-    int64_t left = len - b * bs;
-    if (left < bs) {
-        return (int)left;
-    }
-    return bs;
-}
-
-// out[0 .. 8 * LANES) = the values' dims [d0, d0 + 8 * LANES) weighted by probs, key by key in
-// order; one accumulator per 8 dims, so the keys' chains of adds overlap.
-template <int LANES>
-void weighted_values(const float* v_base, size_t kv_size, const int32_t* table, int bs,
-                     int64_t len, const float* probs, float* out) {
-    __m256 acc[LANES];
-    for (int v = 0; v < LANES; v++) {
-        acc[v] = _mm256_setzero_ps();
-    }
-    for (int64_t b = 0; b * bs < len; b++) {
-        int count = keys_in_block(len, b, bs);
-        const float* base = v_base + (size_t)table[b] * bs * kv_size;
-        for (int i = 0; i < count; i++) {
-            __m256 p = _mm256_set1_ps(probs[b * bs + i]);
-            for (int v = 0; v < LANES; v++) {
-                acc[v] = _mm256_fmadd_ps(p, _mm256_loadu_ps(base + i * kv_size + v * 8), acc[v]);
-            }
-        }
-    }
-    for (int v = 0; v < LANES; v++) {
-        _mm256_storeu_ps(out + v * 8, acc[v]);
-    }
-}
-
-// One query head over keys 0 .. its KV position of its sequence, block by block of the cache.
-void attend_head(const Model& md, const Layer& ly, const Step& s, const float* q, int t, int h,
-                 std::vector<float>& scores, float* out) {
-    int hd = md.head_dim;
-    int bs = s.block_size;
-    int g = h / (md.num_heads / md.num_kv_heads);
-    int64_t len = s.kv_positions[t] + 1;
-    size_t kv_size = (size_t)md.num_kv_heads * hd;
-    const int32_t* table = s.block_tables + (size_t)s.token_seq[t] * s.bt_stride;
-    int64_t num_blocks = (len + bs - 1) / bs;
-    scores.resize(len);
-    for (int64_t b = 0; b < num_blocks; b++) {
-        int count = keys_in_block(len, b, bs);
-        const float* base = ly.k_cache + (size_t)table[b] * bs * kv_size + g * hd;
-        block_scores(q, base, kv_size, count, hd, md.scale, scores.data() + b * bs);
-    }
-    float total = exp_shifted(scores.data(), len, max_of(scores.data(), len));
-    float inv = 1.0f / total;
-    for (int64_t j = 0; j < len; j++) {
-        scores[j] *= inv;
-    }
-    int d0 = 0;
-    for (; d0 + 64 <= hd; d0 += 64) {
-        weighted_values<8>(ly.v_cache + g * hd + d0, kv_size, table, bs, len, scores.data(), out + d0);
-    }
-    for (; d0 < hd; d0 += 8) {
-        weighted_values<1>(ly.v_cache + g * hd + d0, kv_size, table, bs, len, scores.data(), out + d0);
-    }
-}
-
-void attend(const Model& md, const Layer& ly, const Step& s, const float* qkv, float* out) {
-    int hd = md.head_dim;
-    int width = (md.num_heads + 2 * md.num_kv_heads) * hd;
-    int pairs = s.num_tokens * md.num_heads;
-    // a prompt's later tokens attend to more keys: deal the (token, head) pairs out one by one
-#pragma omp parallel
-    {
-        std::vector<float> scores;
-#pragma omp for schedule(static, 1)
-        for (int i = 0; i < pairs; i++) {
-            int t = i / md.num_heads;
-            int h = i % md.num_heads;
-            const float* q = qkv + (size_t)t * width + h * hd;
-            attend_head(md, ly, s, q, t, h, scores, out + (size_t)t * md.num_heads * hd + h * hd);
-        }
-    }
-}
-
 void silu_mul(const float* gate_up, int m, int inter, float* out) {
     __m256 one = _mm256_set1_ps(1.0f);
 #pragma omp parallel for if (m >= PARALLEL_ROWS)
@@ -842,7 +713,7 @@ void layer_forward(const Model& md, const Layer& ly, const Step& s, float* x, Bu
     project(ly.qkv, b.normed.data(), T, b.acts, b.qkv.data());
     add_bias(b.qkv.data(), ly.qkv_bias, T, ly.qkv.n);
     rotate_and_store(md, ly, s, b.qkv.data());
-    attend(md, ly, s, b.qkv.data(), b.attn.data());
+    blocks::attend(md, ly, s, b.qkv.data(), b.attn.data());
     project(ly.o, b.attn.data(), T, b.acts, b.proj.data());
     add_bias(b.proj.data(), ly.o_bias, T, H);
     add_into(x, b.proj.data(), (size_t)T * H);

@@ -1,6 +1,6 @@
 // What the CPU kernels' sources share: the structs ctypes mirrors (kernels/cpu_blocks.py,
 // kernels/cpu_decoder.py, kernels/cpu_draft.py) and the steps the MTP draft loop (draft.cpp)
-// takes from the block kernels (blocks.cpp).
+// takes from the block kernels (blocks.cpp) and attention (attention.cpp).
 
 #pragma once
 
@@ -99,8 +99,22 @@ void rms_norm(const float* x, const float* weight, int m, int d, float eps, floa
 // out [m, w.n] = x [m, w.k] rounded to 8-bit blocks, times w.
 void project(const QWeight& w, const float* x, int m, Acts& acts, float* out);
 
+// Attention of every (token, head) pair of the step over the paged cache (attention.cpp): qkv
+// [T, q + 2 kv] rotated, out [T, q].
+void attend(const Model& md, const Layer& ly, const Step& s, const float* qkv, float* out);
+
 // One decoder layer of md over the step's tokens: x [T, hidden], the residual stream, in place.
 void layer_forward(const Model& md, const Layer& ly, const Step& s, float* x, Buffers& b);
+
+// The sum of 8 lanes.
+inline float hsum(__m256 v) {
+    __m128 lo = _mm256_castps256_ps128(v);
+    __m128 hi = _mm256_extractf128_ps(v, 1);
+    lo = _mm_add_ps(lo, hi);
+    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+    lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+    return _mm_cvtss_f32(lo);
+}
 
 // The largest of count floats.
 float max_of(const float* x, int64_t count);
