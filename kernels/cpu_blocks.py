@@ -23,7 +23,7 @@ BLOCK = 32
 class QWeightStruct(ctypes.Structure):
     _fields_ = [("codes", ctypes.c_void_p), ("scale", ctypes.c_void_p),
                 ("min", ctypes.c_void_p), ("bits", ctypes.c_int32), ("n", ctypes.c_int32),
-                ("k", ctypes.c_int32), ("tiled", ctypes.c_int32)]
+                ("k", ctypes.c_int32), ("tiled", ctypes.c_int32), ("half", ctypes.c_void_p)]
 
 
 def available() -> bool:
@@ -100,6 +100,18 @@ def tiled_block_rows(values: torch.Tensor, tile: int, index: torch.Tensor) -> to
     return grid[index // tile, :, index % tile]
 
 
+def half_pairs(scales: torch.Tensor, mins: torch.Tensor, tile: int) -> torch.Tensor | None:
+    """Tiled 4-bit scales and minimums (``tile_blocks``) as float16 pairs
+    ``[out / tile, blocks, 2, tile]``, a tile's block in one cache line, where float16 holds them
+    exactly (GGUF's Q4_0 and Q4_1 store them so); else None. Fewer lines to read from memory per
+    block: the one-row products that decoding is bound by run about a fifth faster."""
+    pairs = torch.stack([scales.view(-1, tile), mins.view(-1, tile)], dim=1)
+    half = pairs.to(torch.float16)
+    if not torch.equal(half.float(), pairs):
+        return None
+    return half.view(torch.int16).contiguous()
+
+
 class BlockLinear(nn.Module):
     """A projection ``[out, in]`` in blocks of 32 for the CPU block kernels. Its rows can be read
     one by one, so it also serves as a tied embedding and as a draft head over a vocabulary
@@ -119,6 +131,7 @@ class BlockLinear(nn.Module):
             if width and self.out_features % width == 0:
                 self.tile = width
         starts = None
+        half = None
         if self.tile:
             if bits == 8 and tile_starts():  # its integer sums start at -128 times the code sum
                 blocks = codes.view(self.out_features, -1, BLOCK).sum(-1, dtype=torch.int32)
@@ -127,10 +140,13 @@ class BlockLinear(nn.Module):
                 mins = tile_blocks(mins, self.tile)
             codes = tile_codes(codes, bits, self.tile)
             scales = tile_blocks(scales, self.tile)
+            if bits == 4:
+                half = half_pairs(scales, mins, self.tile)
         self.register_buffer("codes", codes)
         self.register_buffer("scales", scales)
         self.register_buffer("mins", mins)
         self.register_buffer("starts", starts)
+        self.register_buffer("half_scales", half)
         self._struct = None
 
     @classmethod
@@ -150,9 +166,12 @@ class BlockLinear(nn.Module):
                 mins = self.mins.data_ptr()
             if self.starts is not None:
                 mins = self.starts.data_ptr()
+            half = 0
+            if self.half_scales is not None:
+                half = self.half_scales.data_ptr()
             self._struct = QWeightStruct(self.codes.data_ptr(), self.scales.data_ptr(), mins,
                                          self.bits, self.out_features, self.in_features,
-                                         int(self.tile > 0))
+                                         int(self.tile > 0), half)
         return self._struct
 
     def _apply(self, fn, recurse=True):

@@ -127,6 +127,33 @@ def test_every_build_this_cpu_runs_multiplies_alike(bits, in_features):
         assert torch.equal(outs["avx-vnni"], outs["avx2"])
 
 
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1])
+def test_every_build_reads_float16_scales_of_tiles_as_stored(qtype, monkeypatch):
+    """GGUF's 4-bit scales and minimums are float16: tiled, each build reads them from one
+    float16 pair per block (16 columns a tile with AVX-512 VNNI, else 8) and multiplies exactly as
+    from the float32 copies."""
+    tensor = gguf_weight(qtype)
+    x = torch.randn(5, IN)
+    exact = round_rows(x).double() @ reference_dequantize(tensor).double().t()
+    for name, isa in builds_this_cpu_runs().items():
+        library = ctypes.CDLL(str(cpu_build.build(isa)))
+        monkeypatch.setattr(cpu_blocks, "tile_width", lambda: int(library.mtp_tile_width()))
+        monkeypatch.setattr(cpu_blocks, "tile_starts", lambda: bool(library.mtp_tile_starts()))
+        layer = BlockLinear.of(read_quantized(tensor), tiled=True)
+        assert layer.half_scales is not None, name
+        out = linear_with(library, layer, x)
+        assert (out.double() - exact).abs().max() < 1e-5 * exact.abs().max(), name
+        layer.half_scales = None
+        layer._struct = None
+        assert torch.equal(linear_with(library, layer, x), out), name
+
+
+def test_scales_float16_cannot_hold_stay_float32():
+    """Scales of our own rounding (float32) have no float16 copy: the kernels read them as made."""
+    layer = BlockLinear.of(quantize(torch.randn(OUT, IN), 4, 32), tiled=True)
+    assert layer.tile > 0 and layer.half_scales is None
+
+
 def test_the_build_follows_the_cpu_unless_told_avx2():
     zen4 = {"avx2", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni"}
     assert cpu_build.isa_flags(zen4) == cpu_build.AVX512_VNNI_FLAGS

@@ -336,6 +336,10 @@ void tile_rows(const QWeight& w, int t, const Acts& a, int m0, float* out, int l
     const float* scale = w.scale + (size_t)t * nb * TILE;
     const float* mins = w.min + (size_t)t * nb * TILE;
     const int32_t* starts = (const int32_t*)w.min + (size_t)t * nb * TILE;
+    const uint16_t* half = nullptr;
+    if (BITS == 4 && w.half != nullptr) {
+        half = w.half + (size_t)t * nb * 2 * TILE;
+    }
     __m512 acc[R];
     for (int r = 0; r < R; r++) {
         acc[r] = _mm512_setzero_ps();
@@ -349,10 +353,17 @@ void tile_rows(const QWeight& w, int t, const Acts& a, int m0, float* out, int l
                 wv[g] = _mm512_loadu_si512(codes + ((size_t)b * 8 + g) * 64);
             }
         }
-        __m512 ws = _mm512_loadu_ps(scale + (size_t)b * TILE);
+        __m512 ws;
         __m512 wm = _mm512_setzero_ps();
-        if (BITS == 4) {
-            wm = _mm512_loadu_ps(mins + (size_t)b * TILE);
+        if (half != nullptr) {
+            __m512i both = _mm512_loadu_si512(half + (size_t)b * 2 * TILE);
+            ws = _mm512_cvtph_ps(_mm512_castsi512_si256(both));
+            wm = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(both, 1));
+        } else {
+            ws = _mm512_loadu_ps(scale + (size_t)b * TILE);
+            if (BITS == 4) {
+                wm = _mm512_loadu_ps(mins + (size_t)b * TILE);
+            }
         }
         for (int r = 0; r < R; r++) {
             size_t rb = (size_t)(m0 + r) * nb + b;
@@ -492,6 +503,10 @@ void tile_rows(const QWeight& w, int t, const Acts& a, int m0, float* out, int l
     if (BITS == 4) {
         mins = w.min + (size_t)t * nb * TILE;
     }
+    const uint16_t* half = nullptr;
+    if (BITS == 4 && w.half != nullptr) {
+        half = w.half + (size_t)t * nb * 2 * TILE;
+    }
     __m256 acc[R];
     for (int r = 0; r < R; r++) {
         acc[r] = _mm256_setzero_ps();
@@ -507,10 +522,17 @@ void tile_rows(const QWeight& w, int t, const Acts& a, int m0, float* out, int l
         } else {
             tile_dots8<R>(codes + (size_t)b * TILE * block_bytes, x, dot);
         }
-        __m256 ws = _mm256_loadu_ps(scale + (size_t)b * TILE);
+        __m256 ws;
         __m256 wm = _mm256_setzero_ps();
-        if (BITS == 4) {
-            wm = _mm256_loadu_ps(mins + (size_t)b * TILE);
+        if (half != nullptr) {
+            __m256i both = _mm256_loadu_si256((const __m256i*)(half + (size_t)b * 2 * TILE));
+            ws = _mm256_cvtph_ps(_mm256_castsi256_si128(both));
+            wm = _mm256_cvtph_ps(_mm256_extracti128_si256(both, 1));
+        } else {
+            ws = _mm256_loadu_ps(scale + (size_t)b * TILE);
+            if (BITS == 4) {
+                wm = _mm256_loadu_ps(mins + (size_t)b * TILE);
+            }
         }
         for (int r = 0; r < R; r++) {
             size_t rb = (size_t)(m0 + r) * nb + b;

@@ -33,6 +33,10 @@ struct QWeight {
     int32_t tiled;         // in tiles of TILE columns (cpu_blocks.py: tile_codes): codes
                            // [n/TILE, k/32, groups, TILE, 4] bytes (groups: 4 for 4 bits, 8 for
                            // 8 bits), scale and min [n/TILE, k/32, TILE]
+    const uint16_t* half;  // bits 4, tiled: scale and min again as float16 where that is exact
+                           // (GGUF's Q4_0 and Q4_1), [n/TILE, k/32, 2, TILE]: a block of a tile
+                           // reads one 64-byte line (AVX-512) for both, not a line of each; else
+                           // null
 };
 
 struct Layer {
