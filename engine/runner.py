@@ -13,7 +13,6 @@ from mtpserve.engine.cuda_graph import CUDAGraphs
 from mtpserve.engine.kv_cache import KVCacheManager
 from mtpserve.engine.sampler import SamplingBatch, token_logprobs
 from mtpserve.engine.scheduler import SchedulerOutput, StepResult
-from mtpserve.engine.spec.policy import mean_context
 from mtpserve.engine.spec.proposer import DraftInput, MTPProposer
 from mtpserve.engine.spec.rejection import verify
 from mtpserve.engine.step_batch import StepBatch
@@ -193,6 +192,5 @@ class ModelRunner:
         if any(s.num_new_tokens - s.num_spec_tokens != 1 for s in out.scheduled):
             return
         next_drafts = [len(d) for d in result.spec_token_ids.values()]
-        context = mean_context([s.request for s in out.scheduled])
         self.policy.observe(len(out.scheduled), out.num_tokens, next_drafts, seconds,
-                            self.fused_drafts, context)
+                            self.fused_drafts)

@@ -2,13 +2,11 @@
 
 A verify step is timed whole, as the engine runs it: b requests of q new tokens each (the last
 verified token and q - 1 drafts) through the main model, their logits, and greedy verification
-(plain sampling when q = 1), over CONTEXT cached tokens per request and again over LONG_CONTEXT
-(the policy takes the cost as linear in the context between). A draft step is the MTP layer and
-its logits over the draft vocabulary, as every draft path computes them (only drafts under
-penalties or a grammar widen them to the whole vocabulary); where drafts run in one kernel call,
-that loop's first step and a later one (greedy) are timed too. Runs at engine start on blocks that
-are still free (what it writes there is overwritten before any request reads it) and takes the
-fastest of a few repeats per shape.
+(plain sampling when q = 1). A draft step is the MTP layer and its logits over the draft
+vocabulary, as every draft path computes them (only drafts under penalties or a grammar widen them
+to the whole vocabulary); where drafts run in one kernel call, that loop's first step and a later one
+(greedy) are timed too. Runs at engine start on blocks that are still free (what it writes
+there is overwritten before any request reads it) and takes the fastest of a few repeats per shape.
 """
 
 from __future__ import annotations
@@ -27,17 +25,15 @@ from mtpserve.kernels.attention import AttentionMetadata, build_metadata
 
 REPEATS = 3
 CONTEXT = 128  # tokens of context each measured sequence attends to
-LONG_CONTEXT = 1024  # and again at this many, where the cache holds them
 
 
-def _metadata(runner, rows: int, query_len: int, device,
-              context: int = CONTEXT) -> tuple[AttentionMetadata, torch.Tensor]:
-    """``rows`` sequences of ``context`` cached tokens and ``query_len`` new ones, on
+def _metadata(runner, rows: int, query_len: int, device) -> tuple[AttentionMetadata, torch.Tensor]:
+    """``rows`` sequences of CONTEXT cached tokens and ``query_len`` new ones, on
     consecutive blocks."""
     bs = runner.block_size
-    blocks_per_seq = -(-(context + query_len) // bs)
+    blocks_per_seq = -(-(CONTEXT + query_len) // bs)
     tables = [list(range(r * blocks_per_seq, (r + 1) * blocks_per_seq)) for r in range(rows)]
-    return build_metadata(tables, [context] * rows, [query_len] * rows, bs, device)
+    return build_metadata(tables, [CONTEXT] * rows, [query_len] * rows, bs, device)
 
 
 def best_time(fn, device: torch.device) -> float:
@@ -59,27 +55,35 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _fits(runner, rows: int, query_len: int, context: int = CONTEXT) -> bool:
+def _fits(runner, rows: int, query_len: int) -> bool:
     capacity = runner.kv.pool.num_blocks * runner.block_size
-    return rows * (context + query_len + runner.block_size) <= capacity
+    return rows * (CONTEXT + query_len + runner.block_size) <= capacity
 
 
 @torch.inference_mode()
 def measure_step_costs(runner, max_batch: int, max_tokens: int, n_max: int) -> StepCosts:
     """Verify steps of up to ``max_batch`` requests and ``max_tokens`` tokens, with 0, 1, 2 and
-    ``n_max`` drafts each, over CONTEXT and LONG_CONTEXT cached tokens; draft steps of up to
-    ``max_batch`` requests."""
+    ``n_max`` drafts each; draft steps of up to ``max_batch`` requests."""
     model, proposer, device = runner.model, runner.proposer, runner.device
-    costs = StepCosts(main={}, draft={}, context=CONTEXT, long_context=LONG_CONTEXT)
+    costs = StepCosts(main={}, draft={})
+    greedy = SamplingParams(temperature=0)
     query_lens = sorted({q for q in (1, 2, 3, n_max + 1) if q <= n_max + 1})
     b = 1
     while b <= max_batch and _fits(runner, b, 1):
         for q in query_lens:
             if (b * q > max_tokens and q > 1) or not _fits(runner, b, q):
                 continue
-            costs.main[b, q] = _verify_time(runner, b, q, CONTEXT)
-            if _fits(runner, b, q, LONG_CONTEXT):
-                costs.main_long[b, q] = _verify_time(runner, b, q, LONG_CONTEXT)
+            meta, pos = _metadata(runner, b, q, device)
+            ids = torch.zeros(b * q, dtype=torch.long, device=device)
+            batch = SamplingBatch.build([greedy] * b, [[0]] * b, [[]] * b, [RequestNoise(0)] * b,
+                                        model.config.vocab_size, device,
+                                        draft_token_ids=[[0] * (q - 1)] * b)
+
+            def verify_step():
+                runner.attn.prepare(meta)
+                verify(model.compute_logits(model(ids, pos, runner.kv_caches, runner.attn)), batch)
+
+            costs.main[b, q] = best_time(verify_step, device)
         meta, pos = _metadata(runner, b, 1, device)
         ids = torch.zeros(b, dtype=torch.long, device=device)
         hidden = torch.zeros(b, model.config.hidden_size, device=device, dtype=model.norm.dtype)
@@ -97,23 +101,6 @@ def measure_step_costs(runner, max_batch: int, max_tokens: int, n_max: int) -> S
             costs.fused[b] = later
         b *= 2
     return costs
-
-
-def _verify_time(runner, rows: int, query_len: int, context: int) -> float:
-    """A greedy verify step of ``rows`` requests of ``query_len`` tokens over ``context`` cached
-    tokens each (``query_len`` 1: plain decoding)."""
-    model, device = runner.model, runner.device
-    meta, pos = _metadata(runner, rows, query_len, device, context)
-    ids = torch.zeros(rows * query_len, dtype=torch.long, device=device)
-    batch = SamplingBatch.build([SamplingParams(temperature=0)] * rows, [[0]] * rows, [[]] * rows,
-                                [RequestNoise(0)] * rows, model.config.vocab_size, device,
-                                draft_token_ids=[[0] * (query_len - 1)] * rows)
-
-    def verify_step():
-        runner.attn.prepare(meta)
-        verify(model.compute_logits(model(ids, pos, runner.kv_caches, runner.attn)), batch)
-
-    return best_time(verify_step, device)
 
 
 def _fused_steps(runner, drafter, rows: int, n_max: int,

@@ -5,9 +5,7 @@ estimate ``a``; its j-th draft is accepted with probability about ``a^j``. A ste
 requests that verify ``n`` tokens in all, with ``r_j`` requests drafting a j-th token, costs
 ``C = T(B, n) + sum_j D(r_j)``, where ``T`` is the measured time of a verify step (main model,
 logits and verification; ``n = B`` is plain decoding) and ``D(r)`` that of one draft step over ``r``
-requests, both measured when the engine starts (``calibrate.py``); ``T`` at two context lengths and taken
-linear in the batch's mean context in between and beyond (attention reads every cached key, so a
-long context slows plain decoding too). Drafts that run in one kernel
+requests, both measured when the engine starts (``calibrate.py``). Drafts that run in one kernel
 call (kernels/cpu_draft.py) price their later steps at what a step of that loop costs.
 
 The policy starts from plain decoding (``B`` tokens per ``T(B, B)``) and adds drafts across the
@@ -64,49 +62,28 @@ def _interp(table: dict[int, float], x: float) -> float:
     return table[lo] + (table[hi] - table[lo]) * (x - lo) / (hi - lo)
 
 
-def _by_tokens(main: dict[tuple[int, int], float], batch_size: int) -> dict[int, float]:
-    """Step seconds by tokens per request at ``batch_size`` requests, from seconds by (b, q)."""
-    by_tokens: dict[int, dict[int, float]] = {}
-    for (b, q), t in main.items():
-        by_tokens.setdefault(q, {})[b] = t
-    return {q: _interp(by_batch, batch_size) for q, by_batch in by_tokens.items()}
-
-
 @dataclass
 class StepCosts:
     """Measured seconds: ``main[(b, q)]`` for a step of b requests with q tokens each (main model,
-    logits, sampling or verification) over ``context`` cached tokens each, ``main_long`` the same
-    over ``long_context`` tokens (where measured), ``draft[b]`` for one draft step over b requests,
-    and ``fused_first[b]`` and ``fused[b]`` for the first and a later draft step of the loop that
+    logits, sampling or verification), ``draft[b]`` for one draft step over b requests, and
+    ``fused_first[b]`` and ``fused[b]`` for the first and a later draft step of the loop that
     runs in one kernel call (kernels/cpu_draft.py; empty where there is none)."""
 
     main: dict[tuple[int, int], float] = field(default_factory=lambda: {(1, 1): 1.0})
     draft: dict[int, float] = field(default_factory=lambda: {1: 0.0})
     fused_first: dict[int, float] = field(default_factory=dict)
     fused: dict[int, float] = field(default_factory=dict)
-    main_long: dict[tuple[int, int], float] = field(default_factory=dict)
-    context: int = 128
-    long_context: int = 1024
 
-    def at_batch(self, batch_size: int, context: float = 0.0) -> dict[int, float]:
-        """Step seconds by tokens per request, for a batch of ``batch_size`` requests over
-        ``context`` cached tokens each on average: linear in the context between the two measured
-        (attention reads every cached key), as measured below the shorter."""
-        short = _by_tokens(self.main, batch_size)
-        if not self.main_long or context <= self.context:
-            return short
-        long = _by_tokens(self.main_long, batch_size)
-        weight = (context - self.context) / (self.long_context - self.context)
-        row = {}
-        for q, seconds in short.items():
-            row[q] = seconds
-            if q in long:
-                row[q] = seconds + weight * (long[q] - seconds)
-        return row
+    def at_batch(self, batch_size: int) -> dict[int, float]:
+        """Step seconds by tokens per request, for a batch of ``batch_size`` requests."""
+        by_tokens: dict[int, dict[int, float]] = {}
+        for (b, q), t in self.main.items():
+            by_tokens.setdefault(q, {})[b] = t
+        return {q: _interp(by_batch, batch_size) for q, by_batch in by_tokens.items()}
 
-    def step(self, batch_size: int, num_tokens: int, context: float = 0.0) -> float:
+    def step(self, batch_size: int, num_tokens: int) -> float:
         """A step of ``batch_size`` requests verifying ``num_tokens`` tokens in all."""
-        return _interp(self.at_batch(batch_size, context), num_tokens / batch_size)
+        return _interp(self.at_batch(batch_size), num_tokens / batch_size)
 
     def draft_step(self, rows: int, depth: int = 1, fused: bool = False) -> float:
         """Draft step ``depth`` (1: the first) over ``rows`` requests; ``fused``: the requests'
@@ -144,15 +121,14 @@ class StepFit:
     """Corrects the start-up price of speculation with the steps the engine actually runs.
 
     Per batch-size bucket (1, 2, 3-4, 5-8, ...) it fits ``measured = P + b * X`` over pure decode
-    steps, where ``P = T(B, B)`` is the calibrated plain step at the step's mean context and ``X``
-    the calibrated price of the step's speculation (its extra verified tokens and its draft steps).
-    ``b`` starts at 1 and follows exponentially weighted least squares, drawn towards 1 by
-    ``FIT_PRIOR`` virtual steps. Step times depend on the machine, not on the text, so every
-    drafting step informs the fit, probes included, and whatever the calibration missed (verify and
-    sampling overhead, the MTP pass over positions skipped while not drafting) is priced in. ``P``
-    itself is not refitted: a running batch that drafts has no plain steps to fit it with, and any
-    slowdown of the whole step lands on ``b``, which errs towards drafting less. (Priced at one
-    context, a 1,000-token one drove ``b`` to 3.5-6.5 and stopped drafting that paid.)
+    steps, where ``P = T(B, B)`` is the calibrated plain step and ``X`` the calibrated price of the
+    step's speculation (its extra verified tokens and its draft steps). ``b`` starts at 1 and
+    follows exponentially weighted least squares, drawn towards 1 by ``FIT_PRIOR`` virtual steps.
+    Step times depend on the machine, not on the text, so every drafting step informs the fit,
+    probes included, and whatever the calibration missed (verify and sampling overhead, longer
+    contexts, the MTP pass over positions skipped while not drafting) is priced in. ``P`` itself is
+    not refitted: a running batch that drafts has no plain steps to fit it with, and any slowdown of
+    the whole step lands on ``b``, which errs towards drafting less.
     """
 
     def __init__(self):
@@ -172,13 +148,6 @@ class StepFit:
         if s is None:
             return 1.0
         return max((s[0] + FIT_PRIOR * PRIOR_X2) / (s[1] + FIT_PRIOR * PRIOR_X2), 0.1)
-
-
-def mean_context(requests: list) -> float:
-    """The tokens the requests have in the cache, on average."""
-    if not requests:
-        return 0.0
-    return sum(r.num_computed_tokens for r in requests) / len(requests)
 
 
 class DraftPolicy:
@@ -222,11 +191,11 @@ class DraftPolicy:
         self.estimates.pop(request_id, None)
 
     def allocate(self, rates: list[float], limits: list[int], batch_size: int,
-                 fused: bool = False, context: float = 0.0) -> list[int]:
+                 fused: bool = False) -> list[int]:
         """Drafts per request that maximise the batch's expected tokens per second; ``batch_size``
         counts every request in the step, those that cannot draft included; ``fused``: their
-        drafts run in one kernel call; ``context``: the requests' mean cached tokens."""
-        row = self.costs.at_batch(batch_size, context)
+        drafts run in one kernel call."""
+        row = self.costs.at_batch(batch_size)
         plain = _interp(row, 1.0)
         b = self.fit.scale(batch_size)
         draft_cost: dict[tuple[int, bool], float] = {}
@@ -284,8 +253,7 @@ class DraftPolicy:
             return limits
         estimates = [self.estimate(r.request_id) for r in requests]
         rates = [est.rate for est in estimates]
-        context = mean_context(requests)
-        drafts = self.allocate(rates, limits, batch_size, fused, context)
+        drafts = self.allocate(rates, limits, batch_size, fused)
         if self.p_min > 0:
             drafts = self._lengthen_greedy_chains(requests, drafts, limits)
         due = []
@@ -298,7 +266,7 @@ class DraftPolicy:
                 due.append(i)
         if due:  # probe where drafting would pay if the text turned predictable
             probe_rates = [PROBE_RATE if i in due else a for i, a in enumerate(rates)]
-            hopeful = self.allocate(probe_rates, limits, batch_size, fused, context)
+            hopeful = self.allocate(probe_rates, limits, batch_size, fused)
             for i in due:
                 if hopeful[i]:
                     estimates[i].steps_without_drafts = 0
@@ -306,13 +274,13 @@ class DraftPolicy:
         return drafts
 
     def observe(self, batch_size: int, num_tokens: int, next_drafts: list[int],
-                seconds: float, fused: bool = False, context: float = 0.0) -> None:
+                seconds: float, fused: bool = False) -> None:
         """A pure decode step over ``num_tokens`` tokens (drafts included) took ``seconds``,
         drafting ``next_drafts`` tokens per request for the next step included (``fused``: in one
-        kernel call), its requests over ``context`` cached tokens on average."""
+        kernel call)."""
         if not (self.adaptive and self.n_max) or seconds <= 0:
             return
-        row = self.costs.at_batch(batch_size, context)
+        row = self.costs.at_batch(batch_size)
         plain = _interp(row, 1.0)
         drafting = 0.0
         for depth in range(1, max(next_drafts, default=0) + 1):
