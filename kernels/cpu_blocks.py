@@ -100,16 +100,28 @@ def tiled_block_rows(values: torch.Tensor, tile: int, index: torch.Tensor) -> to
     return grid[index // tile, :, index % tile]
 
 
-def half_pairs(scales: torch.Tensor, mins: torch.Tensor, tile: int) -> torch.Tensor | None:
-    """Tiled 4-bit scales and minimums (``tile_blocks``) as float16 pairs
-    ``[out / tile, blocks, 2, tile]``, a tile's block in one cache line, where float16 holds them
-    exactly (GGUF's Q4_0 and Q4_1 store them so); else None. Fewer lines to read from memory per
-    block: the one-row products that decoding is bound by run about a fifth faster."""
-    pairs = torch.stack([scales.view(-1, tile), mins.view(-1, tile)], dim=1)
-    half = pairs.to(torch.float16)
-    if not torch.equal(half.float(), pairs):
+def half_pairs(scales: torch.Tensor, seconds: torch.Tensor, tile: int) -> torch.Tensor | None:
+    """Tiled per-block values (``tile_blocks``) in pairs ``[out / tile, blocks, 2, tile]`` of 16
+    bits, a tile's block in one cache line: the scales in float16, then ``seconds``, the minimums
+    in float16 (4 bits) or the code sums in int16 (8 bits); None where float16 does not hold them
+    exactly (GGUF's Q4_0, Q4_1 and Q8_0 store them so). One line fewer to read from memory per
+    block: the projections of a decode step run 10-20% faster (docs/BENCHMARKS.md)."""
+    first = exact_half(scales)
+    if seconds.is_floating_point():
+        second = exact_half(seconds)
+    else:
+        second = seconds.to(torch.int16)
+    if first is None or second is None:
         return None
-    return half.view(torch.int16).contiguous()
+    return torch.stack([first.view(-1, tile), second.view(-1, tile)], dim=1).contiguous()
+
+
+def exact_half(values: torch.Tensor) -> torch.Tensor | None:
+    """``values`` as float16 bits (int16), or None where float16 does not hold them exactly."""
+    half = values.to(torch.float16)
+    if not torch.equal(half.float(), values):
+        return None
+    return half.view(torch.int16)
 
 
 class BlockLinear(nn.Module):
@@ -133,15 +145,16 @@ class BlockLinear(nn.Module):
         starts = None
         half = None
         if self.tile:
+            scales = tile_blocks(scales, self.tile)
             if bits == 8 and tile_starts():  # its integer sums start at -128 times the code sum
-                blocks = codes.view(self.out_features, -1, BLOCK).sum(-1, dtype=torch.int32)
-                starts = tile_blocks(-128 * blocks, self.tile)
+                sums = tile_blocks(codes.view(self.out_features, -1, BLOCK).sum(-1, dtype=torch.int32),
+                                   self.tile)
+                starts = -128 * sums
+                half = half_pairs(scales, sums, self.tile)
             if bits == 4:
                 mins = tile_blocks(mins, self.tile)
-            codes = tile_codes(codes, bits, self.tile)
-            scales = tile_blocks(scales, self.tile)
-            if bits == 4:
                 half = half_pairs(scales, mins, self.tile)
+            codes = tile_codes(codes, bits, self.tile)
         self.register_buffer("codes", codes)
         self.register_buffer("scales", scales)
         self.register_buffer("mins", mins)

@@ -337,7 +337,7 @@ void tile_rows(const QWeight& w, int t, const Acts& a, int m0, float* out, int l
     const float* mins = w.min + (size_t)t * nb * TILE;
     const int32_t* starts = (const int32_t*)w.min + (size_t)t * nb * TILE;
     const uint16_t* half = nullptr;
-    if (BITS == 4 && w.half != nullptr) {
+    if (w.half != nullptr) {
         half = w.half + (size_t)t * nb * 2 * TILE;
     }
     __m512 acc[R];
@@ -355,14 +355,23 @@ void tile_rows(const QWeight& w, int t, const Acts& a, int m0, float* out, int l
         }
         __m512 ws;
         __m512 wm = _mm512_setzero_ps();
+        __m512i start = _mm512_setzero_si512();
         if (half != nullptr) {
             __m512i both = _mm512_loadu_si512(half + (size_t)b * 2 * TILE);
             ws = _mm512_cvtph_ps(_mm512_castsi512_si256(both));
-            wm = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(both, 1));
+            __m256i second = _mm512_extracti64x4_epi64(both, 1);
+            if (BITS == 4) {
+                wm = _mm512_cvtph_ps(second);
+            } else {  // -128 times the code sum
+                __m512i sums = _mm512_cvtepi16_epi32(second);
+                start = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(sums, 7));
+            }
         } else {
             ws = _mm512_loadu_ps(scale + (size_t)b * TILE);
             if (BITS == 4) {
                 wm = _mm512_loadu_ps(mins + (size_t)b * TILE);
+            } else {
+                start = _mm512_loadu_si512(starts + (size_t)b * TILE);
             }
         }
         for (int r = 0; r < R; r++) {
@@ -374,7 +383,7 @@ void tile_rows(const QWeight& w, int t, const Acts& a, int m0, float* out, int l
                     dot = _mm512_dpbusd_epi32(dot, wv[g], four_of(a.q.data() + rb * QK + 4 * g));
                 }
             } else {
-                dot = _mm512_loadu_si512(starts + (size_t)b * TILE);
+                dot = start;
                 for (int g = 0; g < 8; g++) {
                     dot = _mm512_dpbusd_epi32(dot, four_of(a.u.data() + rb * QK + 4 * g), wv[g]);
                 }

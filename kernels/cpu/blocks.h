@@ -33,10 +33,12 @@ struct QWeight {
     int32_t tiled;         // in tiles of TILE columns (cpu_blocks.py: tile_codes): codes
                            // [n/TILE, k/32, groups, TILE, 4] bytes (groups: 4 for 4 bits, 8 for
                            // 8 bits), scale and min [n/TILE, k/32, TILE]
-    const uint16_t* half;  // bits 4, tiled: scale and min again as float16 where that is exact
-                           // (GGUF's Q4_0 and Q4_1), [n/TILE, k/32, 2, TILE]: a block of a tile
-                           // reads one 64-byte line (AVX-512) for both, not a line of each; else
-                           // null
+    const uint16_t* half;  // tiled, where float16 holds the scales exactly (GGUF's Q4_0, Q4_1
+                           // and Q8_0): [n/TILE, k/32, 2, TILE], each block's scales in float16,
+                           // then its minimums in float16 (bits 4) or its code sums in int16
+                           // (bits 8 with AVX-512 VNNI, the start sums over -128): a block of a
+                           // tile reads one 64-byte line (AVX-512) for both, not a line of each;
+                           // else null
 };
 
 struct Layer {
