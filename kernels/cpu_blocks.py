@@ -149,8 +149,9 @@ class BlockLinear(nn.Module):
             if bits == 8 and tile_starts():  # its integer sums start at -128 times the code sum
                 sums = tile_blocks(codes.view(self.out_features, -1, BLOCK).sum(-1, dtype=torch.int32),
                                    self.tile)
-                starts = -128 * sums
                 half = half_pairs(scales, sums, self.tile)
+                if half is None:  # else the pairs carry the sums
+                    starts = -128 * sums
             if bits == 4:
                 mins = tile_blocks(mins, self.tile)
                 half = half_pairs(scales, mins, self.tile)

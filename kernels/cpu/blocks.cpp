@@ -333,13 +333,7 @@ void tile_rows(const QWeight& w, int t, const Acts& a, int m0, float* out, int l
     const int nb = w.k / QK;
     const int block_bytes = BITS == 4 ? QK / 2 : QK;
     const uint8_t* codes = w.codes + (size_t)t * nb * TILE * block_bytes;
-    const float* scale = w.scale + (size_t)t * nb * TILE;
-    const float* mins = w.min + (size_t)t * nb * TILE;
-    const int32_t* starts = (const int32_t*)w.min + (size_t)t * nb * TILE;
-    const uint16_t* half = nullptr;
-    if (w.half != nullptr) {
-        half = w.half + (size_t)t * nb * 2 * TILE;
-    }
+    const size_t first = (size_t)t * nb * TILE;  // the tile's first block value
     __m512 acc[R];
     for (int r = 0; r < R; r++) {
         acc[r] = _mm512_setzero_ps();
@@ -356,8 +350,9 @@ void tile_rows(const QWeight& w, int t, const Acts& a, int m0, float* out, int l
         __m512 ws;
         __m512 wm = _mm512_setzero_ps();
         __m512i start = _mm512_setzero_si512();
-        if (half != nullptr) {
-            __m512i both = _mm512_loadu_si512(half + (size_t)b * 2 * TILE);
+        size_t at = first + (size_t)b * TILE;
+        if (w.half != nullptr) {
+            __m512i both = _mm512_loadu_si512(w.half + 2 * at);
             ws = _mm512_cvtph_ps(_mm512_castsi512_si256(both));
             __m256i second = _mm512_extracti64x4_epi64(both, 1);
             if (BITS == 4) {
@@ -367,11 +362,11 @@ void tile_rows(const QWeight& w, int t, const Acts& a, int m0, float* out, int l
                 start = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(sums, 7));
             }
         } else {
-            ws = _mm512_loadu_ps(scale + (size_t)b * TILE);
+            ws = _mm512_loadu_ps(w.scale + at);
             if (BITS == 4) {
-                wm = _mm512_loadu_ps(mins + (size_t)b * TILE);
+                wm = _mm512_loadu_ps(w.min + at);
             } else {
-                start = _mm512_loadu_si512(starts + (size_t)b * TILE);
+                start = _mm512_loadu_si512((const int32_t*)w.min + at);
             }
         }
         for (int r = 0; r < R; r++) {

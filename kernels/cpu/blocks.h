@@ -26,7 +26,7 @@ struct QWeight {
     const float* scale;    // [n, k/32]
     const float* min;      // bits 4: [n, k/32]; bits 8 tiled with AVX-512 VNNI: int32, -128
                            // times each block's code sum (the start of the kernel's integer
-                           // sums); else null
+                           // sums) unless half carries the code sums; else null
     int32_t bits;
     int32_t n;
     int32_t k;

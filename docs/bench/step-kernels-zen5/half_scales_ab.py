@@ -21,7 +21,7 @@ engine = LLMEngine(load_gguf(default_gguf_path(), quantized=True), EngineConfig(
 runner, model = engine.runner, engine.model
 decoders = {"float16 pairs": FusedDecoder(model.layers, model.config, model.cos, model.sin, runner.kv_caches)}
 for module in model.modules():
-    if isinstance(module, BlockLinear):
+    if isinstance(module, BlockLinear) and module.bits == 4:  # the layers' projections
         module.half_scales = None
         module._struct = None
 decoders["float32"] = FusedDecoder(model.layers, model.config, model.cos, model.sin, runner.kv_caches)
